@@ -1,0 +1,230 @@
+//! The bill (spec sections 7-8 and the bill record of section 10): a pure
+//! function of (account record or none, the account's month usages,
+//! configuration), with a `content_hash` that is equal exactly when two bills
+//! are equal.
+
+use super::account::{AccountRecord, PackItem};
+use super::calendar::Month;
+use super::config::{Rules, Tier};
+use super::entitlements::{deduct, Deduction};
+use super::money::{line_amount, CALLS_UNIT_SIZE, GB};
+use super::usage::MonthUsage;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Metered totals of the month.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageSummary {
+    /// All calls, frontend errors and trial calls included.
+    pub calls: u64,
+    /// Calls rejected by the gateway itself (never billable).
+    pub frontend_error_calls: u64,
+    /// Billable calls made inside a trial period (not charged).
+    pub trial_calls: u64,
+    /// Public outbound bytes, trial included.
+    pub public_out_bytes: u64,
+    /// Private outbound bytes (free).
+    pub private_out_bytes: u64,
+    /// Inbound bytes (free).
+    pub inbound_bytes: u64,
+    /// Public outbound bytes inside a trial period (not charged).
+    pub trial_public_out_bytes: u64,
+    /// Public outbound bytes by gateway region.
+    pub public_out_bytes_by_region: BTreeMap<String, u64>,
+}
+
+/// Quantities left to pay for after trial, free tier and packs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chargeable {
+    /// Calls.
+    pub calls: u64,
+    /// Public outbound bytes, all regions.
+    pub public_out_bytes: u64,
+    /// Public outbound bytes by gateway region.
+    pub public_out_bytes_by_region: BTreeMap<String, u64>,
+}
+
+/// One priced slice: an item, a region (traffic only) and a tier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargeLine {
+    /// `calls` or `public_out_bytes`.
+    pub item: PackItem,
+    /// Gateway region, for traffic lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Tier number, 1-based, in the configured order.
+    pub tier: u32,
+    /// Calls or bytes in this slice.
+    pub quantity: u64,
+    /// What `unit_price` is per: `10000 calls` or `GB`.
+    pub unit: String,
+    /// Base units (calls or bytes) in one `unit`: 10,000 or 1,073,741,824.
+    pub unit_size: u64,
+    /// Price per unit.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub unit_price: Decimal,
+    /// `quantity / unit_size x unit_price`, rounded to 2 places half away from zero.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub amount: Decimal,
+}
+
+/// Everything a bill says, apart from its revision, status and timestamps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BillContent {
+    /// The account.
+    pub account_id: String,
+    /// Billing month, `YYYY-MM`.
+    pub month: String,
+    /// The billing time zone.
+    pub time_zone: String,
+    /// False when no account record was available (no free tier, no packs).
+    pub account_known: bool,
+    /// Metered totals.
+    pub usage: UsageSummary,
+    /// What each pack absorbed.
+    pub deductions: Vec<Deduction>,
+    /// After deductions.
+    pub chargeable: Chargeable,
+    /// Priced slices.
+    pub charges: Vec<ChargeLine>,
+    /// Sum of the rounded charge lines.
+    #[serde(with = "rust_decimal::serde::str")]
+    pub total_amount: Decimal,
+    /// Currency code.
+    pub currency: String,
+}
+
+/// A computed bill with its content hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Bill {
+    /// The month the bill is for.
+    pub month: Month,
+    /// The bill.
+    pub content: BillContent,
+    /// `sha256:<hex>` of the content's canonical JSON.
+    pub content_hash: String,
+}
+
+/// Lifecycle of a bill record (spec section 8).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BillStatus {
+    /// The month can still receive usage.
+    Provisional,
+    /// The month has closed.
+    Final,
+    /// A final bill changed by late usage or account data.
+    Restated,
+}
+
+impl BillStatus {
+    /// Wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillStatus::Provisional => "provisional",
+            BillStatus::Final => "final",
+            BillStatus::Restated => "restated",
+        }
+    }
+}
+
+/// The bill record as written to the output topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BillRecord {
+    /// The bill.
+    #[serde(flatten)]
+    pub content: BillContent,
+    /// Increases with every record for the same key.
+    pub revision: u64,
+    /// provisional, final or restated.
+    pub status: BillStatus,
+    /// Hash of `content`; equal hashes mean equal bills.
+    pub content_hash: String,
+}
+
+impl BillRecord {
+    /// The output-topic key: `<account_id>/<YYYY-MM>`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.content.account_id, self.content.month)
+    }
+}
+
+/// Hash of a bill's content: SHA-256 of its canonical JSON (struct field
+/// order, sorted maps), prefixed `sha256:`.
+pub fn content_hash(content: &BillContent) -> String {
+    let json = serde_json::to_vec(content).expect("bill content serializes");
+    format!("sha256:{}", hex::encode(Sha256::digest(&json)))
+}
+
+fn price_tiers(item: PackItem, region: Option<&str>, quantity: u64, tiers: &[Tier], unit: &str, unit_size: u64, out: &mut Vec<ChargeLine>) {
+    let mut lower = 0u64;
+    for (i, t) in tiers.iter().enumerate() {
+        if quantity <= lower {
+            break;
+        }
+        let upper = t.up_to.unwrap_or(u64::MAX).min(quantity);
+        let q = upper - lower;
+        out.push(ChargeLine {
+            item,
+            region: region.map(String::from),
+            tier: i as u32 + 1,
+            quantity: q,
+            unit: unit.to_string(),
+            unit_size,
+            unit_price: t.price,
+            amount: line_amount(q, t.price, unit_size),
+        });
+        lower = upper;
+    }
+}
+
+/// Every month's bill for one account. `account` is `None` when no account
+/// record is known: no free tier, no packs, `account_known: false`.
+pub fn compute_bills(account_id: &str, account: Option<&AccountRecord>, usages: &BTreeMap<Month, MonthUsage>, rules: &Rules) -> Vec<Bill> {
+    let deductions = deduct(account, usages, rules);
+    usages
+        .iter()
+        .map(|(month, usage)| {
+            let d = &deductions[month];
+            let mut u = UsageSummary { trial_calls: d.trial_calls, trial_public_out_bytes: d.trial_public_out_bytes, ..Default::default() };
+            for h in usage.hours.values() {
+                u.calls += h.calls;
+                u.frontend_error_calls += h.frontend_error_calls;
+                u.private_out_bytes += h.private_out_bytes;
+                u.inbound_bytes += h.inbound_bytes;
+                for (r, b) in &h.public_out_bytes {
+                    u.public_out_bytes += b;
+                    *u.public_out_bytes_by_region.entry(r.clone()).or_insert(0) += b;
+                }
+            }
+            let chargeable = Chargeable {
+                calls: d.chargeable_calls,
+                public_out_bytes: d.chargeable_bytes.values().sum(),
+                public_out_bytes_by_region: d.chargeable_bytes.clone(),
+            };
+            let mut charges = Vec::new();
+            price_tiers(PackItem::Calls, None, d.chargeable_calls, &rules.call_tiers, "10000 calls", CALLS_UNIT_SIZE, &mut charges);
+            for (region, bytes) in &d.chargeable_bytes {
+                price_tiers(PackItem::PublicOutBytes, Some(region), *bytes, rules.traffic_tiers(region), "GB", GB, &mut charges);
+            }
+            // Starting from 0.00 keeps two places on a bill with no lines.
+            let total_amount = charges.iter().fold(Decimal::new(0, 2), |sum, c| sum + c.amount);
+            let content = BillContent {
+                account_id: account_id.to_string(),
+                month: month.to_string(),
+                time_zone: rules.time_zone.clone(),
+                account_known: account.is_some(),
+                usage: u,
+                deductions: d.deductions.clone(),
+                chargeable,
+                charges,
+                total_amount,
+                currency: rules.currency.clone(),
+            };
+            let content_hash = content_hash(&content);
+            Bill { month: *month, content, content_hash }
+        })
+        .collect()
+}

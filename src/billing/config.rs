@@ -1,0 +1,362 @@
+//! Billing configuration (TOML via serde): every field documented, defaults
+//! named, unknown keys rejected, and [`BillingConfig::validate`] turning it
+//! into checked [`Rules`] or a clear [`ConfigError`].
+
+use super::calendar::BillingCalendar;
+use super::money::{GB, MAX_PRICE_SCALE, MAX_UNIT_PRICE};
+use chrono_tz::Tz;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Default billing time zone: bills are in Beijing time.
+pub const DEFAULT_TIME_ZONE: &str = "Asia/Shanghai";
+/// Default currency code.
+pub const DEFAULT_CURRENCY: &str = "CNY";
+/// Default free calls per month.
+pub const DEFAULT_FREE_CALLS: u64 = 1_000_000;
+/// Default free public outbound bytes per month: 1 GB = 2^30 bytes.
+pub const DEFAULT_FREE_BYTES: u64 = GB;
+/// Default free-tier length in months after activation.
+pub const DEFAULT_FREE_MONTHS: u32 = 12;
+/// End (exclusive) of the default trial period: 2020-02-13 23:59:59 Beijing time, whole.
+pub const DEFAULT_TRIAL_UNTIL: &str = "2020-02-14T00:00:00+08:00";
+
+/// The billing section of the configuration file (`[billing]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingConfig {
+    /// IANA time zone for months and hours. Default `Asia/Shanghai`.
+    pub time_zone: String,
+    /// Currency code written on bills. Default `CNY`.
+    pub currency: String,
+    /// The free tier (spec section 4).
+    pub free_tier: FreeTierConfig,
+    /// Trial periods: usage inside is reported but never charged (section 5).
+    /// Default: one period ending 2020-02-13 23:59:59 Beijing time.
+    pub trial_periods: Vec<TrialPeriodConfig>,
+    /// Pay-as-you-go prices (section 7).
+    pub prices: PricesConfig,
+}
+
+/// `[billing.free_tier]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FreeTierConfig {
+    /// Whether accounts get a free tier at all. Default true.
+    pub enabled: bool,
+    /// Free calls per calendar month. Default 1,000,000.
+    pub calls_per_month: u64,
+    /// Free public outbound bytes per calendar month. Default 1,073,741,824 (1 GB).
+    pub public_out_bytes_per_month: u64,
+    /// Length of the free period after activation, in months. Default 12.
+    pub months: u32,
+}
+
+/// `[[billing.trial_periods]]`: a half-open window `[from, until)` of event time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrialPeriodConfig {
+    /// Start (inclusive), RFC 3339 with offset; absent means "since always".
+    #[serde(default)]
+    pub from: Option<String>,
+    /// End (exclusive), RFC 3339 with offset. A period "ending 23:59:59" ends at the next midnight.
+    pub until: String,
+}
+
+/// `[billing.prices]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricesConfig {
+    /// Graduated call tiers, price per 10,000 calls. Default 0.06 up to
+    /// 10,000,000; 0.04 up to 100,000,000; 0.03 above.
+    pub calls: Vec<TierConfig>,
+    /// Graduated traffic tiers for regions without their own entry, price per
+    /// GB, bounds (`up_to`) in GB. Default: 0.80 flat.
+    pub traffic_default: Vec<TierConfig>,
+    /// Traffic tiers per gateway region, e.g. `[[billing.prices.traffic_regions.ap-hongkong]]`.
+    pub traffic_regions: BTreeMap<String, Vec<TierConfig>>,
+}
+
+/// One graduated tier.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    /// Upper bound (inclusive) of this tier on the month's cumulative quantity
+    /// (calls, or GB for traffic). Absent on the last tier: unbounded.
+    #[serde(default)]
+    pub up_to: Option<u64>,
+    /// Unit price as a decimal string, e.g. `"0.06"` (a TOML float is refused:
+    /// it may not be exact).
+    #[serde(deserialize_with = "price_from_string", serialize_with = "rust_decimal::serde::str::serialize")]
+    pub price: Decimal,
+}
+
+fn price_from_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Decimal, D::Error> {
+    let s = String::deserialize(d)?;
+    s.trim().parse::<Decimal>().map_err(|e| serde::de::Error::custom(format!("price `{s}` is not a decimal number: {e}")))
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        BillingConfig {
+            time_zone: DEFAULT_TIME_ZONE.into(),
+            currency: DEFAULT_CURRENCY.into(),
+            free_tier: FreeTierConfig::default(),
+            trial_periods: vec![TrialPeriodConfig { from: None, until: DEFAULT_TRIAL_UNTIL.into() }],
+            prices: PricesConfig::default(),
+        }
+    }
+}
+
+impl Default for FreeTierConfig {
+    fn default() -> Self {
+        FreeTierConfig {
+            enabled: true,
+            calls_per_month: DEFAULT_FREE_CALLS,
+            public_out_bytes_per_month: DEFAULT_FREE_BYTES,
+            months: DEFAULT_FREE_MONTHS,
+        }
+    }
+}
+
+impl Default for PricesConfig {
+    fn default() -> Self {
+        let t = |up_to: Option<u64>, price: Decimal| TierConfig { up_to, price };
+        PricesConfig {
+            calls: vec![t(Some(10_000_000), Decimal::new(6, 2)), t(Some(100_000_000), Decimal::new(4, 2)), t(None, Decimal::new(3, 2))],
+            traffic_default: vec![t(None, Decimal::new(80, 2))],
+            traffic_regions: BTreeMap::new(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The time zone is not an IANA name.
+    #[error("billing.time_zone `{0}` is not an IANA time zone name (e.g. Asia/Shanghai, Europe/Berlin)")]
+    UnknownTimeZone(String),
+    /// A trial period bound is not RFC 3339.
+    #[error("billing.trial_periods[{index}].{field} `{value}` is not an RFC 3339 time with offset (e.g. 2020-02-14T00:00:00+08:00)")]
+    BadTime {
+        /// Which period.
+        index: usize,
+        /// `from` or `until`.
+        field: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// A trial period ends before it starts.
+    #[error("billing.trial_periods[{0}]: `from` is not before `until`")]
+    EmptyTrial(usize),
+    /// Tiers are not a valid graduated list.
+    #[error("billing.prices.{list}: {problem}")]
+    BadTiers {
+        /// Which tier list.
+        list: String,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Other field problems.
+    #[error("billing.{field}: {problem}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// A graduated tier in base units (calls or bytes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tier {
+    /// Upper bound (inclusive) on the cumulative quantity in base units; `None` is unbounded.
+    pub up_to: Option<u64>,
+    /// Price per unit (10,000 calls or 1 GB).
+    pub price: Decimal,
+}
+
+/// The checked configuration the billing functions use.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rules {
+    /// The billing calendar.
+    pub calendar: BillingCalendar,
+    /// Time zone name as configured (written on bills).
+    pub time_zone: String,
+    /// Currency code.
+    pub currency: String,
+    /// Free tier, or `None` when disabled.
+    pub free_tier: Option<FreeTierConfig>,
+    /// Trial windows `[from, until)` in UTC epoch seconds.
+    pub trials: Vec<(i64, i64)>,
+    /// Call tiers (bounds in calls).
+    pub call_tiers: Vec<Tier>,
+    /// Default traffic tiers (bounds in bytes).
+    pub traffic_default: Vec<Tier>,
+    /// Per-region traffic tiers (bounds in bytes).
+    pub traffic_regions: BTreeMap<String, Vec<Tier>>,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        BillingConfig::default().validate().expect("defaults are valid")
+    }
+}
+
+impl Rules {
+    /// The traffic tiers for a gateway region.
+    pub fn traffic_tiers(&self, region: &str) -> &[Tier] {
+        self.traffic_regions.get(region).unwrap_or(&self.traffic_default)
+    }
+
+    /// Whether an hour starting at `hour_start` (UTC seconds) is in a trial.
+    pub fn in_trial(&self, hour_start: i64) -> bool {
+        self.trials.iter().any(|(f, u)| *f <= hour_start && hour_start < *u)
+    }
+}
+
+fn check_tiers(list: String, tiers: &[TierConfig], unit: u64) -> Result<Vec<Tier>, ConfigError> {
+    let bad = |problem: String| ConfigError::BadTiers { list: list.clone(), problem };
+    if tiers.is_empty() {
+        return Err(bad("at least one tier is required".into()));
+    }
+    let mut out = Vec::with_capacity(tiers.len());
+    let mut prev = 0u64;
+    for (i, t) in tiers.iter().enumerate() {
+        if t.price.is_sign_negative() || t.price > Decimal::from(MAX_UNIT_PRICE) || t.price.scale() > MAX_PRICE_SCALE {
+            return Err(bad(format!(
+                "tier {}: price {} must be between 0 and {MAX_UNIT_PRICE} with at most {MAX_PRICE_SCALE} decimal places",
+                i + 1,
+                t.price
+            )));
+        }
+        let last = i + 1 == tiers.len();
+        let up_to = match (t.up_to, last) {
+            (None, true) => None,
+            (None, false) => return Err(bad(format!("tier {}: only the last tier may omit `up_to`", i + 1))),
+            (Some(_), true) => return Err(bad("the last tier must omit `up_to` (it is unbounded)".into())),
+            (Some(u), false) => {
+                let u = u.checked_mul(unit).ok_or_else(|| bad(format!("tier {}: `up_to` is too large", i + 1)))?;
+                if u <= prev {
+                    return Err(bad(format!("tier {}: `up_to` must be greater than the previous tier's (tiers overlap)", i + 1)));
+                }
+                prev = u;
+                Some(u)
+            }
+        };
+        out.push(Tier { up_to, price: t.price });
+    }
+    Ok(out)
+}
+
+impl BillingConfig {
+    /// Parses the `[billing]` table from TOML text.
+    pub fn from_toml(text: &str) -> Result<BillingConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Checks every field and cross-field rule.
+    pub fn validate(&self) -> Result<Rules, ConfigError> {
+        let tz: Tz = self.time_zone.parse().map_err(|_| ConfigError::UnknownTimeZone(self.time_zone.clone()))?;
+        if self.currency.trim().is_empty() {
+            return Err(ConfigError::Invalid { field: "currency", problem: "must not be empty".into() });
+        }
+        if self.free_tier.enabled && self.free_tier.months == 0 {
+            return Err(ConfigError::Invalid { field: "free_tier.months", problem: "must be at least 1 (or set enabled = false)".into() });
+        }
+        let parse = |index: usize, field: &'static str, value: &str| {
+            chrono::DateTime::parse_from_rfc3339(value).map(|t| t.timestamp()).map_err(|_| ConfigError::BadTime {
+                index,
+                field,
+                value: value.to_string(),
+            })
+        };
+        let mut trials = Vec::new();
+        for (i, t) in self.trial_periods.iter().enumerate() {
+            let from = match &t.from {
+                Some(f) => parse(i, "from", f)?,
+                None => i64::MIN,
+            };
+            let until = parse(i, "until", &t.until)?;
+            if from >= until {
+                return Err(ConfigError::EmptyTrial(i));
+            }
+            trials.push((from, until));
+        }
+        let mut traffic_regions = BTreeMap::new();
+        for (region, tiers) in &self.prices.traffic_regions {
+            traffic_regions.insert(region.clone(), check_tiers(format!("traffic_regions.{region}"), tiers, GB)?);
+        }
+        Ok(Rules {
+            calendar: BillingCalendar::new(tz),
+            time_zone: self.time_zone.clone(),
+            currency: self.currency.clone(),
+            free_tier: self.free_tier.enabled.then(|| self.free_tier.clone()),
+            trials,
+            call_tiers: check_tiers("calls".into(), &self.prices.calls, 1)?,
+            traffic_default: check_tiers("traffic_default".into(), &self.prices.traffic_default, GB)?,
+            traffic_regions,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_match_the_spec() {
+        let r = Rules::default();
+        assert_eq!(r.time_zone, "Asia/Shanghai");
+        assert_eq!(r.call_tiers.len(), 3);
+        assert_eq!(r.free_tier.as_ref().unwrap().public_out_bytes_per_month, 1_073_741_824);
+        assert_eq!(r.trials, vec![(i64::MIN, 1_581_609_600)]);
+    }
+
+    #[test]
+    fn rejects_unknown_keys() {
+        let err = BillingConfig::from_toml("time_zone = \"UTC\"\ntimezone = \"UTC\"").unwrap_err();
+        assert!(err.to_string().contains("unknown field `timezone`"), "{err}");
+    }
+
+    #[test]
+    fn rejects_float_prices() {
+        let err = BillingConfig::from_toml("[prices]\ncalls = [{ price = 0.06 }]").unwrap_err();
+        assert!(err.to_string().contains("price"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_errors_are_clear() {
+        let cfg = BillingConfig { time_zone: "Mars/Olympus".into(), ..Default::default() };
+        assert_eq!(cfg.validate().unwrap_err(), ConfigError::UnknownTimeZone("Mars/Olympus".into()));
+
+        let cfg = BillingConfig::from_toml(
+            "[prices]\ncalls = [{ up_to = 100, price = \"0.06\" }, { up_to = 50, price = \"0.04\" }, { price = \"0.03\" }]",
+        )
+        .unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("tiers overlap"), "{err}");
+
+        let cfg =
+            BillingConfig::from_toml("[[trial_periods]]\nfrom = \"2020-02-14T00:00:00+08:00\"\nuntil = \"2020-02-01T00:00:00+08:00\"")
+                .unwrap();
+        assert_eq!(cfg.validate().unwrap_err(), ConfigError::EmptyTrial(0));
+
+        let cfg = BillingConfig::from_toml("[prices]\ncalls = [{ price = \"-1\" }]").unwrap();
+        assert!(cfg.validate().unwrap_err().to_string().contains("between 0"));
+    }
+
+    #[test]
+    fn a_toml_file_overrides_defaults() {
+        let cfg = BillingConfig::from_toml(
+            "time_zone = \"Asia/Kolkata\"\ntrial_periods = []\n[free_tier]\nmonths = 6\n[prices.traffic_regions]\nap-hongkong = [{ up_to = 10, price = \"1.00\" }, { price = \"0.50\" }]",
+        )
+        .unwrap();
+        let r = cfg.validate().unwrap();
+        assert_eq!(r.free_tier.as_ref().unwrap().months, 6);
+        assert!(r.trials.is_empty());
+        assert_eq!(r.traffic_tiers("ap-hongkong")[0].up_to, Some(10 * GB));
+        assert_eq!(r.traffic_tiers("ap-guangzhou")[0].price, Decimal::new(8, 1));
+    }
+}

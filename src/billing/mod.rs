@@ -1,0 +1,29 @@
+//! The billing core: the rule book of `spec/billing-rules.md` as pure functions.
+//!
+//! Architecture invariant: nothing in this module performs I/O. It does not
+//! import tokio, rdkafka or rocksdb, and it never touches files or sockets.
+//! Everything here is a function of its arguments, which is what makes a bill
+//! reproducible from (usage, account record, configuration).
+
+pub mod account;
+pub mod bill;
+pub mod calendar;
+pub mod classify;
+pub mod config;
+
+pub mod entitlements;
+pub mod event;
+pub mod money;
+pub mod reference;
+pub mod usage;
+
+pub use account::decode_account;
+pub use account::{AccountRecord, PackItem, ResourcePack};
+pub use bill::{compute_bills, Bill, BillContent, BillRecord, BillStatus};
+pub use calendar::{BillingCalendar, Month};
+pub use classify::{classify, Metered};
+pub use config::Rules;
+pub use config::{BillingConfig, ConfigError};
+pub use entitlements::{Deduction, PackSource};
+pub use event::{decode_event, AccessEvent, DecodeError, RejectReason};
+pub use usage::{HourUsage, MonthUsage};

@@ -1,0 +1,59 @@
+//! Exact money arithmetic: a charge line is `quantity / unit_size x
+//! unit_price`, rounded to 2 decimal places half away from zero, computed in
+//! integers so no intermediate value is ever rounded.
+
+use rust_decimal::Decimal;
+
+/// Calls are priced per 10,000.
+pub const CALLS_UNIT_SIZE: u64 = 10_000;
+/// Traffic is priced per GB = 2^30 bytes.
+pub const GB: u64 = 1 << 30;
+/// Largest unit price accepted by configuration validation.
+pub const MAX_UNIT_PRICE: i64 = 1_000_000;
+/// Most decimal places a unit price may have.
+pub const MAX_PRICE_SCALE: u32 = 10;
+
+/// `quantity / unit_size x unit_price`, rounded to cents half away from zero.
+///
+/// Precondition (enforced by config validation): `0 <= unit_price <=
+/// MAX_UNIT_PRICE` with at most `MAX_PRICE_SCALE` decimal places, and
+/// `unit_size > 0`. Under it, every intermediate fits an `i128`:
+/// `2 x quantity x mantissa x 100 < 2^64 x 2^54 x 2^8 = 2^126`.
+pub fn line_amount(quantity: u64, unit_price: Decimal, unit_size: u64) -> Decimal {
+    assert!(unit_size > 0, "unit_size is positive");
+    let mantissa = unit_price.mantissa();
+    let scale = unit_price.scale();
+    assert!(mantissa >= 0 && scale <= MAX_PRICE_SCALE, "unit price validated by configuration");
+    let num = i128::from(quantity) * mantissa * 100;
+    let den = 10i128.pow(scale) * i128::from(unit_size);
+    // Half away from zero for a non-negative value: floor((2 num + den) / (2 den)).
+    let cents = (2 * num + den) / (2 * den);
+    Decimal::from_i128_with_scale(cents, 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+
+    #[test]
+    fn rounds_half_away_from_zero() {
+        // 125 calls at 0.04 per 100 = 0.05 exactly; 1.25 calls-units x 0.01 = 0.0125 -> 0.01
+        assert_eq!(line_amount(12_500, dec!(0.01), 10_000), dec!(0.01));
+        // 0.005 exactly rounds up to 0.01.
+        assert_eq!(line_amount(5_000, dec!(0.01), 10_000), dec!(0.01));
+        assert_eq!(line_amount(4_999, dec!(0.01), 10_000), dec!(0.00));
+    }
+
+    #[test]
+    fn traffic_in_gb_is_exact() {
+        // 2.5 GB at 0.80 = 2.00
+        assert_eq!(line_amount(2_684_354_560, dec!(0.80), GB), dec!(2.00));
+        // 1 byte at the largest price is still exact: 1/2^30 x 1e6 = 0.000931... -> 0.00
+        assert_eq!(line_amount(1, dec!(1000000), GB), dec!(0.00));
+        assert_eq!(
+            line_amount(u64::MAX, dec!(1000000.0000000001), 1),
+            Decimal::from_i128_with_scale((i128::from(u64::MAX) * 10_000_000_000_000_001 * 100 + 5_000_000_000) / 10_000_000_000, 2)
+        );
+    }
+}

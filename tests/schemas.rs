@@ -1,0 +1,85 @@
+//! The JSON Schemas in `schemas/` accept the spec's examples and the bills
+//! the core produces, and reject what the decoder rejects.
+
+use gatebill::billing::reference::{aggregate_messages, bills};
+use gatebill::billing::{decode_account, BillRecord, BillStatus, Rules};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+fn validator(name: &str) -> jsonschema::Validator {
+    let path = format!("{}/schemas/{name}", env!("CARGO_MANIFEST_DIR"));
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn assert_valid(v: &jsonschema::Validator, instance: &Value) {
+    let errors: Vec<String> = v.iter_errors(instance).map(|e| format!("{} at {}", e, e.instance_path())).collect();
+    assert!(errors.is_empty(), "{errors:#?}\n{instance:#}");
+}
+
+const SPEC_EVENT: &str = r#"{
+  "request_id": "c0a8011e-5f7d-4b7e-9d1a-3f0e6c1a2b3c", "account_id": "1250000001",
+  "service_id": "service-8xk2ab", "api_id": "api-41d9qz", "region": "ap-guangzhou",
+  "time": "2020-11-05T10:15:30.123+08:00", "client_network": "public", "frontend_error": false,
+  "status": 200, "request_bytes": 512, "response_bytes": 10000,
+  "backend": {"type": "http", "region": "ap-guangzhou", "in_cloud": true, "address": "private",
+              "request_bytes": 2000, "response_bytes": 9000}
+}"#;
+
+const SPEC_ACCOUNT: &str = r#"{
+  "account_id": "1250000001", "activated_at": "2019-11-10T17:13:14+08:00",
+  "resource_packs": [{"id": "pk-001", "item": "calls", "quantity": 5000000,
+     "valid_from": "2020-03-01T00:00:00+08:00", "valid_until": "2021-03-01T00:00:00+08:00"}]
+}"#;
+
+#[test]
+fn spec_examples_validate() {
+    assert_valid(&validator("access-event.schema.json"), &serde_json::from_str(SPEC_EVENT).unwrap());
+    assert_valid(&validator("account-record.schema.json"), &serde_json::from_str(SPEC_ACCOUNT).unwrap());
+}
+
+#[test]
+fn schema_rejects_what_the_decoder_rejects() {
+    let v = validator("access-event.schema.json");
+    for broken in [
+        SPEC_EVENT.replace("\"account_id\": \"1250000001\",", ""),
+        SPEC_EVENT.replace("\"request_bytes\": 512", "\"request_bytes\": -1"),
+        SPEC_EVENT.replace("\"in_cloud\": true,", ""),
+        SPEC_EVENT.replace("\"type\": \"http\"", "\"type\": \"mock\""),
+    ] {
+        let value: Value = serde_json::from_str(&broken).unwrap();
+        assert!(!v.is_valid(&value), "schema accepted {broken}");
+        assert!(gatebill::billing::reference::decode_and_classify(broken.as_bytes()).is_err());
+    }
+}
+
+#[test]
+fn generated_bills_validate() {
+    let rules = Rules::default();
+    let account = decode_account(SPEC_ACCOUNT.as_bytes()).unwrap();
+    let msgs: Vec<Vec<u8>> = (0..300)
+        .map(|i| {
+            SPEC_EVENT
+                .replace("c0a8011e-5f7d-4b7e-9d1a-3f0e6c1a2b3c", &format!("r{i}"))
+                .replace("2020-11-05T10:15:30.123+08:00", &format!("2020-{:02}-05T10:15:30+08:00", 1 + i % 12))
+                .replace("\"response_bytes\": 10000", &format!("\"response_bytes\": {}", 50_000_000 * (i % 7)))
+                .replace("\"region\": \"ap-guangzhou\", \"in_cloud\"", "\"region\": \"ap-beijing\", \"in_cloud\"")
+                .replace("\"address\": \"private\"", "\"address\": \"public\"")
+                .into_bytes()
+        })
+        .collect();
+    let r = aggregate_messages(msgs.iter().map(Vec::as_slice), &rules);
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    let accounts = BTreeMap::from([("1250000001".to_string(), account)]);
+    let all = bills(&r.ledger, &accounts, &rules);
+    assert_eq!(all.len(), 12);
+    let v = validator("bill-record.schema.json");
+    for (i, b) in all.into_iter().enumerate() {
+        let record = BillRecord { content: b.content, revision: 1 + i as u64, status: BillStatus::Final, content_hash: b.content_hash };
+        let json = serde_json::to_value(&record).unwrap();
+        assert_valid(&v, &json);
+        // The wire form reads back to the same record.
+        let back: BillRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(back, record);
+    }
+}
