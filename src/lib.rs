@@ -1,5 +1,20 @@
 //! gatebill: a streaming usage aggregator for API-gateway billing.
 //!
-//! [`billing`] is the pure rule book; the worker is built around it.
+//! [`billing`] is the pure rule book; everything else (Kafka, RocksDB, the
+//! command line) is built around it:
+//!
+//! - [`pipeline`]: decode, dedupe, aggregate, emit bills, against the store;
+//! - [`store`]: the RocksDB state, written one atomic batch at a time;
+//! - [`worker`]: the Kafka driver of `run` and `replay`;
+//! - [`kafka`], [`metrics`], [`inspect`], [`gen`], [`config`], [`cli`].
 
 pub mod billing;
+pub mod cli;
+pub mod config;
+pub mod gen;
+pub mod inspect;
+pub mod kafka;
+pub mod metrics;
+pub mod pipeline;
+pub mod store;
+pub mod worker;

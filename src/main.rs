@@ -1,5 +1,12 @@
-//! The `gatebill` binary (the worker commands come with the worker).
+//! The `gatebill` binary: parses the command line and hands over to `cli`.
 
-fn main() {
-    println!("gatebill {}: the billing core is a library for now", env!("CARGO_PKG_VERSION"));
+use clap::Parser;
+
+#[tokio::main]
+async fn main() {
+    let cli = gatebill::cli::Cli::parse();
+    if let Err(e) = gatebill::cli::main(cli).await {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
 }

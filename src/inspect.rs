@@ -1,0 +1,148 @@
+//! `gatebill inspect`: the latest revision of every bill on the output
+//! topic, as a table or JSON lines, optionally following new records.
+
+use crate::billing::{BillRecord, BillStatus};
+use crate::config::KafkaConfig;
+use crate::kafka::{self, KafkaSetupError};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Which bills to show.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    /// Only this account.
+    pub account: Option<String>,
+    /// Only this month, `YYYY-MM`.
+    pub month: Option<String>,
+    /// Only this status.
+    pub status: Option<BillStatus>,
+}
+
+impl Filter {
+    /// Whether a record passes.
+    pub fn accepts(&self, r: &BillRecord) -> bool {
+        self.account.as_ref().is_none_or(|a| *a == r.content.account_id)
+            && self.month.as_ref().is_none_or(|m| *m == r.content.month)
+            && self.status.is_none_or(|s| s == r.status)
+    }
+}
+
+/// Latest bill per key, read from a topic.
+#[derive(Debug, Default)]
+pub struct BillTable {
+    /// Key -> latest revision.
+    pub latest: BTreeMap<String, BillRecord>,
+    /// Records that did not parse as bills.
+    pub unreadable: u64,
+}
+
+impl BillTable {
+    /// Takes a record if it is newer than what is held. Returns it if so.
+    pub fn offer(&mut self, payload: &[u8]) -> Option<&BillRecord> {
+        let Ok(r) = serde_json::from_slice::<BillRecord>(payload) else {
+            self.unreadable += 1;
+            return None;
+        };
+        let key = r.key();
+        if self.latest.get(&key).is_some_and(|old| old.revision >= r.revision) {
+            return None;
+        }
+        self.latest.insert(key.clone(), r);
+        self.latest.get(&key)
+    }
+}
+
+/// A consumer positioned at the beginning of every partition of `topic`,
+/// with the end offsets seen now.
+pub fn open(k: &KafkaConfig, topic: &str) -> Result<(BaseConsumer, BTreeMap<i32, i64>), KafkaSetupError> {
+    let consumer = kafka::plain_consumer(k, "gatebill-inspect")?;
+    let n = kafka::partition_counts(&consumer, &[topic])?.get(topic).copied().unwrap_or(0);
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in 0..n {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .map_err(|source| KafkaSetupError::Client { what: format!("reading the end of {topic}/{p}"), source })?;
+        if high > low {
+            ends.insert(p, high);
+        }
+        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("valid offset");
+    }
+    consumer.assign(&tpl).map_err(|source| KafkaSetupError::Client { what: format!("assigning {topic}"), source })?;
+    Ok((consumer, ends))
+}
+
+/// Reads `topic` from the beginning to the end offsets seen at start.
+pub fn read_to_end(consumer: &BaseConsumer, mut ends: BTreeMap<i32, i64>, table: &mut BillTable, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !ends.is_empty() && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                if let Some(p) = m.payload() {
+                    table.offer(p);
+                }
+                if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
+                    ends.remove(&m.partition());
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "error reading bills"),
+            None => {}
+        }
+    }
+}
+
+/// Renders bills as a table.
+pub fn render_table<'a>(records: impl IntoIterator<Item = &'a BillRecord>) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    t.set_header([
+        "account",
+        "month",
+        "rev",
+        "status",
+        "calls",
+        "free/pack calls",
+        "chargeable calls",
+        "public out",
+        "chargeable out",
+        "total",
+        "hash",
+    ]);
+    for r in records {
+        let c = &r.content;
+        let deducted: u64 = c.deductions.iter().filter(|d| d.item == crate::billing::PackItem::Calls).map(|d| d.quantity).sum();
+        t.add_row([
+            c.account_id.clone(),
+            c.month.clone(),
+            r.revision.to_string(),
+            r.status.as_str().to_string(),
+            c.usage.calls.to_string(),
+            deducted.to_string(),
+            c.chargeable.calls.to_string(),
+            human_bytes(c.usage.public_out_bytes),
+            human_bytes(c.chargeable.public_out_bytes),
+            format!("{} {}", c.total_amount, c.currency),
+            r.content_hash.trim_start_matches("sha256:").chars().take(12).collect(),
+        ]);
+    }
+    t
+}
+
+/// Bytes in binary units, e.g. `1.50 GiB`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}

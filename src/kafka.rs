@@ -1,0 +1,178 @@
+//! Kafka plumbing, in one place: client configuration, topic creation,
+//! producing the outbox, reading a topic to its end.
+
+use crate::config::KafkaConfig;
+use crate::store::OutboxRecord;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A Kafka failure with what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaSetupError {
+    /// Client creation or a request failed.
+    #[error("kafka: {what}: {source}; check --brokers and the [kafka.properties] security settings")]
+    Client {
+        /// What was being done.
+        what: String,
+        /// The client error.
+        source: rdkafka::error::KafkaError,
+    },
+    /// Topics are missing and creation is off.
+    #[error("kafka: topic(s) {0} do not exist; create them (see docker-compose.yml) or set kafka.create_topics = true")]
+    MissingTopics(String),
+    /// Topic creation failed.
+    #[error("kafka: cannot create topic {topic}: {reason}")]
+    CreateFailed {
+        /// The topic.
+        topic: String,
+        /// Broker's answer.
+        reason: String,
+    },
+}
+
+/// Base client configuration: bootstrap servers, then the user's properties.
+pub fn client_config(k: &KafkaConfig, own: &[(&str, &str)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers);
+    for (key, value) in own {
+        c.set(*key, *value);
+    }
+    for (key, value) in &k.properties {
+        c.set(key, value);
+    }
+    c
+}
+
+fn err(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaSetupError {
+    let what = what.into();
+    move |source| KafkaSetupError::Client { what, source }
+}
+
+/// The producer for bills and dead letters: idempotent, acks=all, lz4.
+pub fn producer(k: &KafkaConfig) -> Result<FutureProducer, KafkaSetupError> {
+    client_config(
+        k,
+        &[
+            ("enable.idempotence", "true"),
+            ("acks", "all"),
+            ("compression.type", "lz4"),
+            ("linger.ms", "5"),
+            ("message.timeout.ms", "30000"),
+        ],
+    )
+    .create()
+    .map_err(err("creating the producer"))
+}
+
+/// A consumer without group membership, for reading topics by assignment.
+pub fn plain_consumer(k: &KafkaConfig, group: &str) -> Result<BaseConsumer, KafkaSetupError> {
+    client_config(k, &[("group.id", group), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")])
+        .create()
+        .map_err(err("creating a consumer"))
+}
+
+/// Partition counts of topics, from cluster metadata (absent = no such topic).
+pub fn partition_counts(consumer: &BaseConsumer, topics: &[&str]) -> Result<BTreeMap<String, i32>, KafkaSetupError> {
+    let md = consumer.fetch_metadata(None, Duration::from_secs(10)).map_err(err("fetching cluster metadata"))?;
+    Ok(md
+        .topics()
+        .iter()
+        .filter(|t| topics.contains(&t.name()) && t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect())
+}
+
+/// Makes sure the four topics exist: creates the missing ones (accounts and
+/// bills compacted) or reports them, as configured.
+pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaSetupError> {
+    let consumer = plain_consumer(k, "gatebill-metadata")?;
+    let wanted = [k.input_topic.as_str(), k.accounts_topic.as_str(), k.output_topic.as_str(), k.dead_letter_topic.as_str()];
+    let existing = partition_counts(&consumer, &wanted)?;
+    let missing: Vec<&str> = wanted.iter().copied().filter(|t| !existing.contains_key(*t)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !k.create_topics {
+        return Err(KafkaSetupError::MissingTopics(missing.join(", ")));
+    }
+    let admin: AdminClient<DefaultClientContext> = client_config(k, &[]).create().map_err(err("creating the admin client"))?;
+    let new: Vec<NewTopic> = missing
+        .iter()
+        .map(|t| {
+            let nt = NewTopic::new(t, k.partitions, TopicReplication::Fixed(k.replication));
+            if *t == k.accounts_topic || *t == k.output_topic {
+                nt.set("cleanup.policy", "compact")
+            } else {
+                nt
+            }
+        })
+        .collect();
+    let results = admin.create_topics(&new, &AdminOptions::new()).await.map_err(err("creating topics"))?;
+    for r in results {
+        if let Err((topic, code)) = r {
+            if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                return Err(KafkaSetupError::CreateFailed { topic, reason: code.to_string() });
+            }
+        }
+    }
+    tracing::info!(topics = %missing.join(", "), partitions = k.partitions, "created missing topics");
+    Ok(())
+}
+
+/// Produces records and waits for every acknowledgement. Returns the ones
+/// delivered; failures are logged and stay in the outbox for the next try.
+pub async fn produce_all(producer: &FutureProducer, records: &[(Vec<u8>, OutboxRecord)]) -> Vec<(Vec<u8>, OutboxRecord)> {
+    let mut delivered = Vec::with_capacity(records.len());
+    let mut in_flight = Vec::with_capacity(records.len());
+    for (key, rec) in records {
+        let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
+        for (k, v) in &rec.headers {
+            headers = headers.insert(Header { key: k, value: Some(v) });
+        }
+        let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&rec.topic).payload(&rec.payload[..]).headers(headers);
+        if let Some(k) = &rec.key {
+            fr = fr.key(&k[..]);
+        }
+        loop {
+            match producer.send_result(fr) {
+                Ok(f) => {
+                    in_flight.push((key, rec, f));
+                    break;
+                }
+                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                    fr = back;
+                    // Drain what is in flight before queueing more.
+                    for (k, r, f) in in_flight.drain(..) {
+                        if let Ok(Ok(_)) = f.await {
+                            delivered.push((k.clone(), r.clone()));
+                        }
+                    }
+                }
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, topic = %rec.topic, "cannot queue record; it stays in the outbox");
+                    break;
+                }
+            }
+        }
+    }
+    for (k, r, f) in in_flight {
+        match f.await {
+            Ok(Ok(_)) => delivered.push((k.clone(), r.clone())),
+            Ok(Err((e, _))) => tracing::warn!(error = %e, topic = %r.topic, "delivery failed; the record stays in the outbox"),
+            Err(_) => tracing::warn!(topic = %r.topic, "delivery cancelled; the record stays in the outbox"),
+        }
+    }
+    delivered
+}
+
+/// Headers of a message as owned pairs.
+pub fn owned_headers<H: Headers>(h: Option<&H>) -> Vec<(String, Vec<u8>)> {
+    let Some(h) = h else { return Vec::new() };
+    h.iter().map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()
+}

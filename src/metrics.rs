@@ -1,0 +1,114 @@
+//! Metrics (Prometheus text at `/metrics`) and liveness (`/healthz`). The
+//! names live here, outside the pipeline logic.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Every metric the worker exports.
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// Input messages read.
+    pub events_consumed: IntCounter,
+    /// Events added to usage.
+    pub events_billed: IntCounter,
+    /// Messages sent to the dead-letter topic, by reason code.
+    pub rejected: IntCounterVec,
+    /// Events dropped as repeated request_ids.
+    pub duplicates: IntCounter,
+    /// Events for a month whose bill was already final.
+    pub late_events: IntCounter,
+    /// Bill records emitted, by status.
+    pub bills_emitted: IntCounterVec,
+    /// Seconds per synced RocksDB batch write.
+    pub batch_write_seconds: Histogram,
+    /// Seconds from producing a set of records to their acknowledgement.
+    pub produce_seconds: Histogram,
+    /// Records waiting in the outbox.
+    pub outbox_pending: IntGauge,
+    /// Messages behind the partition's end, by partition.
+    pub partition_lag: IntGaugeVec,
+    /// Estimated live state bytes, by column family.
+    pub state_bytes: IntGaugeVec,
+}
+
+impl Metrics {
+    /// Builds and registers every metric.
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new_custom(Some("gatebill".into()), None).expect("valid prefix");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let counter_vec = |name: &str, help: &str, label: &str| {
+            let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let histogram = |name: &str, help: &str| {
+            let buckets = prometheus::exponential_buckets(0.0005, 2.0, 16).expect("valid buckets");
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let m = Metrics {
+            events_consumed: counter("events_consumed_total", "Input messages read"),
+            events_billed: counter("events_billed_total", "Events added to usage"),
+            rejected: counter_vec("events_rejected_total", "Messages sent to the dead-letter topic", "reason"),
+            duplicates: counter("duplicates_total", "Events dropped as repeated request_ids"),
+            late_events: counter("late_events_total", "Events for a month whose bill was already final"),
+            bills_emitted: counter_vec("bills_emitted_total", "Bill records emitted", "status"),
+            batch_write_seconds: histogram("batch_write_seconds", "Seconds per synced RocksDB batch write"),
+            produce_seconds: histogram("produce_seconds", "Seconds from producing records to their acknowledgement"),
+            outbox_pending: {
+                let g = IntGauge::new("outbox_pending", "Records waiting in the outbox").expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            partition_lag: gauge_vec("partition_lag", "Messages behind the partition's end", "partition"),
+            state_bytes: gauge_vec("state_bytes", "Estimated live state bytes", "column_family"),
+            registry,
+        };
+        for r in crate::billing::RejectReason::ALL {
+            m.rejected.with_label_values(&[r.code()]);
+        }
+        Arc::new(m)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding");
+        String::from_utf8(buf).expect("utf-8")
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let n = sock.read(&mut buf).await.unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (status, ctype, body) = match path {
+                "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
+                _ => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_string()),
+            };
+            let head = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+        });
+    }
+}

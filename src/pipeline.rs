@@ -1,0 +1,427 @@
+//! The processing pipeline between the input and the state store, with no
+//! Kafka in it: decode, dedupe, aggregate, and one atomic write per batch;
+//! bill emission into the outbox; outbox acknowledgement. The Kafka driver
+//! (`worker.rs`) feeds it messages and produces what it leaves in the outbox.
+
+use crate::billing::account::decode_account;
+use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
+use crate::billing::calendar::Month;
+use crate::billing::config::Rules;
+use crate::billing::entitlements::months_are_independent;
+use crate::billing::event::{DecodeError, RejectReason};
+use crate::billing::reference::decode_and_classify;
+use crate::billing::usage::MonthUsage;
+use crate::billing::AccountRecord;
+use crate::metrics::Metrics;
+use crate::store::{outbox_bill_key, outbox_dead_letter_key, BillState, OutboxRecord, PartitionState, Store, StoreError};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Header names on dead-letter messages.
+pub mod headers {
+    /// Reason code, e.g. `malformed_json`.
+    pub const REASON: &str = "gatebill.reason";
+    /// Human-readable detail.
+    pub const DETAIL: &str = "gatebill.detail";
+    /// Source topic.
+    pub const SOURCE_TOPIC: &str = "gatebill.source.topic";
+    /// Source partition (decimal).
+    pub const SOURCE_PARTITION: &str = "gatebill.source.partition";
+    /// Source offset (decimal).
+    pub const SOURCE_OFFSET: &str = "gatebill.source.offset";
+}
+
+/// One input message, borrowed from wherever it was read.
+#[derive(Clone, Debug)]
+pub struct InputMessage<'a> {
+    /// Topic it was read from.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Message key.
+    pub key: Option<&'a [u8]>,
+    /// Message value (`None` for a tombstone).
+    pub payload: Option<&'a [u8]>,
+    /// Message headers, carried to the dead-letter topic.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// The pipeline's settings, from the configuration.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Input topic (offsets are stored under its name).
+    pub input_topic: String,
+    /// Accounts topic.
+    pub accounts_topic: String,
+    /// Bill records go here.
+    pub output_topic: String,
+    /// Rejected messages go here.
+    pub dead_letter_topic: String,
+    /// Whether to drop repeated request_ids.
+    pub dedupe: bool,
+    /// Dedupe window behind the partition watermark, seconds.
+    pub dedupe_window_secs: i64,
+    /// Grace after month end before a bill is final, milliseconds.
+    pub grace_ms: i64,
+    /// A partition idle this long follows the wall clock, milliseconds.
+    pub idle_after_ms: i64,
+}
+
+impl Settings {
+    /// Settings from a checked configuration.
+    pub fn from_config(cfg: &crate::config::Config) -> Settings {
+        Settings {
+            input_topic: cfg.kafka.input_topic.clone(),
+            accounts_topic: cfg.kafka.accounts_topic.clone(),
+            output_topic: cfg.kafka.output_topic.clone(),
+            dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
+            dedupe: cfg.worker.dedupe,
+            dedupe_window_secs: cfg.worker.dedupe_window_hours as i64 * 3600,
+            grace_ms: cfg.worker.grace_period_secs as i64 * 1000,
+            idle_after_ms: cfg.worker.idle_after_secs as i64 * 1000,
+        }
+    }
+}
+
+/// What one batch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Events added to usage.
+    pub billed: u64,
+    /// Messages sent to the dead-letter topic.
+    pub rejected: u64,
+    /// Repeated request_ids dropped.
+    pub duplicates: u64,
+    /// Messages skipped because their offset was already processed.
+    pub already_processed: u64,
+}
+
+/// The pipeline over one state store.
+pub struct Pipeline {
+    store: Arc<Store>,
+    rules: Rules,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    accounts: HashMap<String, AccountRecord>,
+    /// Cache of the stored partition states of the input topic.
+    partitions: HashMap<i32, PartitionState>,
+    /// Wall-clock ms of the last input message per partition (idleness).
+    last_input_ms: HashMap<i32, i64>,
+    next_dead_letter: u64,
+}
+
+fn dead_letter(settings: &Settings, m: &InputMessage, err: &DecodeError) -> OutboxRecord {
+    let mut h = m.headers.clone();
+    h.push((headers::REASON.into(), err.reason.code().as_bytes().to_vec()));
+    h.push((headers::DETAIL.into(), err.detail.as_bytes().to_vec()));
+    h.push((headers::SOURCE_TOPIC.into(), m.topic.as_bytes().to_vec()));
+    h.push((headers::SOURCE_PARTITION.into(), m.partition.to_string().into_bytes()));
+    h.push((headers::SOURCE_OFFSET.into(), m.offset.to_string().into_bytes()));
+    OutboxRecord {
+        topic: settings.dead_letter_topic.clone(),
+        key: m.key.map(<[u8]>::to_vec),
+        payload: m.payload.map(<[u8]>::to_vec).unwrap_or_default(),
+        headers: h,
+    }
+}
+
+/// Wall-clock now in epoch ms.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Pipeline {
+    /// A pipeline over an opened store; loads account records and offsets.
+    pub fn new(store: Arc<Store>, rules: Rules, settings: Settings, metrics: Arc<Metrics>) -> Result<Pipeline, StoreError> {
+        let mut accounts = HashMap::new();
+        for (id, raw) in store.accounts()? {
+            if let Ok(a) = decode_account(&raw) {
+                accounts.insert(id, a);
+            }
+        }
+        let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
+        let next_dead_letter = store.next_dead_letter_seq()?;
+        let now = now_ms();
+        let last_input_ms = partitions.keys().map(|p| (*p, now)).collect();
+        Ok(Pipeline { store, rules, settings, metrics, accounts, partitions, last_input_ms, next_dead_letter })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Next input offset to process for a partition, if it has state.
+    pub fn next_offset(&self, partition: i32) -> Option<i64> {
+        self.partitions.get(&partition).map(|s| s.next_offset)
+    }
+
+    fn reject(&mut self, batch: &mut crate::store::Batch<'_>, m: &InputMessage, err: &DecodeError) {
+        batch.put_outbox(&outbox_dead_letter_key(self.next_dead_letter), &dead_letter(&self.settings, m, err));
+        self.next_dead_letter += 1;
+        self.metrics.rejected.with_label_values(&[err.reason.code()]).inc();
+    }
+
+    /// Processes a batch of input-topic messages in one atomic write: usage,
+    /// dedupe keys, partition offsets, dirty marks and dead letters.
+    pub fn process(&mut self, msgs: &[InputMessage]) -> Result<BatchStats, StoreError> {
+        let mut stats = BatchStats::default();
+        let store = self.store.clone();
+        let mut batch = store.batch();
+        let mut deltas: HashMap<(String, Month), (MonthUsage, i32)> = HashMap::new();
+        let mut fresh: HashSet<(i32, i64, String)> = HashSet::new();
+        let mut touched: BTreeMap<i32, PartitionState> = BTreeMap::new();
+        let now = now_ms();
+        for m in msgs {
+            let state = touched.entry(m.partition).or_insert_with(|| self.partitions.get(&m.partition).copied().unwrap_or_default());
+            if m.offset < state.next_offset {
+                stats.already_processed += 1;
+                continue;
+            }
+            state.next_offset = m.offset + 1;
+            self.last_input_ms.insert(m.partition, now);
+            self.metrics.events_consumed.inc();
+            let decoded = decode_and_classify(m.payload.unwrap_or_default()).and_then(|(e, metered)| {
+                if m.key == Some(e.account_id.as_bytes()) {
+                    Ok((e, metered))
+                } else {
+                    let key = m.key.map(|k| String::from_utf8_lossy(k).into_owned());
+                    Err(DecodeError::new(
+                        RejectReason::KeyMismatch,
+                        format!(
+                            "message key {} is not the account_id `{}`; producers must key events by account_id",
+                            key.map_or("(none)".to_string(), |k| format!("`{}`", crate::billing::event::truncate(&k, 64))),
+                            crate::billing::event::truncate(&e.account_id, 64)
+                        ),
+                    ))
+                }
+            });
+            let (e, metered) = match decoded {
+                Ok(v) => v,
+                Err(err) => {
+                    self.reject(&mut batch, m, &err);
+                    stats.rejected += 1;
+                    continue;
+                }
+            };
+            let (month, hour) = self.rules.calendar.place(e.time_ms);
+            if self.settings.dedupe {
+                let k = (m.partition, hour, e.request_id);
+                if fresh.contains(&k) || self.store.seen(k.0, k.1, &k.2)? {
+                    stats.duplicates += 1;
+                    self.metrics.duplicates.inc();
+                    continue;
+                }
+                batch.put_dedupe(k.0, k.1, &k.2);
+                fresh.insert(k);
+            }
+            state.watermark_ms = state.watermark_ms.max(e.time_ms);
+            let entry = deltas.entry((e.account_id, month)).or_insert_with(|| (MonthUsage::default(), m.partition));
+            entry.0.add(hour, &e.region, &metered);
+            stats.billed += 1;
+        }
+        for ((account, month), (delta, partition)) in &deltas {
+            let mut usage = self.store.usage(account, *month)?.unwrap_or_default();
+            usage.merge(delta);
+            batch.put_usage(account, *month, &usage);
+            batch.mark_dirty(account, *month, *partition);
+            if let Some(s) = self.store.bill_state(account, *month)? {
+                if s.status != BillStatus::Provisional {
+                    self.metrics.late_events.inc_by(delta.calls());
+                }
+            }
+        }
+        for (p, s) in &touched {
+            batch.put_partition(&self.settings.input_topic, *p, *s);
+            if self.settings.dedupe {
+                let before = s.watermark_ms.div_euclid(1000) - self.settings.dedupe_window_secs;
+                batch.prune_dedupe(*p, before);
+            }
+        }
+        let t = Instant::now();
+        self.store.write(batch)?;
+        self.metrics.batch_write_seconds.observe(t.elapsed().as_secs_f64());
+        self.metrics.events_billed.inc_by(stats.billed);
+        self.partitions.extend(touched);
+        Ok(stats)
+    }
+
+    /// Applies account records (accounts topic): stores each changed record
+    /// and marks that account's months for recomputation. Bad records go to
+    /// the dead-letter topic; tombstones remove the record.
+    pub fn apply_accounts(&mut self, msgs: &[InputMessage]) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        let mut batch = store.batch();
+        for m in msgs {
+            let decoded = match m.payload {
+                None => None,
+                Some(p) => match decode_account(p) {
+                    Ok(a) if m.key.is_some() && m.key != Some(a.account_id.as_bytes()) => {
+                        let err = DecodeError::new(RejectReason::KeyMismatch, "account record key is not its account_id");
+                        self.reject(&mut batch, m, &err);
+                        continue;
+                    }
+                    Ok(a) => Some(a),
+                    Err(err) => {
+                        self.reject(&mut batch, m, &err);
+                        continue;
+                    }
+                },
+            };
+            let account_id = match (&decoded, m.key) {
+                (Some(a), _) => a.account_id.clone(),
+                (None, Some(k)) => String::from_utf8_lossy(k).into_owned(),
+                (None, None) => continue,
+            };
+            if self.accounts.get(&account_id) == decoded.as_ref() {
+                continue;
+            }
+            match &decoded {
+                Some(a) => {
+                    batch.put_account(&account_id, m.payload.unwrap_or_default());
+                    self.accounts.insert(account_id.clone(), a.clone());
+                }
+                None => {
+                    batch.put_account(&account_id, b"");
+                    self.accounts.remove(&account_id);
+                }
+            }
+            for (month, _) in self.store.account_months(&account_id)? {
+                batch.mark_dirty(&account_id, month, -1);
+            }
+        }
+        let mut by_partition: BTreeMap<i32, i64> = BTreeMap::new();
+        for m in msgs {
+            let e = by_partition.entry(m.partition).or_insert(0);
+            *e = (*e).max(m.offset + 1);
+        }
+        for (p, next) in by_partition {
+            batch.put_partition(&self.settings.accounts_topic, p, PartitionState { next_offset: next, watermark_ms: 0 });
+        }
+        self.store.write(batch)
+    }
+
+    /// The effective event-time watermark of a partition: its largest event
+    /// time, or, once idle (or `force_idle`), the wall clock less the idle time.
+    fn watermark(&self, partition: i32, now: i64, force_idle: bool) -> i64 {
+        let wm = self.partitions.get(&partition).map_or(i64::MIN, |s| s.watermark_ms);
+        let idle = force_idle || now - self.last_input_ms.get(&partition).copied().unwrap_or(now) >= self.settings.idle_after_ms;
+        if idle {
+            wm.max(now - self.settings.idle_after_ms)
+        } else {
+            wm
+        }
+    }
+
+    fn month_closed(&self, month: Month, partition: i32, now: i64, force_idle: bool) -> bool {
+        let end_ms = self.rules.calendar.month_end(month) * 1000;
+        let wm = if partition < 0 {
+            // Account-driven recomputation: the most advanced partition decides.
+            self.partitions.keys().map(|p| self.watermark(*p, now, force_idle)).max().unwrap_or(i64::MIN)
+        } else {
+            self.watermark(partition, now, force_idle)
+        };
+        wm != i64::MIN && end_ms + self.settings.grace_ms <= wm
+    }
+
+    /// Recomputes every dirty bill, and every provisional bill whose month
+    /// has closed; writes changed records to the outbox with a higher
+    /// revision, in one atomic write. Returns how many records were emitted.
+    pub fn emit(&mut self, now: i64, force_idle: bool) -> Result<usize, StoreError> {
+        let mut todo: BTreeMap<(String, Month), i32> = BTreeMap::new();
+        for (a, m, p) in self.store.dirty()? {
+            todo.insert((a, m), p);
+        }
+        for (a, m, s) in self.store.bill_states()? {
+            if s.status == BillStatus::Provisional
+                && !todo.contains_key(&(a.clone(), m))
+                && self.month_closed(m, s.partition, now, force_idle)
+            {
+                todo.insert((a, m), s.partition);
+            }
+        }
+        if todo.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = self.store.batch();
+        let mut emitted = 0;
+        let mut cache: HashMap<String, Vec<crate::billing::Bill>> = HashMap::new();
+        for ((account, month), dirty_partition) in todo {
+            let prev = self.store.bill_state(&account, month)?;
+            let partition = if dirty_partition >= 0 { dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
+            let record = self.accounts.get(&account);
+            let bill = if months_are_independent(record) {
+                let usage = self.store.usage(&account, month)?.unwrap_or_default();
+                compute_bills(&account, record, &BTreeMap::from([(month, usage)]), &self.rules).pop()
+            } else {
+                if !cache.contains_key(&account) {
+                    let months = self.store.account_months(&account)?;
+                    cache.insert(account.clone(), compute_bills(&account, record, &months, &self.rules));
+                }
+                cache[&account].iter().find(|b| b.month == month).cloned()
+            };
+            batch.clear_dirty(&account, month);
+            let Some(bill) = bill else { continue };
+            let closed = self.month_closed(month, partition, now, force_idle);
+            let status = match &prev {
+                None | Some(BillState { status: BillStatus::Provisional, .. }) if closed => BillStatus::Final,
+                None | Some(BillState { status: BillStatus::Provisional, .. }) => BillStatus::Provisional,
+                Some(s) if s.content_hash != bill.content_hash => BillStatus::Restated,
+                Some(s) => s.status,
+            };
+            if prev.as_ref().is_some_and(|s| s.content_hash == bill.content_hash && s.status == status) {
+                continue;
+            }
+            let revision = prev.as_ref().map_or(1, |s| s.revision + 1);
+            let rec = BillRecord { content: bill.content, revision, status, content_hash: bill.content_hash };
+            let key = rec.key();
+            let out = OutboxRecord {
+                topic: self.settings.output_topic.clone(),
+                key: Some(key.clone().into_bytes()),
+                payload: serde_json::to_vec(&rec).expect("bill serializes"),
+                headers: vec![],
+            };
+            batch.put_outbox(&outbox_bill_key(&key), &out);
+            batch.put_bill_state(&account, month, &BillState { revision, status, content_hash: rec.content_hash, partition });
+            self.metrics.bills_emitted.with_label_values(&[status.as_str()]).inc();
+            emitted += 1;
+        }
+        self.store.write(batch)?;
+        Ok(emitted)
+    }
+
+    /// Every record waiting to be produced.
+    pub fn outbox(&self) -> Result<Vec<(Vec<u8>, OutboxRecord)>, StoreError> {
+        let o = self.store.outbox()?;
+        self.metrics.outbox_pending.set(o.len() as i64);
+        Ok(o)
+    }
+
+    /// Deletes delivered outbox records, unless a newer record replaced one
+    /// since it was read (then the newer one is still to be produced).
+    pub fn acknowledge(&mut self, delivered: &[(Vec<u8>, OutboxRecord)]) -> Result<(), StoreError> {
+        if delivered.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.store.batch();
+        for (key, rec) in delivered {
+            if key.first() == Some(&b'b') {
+                let current = self.store.outbox_raw(key)?;
+                let still_same = current.as_deref().and_then(crate::store::decode_outbox).as_ref() == Some(rec);
+                if !still_same {
+                    continue;
+                }
+            }
+            batch.delete_outbox(key);
+        }
+        self.store.write(batch)
+    }
+}

@@ -1,0 +1,620 @@
+//! The state store: one RocksDB database holding every piece of state that
+//! must change together (usage, dedupe keys, partition offsets, the outbox,
+//! bill revisions, dirty marks, account records), written in one
+//! `WriteBatch` per processing step.
+//!
+//! Durability: every batch is written with `sync = true`, so a batch that
+//! returned is on disk before any record it implies is produced.
+
+use crate::billing::calendar::Month;
+use crate::billing::usage::{put_varint, MonthUsage, UsageDecodeError};
+use crate::billing::BillStatus;
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Column family names, one constant each, and the list of all.
+pub mod cf {
+    /// (account, month) -> encoded `MonthUsage`.
+    pub const USAGE: &str = "usage";
+    /// (partition, event hour, request_id) -> empty: exact dedupe keys.
+    pub const DEDUPE: &str = "dedupe";
+    /// (topic, partition) -> next offset to read and event-time watermark.
+    pub const OFFSETS: &str = "offsets";
+    /// Records written but not yet acknowledged by the broker.
+    pub const OUTBOX: &str = "outbox";
+    /// (account, month) -> last emitted revision, status, content hash.
+    pub const BILLS: &str = "bills";
+    /// (account, month) -> partition: bills to recompute at the next emit.
+    pub const DIRTY: &str = "dirty";
+    /// account id -> raw account record JSON.
+    pub const ACCOUNTS: &str = "accounts";
+    /// Format version and counters.
+    pub const META: &str = "meta";
+    /// Every column family.
+    pub const ALL: [&str; 8] = [USAGE, DEDUPE, OFFSETS, OUTBOX, BILLS, DIRTY, ACCOUNTS, META];
+}
+
+/// On-disk format version. A store written with another version is refused.
+pub const STORE_FORMAT_VERSION: u32 = 1;
+const META_VERSION_KEY: &[u8] = b"format_version";
+
+/// What can go wrong with the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the lock.
+    #[error(
+        "state directory {0} is in use by another gatebill process (lock held on {0}/LOCK.gatebill); stop it or use another --state-dir"
+    )]
+    Locked(PathBuf),
+    /// Written by an incompatible gatebill.
+    #[error("state directory {dir} was written with state format {found}, this gatebill reads format {STORE_FORMAT_VERSION}; use the gatebill version that wrote it, or rebuild the state with `gatebill replay` into an empty directory")]
+    Version {
+        /// The directory.
+        dir: PathBuf,
+        /// Version found.
+        found: u32,
+    },
+    /// RocksDB failed.
+    #[error("state store error: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    /// The directory cannot be created or locked.
+    #[error("state directory {dir}: {source}")]
+    Io {
+        /// The directory.
+        dir: PathBuf,
+        /// The failure.
+        source: std::io::Error,
+    },
+    /// A stored value cannot be decoded.
+    #[error("state store holds a corrupt value in `{cf}`: {detail}")]
+    Corrupt {
+        /// Column family.
+        cf: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl From<UsageDecodeError> for StoreError {
+    fn from(e: UsageDecodeError) -> Self {
+        StoreError::Corrupt { cf: cf::USAGE, detail: e.to_string() }
+    }
+}
+
+/// Where a partition stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PartitionState {
+    /// Next input offset to process.
+    pub next_offset: i64,
+    /// Largest event time seen, epoch ms (the event-time watermark).
+    pub watermark_ms: i64,
+}
+
+/// The last bill emitted for a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BillState {
+    /// Revision of the last record.
+    pub revision: u64,
+    /// Status of the last record.
+    pub status: BillStatus,
+    /// Content hash of the last record.
+    pub content_hash: String,
+    /// Input partition the account's events come from (-1 when unknown).
+    pub partition: i32,
+}
+
+/// A record to produce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxRecord {
+    /// Destination topic.
+    pub topic: String,
+    /// Message key.
+    pub key: Option<Vec<u8>>,
+    /// Message value.
+    pub payload: Vec<u8>,
+    /// Message headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl OutboxRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.payload.len() + 64);
+        put_bytes(&mut out, self.topic.as_bytes());
+        match &self.key {
+            Some(k) => {
+                out.push(1);
+                put_bytes(&mut out, k);
+            }
+            None => out.push(0),
+        }
+        put_bytes(&mut out, &self.payload);
+        put_varint(&mut out, self.headers.len() as u64);
+        for (k, v) in &self.headers {
+            put_bytes(&mut out, k.as_bytes());
+            put_bytes(&mut out, v);
+        }
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<OutboxRecord> {
+        let mut r = Cursor { b, pos: 0 };
+        let topic = String::from_utf8(r.bytes()?.to_vec()).ok()?;
+        let key = match r.byte()? {
+            1 => Some(r.bytes()?.to_vec()),
+            _ => None,
+        };
+        let payload = r.bytes()?.to_vec();
+        let n = r.varint()?;
+        let mut headers = Vec::new();
+        for _ in 0..n {
+            let k = String::from_utf8(r.bytes()?.to_vec()).ok()?;
+            headers.push((k, r.bytes()?.to_vec()));
+        }
+        Some(OutboxRecord { topic, key, payload, headers })
+    }
+}
+
+/// Decodes a stored outbox value.
+pub fn decode_outbox(b: &[u8]) -> Option<OutboxRecord> {
+    OutboxRecord::decode(b)
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_varint(out, b.len() as u64);
+    out.extend_from_slice(b);
+}
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let v = *self.b.get(self.pos)?;
+        self.pos += 1;
+        Some(v)
+    }
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    fn bytes(&mut self) -> Option<&'a [u8]> {
+        let n = usize::try_from(self.varint()?).ok()?;
+        let s = self.b.get(self.pos..self.pos.checked_add(n)?)?;
+        self.pos += n;
+        Some(s)
+    }
+}
+
+/// Key of an (account, month): length-prefixed account id, then the month
+/// ordinal big-endian, so one account's months are a contiguous prefix range.
+pub fn account_month_key(account: &str, month: Month) -> Vec<u8> {
+    let mut k = account_prefix(account);
+    k.extend_from_slice(&month.ordinal().to_be_bytes());
+    k
+}
+
+fn account_prefix(account: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(account.len() + 6);
+    k.extend_from_slice(&(account.len() as u16).to_be_bytes());
+    k.extend_from_slice(account.as_bytes());
+    k
+}
+
+/// Inverse of [`account_month_key`].
+pub fn parse_account_month_key(k: &[u8]) -> Option<(String, Month)> {
+    let len = u16::from_be_bytes(k.get(..2)?.try_into().ok()?) as usize;
+    let account = std::str::from_utf8(k.get(2..2 + len)?).ok()?.to_string();
+    let ord = u32::from_be_bytes(k.get(2 + len..6 + len)?.try_into().ok()?);
+    Some((account, Month::from_ordinal(ord)))
+}
+
+fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = topic.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// Dedupe key: partition, then the event hour (sign-flipped big-endian so the
+/// byte order is the time order), then the request id. Pruning a partition's
+/// old hours is one range delete.
+fn dedupe_key(partition: i32, hour: i64, request_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(12 + request_id.len());
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.extend_from_slice(&((hour as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(request_id.as_bytes());
+    k
+}
+
+fn dedupe_bound(partition: i32, hour: i64) -> Vec<u8> {
+    let mut k = partition.to_be_bytes().to_vec();
+    k.extend_from_slice(&((hour as u64) ^ (1 << 63)).to_be_bytes());
+    k
+}
+
+/// Outbox key of a bill: only the newest record per bill key is kept.
+pub fn outbox_bill_key(bill_key: &str) -> Vec<u8> {
+    let mut k = b"b".to_vec();
+    k.extend_from_slice(bill_key.as_bytes());
+    k
+}
+
+/// Outbox key of a dead letter: its sequence number.
+pub fn outbox_dead_letter_key(seq: u64) -> Vec<u8> {
+    let mut k = b"d".to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The RocksDB-backed state store.
+pub struct Store {
+    db: DB,
+    dir: PathBuf,
+    /// Held for the store's lifetime: a second process cannot open the directory.
+    _lock: File,
+}
+
+/// Everything one step changes, applied atomically by [`Store::write`].
+pub struct Batch<'a> {
+    store: &'a Store,
+    wb: WriteBatch,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`, locking it.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let lock = File::create(dir.join("LOCK.gatebill")).map_err(io)?;
+        match fs4::fs_std::FileExt::try_lock_exclusive(&lock) {
+            Ok(true) => {}
+            Ok(false) => return Err(StoreError::Locked(dir.to_path_buf())),
+            Err(e) => return Err(io(e)),
+        }
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.increase_parallelism(2);
+        let cfs = cf::ALL.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        let store = Store { db, dir: dir.to_path_buf(), _lock: lock };
+        let meta = store.cf(cf::META);
+        match store.db.get_cf(meta, META_VERSION_KEY)? {
+            Some(v) => {
+                let found = v.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX);
+                if found != STORE_FORMAT_VERSION {
+                    return Err(StoreError::Version { dir: dir.to_path_buf(), found });
+                }
+            }
+            None => store.db.put_cf(meta, META_VERSION_KEY, STORE_FORMAT_VERSION.to_be_bytes())?,
+        }
+        Ok(store)
+    }
+
+    /// The directory the store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    /// Starts a batch.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { store: self, wb: WriteBatch::default() }
+    }
+
+    /// Writes a batch atomically and durably (fsync of the WAL).
+    pub fn write(&self, batch: Batch<'_>) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        // Synced: a batch that returned survives a power loss, so nothing is
+        // produced (and no offset committed) on the strength of unsynced state.
+        wo.set_sync(true);
+        self.db.write_opt(batch.wb, &wo)?;
+        Ok(())
+    }
+
+    /// Where a partition stands, if this store has processed it.
+    pub fn partition(&self, topic: &str, partition: i32) -> Result<Option<PartitionState>, StoreError> {
+        let v = self.db.get_cf(self.cf(cf::OFFSETS), offset_key(topic, partition))?;
+        v.map(|v| {
+            if v.len() != 16 {
+                return Err(StoreError::Corrupt { cf: cf::OFFSETS, detail: format!("{} bytes", v.len()) });
+            }
+            Ok(PartitionState {
+                next_offset: i64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+                watermark_ms: i64::from_be_bytes(v[8..].try_into().expect("8 bytes")),
+            })
+        })
+        .transpose()
+    }
+
+    /// Every partition of `topic` this store has processed.
+    pub fn partitions(&self, topic: &str) -> Result<BTreeMap<i32, PartitionState>, StoreError> {
+        let mut prefix = topic.as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = BTreeMap::new();
+        for item in self.db.prefix_iterator_cf(self.cf(cf::OFFSETS), &prefix) {
+            let (k, _) = item?;
+            if !k.starts_with(&prefix) || k.len() != prefix.len() + 4 {
+                break;
+            }
+            let p = i32::from_be_bytes(k[prefix.len()..].try_into().expect("4 bytes"));
+            if let Some(s) = self.partition(topic, p)? {
+                out.insert(p, s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One account-month's usage.
+    pub fn usage(&self, account: &str, month: Month) -> Result<Option<MonthUsage>, StoreError> {
+        match self.db.get_pinned_cf(self.cf(cf::USAGE), account_month_key(account, month))? {
+            Some(v) => Ok(Some(MonthUsage::decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every month of one account.
+    pub fn account_months(&self, account: &str) -> Result<BTreeMap<Month, MonthUsage>, StoreError> {
+        let prefix = account_prefix(account);
+        let mut out = BTreeMap::new();
+        let iter = self.db.iterator_cf(self.cf(cf::USAGE), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let (_, month) = parse_account_month_key(&k).ok_or(StoreError::Corrupt { cf: cf::USAGE, detail: "bad key".into() })?;
+            out.insert(month, MonthUsage::decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// Whether a request id was seen in this partition and event hour.
+    pub fn seen(&self, partition: i32, hour: i64, request_id: &str) -> Result<bool, StoreError> {
+        Ok(self.db.get_pinned_cf(self.cf(cf::DEDUPE), dedupe_key(partition, hour, request_id))?.is_some())
+    }
+
+    /// A stored account record (raw JSON).
+    pub fn account(&self, account: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(cf::ACCOUNTS), account.as_bytes())?)
+    }
+
+    /// Every stored account record.
+    pub fn accounts(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf::ACCOUNTS), IteratorMode::Start) {
+            let (k, v) = item?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The last bill emitted for a key.
+    pub fn bill_state(&self, account: &str, month: Month) -> Result<Option<BillState>, StoreError> {
+        let v = self.db.get_cf(self.cf(cf::BILLS), account_month_key(account, month))?;
+        v.map(|v| decode_bill_state(&v)).transpose()
+    }
+
+    /// Every emitted bill's state.
+    pub fn bill_states(&self) -> Result<Vec<(String, Month, BillState)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf::BILLS), IteratorMode::Start) {
+            let (k, v) = item?;
+            let (a, m) = parse_account_month_key(&k).ok_or(StoreError::Corrupt { cf: cf::BILLS, detail: "bad key".into() })?;
+            out.push((a, m, decode_bill_state(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Account-months waiting for a bill, with the partition they came from.
+    pub fn dirty(&self) -> Result<Vec<(String, Month, i32)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf::DIRTY), IteratorMode::Start) {
+            let (k, v) = item?;
+            let (a, m) = parse_account_month_key(&k).ok_or(StoreError::Corrupt { cf: cf::DIRTY, detail: "bad key".into() })?;
+            let p = <[u8; 4]>::try_from(&v[..]).map(i32::from_be_bytes).unwrap_or(-1);
+            out.push((a, m, p));
+        }
+        Ok(out)
+    }
+
+    /// Every record waiting to be produced, in key order.
+    pub fn outbox(&self) -> Result<Vec<(Vec<u8>, OutboxRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf::OUTBOX), IteratorMode::Start) {
+            let (k, v) = item?;
+            let r = OutboxRecord::decode(&v).ok_or(StoreError::Corrupt { cf: cf::OUTBOX, detail: "undecodable record".into() })?;
+            out.push((k.to_vec(), r));
+        }
+        Ok(out)
+    }
+
+    /// The raw outbox value under a key (to check it was not replaced).
+    pub fn outbox_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(cf::OUTBOX), key)?)
+    }
+
+    /// The next free dead-letter sequence number.
+    pub fn next_dead_letter_seq(&self) -> Result<u64, StoreError> {
+        let mut it = self.db.iterator_cf(self.cf(cf::OUTBOX), IteratorMode::From(b"e", rocksdb::Direction::Reverse));
+        match it.next() {
+            Some(item) => {
+                let (k, _) = item?;
+                if k.first() == Some(&b'd') && k.len() == 9 {
+                    Ok(u64::from_be_bytes(k[1..].try_into().expect("8 bytes")) + 1)
+                } else {
+                    Ok(0)
+                }
+            }
+            None => Ok(0),
+        }
+    }
+
+    /// Approximate live data size in bytes per column family.
+    pub fn sizes(&self) -> Vec<(&'static str, u64)> {
+        cf::ALL
+            .iter()
+            .map(|name| {
+                let v = self.db.property_int_value_cf(self.cf(name), "rocksdb.estimate-live-data-size").ok().flatten().unwrap_or(0)
+                    + self.db.property_int_value_cf(self.cf(name), "rocksdb.cur-size-all-mem-tables").ok().flatten().unwrap_or(0);
+                (*name, v)
+            })
+            .collect()
+    }
+}
+
+fn decode_bill_state(v: &[u8]) -> Result<BillState, StoreError> {
+    let bad = || StoreError::Corrupt { cf: cf::BILLS, detail: "bad bill state".into() };
+    if v.len() < 9 {
+        return Err(bad());
+    }
+    let revision = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+    let status = match v[8] {
+        0 => BillStatus::Provisional,
+        1 => BillStatus::Final,
+        2 => BillStatus::Restated,
+        _ => return Err(bad()),
+    };
+    if v.len() < 13 {
+        return Err(bad());
+    }
+    let partition = i32::from_be_bytes(v[9..13].try_into().expect("4 bytes"));
+    let content_hash = String::from_utf8(v[13..].to_vec()).map_err(|_| bad())?;
+    Ok(BillState { revision, status, content_hash, partition })
+}
+
+impl Batch<'_> {
+    /// Replaces an account-month's usage.
+    pub fn put_usage(&mut self, account: &str, month: Month, usage: &MonthUsage) {
+        self.wb.put_cf(self.store.cf(cf::USAGE), account_month_key(account, month), usage.encode());
+    }
+
+    /// Records a request id as seen.
+    pub fn put_dedupe(&mut self, partition: i32, hour: i64, request_id: &str) {
+        self.wb.put_cf(self.store.cf(cf::DEDUPE), dedupe_key(partition, hour, request_id), []);
+    }
+
+    /// Forgets a partition's dedupe keys of hours before `before_hour`.
+    pub fn prune_dedupe(&mut self, partition: i32, before_hour: i64) {
+        self.wb.delete_range_cf(self.store.cf(cf::DEDUPE), dedupe_bound(partition, i64::MIN), dedupe_bound(partition, before_hour));
+    }
+
+    /// Sets where a partition stands.
+    pub fn put_partition(&mut self, topic: &str, partition: i32, s: PartitionState) {
+        let mut v = s.next_offset.to_be_bytes().to_vec();
+        v.extend_from_slice(&s.watermark_ms.to_be_bytes());
+        self.wb.put_cf(self.store.cf(cf::OFFSETS), offset_key(topic, partition), v);
+    }
+
+    /// Queues a record for production.
+    pub fn put_outbox(&mut self, key: &[u8], r: &OutboxRecord) {
+        self.wb.put_cf(self.store.cf(cf::OUTBOX), key, r.encode());
+    }
+
+    /// Removes a delivered record.
+    pub fn delete_outbox(&mut self, key: &[u8]) {
+        self.wb.delete_cf(self.store.cf(cf::OUTBOX), key);
+    }
+
+    /// Records the last emitted bill of a key.
+    pub fn put_bill_state(&mut self, account: &str, month: Month, s: &BillState) {
+        let mut v = s.revision.to_be_bytes().to_vec();
+        v.push(match s.status {
+            BillStatus::Provisional => 0,
+            BillStatus::Final => 1,
+            BillStatus::Restated => 2,
+        });
+        v.extend_from_slice(&s.partition.to_be_bytes());
+        v.extend_from_slice(s.content_hash.as_bytes());
+        self.wb.put_cf(self.store.cf(cf::BILLS), account_month_key(account, month), v);
+    }
+
+    /// Marks an account-month for recomputation.
+    pub fn mark_dirty(&mut self, account: &str, month: Month, partition: i32) {
+        self.wb.put_cf(self.store.cf(cf::DIRTY), account_month_key(account, month), partition.to_be_bytes());
+    }
+
+    /// Clears a dirty mark.
+    pub fn clear_dirty(&mut self, account: &str, month: Month) {
+        self.wb.delete_cf(self.store.cf(cf::DIRTY), account_month_key(account, month));
+    }
+
+    /// Stores an account record.
+    pub fn put_account(&mut self, account: &str, raw: &[u8]) {
+        self.wb.put_cf(self.store.cf(cf::ACCOUNTS), account.as_bytes(), raw);
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.wb.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_open_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(err, StoreError::Locked(_)), "{err}");
+        assert!(err.to_string().contains("in use by another gatebill process"));
+    }
+
+    #[test]
+    fn other_format_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.db.put_cf(s.cf(cf::META), META_VERSION_KEY, 99u32.to_be_bytes()).unwrap();
+        }
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(err, StoreError::Version { found: 99, .. }), "{err}");
+    }
+
+    #[test]
+    fn batch_roundtrip_and_dedupe_pruning() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let m = Month::new(2020, 11).unwrap();
+        let mut u = MonthUsage::default();
+        u.hours.entry(1_604_000_000).or_default().calls = 3;
+        let mut b = s.batch();
+        b.put_usage("acct", m, &u);
+        b.put_dedupe(0, 3600, "r1");
+        b.put_dedupe(0, 7200, "r2");
+        b.put_dedupe(1, 0, "r3");
+        b.put_partition("in", 0, PartitionState { next_offset: 42, watermark_ms: 7 });
+        let rec = OutboxRecord { topic: "t".into(), key: None, payload: vec![0xff, 0], headers: vec![("h".into(), b"v".to_vec())] };
+        b.put_outbox(&outbox_dead_letter_key(5), &rec);
+        s.write(b).unwrap();
+        assert_eq!(s.usage("acct", m).unwrap(), Some(u));
+        assert_eq!(s.partition("in", 0).unwrap(), Some(PartitionState { next_offset: 42, watermark_ms: 7 }));
+        assert_eq!(s.partitions("in").unwrap().len(), 1);
+        assert_eq!(s.outbox().unwrap(), vec![(outbox_dead_letter_key(5), rec)]);
+        assert_eq!(s.next_dead_letter_seq().unwrap(), 6);
+        let mut b = s.batch();
+        b.prune_dedupe(0, 7200);
+        s.write(b).unwrap();
+        assert!(!s.seen(0, 3600, "r1").unwrap());
+        assert!(s.seen(0, 7200, "r2").unwrap());
+        assert!(s.seen(1, 0, "r3").unwrap());
+    }
+}

@@ -1,0 +1,429 @@
+//! The Kafka driver around the pipeline: `run` (a consumer-group member that
+//! never stops) and `replay` (bounded: from the earliest offsets, or a time,
+//! to the end offsets seen at start). Both share one loop:
+//!
+//! 1. gather a batch (up to `batch_size` messages or `batch_wait_ms`);
+//! 2. `Pipeline::process`: one synced RocksDB write with usage, dedupe keys,
+//!    next offsets, dirty marks and dead letters;
+//! 3. produce the outbox and delete what the broker acknowledged;
+//! 4. commit offsets to the group (for lag tools only: the store decides
+//!    where to resume);
+//! 5. every `emit_interval_ms`, recompute changed bills into the outbox.
+
+use crate::billing::config::Rules;
+use crate::config::Config;
+use crate::kafka::{self, KafkaSetupError};
+use crate::metrics::Metrics;
+use crate::pipeline::{now_ms, InputMessage, Pipeline, Settings};
+use crate::store::{Store, StoreError};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Why the worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Configuration problem.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigFileError),
+    /// State store problem.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Kafka setup problem.
+    #[error(transparent)]
+    Kafka(#[from] KafkaSetupError),
+    /// The metrics address cannot be bound.
+    #[error("cannot listen for metrics on {address}: {source}; pass --metrics-address with a free port, or \"\" to disable")]
+    Metrics {
+        /// Address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Which loop to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `gatebill run`: consumer group, forever.
+    Live,
+    /// `gatebill replay`: bounded.
+    Replay {
+        /// Start partitions without stored state at this event-log time (epoch
+        /// ms) instead of the earliest offset.
+        from_ms: Option<i64>,
+        /// Show a progress bar.
+        progress: bool,
+    },
+}
+
+/// Where to stop abruptly, for restart tests: simulates a crash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// Return right after the n-th batch write, before producing anything.
+    AfterWrite(u64),
+    /// Return right after the n-th batch was written, produced and committed.
+    AfterCommit(u64),
+}
+
+/// Options of one worker run.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Live or replay.
+    pub mode: Mode,
+    /// Simulated crash point (tests).
+    pub fault: Option<FaultPoint>,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Batches written.
+    pub batches: u64,
+    /// Input messages processed.
+    pub messages: u64,
+    /// Events billed.
+    pub billed: u64,
+    /// Messages dead-lettered.
+    pub rejected: u64,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+    /// Bill records emitted.
+    pub bills_emitted: u64,
+    /// Whether the run stopped at a fault point.
+    pub crashed: bool,
+}
+
+/// Consumer context: on assignment, positions each partition at the offset
+/// the state store holds (or the beginning when it holds none), so a group
+/// offset never decides where billing resumes.
+pub struct StoreOffsets {
+    store: Arc<Store>,
+    topic: String,
+}
+
+impl ClientContext for StoreOffsets {}
+
+impl ConsumerContext for StoreOffsets {
+    fn rebalance(&self, base: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(base.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let parts: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+                for (topic, p) in parts {
+                    let offset = match self.store.partition(&self.topic, p) {
+                        Ok(Some(s)) => Offset::Offset(s.next_offset),
+                        Ok(None) => Offset::Beginning,
+                        Err(e) => {
+                            tracing::error!(error = %e, partition = p, "cannot read stored offset; starting the partition from the beginning");
+                            Offset::Beginning
+                        }
+                    };
+                    tracing::info!(partition = p, ?offset, "partition assigned; resuming from the state store's offset");
+                    let _ = tpl.set_partition_offset(&topic, p, offset);
+                }
+                let r = if cooperative { base.incremental_assign(tpl) } else { base.assign(tpl) };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                let r = if cooperative { base.incremental_unassign(tpl) } else { base.unassign() };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error; unassigning");
+                let _ = base.unassign();
+            }
+        }
+    }
+}
+
+fn to_input(m: &OwnedMessage) -> InputMessage<'_> {
+    InputMessage {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key(),
+        payload: m.payload(),
+        headers: kafka::owned_headers(m.headers()),
+    }
+}
+
+async fn flush(pipeline: &mut Pipeline, producer: &FutureProducer, metrics: &Metrics) -> Result<(), StoreError> {
+    let pending = pipeline.outbox()?;
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let t = Instant::now();
+    let delivered = kafka::produce_all(producer, &pending).await;
+    metrics.produce_seconds.observe(t.elapsed().as_secs_f64());
+    pipeline.acknowledge(&delivered)?;
+    metrics.outbox_pending.set((pending.len() - delivered.len()) as i64);
+    Ok(())
+}
+
+/// Reads the accounts topic from the stored offsets to its current end.
+fn load_accounts(pipeline: &mut Pipeline, consumer: &BaseConsumer, topic: &str) -> Result<(), WorkerError> {
+    let counts = kafka::partition_counts(consumer, &[topic])?;
+    let n = counts.get(topic).copied().unwrap_or(0);
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in 0..n {
+        let stored = pipeline.store().partition(topic, p)?.map(|s| s.next_offset);
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .map_err(|source| KafkaSetupError::Client { what: format!("reading the end of {topic}/{p}"), source })?;
+        let start = stored.unwrap_or(low).max(low);
+        if start < high {
+            ends.insert(p, high);
+        }
+        tpl.add_partition_offset(topic, p, Offset::Offset(start)).expect("valid offset");
+    }
+    consumer.assign(&tpl).map_err(|source| KafkaSetupError::Client { what: format!("assigning {topic}"), source })?;
+    let mut loaded = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ends.is_empty() && Instant::now() < deadline {
+        let mut chunk = Vec::new();
+        while chunk.len() < 1000 {
+            match consumer.poll(Duration::from_millis(if chunk.is_empty() { 500 } else { 0 })) {
+                Some(Ok(m)) => chunk.push(m.detach()),
+                Some(Err(e)) => tracing::warn!(error = %e, "error reading accounts"),
+                None => break,
+            }
+        }
+        let msgs: Vec<InputMessage> = chunk.iter().map(to_input).collect();
+        for m in &msgs {
+            if ends.get(&m.partition).is_some_and(|end| m.offset + 1 >= *end) {
+                ends.remove(&m.partition);
+            }
+        }
+        loaded += msgs.len() as u64;
+        pipeline.apply_accounts(&msgs)?;
+    }
+    if !ends.is_empty() {
+        tracing::warn!(partitions = ?ends.keys().collect::<Vec<_>>(), "accounts topic not fully read within 120 s; continuing, bills will be restated as records arrive");
+    }
+    tracing::info!(records = loaded, "accounts table loaded");
+    Ok(())
+}
+
+/// Runs the worker until `shutdown` resolves (live), the end offsets are
+/// reached (replay), or a fault point (tests).
+pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<RunSummary, WorkerError> {
+    let rules: Rules = cfg.check()?;
+    let k = &cfg.kafka;
+    let store = Arc::new(Store::open(&cfg.worker.state_dir)?);
+    let metrics = Metrics::new();
+    let metrics_task = if cfg.metrics.address.is_empty() {
+        None
+    } else {
+        let listener = tokio::net::TcpListener::bind(&cfg.metrics.address)
+            .await
+            .map_err(|source| WorkerError::Metrics { address: cfg.metrics.address.clone(), source })?;
+        tracing::info!(address = %cfg.metrics.address, "serving /metrics and /healthz");
+        Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone())))
+    };
+    kafka::ensure_topics(k).await?;
+    let mut pipeline = Pipeline::new(store.clone(), rules, Settings::from_config(cfg), metrics.clone())?;
+    let producer = kafka::producer(k)?;
+    // Anything written but not acknowledged before the last stop goes first.
+    flush(&mut pipeline, &producer, &metrics).await?;
+
+    let accounts = kafka::plain_consumer(k, &format!("{}-accounts", k.group_id))?;
+    load_accounts(&mut pipeline, &accounts, &k.accounts_topic)?;
+
+    let ctx = StoreOffsets { store: store.clone(), topic: k.input_topic.clone() };
+    let consumer: StreamConsumer<StoreOffsets> = kafka::client_config(
+        k,
+        &[
+            ("group.id", k.group_id.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("enable.partition.eof", "false"),
+            ("fetch.min.bytes", "1"),
+        ],
+    )
+    .create_with_context(ctx)
+    .map_err(|source| KafkaSetupError::Client { what: "creating the event consumer".into(), source })?;
+
+    // Replay: the end offsets seen at start, and the assignment.
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut progress: Option<indicatif::ProgressBar> = None;
+    match &opts.mode {
+        Mode::Live => consumer
+            .subscribe(&[&k.input_topic])
+            .map_err(|source| KafkaSetupError::Client { what: format!("subscribing to {}", k.input_topic), source })?,
+        Mode::Replay { from_ms, progress: show } => {
+            let n = kafka::partition_counts(&accounts, &[&k.input_topic])?.get(&k.input_topic).copied().unwrap_or(0);
+            let mut tpl = TopicPartitionList::new();
+            let mut total = 0u64;
+            for p in 0..n {
+                let (low, high) = consumer
+                    .fetch_watermarks(&k.input_topic, p, Duration::from_secs(10))
+                    .map_err(|source| KafkaSetupError::Client { what: format!("reading the end of {}/{p}", k.input_topic), source })?;
+                let start = match (pipeline.next_offset(p), from_ms) {
+                    (Some(next), _) => next,
+                    (None, Some(t)) => {
+                        let mut q = TopicPartitionList::new();
+                        q.add_partition_offset(&k.input_topic, p, Offset::Offset(*t)).expect("valid");
+                        let found = consumer
+                            .offsets_for_times(q, Duration::from_secs(10))
+                            .map_err(|source| KafkaSetupError::Client { what: "finding offsets for --from".into(), source })?;
+                        match found.find_partition(&k.input_topic, p).map(|e| e.offset()) {
+                            Some(Offset::Offset(o)) => o,
+                            _ => high,
+                        }
+                    }
+                    (None, None) => {
+                        if low > 0 {
+                            tracing::warn!(partition = p, log_start = low, "the partition's log starts at offset {low}: older events were deleted by retention and are not in this replay's bills");
+                        }
+                        low
+                    }
+                };
+                let start = start.max(low);
+                if start < high {
+                    ends.insert(p, high);
+                    total += (high - start) as u64;
+                }
+                tpl.add_partition_offset(&k.input_topic, p, Offset::Offset(start)).expect("valid offset");
+            }
+            consumer.assign(&tpl).map_err(|source| KafkaSetupError::Client { what: "assigning the input topic".into(), source })?;
+            if *show {
+                let pb = indicatif::ProgressBar::new(total);
+                pb.set_style(
+                    indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events  {per_sec}  ETA {eta}").expect("valid template"),
+                );
+                progress = Some(pb);
+            }
+        }
+    }
+
+    let batch_size = cfg.worker.batch_size;
+    let batch_wait = Duration::from_millis(cfg.worker.batch_wait_ms);
+    let emit_every = Duration::from_millis(cfg.worker.emit_interval_ms);
+    let mut last_emit = Instant::now();
+    let mut summary = RunSummary::default();
+    let replay = matches!(opts.mode, Mode::Replay { .. });
+    tokio::pin!(shutdown);
+    let mut stopping = false;
+    loop {
+        let done = replay && ends.iter().all(|(p, end)| pipeline.next_offset(*p).is_some_and(|n| n >= *end));
+        if done || stopping {
+            break;
+        }
+        let mut batch: Vec<OwnedMessage> = Vec::with_capacity(batch_size.min(100_000));
+        let deadline = tokio::time::Instant::now() + batch_wait;
+        while batch.len() < batch_size {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => { stopping = true; break; }
+                r = tokio::time::timeout_at(deadline, consumer.recv()) => match r {
+                    Err(_) => break,
+                    Ok(Ok(m)) => batch.push(m.detach()),
+                    Ok(Err(e)) => { tracing::warn!(error = %e, "consumer error"); break; }
+                },
+            }
+        }
+        if !batch.is_empty() {
+            let msgs: Vec<InputMessage> = batch.iter().map(to_input).collect();
+            let stats = pipeline.process(&msgs)?;
+            summary.batches += 1;
+            summary.messages += msgs.len() as u64;
+            summary.billed += stats.billed;
+            summary.rejected += stats.rejected;
+            summary.duplicates += stats.duplicates;
+            if let Some(pb) = &progress {
+                pb.inc(msgs.len() as u64);
+            }
+            if opts.fault == Some(FaultPoint::AfterWrite(summary.batches)) {
+                summary.crashed = true;
+                return Ok(summary);
+            }
+            flush(&mut pipeline, &producer, &metrics).await?;
+            if opts.mode == Mode::Live {
+                commit(&consumer, &pipeline, &k.input_topic, CommitMode::Async);
+            }
+            if opts.fault == Some(FaultPoint::AfterCommit(summary.batches)) {
+                summary.crashed = true;
+                return Ok(summary);
+            }
+        }
+        // Keep the accounts table current.
+        let mut updates = Vec::new();
+        while updates.len() < 1000 {
+            match accounts.poll(Duration::ZERO) {
+                Some(Ok(m)) => updates.push(m.detach()),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "error reading accounts");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !updates.is_empty() {
+            let msgs: Vec<InputMessage> = updates.iter().map(to_input).collect();
+            pipeline.apply_accounts(&msgs)?;
+        }
+        if last_emit.elapsed() >= emit_every {
+            summary.bills_emitted += pipeline.emit(now_ms(), false)? as u64;
+            flush(&mut pipeline, &producer, &metrics).await?;
+            last_emit = Instant::now();
+            for (cf, bytes) in store.sizes() {
+                metrics.state_bytes.with_label_values(&[cf]).set(bytes as i64);
+            }
+            if let Ok(assigned) = consumer.assignment() {
+                for e in assigned.elements() {
+                    if let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500)) {
+                        let next = pipeline.next_offset(e.partition()).unwrap_or(0);
+                        metrics.partition_lag.with_label_values(&[&e.partition().to_string()]).set((high - next).max(0));
+                    }
+                }
+            }
+        }
+    }
+    // Stopping or replay finished: bills for everything processed, then flush.
+    summary.bills_emitted += pipeline.emit(now_ms(), replay)? as u64;
+    flush(&mut pipeline, &producer, &metrics).await?;
+    let left = pipeline.outbox()?.len();
+    if left > 0 {
+        tracing::warn!(records = left, "records still in the outbox; they are produced at the next start");
+    }
+    if opts.mode == Mode::Live {
+        commit(&consumer, &pipeline, &k.input_topic, CommitMode::Sync);
+    }
+    if let Some(pb) = progress {
+        pb.finish_and_clear();
+    }
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    Ok(summary)
+}
+
+fn commit(consumer: &StreamConsumer<StoreOffsets>, pipeline: &Pipeline, topic: &str, mode: CommitMode) {
+    let Ok(assigned) = consumer.assignment() else { return };
+    let mut tpl = TopicPartitionList::new();
+    for e in assigned.elements() {
+        if let Some(next) = pipeline.next_offset(e.partition()) {
+            tpl.add_partition_offset(topic, e.partition(), Offset::Offset(next)).expect("valid offset");
+        }
+    }
+    if tpl.count() > 0 {
+        if let Err(e) = consumer.commit(&tpl, mode) {
+            tracing::debug!(error = %e, "offset commit to the group failed (informational only; the state store holds the offsets)");
+        }
+    }
+}
