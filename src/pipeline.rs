@@ -108,7 +108,9 @@ pub struct Pipeline {
     accounts: HashMap<String, AccountRecord>,
     /// Cache of the stored partition states of the input topic.
     partitions: HashMap<i32, PartitionState>,
-    /// Wall-clock ms of the last input message per partition (idleness).
+    /// Wall-clock ms of the last input message (or of the assignment) per
+    /// assigned partition: a partition is idle only while it is assigned and
+    /// quiet, never merely because a rebalance or restart paused reading.
     last_input_ms: HashMap<i32, i64>,
     next_dead_letter: u64,
 }
@@ -144,9 +146,7 @@ impl Pipeline {
         }
         let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
         let next_dead_letter = store.next_dead_letter_seq()?;
-        let now = now_ms();
-        let last_input_ms = partitions.keys().map(|p| (*p, now)).collect();
-        Ok(Pipeline { store, rules, settings, metrics, accounts, partitions, last_input_ms, next_dead_letter })
+        Ok(Pipeline { store, rules, settings, metrics, accounts, partitions, last_input_ms: HashMap::new(), next_dead_letter })
     }
 
     /// The store.
@@ -162,6 +162,15 @@ impl Pipeline {
     /// Next input offset to process for a partition, if it has state.
     pub fn next_offset(&self, partition: i32) -> Option<i64> {
         self.partitions.get(&partition).map(|s| s.next_offset)
+    }
+
+    /// Records the partitions currently assigned; newly assigned ones start
+    /// their idle clock now.
+    pub fn set_assignment(&mut self, assigned: &[i32], now: i64) {
+        self.last_input_ms.retain(|p, _| assigned.contains(p));
+        for p in assigned {
+            self.last_input_ms.entry(*p).or_insert(now);
+        }
     }
 
     fn reject(&mut self, batch: &mut crate::store::Batch<'_>, m: &InputMessage, err: &DecodeError) {
@@ -187,7 +196,9 @@ impl Pipeline {
                 continue;
             }
             state.next_offset = m.offset + 1;
-            self.last_input_ms.insert(m.partition, now);
+            if let Some(t) = self.last_input_ms.get_mut(&m.partition) {
+                *t = now;
+            }
             self.metrics.events_consumed.inc();
             let decoded = decode_and_classify(m.payload.unwrap_or_default()).and_then(|(e, metered)| {
                 if m.key == Some(e.account_id.as_bytes()) {
@@ -313,7 +324,7 @@ impl Pipeline {
     /// time, or, once idle (or `force_idle`), the wall clock less the idle time.
     fn watermark(&self, partition: i32, now: i64, force_idle: bool) -> i64 {
         let wm = self.partitions.get(&partition).map_or(i64::MIN, |s| s.watermark_ms);
-        let idle = force_idle || now - self.last_input_ms.get(&partition).copied().unwrap_or(now) >= self.settings.idle_after_ms;
+        let idle = force_idle || self.last_input_ms.get(&partition).is_some_and(|t| now - t >= self.settings.idle_after_ms);
         if idle {
             wm.max(now - self.settings.idle_after_ms)
         } else {

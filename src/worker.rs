@@ -315,11 +315,20 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
     let batch_wait = Duration::from_millis(cfg.worker.batch_wait_ms);
     let emit_every = Duration::from_millis(cfg.worker.emit_interval_ms);
     let mut last_emit = Instant::now();
+    let mut last_lag = Instant::now();
     let mut summary = RunSummary::default();
     let replay = matches!(opts.mode, Mode::Replay { .. });
     tokio::pin!(shutdown);
     let mut stopping = false;
+    let mut assigned: Vec<i32> = Vec::new();
     loop {
+        if let Ok(tpl) = consumer.assignment() {
+            let now: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            if now != assigned {
+                pipeline.set_assignment(&now, now_ms());
+                assigned = now;
+            }
+        }
         let done = replay && ends.iter().all(|(p, end)| pipeline.next_offset(*p).is_some_and(|n| n >= *end));
         if done || stopping {
             break;
@@ -381,16 +390,13 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
             summary.bills_emitted += pipeline.emit(now_ms(), false)? as u64;
             flush(&mut pipeline, &producer, &metrics).await?;
             last_emit = Instant::now();
+        }
+        if last_lag.elapsed() >= LAG_EVERY {
+            // A network round trip per partition: kept off the per-batch path.
+            report_lag(&consumer, &pipeline, &metrics);
+            last_lag = Instant::now();
             for (cf, bytes) in store.sizes() {
                 metrics.state_bytes.with_label_values(&[cf]).set(bytes as i64);
-            }
-            if let Ok(assigned) = consumer.assignment() {
-                for e in assigned.elements() {
-                    if let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500)) {
-                        let next = pipeline.next_offset(e.partition()).unwrap_or(0);
-                        metrics.partition_lag.with_label_values(&[&e.partition().to_string()]).set((high - next).max(0));
-                    }
-                }
             }
         }
     }
@@ -411,6 +417,19 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
         t.abort();
     }
     Ok(summary)
+}
+
+/// How often partition lag is measured.
+const LAG_EVERY: Duration = Duration::from_secs(15);
+
+fn report_lag(consumer: &StreamConsumer<StoreOffsets>, pipeline: &Pipeline, metrics: &Metrics) {
+    let Ok(assigned) = consumer.assignment() else { return };
+    for e in assigned.elements() {
+        if let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2)) {
+            let next = pipeline.next_offset(e.partition()).unwrap_or(0);
+            metrics.partition_lag.with_label_values(&[&e.partition().to_string()]).set((high - next).max(0));
+        }
+    }
 }
 
 fn commit(consumer: &StreamConsumer<StoreOffsets>, pipeline: &Pipeline, topic: &str, mode: CommitMode) {

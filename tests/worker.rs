@@ -37,12 +37,16 @@ fn config(cluster: &MockCluster<'static, DefaultProducerContext>, dir: &std::pat
     cfg.worker.idle_after_secs = 1;
     cfg.worker.dedupe_window_hours = 24 * 400;
     cfg.metrics.address = String::new();
+    // A crashed member is evicted after the session timeout; keep it short.
+    cfg.kafka.properties.insert("session.timeout.ms".into(), "6000".into());
+    cfg.kafka.properties.insert("heartbeat.interval.ms".into(), "500".into());
     cfg
 }
 
 /// A mock cluster with 4-partition topics, accounts and 6,000 generated
 /// messages (2% duplicates, 1% malformed), and the core's bills for them.
 async fn fixture(seed: u64) -> Fixture {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
     let cluster = MockCluster::new(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&cluster, dir.path(), "live");
@@ -123,7 +127,9 @@ async fn replay(cfg: &Config) -> RunSummary {
         .unwrap()
 }
 
-/// Runs `gatebill run` in-process until the output topic holds every expected bill, then stops it.
+/// Runs `gatebill run` in-process until the output topic holds every expected
+/// bill, final (the test months closed long ago; partitions idle for a second
+/// follow the wall clock), then stops it.
 async fn run_live_until_done(cfg: &Config, expected: &BTreeMap<String, Bill>) -> RunSummary {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let c = cfg.clone();
@@ -136,9 +142,23 @@ async fn run_live_until_done(cfg: &Config, expected: &BTreeMap<String, Bill>) ->
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
         let table = read_bills(cfg, &cfg.kafka.output_topic);
-        let done = expected.iter().all(|(k, b)| table.latest.get(k).is_some_and(|r| r.content_hash == b.content_hash));
-        if done || std::time::Instant::now() > deadline {
+        let done = expected.iter().all(|(k, b)| {
+            table.latest.get(k).is_some_and(|r| r.content_hash == b.content_hash && r.status == gatebill::billing::BillStatus::Final)
+        });
+        if done {
             break;
+        }
+        if std::time::Instant::now() > deadline {
+            let missing: Vec<String> = expected
+                .iter()
+                .filter_map(|(k, b)| match table.latest.get(k) {
+                    None => Some(format!("{k}: missing")),
+                    Some(r) if r.content_hash != b.content_hash => Some(format!("{k}: different content")),
+                    Some(r) if r.status != gatebill::billing::BillStatus::Final => Some(format!("{k}: {:?}", r.status)),
+                    _ => None,
+                })
+                .collect();
+            panic!("bills not all final and equal to the core's after 90 s: {missing:?}");
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
