@@ -436,3 +436,157 @@ impl Pipeline {
         self.store.write(batch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::BillRecord;
+
+    const TOPIC: &str = "events";
+
+    fn settings() -> Settings {
+        Settings {
+            input_topic: TOPIC.into(),
+            accounts_topic: "accounts".into(),
+            output_topic: "bills".into(),
+            dead_letter_topic: "dead".into(),
+            dedupe: true,
+            dedupe_window_secs: 72 * 3600,
+            grace_ms: 2 * 3600 * 1000,
+            idle_after_ms: 300_000,
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> Pipeline {
+        let store = Arc::new(Store::open(dir).unwrap());
+        Pipeline::new(store, Rules::default(), settings(), Metrics::new()).unwrap()
+    }
+
+    fn event(id: &str, time: &str) -> Vec<u8> {
+        format!(
+            r#"{{"request_id":"{id}","account_id":"A","region":"ap-guangzhou","time":"{time}","client_network":"public","request_bytes":1,"response_bytes":100,"backend":{{"type":"mock"}}}}"#
+        )
+        .into_bytes()
+    }
+
+    fn msg(offset: i64, payload: &[u8]) -> InputMessage<'_> {
+        InputMessage { topic: TOPIC, partition: 0, offset, key: Some(b"A"), payload: Some(payload), headers: vec![] }
+    }
+
+    /// Bill records in the outbox, by key.
+    fn bills(p: &Pipeline) -> BTreeMap<String, BillRecord> {
+        p.outbox()
+            .unwrap()
+            .into_iter()
+            .filter(|(_, r)| r.topic == "bills")
+            .map(|(_, r)| {
+                let b: BillRecord = serde_json::from_slice(&r.payload).unwrap();
+                (b.key(), b)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn duplicates_are_dropped_across_restarts_and_replayed_offsets_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let e1 = event("r1", "2021-03-05T10:00:00+08:00");
+        let e2 = event("r2", "2021-03-05T10:30:00+08:00");
+        {
+            let mut p = open(dir.path());
+            let s = p.process(&[msg(0, &e1), msg(1, &e1)]).unwrap();
+            assert_eq!((s.billed, s.duplicates), (1, 1));
+        }
+        let mut p = open(dir.path());
+        assert_eq!(p.next_offset(0), Some(2));
+        // Offsets 0 and 1 again (a redelivery), then the same event at a new offset, then a new one.
+        let s = p.process(&[msg(0, &e1), msg(1, &e1), msg(2, &e1), msg(3, &e2)]).unwrap();
+        assert_eq!(s, BatchStats { billed: 1, rejected: 0, duplicates: 1, already_processed: 2 });
+        let usage = p.store().usage("A", Month::new(2021, 3).unwrap()).unwrap().unwrap();
+        assert_eq!(usage.calls(), 2);
+    }
+
+    #[test]
+    fn bad_input_is_dead_lettered_in_the_same_batch_with_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open(dir.path());
+        let good = event("r1", "2021-03-05T10:00:00+08:00");
+        let wrong_key = InputMessage { key: Some(b"B"), ..msg(2, &good) };
+        let s = p.process(&[msg(0, b"{not json"), msg(1, &good), wrong_key]).unwrap();
+        assert_eq!((s.billed, s.rejected), (1, 2));
+        let dead: Vec<OutboxRecord> = p.outbox().unwrap().into_iter().map(|(_, r)| r).filter(|r| r.topic == "dead").collect();
+        let reasons: Vec<&[u8]> = dead.iter().map(|r| r.headers.iter().find(|(k, _)| k == headers::REASON).unwrap().1.as_slice()).collect();
+        assert_eq!(reasons, vec![&b"malformed_json"[..], &b"key_mismatch"[..]]);
+        assert_eq!(dead[0].payload, b"{not json");
+        assert_eq!(p.next_offset(0), Some(3));
+    }
+
+    #[test]
+    fn late_usage_after_final_restates_and_revisions_increase() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open(dir.path());
+        let e1 = event("r1", "2021-03-05T10:00:00+08:00");
+        p.process(&[msg(0, &e1)]).unwrap();
+        let now = chrono::DateTime::parse_from_rfc3339("2021-03-20T00:00:00+08:00").unwrap().timestamp_millis();
+        assert_eq!(p.emit(now, false).unwrap(), 1);
+        let b = &bills(&p)["A/2021-03"];
+        assert_eq!((b.revision, b.status), (1, BillStatus::Provisional));
+        // An event of April moves the watermark past March's end plus grace.
+        let e2 = event("r2", "2021-04-01T03:00:00+08:00");
+        p.process(&[msg(1, &e2)]).unwrap();
+        p.emit(now, false).unwrap();
+        let b = &bills(&p)["A/2021-03"];
+        assert_eq!((b.revision, b.status, b.content.usage.calls), (2, BillStatus::Final, 1));
+        // A late March event restates the final bill.
+        let e3 = event("r3", "2021-03-31T23:00:00+08:00");
+        p.process(&[msg(2, &e3)]).unwrap();
+        assert_eq!(p.emit(now, false).unwrap(), 1);
+        let b = &bills(&p)["A/2021-03"];
+        assert_eq!((b.revision, b.status, b.content.usage.calls), (3, BillStatus::Restated, 2));
+        // Nothing changed: nothing emitted.
+        assert_eq!(p.emit(now, false).unwrap(), 0);
+    }
+
+    #[test]
+    fn an_account_record_recomputes_the_accounts_bills() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open(dir.path());
+        let e1 = event("r1", "2021-03-05T10:00:00+08:00");
+        p.process(&[msg(0, &e1)]).unwrap();
+        let now = chrono::DateTime::parse_from_rfc3339("2021-03-20T00:00:00+08:00").unwrap().timestamp_millis();
+        p.emit(now, false).unwrap();
+        let before = bills(&p)["A/2021-03"].clone();
+        assert!(!before.content.account_known);
+        assert_eq!(before.content.chargeable.calls, 1);
+        let record = br#"{"account_id":"A","activated_at":"2021-01-01T00:00:00+08:00"}"#;
+        let m = InputMessage { topic: "accounts", partition: 0, offset: 0, key: Some(b"A"), payload: Some(record), headers: vec![] };
+        p.apply_accounts(std::slice::from_ref(&m)).unwrap();
+        p.emit(now, false).unwrap();
+        let after = &bills(&p)["A/2021-03"];
+        assert!(after.content.account_known);
+        assert_eq!(after.content.chargeable.calls, 0);
+        assert_eq!(after.revision, 2);
+        // The same record again changes nothing.
+        p.apply_accounts(&[InputMessage { offset: 1, ..m }]).unwrap();
+        assert_eq!(p.emit(now, false).unwrap(), 0);
+    }
+
+    #[test]
+    fn acknowledged_records_leave_the_outbox_unless_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open(dir.path());
+        p.process(&[msg(0, &event("r1", "2021-03-05T10:00:00+08:00"))]).unwrap();
+        let now = chrono::DateTime::parse_from_rfc3339("2021-03-20T00:00:00+08:00").unwrap().timestamp_millis();
+        p.emit(now, false).unwrap();
+        let sent = p.outbox().unwrap();
+        assert_eq!(sent.len(), 1);
+        // A newer revision replaces the entry before the old one is acknowledged.
+        p.process(&[msg(1, &event("r2", "2021-03-06T10:00:00+08:00"))]).unwrap();
+        p.emit(now, false).unwrap();
+        p.acknowledge(&sent).unwrap();
+        let left = p.outbox().unwrap();
+        assert_eq!(left.len(), 1, "the newer revision is still to be produced");
+        assert_ne!(left[0].1, sent[0].1);
+        p.acknowledge(&left).unwrap();
+        assert!(p.outbox().unwrap().is_empty());
+    }
+}
