@@ -97,6 +97,8 @@ pub struct RunSummary {
     pub duplicates: u64,
     /// Bill records emitted.
     pub bills_emitted: u64,
+    /// Outbox records whose delivery failed and stayed in the outbox for a retry.
+    pub delivery_failures: u64,
     /// Whether the run stopped at a fault point.
     pub crashed: bool,
 }
@@ -160,17 +162,19 @@ fn to_input(m: &OwnedMessage) -> InputMessage<'_> {
     }
 }
 
-async fn flush(pipeline: &mut Pipeline, producer: &FutureProducer, metrics: &Metrics) -> Result<(), StoreError> {
+/// Produces the outbox; returns how many records failed and stay in it.
+async fn flush(pipeline: &mut Pipeline, producer: &FutureProducer, metrics: &Metrics) -> Result<u64, StoreError> {
     let pending = pipeline.outbox()?;
     if pending.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let t = Instant::now();
     let delivered = kafka::produce_all(producer, &pending).await;
     metrics.produce_seconds.observe(t.elapsed().as_secs_f64());
     pipeline.acknowledge(&delivered)?;
-    metrics.outbox_pending.set((pending.len() - delivered.len()) as i64);
-    Ok(())
+    let failed = (pending.len() - delivered.len()) as u64;
+    metrics.outbox_pending.set(failed as i64);
+    Ok(failed)
 }
 
 /// Reads the accounts topic from the stored offsets to its current end.
@@ -237,8 +241,9 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
     kafka::ensure_topics(k).await?;
     let mut pipeline = Pipeline::new(store.clone(), rules, Settings::from_config(cfg), metrics.clone())?;
     let producer = kafka::producer(k)?;
+    let mut summary = RunSummary::default();
     // Anything written but not acknowledged before the last stop goes first.
-    flush(&mut pipeline, &producer, &metrics).await?;
+    summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
 
     let accounts = kafka::plain_consumer(k, &format!("{}-accounts", k.group_id))?;
     load_accounts(&mut pipeline, &accounts, &k.accounts_topic)?;
@@ -316,7 +321,6 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
     let emit_every = Duration::from_millis(cfg.worker.emit_interval_ms);
     let mut last_emit = Instant::now();
     let mut last_lag = Instant::now();
-    let mut summary = RunSummary::default();
     let replay = matches!(opts.mode, Mode::Replay { .. });
     tokio::pin!(shutdown);
     let mut stopping = false;
@@ -361,7 +365,7 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
                 summary.crashed = true;
                 return Ok(summary);
             }
-            flush(&mut pipeline, &producer, &metrics).await?;
+            summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
             if opts.mode == Mode::Live {
                 commit(&consumer, &pipeline, &k.input_topic, CommitMode::Async);
             }
@@ -388,7 +392,7 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
         }
         if last_emit.elapsed() >= emit_every {
             summary.bills_emitted += pipeline.emit(now_ms(), false)? as u64;
-            flush(&mut pipeline, &producer, &metrics).await?;
+            summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
             last_emit = Instant::now();
         }
         if last_lag.elapsed() >= LAG_EVERY {
@@ -402,7 +406,7 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
     }
     // Stopping or replay finished: bills for everything processed, then flush.
     summary.bills_emitted += pipeline.emit(now_ms(), replay)? as u64;
-    flush(&mut pipeline, &producer, &metrics).await?;
+    summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
     let left = pipeline.outbox()?.len();
     if left > 0 {
         tracing::warn!(records = left, "records still in the outbox; they are produced at the next start");

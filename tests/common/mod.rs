@@ -1,0 +1,153 @@
+//! Shared fixtures of the Kafka tests: a mock cluster with generated
+//! traffic, the pure core's bills for it, and readers of the output and
+//! dead-letter topics.
+#![allow(dead_code)]
+
+use gatebill::billing::reference::{aggregate_messages, bills};
+use gatebill::billing::{decode_account, Bill, BillStatus, Rules};
+use gatebill::config::Config;
+use gatebill::gen::{self, GenSpec, GenTruth};
+use gatebill::inspect::{self, BillTable};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// A mock cluster with topics, generated traffic, and the expected bills.
+pub struct Fixture {
+    pub cluster: MockCluster<'static, DefaultProducerContext>,
+    pub cfg: Config,
+    pub truth: GenTruth,
+    pub expected: BTreeMap<String, Bill>,
+    pub dir: tempfile::TempDir,
+}
+
+/// Test settings: small batches, fast emission, a short idle time and
+/// session timeout, no metrics endpoint.
+pub fn config(cluster: &MockCluster<'static, DefaultProducerContext>, dir: &std::path::Path, name: &str) -> Config {
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = cluster.bootstrap_servers();
+    cfg.kafka.group_id = format!("gatebill-{name}");
+    cfg.worker.state_dir = dir.join(name);
+    cfg.worker.batch_size = 700;
+    cfg.worker.batch_wait_ms = 50;
+    cfg.worker.emit_interval_ms = 100;
+    cfg.worker.idle_after_secs = 1;
+    cfg.worker.dedupe_window_hours = 24 * 400;
+    cfg.metrics.address = String::new();
+    // A crashed member is evicted after the session timeout; keep it short.
+    cfg.kafka.properties.insert("session.timeout.ms".into(), "6000".into());
+    cfg.kafka.properties.insert("heartbeat.interval.ms".into(), "500".into());
+    cfg
+}
+
+/// Generates `events` messages (2% duplicates, 1% malformed) over 45 days
+/// from 2020-10-20 into topics of `partitions` partitions, and computes the
+/// core's bills for them.
+pub async fn fixture(seed: u64, events: u64, partitions: i32) -> Fixture {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
+    let cluster = MockCluster::new(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&cluster, dir.path(), "live");
+    for t in [&cfg.kafka.input_topic, &cfg.kafka.accounts_topic, &cfg.kafka.output_topic, &cfg.kafka.dead_letter_topic, "replayed-bills"] {
+        cluster.create_topic(t, partitions, 1).unwrap();
+    }
+    let spec = GenSpec {
+        events,
+        accounts: 40,
+        skew: 1.0,
+        start_ms: 1_603_123_200_000, // 2020-10-20T00:00:00+08:00
+        days: 45,
+        duplicates: 0.02,
+        malformed: 0.01,
+        seed,
+    };
+    let truth = gatebill::cli::generate(&cfg.kafka, &spec, true, 0).await.unwrap();
+    // The mock cluster silently deletes old data past ~5 MB per partition.
+    let probe = gatebill::kafka::plain_consumer(&cfg.kafka, "probe").unwrap();
+    for p in 0..partitions {
+        let (low, _) = probe.fetch_watermarks(&cfg.kafka.input_topic, p, Duration::from_secs(10)).unwrap();
+        assert_eq!(low, 0, "the mock cluster deleted the start of partition {p}; use more partitions");
+    }
+    let rules = Rules::default();
+    let mut msgs = Vec::new();
+    gen::events(&spec, |m| msgs.push(m.payload));
+    let r = aggregate_messages(msgs.iter().map(Vec::as_slice), &rules);
+    assert_eq!(r.rejected.len() as u64, truth.malformed);
+    let accounts: BTreeMap<_, _> =
+        gen::accounts(spec.accounts, seed).iter().map(|m| decode_account(&m.payload).unwrap()).map(|a| (a.account_id.clone(), a)).collect();
+    let expected = bills(&r.ledger, &accounts, &rules).into_iter().map(|b| (format!("{}/{}", b.content.account_id, b.month), b)).collect();
+    Fixture { cluster, cfg, truth, expected, dir }
+}
+
+/// The latest bill per key on a topic.
+pub fn read_bills(cfg: &Config, topic: &str) -> BillTable {
+    let (consumer, ends) = inspect::open(&cfg.kafka, topic).unwrap();
+    let mut table = BillTable::default();
+    inspect::read_to_end(&consumer, ends, &mut table, Duration::from_secs(30));
+    table
+}
+
+/// Every dead letter: (reason, source partition, source offset).
+pub fn read_dead_letters(cfg: &Config) -> Vec<(String, String, String)> {
+    let (consumer, mut ends) = inspect::open(&cfg.kafka, &cfg.kafka.dead_letter_topic).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ends.is_empty() && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = BaseConsumer::poll(&consumer, Duration::from_millis(200)) {
+            let h = m.headers().unwrap();
+            let get = |name: &str| {
+                h.iter()
+                    .find(|x| x.key == name)
+                    .map(|x| String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())
+                    .unwrap_or_default()
+            };
+            out.push((get("gatebill.reason"), get("gatebill.source.partition"), get("gatebill.source.offset")));
+            if ends.get(&m.partition()).is_some_and(|e| m.offset() + 1 >= *e) {
+                ends.remove(&m.partition());
+            }
+        }
+    }
+    let _ = consumer.unassign();
+    out
+}
+
+/// Keys whose latest bill is missing, different from the core's, or not final.
+pub fn unfinished(table: &BillTable, expected: &BTreeMap<String, Bill>) -> Vec<String> {
+    expected
+        .iter()
+        .filter_map(|(k, b)| match table.latest.get(k) {
+            None => Some(format!("{k}: missing")),
+            Some(r) if r.content_hash != b.content_hash => Some(format!("{k}: different content")),
+            Some(r) if r.status != BillStatus::Final => Some(format!("{k}: {:?}", r.status)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits until the output topic holds every expected bill, final.
+pub async fn wait_for_final_bills(cfg: &Config, expected: &BTreeMap<String, Bill>, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = unfinished(&read_bills(cfg, &cfg.kafka.output_topic), expected);
+        if left.is_empty() {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("bills not all final and equal to the core's after {timeout:?}: {left:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Asserts the topic's bills are exactly the core's.
+pub fn assert_bills_match(table: &BillTable, expected: &BTreeMap<String, Bill>) {
+    for (k, b) in expected {
+        let r = table.latest.get(k).unwrap_or_else(|| panic!("no bill {k} on the topic"));
+        assert_eq!(&r.content, &b.content, "bill {k} differs from the core's");
+    }
+    assert_eq!(table.latest.len(), expected.len(), "unexpected extra bills");
+    assert_eq!(table.unreadable, 0);
+}
