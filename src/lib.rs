@@ -11,6 +11,7 @@
 pub mod billing;
 pub mod cli;
 pub mod config;
+pub mod file_replay;
 pub mod gen;
 pub mod inspect;
 pub mod kafka;

@@ -68,6 +68,9 @@ pub struct Settings {
     pub grace_ms: i64,
     /// A partition idle this long follows the wall clock, milliseconds.
     pub idle_after_ms: i64,
+    /// Require the message key to be the event's account_id (Kafka input);
+    /// false for files, whose lines have no key.
+    pub require_keys: bool,
 }
 
 impl Settings {
@@ -82,6 +85,7 @@ impl Settings {
             dedupe_window_secs: cfg.worker.dedupe_window_hours as i64 * 3600,
             grace_ms: cfg.worker.grace_period_secs as i64 * 1000,
             idle_after_ms: cfg.worker.idle_after_secs as i64 * 1000,
+            require_keys: true,
         }
     }
 }
@@ -201,7 +205,7 @@ impl Pipeline {
             }
             self.metrics.events_consumed.inc();
             let decoded = decode_and_classify(m.payload.unwrap_or_default()).and_then(|(e, metered)| {
-                if m.key == Some(e.account_id.as_bytes()) {
+                if !self.settings.require_keys || m.key == Some(e.account_id.as_bytes()) {
                     Ok((e, metered))
                 } else {
                     let key = m.key.map(|k| String::from_utf8_lossy(k).into_owned());
@@ -454,6 +458,7 @@ mod tests {
             dedupe_window_secs: 72 * 3600,
             grace_ms: 2 * 3600 * 1000,
             idle_after_ms: 300_000,
+            require_keys: true,
         }
     }
 

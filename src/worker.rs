@@ -39,6 +39,14 @@ pub enum WorkerError {
     /// Kafka setup problem.
     #[error(transparent)]
     Kafka(#[from] KafkaSetupError),
+    /// An input or output file cannot be read or written.
+    #[error("{path}: {source}")]
+    Input {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The metrics address cannot be bound.
     #[error("cannot listen for metrics on {address}: {source}; pass --metrics-address with a free port, or \"\" to disable")]
     Metrics {
