@@ -53,6 +53,20 @@ pub enum Command {
     Gen(GenArgs),
     /// One command, nothing to set up: embedded broker, traffic, worker, bill table.
     Demo(DemoArgs),
+    /// Benchmark floor: read a topic to its end with the worker's consumer settings, count, print the rate.
+    #[command(hide = true)]
+    CountTopic(CountTopicArgs),
+}
+
+/// `gatebill count-topic` (benchmarks)
+#[derive(Args, Debug)]
+pub struct CountTopicArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "GATEBILL_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Topic to read.
+    #[arg(long, default_value = "gateway-events")]
+    topic: String,
 }
 
 /// Flags shared by `run` and `replay`.
@@ -288,6 +302,7 @@ pub async fn main(cli: Cli) -> Result<()> {
         Command::DevBroker(a) => dev_broker(a).await,
         Command::Gen(a) => gen(a).await,
         Command::Demo(a) => demo(a).await,
+        Command::CountTopic(a) => count_topic(a),
     }
 }
 
@@ -534,6 +549,48 @@ async fn gen(a: GenArgs) -> Result<()> {
         if a.no_accounts { 0 } else { spec.accounts },
         k.accounts_topic
     );
+    Ok(())
+}
+
+/// The benchmark floor: a consumer that only reads and counts.
+fn count_topic(a: CountTopicArgs) -> Result<()> {
+    use rdkafka::consumer::Consumer;
+    let mut k = Config::default().kafka;
+    k.brokers = a.brokers;
+    let consumer = crate::kafka::plain_consumer(&k, "gatebill-count")?;
+    let n = crate::kafka::partition_counts(&consumer, &[&a.topic])?.get(&a.topic).copied().unwrap_or(0);
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut ends = std::collections::BTreeMap::new();
+    let mut total = 0i64;
+    for p in 0..n {
+        let (low, high) = consumer.fetch_watermarks(&a.topic, p, Duration::from_secs(10))?;
+        if low != 0 {
+            return Err(format!("partition {p} starts at offset {low}: the broker deleted data; counts would be wrong").into());
+        }
+        if high > 0 {
+            ends.insert(p, high);
+            total += high;
+        }
+        tpl.add_partition_offset(&a.topic, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    let started = std::time::Instant::now();
+    let mut count = 0u64;
+    while !ends.is_empty() {
+        match consumer.poll(Duration::from_secs(10)) {
+            Some(Ok(m)) => {
+                count += 1;
+                use rdkafka::Message;
+                if ends.get(&m.partition()).is_some_and(|e| m.offset() + 1 >= *e) {
+                    ends.remove(&m.partition());
+                }
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err("no message for 10 s before the end offsets".into()),
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!("counted {count} of {total} messages in {secs:.2} s: {:.0} msg/s", count as f64 / secs);
     Ok(())
 }
 

@@ -1,0 +1,96 @@
+//! Micro benchmarks: decoding and classifying an event, aggregating a batch
+//! into month usage, computing a bill, and the state store's batch write with
+//! and without dedupe keys. `cargo bench --bench core`.
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use gatebill::billing::reference::{aggregate_messages, decode_and_classify};
+use gatebill::billing::{compute_bills, Rules};
+use gatebill::gen::{self, GenSpec};
+use gatebill::metrics::Metrics;
+use gatebill::pipeline::{InputMessage, Pipeline, Settings};
+use gatebill::store::Store;
+use std::sync::Arc;
+
+fn events(n: u64, duplicates: f64) -> Vec<Vec<u8>> {
+    let spec =
+        GenSpec { events: n, accounts: 1_000, skew: 1.0, start_ms: 1_603_123_200_000, days: 30, duplicates, malformed: 0.0, seed: 1 };
+    let mut out = Vec::new();
+    gen::events(&spec, |m| out.push(m.payload));
+    out
+}
+
+fn settings(dedupe: bool) -> Settings {
+    Settings {
+        input_topic: "events".into(),
+        accounts_topic: "accounts".into(),
+        output_topic: "bills".into(),
+        dead_letter_topic: "dead".into(),
+        dedupe,
+        dedupe_window_secs: 72 * 3600,
+        grace_ms: 7_200_000,
+        idle_after_ms: 300_000,
+        require_keys: false,
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let evs = events(10_000, 0.0);
+    let rules = Rules::default();
+
+    let mut g = c.benchmark_group("decode");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("decode_and_classify", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % evs.len();
+            decode_and_classify(&evs[i]).unwrap()
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("aggregate");
+    g.throughput(Throughput::Elements(evs.len() as u64));
+    g.bench_function("batch_of_10000_into_month_usage", |b| b.iter(|| aggregate_messages(evs.iter().map(Vec::as_slice), &rules)));
+    g.finish();
+
+    let ledger = aggregate_messages(evs.iter().map(Vec::as_slice), &rules).ledger;
+    let (account, months) = ledger.iter().next().unwrap();
+    c.bench_function("compute_bill_of_the_busiest_account", |b| b.iter(|| compute_bills(account, None, months, &rules)));
+
+    for dedupe in [false, true] {
+        let mut g = c.benchmark_group("store");
+        g.throughput(Throughput::Elements(evs.len() as u64));
+        g.sample_size(10);
+        let name = if dedupe { "process_batch_of_10000_with_dedupe" } else { "process_batch_of_10000_without_dedupe" };
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = Arc::new(Store::open(dir.path()).unwrap());
+                    (dir, Pipeline::new(store, Rules::default(), settings(dedupe), Metrics::new()).unwrap())
+                },
+                |(dir, mut p)| {
+                    let msgs: Vec<InputMessage> = evs
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| InputMessage {
+                            topic: "events",
+                            partition: 0,
+                            offset: i as i64,
+                            key: None,
+                            payload: Some(e),
+                            headers: vec![],
+                        })
+                        .collect();
+                    p.process(&msgs).unwrap();
+                    (dir, p)
+                },
+                BatchSize::PerIteration,
+            )
+        });
+        g.finish();
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
