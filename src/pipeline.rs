@@ -11,7 +11,7 @@ use crate::billing::entitlements::months_are_independent;
 use crate::billing::event::{DecodeError, RejectReason};
 use crate::billing::reference::decode_and_classify;
 use crate::billing::usage::MonthUsage;
-use crate::billing::AccountRecord;
+use crate::billing::{AccessEvent, AccountRecord, Metered};
 use crate::metrics::Metrics;
 use crate::store::{outbox_bill_key, outbox_dead_letter_key, BillState, OutboxRecord, PartitionState, Store, StoreError};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -189,10 +189,10 @@ impl Pipeline {
         let mut stats = BatchStats::default();
         let store = self.store.clone();
         let mut batch = store.batch();
-        let mut deltas: HashMap<(String, Month), (MonthUsage, i32)> = HashMap::new();
-        let mut fresh: HashSet<(i32, i64, String)> = HashSet::new();
         let mut touched: BTreeMap<i32, PartitionState> = BTreeMap::new();
         let now = now_ms();
+        // 1. Decode every message not processed before.
+        let mut decoded = Vec::with_capacity(msgs.len());
         for m in msgs {
             let state = touched.entry(m.partition).or_insert_with(|| self.partitions.get(&m.partition).copied().unwrap_or_default());
             if m.offset < state.next_offset {
@@ -203,23 +203,29 @@ impl Pipeline {
             if let Some(t) = self.last_input_ms.get_mut(&m.partition) {
                 *t = now;
             }
-            self.metrics.events_consumed.inc();
-            let decoded = decode_and_classify(m.payload.unwrap_or_default()).and_then(|(e, metered)| {
-                if !self.settings.require_keys || m.key == Some(e.account_id.as_bytes()) {
-                    Ok((e, metered))
-                } else {
-                    let key = m.key.map(|k| String::from_utf8_lossy(k).into_owned());
-                    Err(DecodeError::new(
-                        RejectReason::KeyMismatch,
-                        format!(
-                            "message key {} is not the account_id `{}`; producers must key events by account_id",
-                            key.map_or("(none)".to_string(), |k| format!("`{}`", crate::billing::event::truncate(&k, 64))),
-                            crate::billing::event::truncate(&e.account_id, 64)
-                        ),
-                    ))
-                }
+            let d = self.decode(m).map(|(e, metered)| {
+                let (month, hour) = self.rules.calendar.place(e.time_ms);
+                (e, metered, month, hour)
             });
-            let (e, metered) = match decoded {
+            decoded.push((m, d));
+        }
+        self.metrics.events_consumed.inc_by(decoded.len() as u64);
+        // 2. Which request ids the store has seen, in one multi-get.
+        let seen = if self.settings.dedupe {
+            let keys: Vec<(i32, i64, &str)> = decoded
+                .iter()
+                .filter_map(|(m, d)| d.as_ref().ok().map(|(e, _, _, hour)| (m.partition, *hour, e.request_id.as_str())))
+                .collect();
+            store.seen_many(&keys)?
+        } else {
+            Vec::new()
+        };
+        let mut seen = seen.into_iter();
+        // 3. In order: reject, drop duplicates, aggregate.
+        let mut fresh: HashSet<(i32, i64, String)> = HashSet::new();
+        let mut deltas: HashMap<(String, Month), (MonthUsage, i32)> = HashMap::new();
+        for (m, d) in decoded {
+            let (e, metered, month, hour) = match d {
                 Ok(v) => v,
                 Err(err) => {
                     self.reject(&mut batch, m, &err);
@@ -227,31 +233,35 @@ impl Pipeline {
                     continue;
                 }
             };
-            let (month, hour) = self.rules.calendar.place(e.time_ms);
             if self.settings.dedupe {
+                let before = seen.next().unwrap_or(false);
                 let k = (m.partition, hour, e.request_id);
-                if fresh.contains(&k) || self.store.seen(k.0, k.1, &k.2)? {
+                if before || fresh.contains(&k) {
                     stats.duplicates += 1;
-                    self.metrics.duplicates.inc();
                     continue;
                 }
                 batch.put_dedupe(k.0, k.1, &k.2);
                 fresh.insert(k);
             }
+            let state = touched.get_mut(&m.partition).expect("touched in pass 1");
             state.watermark_ms = state.watermark_ms.max(e.time_ms);
             let entry = deltas.entry((e.account_id, month)).or_insert_with(|| (MonthUsage::default(), m.partition));
             entry.0.add(hour, &e.region, &metered);
             stats.billed += 1;
         }
-        for ((account, month), (delta, partition)) in &deltas {
-            let mut usage = self.store.usage(account, *month)?.unwrap_or_default();
+        self.metrics.duplicates.inc_by(stats.duplicates);
+        // 4. Merge into stored usage (one multi-get), mark bills dirty.
+        let keys: Vec<(&str, Month)> = deltas.keys().map(|(a, m)| (a.as_str(), *m)).collect();
+        let stored = store.usage_many(&keys)?;
+        let states = store.bill_state_many(&keys)?;
+        for (((account, month), stored), state) in keys.iter().zip(stored).zip(states) {
+            let (delta, partition) = &deltas[&(account.to_string(), *month)];
+            let mut usage = stored.unwrap_or_default();
             usage.merge(delta);
             batch.put_usage(account, *month, &usage);
             batch.mark_dirty(account, *month, *partition);
-            if let Some(s) = self.store.bill_state(account, *month)? {
-                if s.status != BillStatus::Provisional {
-                    self.metrics.late_events.inc_by(delta.calls());
-                }
+            if state.is_some_and(|s| s.status != BillStatus::Provisional) {
+                self.metrics.late_events.inc_by(delta.calls());
             }
         }
         for (p, s) in &touched {
@@ -267,6 +277,23 @@ impl Pipeline {
         self.metrics.events_billed.inc_by(stats.billed);
         self.partitions.extend(touched);
         Ok(stats)
+    }
+
+    /// Decodes, classifies and checks the key of one input message.
+    fn decode(&self, m: &InputMessage) -> Result<(AccessEvent, Metered), DecodeError> {
+        let (e, metered) = decode_and_classify(m.payload.unwrap_or_default())?;
+        if !self.settings.require_keys || m.key == Some(e.account_id.as_bytes()) {
+            return Ok((e, metered));
+        }
+        let key = m.key.map(|k| String::from_utf8_lossy(k).into_owned());
+        Err(DecodeError::new(
+            RejectReason::KeyMismatch,
+            format!(
+                "message key {} is not the account_id `{}`; producers must key events by account_id",
+                key.map_or("(none)".to_string(), |k| format!("`{}`", crate::billing::event::truncate(&k, 64))),
+                crate::billing::event::truncate(&e.account_id, 64)
+            ),
+        ))
     }
 
     /// Applies account records (accounts topic): stores each changed record
