@@ -10,8 +10,9 @@
 #   scripts/chaos.sh                 # defaults below
 #   EVENTS=200000 KILLS=10 scripts/chaos.sh
 #
-# 64 partitions keep each under the mock cluster's ~5 MB per-partition limit
-# (the test checks every partition's log still starts at offset 0).
+# 64 partitions and 10,000 accounts with mild skew keep each partition under
+# the mock cluster's ~5 MB limit (the test checks every partition's log still
+# starts at offset 0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
@@ -20,4 +21,7 @@ export GATEBILL_CHAOS_EVENTS="${EVENTS:-1000000}"
 export GATEBILL_CHAOS_KILLS="${KILLS:-20}"
 export GATEBILL_CHAOS_PARTITIONS="${PARTITIONS:-64}"
 export GATEBILL_CHAOS_SEED="${SEED:-7}"
+# Many accounts, mild skew: no partition may outgrow the mock's ~5 MB.
+export GATEBILL_CHAOS_ACCOUNTS="${ACCOUNTS:-10000}"
+export GATEBILL_CHAOS_SKEW="${SKEW:-0.5}"
 cargo test --locked --release --test chaos -- --nocapture 2>&1 | grep -E "chaos:|test result|panicked|assert"

@@ -79,6 +79,7 @@ pub async fn replay_file(cfg: &Config, input: &Path, sink: Sink, progress: bool)
     let mut first = 0i64;
     let mut lineno = 0i64;
     let mut iter = reader.split(b'\n');
+    let started = std::time::Instant::now();
     loop {
         let next = iter.next();
         let done = next.is_none();
@@ -129,8 +130,11 @@ pub async fn replay_file(cfg: &Config, input: &Path, sink: Sink, progress: bool)
             break;
         }
     }
+    tracing::info!(process_seconds = started.elapsed().as_secs_f64(), "input processed");
+    let processed_at = std::time::Instant::now();
     summary.bills_emitted = pipeline.emit(now_ms(), true)? as u64;
     let pending = pipeline.outbox()?;
+    tracing::info!(emit_seconds = processed_at.elapsed().as_secs_f64(), bills = summary.bills_emitted, "bills computed");
     match sink {
         Sink::File(out) => {
             write_files(&out, &pending, &cfg.kafka.output_topic).map_err(|source| WorkerError::Input { path: out.clone(), source })?;

@@ -250,15 +250,12 @@ impl Pipeline {
             stats.billed += 1;
         }
         self.metrics.duplicates.inc_by(stats.duplicates);
-        // 4. Merge into stored usage (one multi-get), mark bills dirty.
+        // 4. Add the deltas to stored usage (RocksDB sums them), mark bills dirty.
         let keys: Vec<(&str, Month)> = deltas.keys().map(|(a, m)| (a.as_str(), *m)).collect();
-        let stored = store.usage_many(&keys)?;
         let states = store.bill_state_many(&keys)?;
-        for (((account, month), stored), state) in keys.iter().zip(stored).zip(states) {
+        for ((account, month), state) in keys.iter().zip(states) {
             let (delta, partition) = &deltas[&(account.to_string(), *month)];
-            let mut usage = stored.unwrap_or_default();
-            usage.merge(delta);
-            batch.put_usage(account, *month, &usage);
+            batch.merge_usage(account, *month, delta);
             batch.mark_dirty(account, *month, *partition);
             if state.is_some_and(|s| s.status != BillStatus::Provisional) {
                 self.metrics.late_events.inc_by(delta.calls());

@@ -302,6 +302,12 @@ impl Store {
             if *name == cf::USAGE || *name == cf::DEDUPE {
                 o.set_write_buffer_size(32 << 20);
             }
+            if *name == cf::USAGE {
+                // Usage is written as deltas and summed by RocksDB (the merge
+                // is commutative and associative), so a batch never reads,
+                // decodes and rewrites a whole month to add an hour.
+                o.set_merge_operator_associative("gatebill_usage_sum_v1", merge_usage);
+            }
             ColumnFamilyDescriptor::new(*name, o)
         });
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
@@ -519,6 +525,20 @@ impl Store {
     }
 }
 
+/// The usage merge operator: the sum of the stored month and every delta.
+/// Returns `None` (RocksDB reports corruption) if a value does not decode;
+/// it never panics across the FFI boundary.
+fn merge_usage(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+    let mut sum = match existing {
+        Some(v) => MonthUsage::decode(v).ok()?,
+        None => MonthUsage::default(),
+    };
+    for op in operands {
+        sum.merge(&MonthUsage::decode(op).ok()?);
+    }
+    Some(sum.encode())
+}
+
 fn decode_bill_state(v: &[u8]) -> Result<BillState, StoreError> {
     let bad = || StoreError::Corrupt { cf: cf::BILLS, detail: "bad bill state".into() };
     if v.len() < 9 {
@@ -543,6 +563,11 @@ impl Batch<'_> {
     /// Replaces an account-month's usage.
     pub fn put_usage(&mut self, account: &str, month: Month, usage: &MonthUsage) {
         self.wb.put_cf(self.store.cf(cf::USAGE), account_month_key(account, month), usage.encode());
+    }
+
+    /// Adds a usage delta to an account-month (summed by the merge operator).
+    pub fn merge_usage(&mut self, account: &str, month: Month, delta: &MonthUsage) {
+        self.wb.merge_cf(self.store.cf(cf::USAGE), account_month_key(account, month), delta.encode());
     }
 
     /// Records a request id as seen.
@@ -639,6 +664,10 @@ mod tests {
         u.hours.entry(1_604_000_000).or_default().calls = 3;
         let mut b = s.batch();
         b.put_usage("acct", m, &u);
+        let mut delta = MonthUsage::default();
+        delta.hours.entry(1_604_000_000).or_default().calls = 2;
+        delta.hours.entry(1_604_003_600).or_default().calls = 5;
+        b.merge_usage("acct", m, &delta);
         b.put_dedupe(0, 3600, "r1");
         b.put_dedupe(0, 7200, "r2");
         b.put_dedupe(1, 0, "r3");
@@ -646,7 +675,9 @@ mod tests {
         let rec = OutboxRecord { topic: "t".into(), key: None, payload: vec![0xff, 0], headers: vec![("h".into(), b"v".to_vec())] };
         b.put_outbox(&outbox_dead_letter_key(5), &rec);
         s.write(b).unwrap();
+        u.merge(&delta);
         assert_eq!(s.usage("acct", m).unwrap(), Some(u));
+        assert_eq!(s.usage("acct", m).unwrap().unwrap().calls(), 10);
         assert_eq!(s.partition("in", 0).unwrap(), Some(PartitionState { next_offset: 42, watermark_ms: 7 }));
         assert_eq!(s.partitions("in").unwrap().len(), 1);
         assert_eq!(s.outbox().unwrap(), vec![(outbox_dead_letter_key(5), rec)]);

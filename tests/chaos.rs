@@ -9,11 +9,12 @@
 //! The default run is the short version (20,000 messages, 4 kills). The long
 //! version is `scripts/chaos.sh` (1,000,000 messages, 20 kills); sizes come
 //! from `GATEBILL_CHAOS_EVENTS`, `GATEBILL_CHAOS_KILLS`,
-//! `GATEBILL_CHAOS_PARTITIONS` and `GATEBILL_CHAOS_SEED`.
+//! `GATEBILL_CHAOS_PARTITIONS`, `GATEBILL_CHAOS_ACCOUNTS`, `GATEBILL_CHAOS_SKEW`
+//! and `GATEBILL_CHAOS_SEED`.
 
 mod common;
 
-use common::{assert_bills_match, fixture, read_bills, read_dead_letters, wait_for_final_bills};
+use common::{assert_bills_match, fixture_with, read_bills, read_dead_letters, wait_for_final_bills};
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::Consumer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -70,7 +71,9 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let partitions = env_or("GATEBILL_CHAOS_PARTITIONS", 8) as i32;
     let seed = env_or("GATEBILL_CHAOS_SEED", 7);
     let started = Instant::now();
-    let mut f = fixture(seed, events, partitions).await;
+    let accounts = env_or("GATEBILL_CHAOS_ACCOUNTS", 40);
+    let skew = std::env::var("GATEBILL_CHAOS_SKEW").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
+    let mut f = fixture_with(seed, events, partitions, accounts, skew).await;
     f.cfg.worker.batch_size = 500;
     f.cfg.worker.emit_interval_ms = 500;
     let config_path = f.dir.path().join("gatebill.toml");

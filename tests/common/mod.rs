@@ -47,6 +47,12 @@ pub fn config(cluster: &MockCluster<'static, DefaultProducerContext>, dir: &std:
 /// from 2020-10-20 into topics of `partitions` partitions, and computes the
 /// core's bills for them.
 pub async fn fixture(seed: u64, events: u64, partitions: i32) -> Fixture {
+    fixture_with(seed, events, partitions, 40, 1.0).await
+}
+
+/// [`fixture`] with a chosen number of accounts and popularity skew (the
+/// mock cluster keeps ~5 MB per partition, so large runs spread accounts).
+pub async fn fixture_with(seed: u64, events: u64, partitions: i32, accounts: u64, skew: f64) -> Fixture {
     let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
     let cluster = MockCluster::new(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -56,8 +62,8 @@ pub async fn fixture(seed: u64, events: u64, partitions: i32) -> Fixture {
     }
     let spec = GenSpec {
         events,
-        accounts: 40,
-        skew: 1.0,
+        accounts,
+        skew,
         start_ms: 1_603_123_200_000, // 2020-10-20T00:00:00+08:00
         days: 45,
         duplicates: 0.02,
