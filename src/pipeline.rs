@@ -116,6 +116,9 @@ pub struct Pipeline {
     /// assigned partition: a partition is idle only while it is assigned and
     /// quiet, never merely because a rebalance or restart paused reading.
     last_input_ms: HashMap<i32, i64>,
+    /// Last known end offset per partition: a partition with a backlog is
+    /// never idle, however long it waits for its turn.
+    high_watermarks: HashMap<i32, i64>,
     next_dead_letter: u64,
 }
 
@@ -150,7 +153,17 @@ impl Pipeline {
         }
         let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
         let next_dead_letter = store.next_dead_letter_seq()?;
-        Ok(Pipeline { store, rules, settings, metrics, accounts, partitions, last_input_ms: HashMap::new(), next_dead_letter })
+        Ok(Pipeline {
+            store,
+            rules,
+            settings,
+            metrics,
+            accounts,
+            partitions,
+            last_input_ms: HashMap::new(),
+            high_watermarks: HashMap::new(),
+            next_dead_letter,
+        })
     }
 
     /// The store.
@@ -175,6 +188,11 @@ impl Pipeline {
         for p in assigned {
             self.last_input_ms.entry(*p).or_insert(now);
         }
+    }
+
+    /// Records a partition's end offset as last seen on the broker.
+    pub fn set_high_watermark(&mut self, partition: i32, high: i64) {
+        self.high_watermarks.insert(partition, high);
     }
 
     fn reject(&mut self, batch: &mut crate::store::Batch<'_>, m: &InputMessage, err: &DecodeError) {
@@ -349,10 +367,14 @@ impl Pipeline {
     }
 
     /// The effective event-time watermark of a partition: its largest event
-    /// time, or, once idle (or `force_idle`), the wall clock less the idle time.
+    /// time, or, once idle (or `force_idle`), the wall clock less the idle
+    /// time. Idle means assigned, caught up with the last known end offset,
+    /// and without input for `idle_after_ms`.
     fn watermark(&self, partition: i32, now: i64, force_idle: bool) -> i64 {
         let wm = self.partitions.get(&partition).map_or(i64::MIN, |s| s.watermark_ms);
-        let idle = force_idle || self.last_input_ms.get(&partition).is_some_and(|t| now - t >= self.settings.idle_after_ms);
+        let caught_up = self.high_watermarks.get(&partition).is_some_and(|high| self.next_offset(partition).unwrap_or(0) >= *high);
+        let quiet = self.last_input_ms.get(&partition).is_some_and(|t| now - t >= self.settings.idle_after_ms);
+        let idle = force_idle || (caught_up && quiet);
         if idle {
             wm.max(now - self.settings.idle_after_ms)
         } else {

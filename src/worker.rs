@@ -328,7 +328,10 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
     let batch_wait = Duration::from_millis(cfg.worker.batch_wait_ms);
     let emit_every = Duration::from_millis(cfg.worker.emit_interval_ms);
     let mut last_emit = Instant::now();
-    let mut last_lag = Instant::now();
+    // Measure lag (and end offsets, which idleness needs) at once, then every
+    // LAG_EVERY, or every idle period if that is shorter.
+    let lag_every = LAG_EVERY.min(Duration::from_secs(cfg.worker.idle_after_secs.max(1)));
+    let mut last_lag: Option<Instant> = None;
     let replay = matches!(opts.mode, Mode::Replay { .. });
     tokio::pin!(shutdown);
     let mut stopping = false;
@@ -339,6 +342,7 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
             if now != assigned {
                 pipeline.set_assignment(&now, now_ms());
                 assigned = now;
+                last_lag = None;
             }
         }
         let done = replay && ends.iter().all(|(p, end)| pipeline.next_offset(*p).is_some_and(|n| n >= *end));
@@ -403,10 +407,10 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
             summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
             last_emit = Instant::now();
         }
-        if last_lag.elapsed() >= LAG_EVERY {
+        if last_lag.is_none_or(|t| t.elapsed() >= lag_every) {
             // A network round trip per partition: kept off the per-batch path.
-            report_lag(&consumer, &pipeline, &metrics);
-            last_lag = Instant::now();
+            report_lag(&consumer, &mut pipeline, &metrics);
+            last_lag = Some(Instant::now());
             for (cf, bytes) in store.sizes() {
                 metrics.state_bytes.with_label_values(&[cf]).set(bytes as i64);
             }
@@ -434,10 +438,11 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
 /// How often partition lag is measured.
 const LAG_EVERY: Duration = Duration::from_secs(15);
 
-fn report_lag(consumer: &StreamConsumer<StoreOffsets>, pipeline: &Pipeline, metrics: &Metrics) {
+fn report_lag(consumer: &StreamConsumer<StoreOffsets>, pipeline: &mut Pipeline, metrics: &Metrics) {
     let Ok(assigned) = consumer.assignment() else { return };
     for e in assigned.elements() {
         if let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2)) {
+            pipeline.set_high_watermark(e.partition(), high);
             let next = pipeline.next_offset(e.partition()).unwrap_or(0);
             metrics.partition_lag.with_label_values(&[&e.partition().to_string()]).set((high - next).max(0));
         }

@@ -142,7 +142,8 @@ pub async fn wait_for_final_bills(cfg: &Config, expected: &BTreeMap<String, Bill
             return;
         }
         if std::time::Instant::now() > deadline {
-            panic!("bills not all final and equal to the core's after {timeout:?}: {left:?}");
+            let first: Vec<&String> = left.iter().take(10).collect();
+            panic!("{} bills not final and equal to the core's after {timeout:?}; first: {first:?}", left.len());
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
