@@ -24,4 +24,8 @@ export GATEBILL_CHAOS_SEED="${SEED:-7}"
 # Many accounts, mild skew: no partition may outgrow the mock's ~5 MB.
 export GATEBILL_CHAOS_ACCOUNTS="${ACCOUNTS:-10000}"
 export GATEBILL_CHAOS_SKEW="${SKEW:-0.5}"
-cargo test --locked --release --test chaos -- --nocapture 2>&1 | grep -E "chaos:|test result|panicked|assert"
+# Production-like batching and emission: recomputing thousands of dirty
+# bills every 500 ms (the short test's setting) would dominate the run.
+export GATEBILL_CHAOS_BATCH="${BATCH:-5000}"
+export GATEBILL_CHAOS_EMIT_MS="${EMIT_MS:-5000}"
+cargo test --locked --release --test chaos -- --nocapture 2>&1 | grep -E -A2 "chaos:|test result|panicked|assert"

@@ -9,8 +9,8 @@
 //! The default run is the short version (20,000 messages, 4 kills). The long
 //! version is `scripts/chaos.sh` (1,000,000 messages, 20 kills); sizes come
 //! from `GATEBILL_CHAOS_EVENTS`, `GATEBILL_CHAOS_KILLS`,
-//! `GATEBILL_CHAOS_PARTITIONS`, `GATEBILL_CHAOS_ACCOUNTS`, `GATEBILL_CHAOS_SKEW`
-//! and `GATEBILL_CHAOS_SEED`.
+//! `GATEBILL_CHAOS_PARTITIONS`, `GATEBILL_CHAOS_ACCOUNTS`, `GATEBILL_CHAOS_SKEW`,
+//! `GATEBILL_CHAOS_BATCH`, `GATEBILL_CHAOS_EMIT_MS` and `GATEBILL_CHAOS_SEED`.
 
 mod common;
 
@@ -74,8 +74,8 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let accounts = env_or("GATEBILL_CHAOS_ACCOUNTS", 40);
     let skew = std::env::var("GATEBILL_CHAOS_SKEW").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0);
     let mut f = fixture_with(seed, events, partitions, accounts, skew).await;
-    f.cfg.worker.batch_size = 500;
-    f.cfg.worker.emit_interval_ms = 500;
+    f.cfg.worker.batch_size = env_or("GATEBILL_CHAOS_BATCH", 500) as usize;
+    f.cfg.worker.emit_interval_ms = env_or("GATEBILL_CHAOS_EMIT_MS", 500);
     let config_path = f.dir.path().join("gatebill.toml");
     std::fs::write(&config_path, toml::to_string(&f.cfg).unwrap()).unwrap();
     let log = f.dir.path().join("worker.log");
