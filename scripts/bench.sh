@@ -88,7 +88,7 @@ export GATEBILL_BROKERS="$(head -1 "$WORK/broker.out" | cut -d= -f2)"
 "$BIN" gen --events "$BROKER_EVENTS" --accounts "$ACCOUNTS" --days 30 --duplicates 0.01 --malformed 0 --no-accounts >/dev/null
 measure "floor: read and count" "$BROKER_EVENTS" "" "$BIN" count-topic --topic gateway-events
 FLOOR_ROW="${ROWS[-1]}"
-measure "end to end: replay from the broker" "$BROKER_EVENTS" "$WORK/s-e2e" "$BIN" replay --config "$WORK/dedupe.toml" --state-dir "$WORK/s-e2e" --output-topic bench-bills --metrics-address ""
+measure "end to end: replay from the broker" "$BROKER_EVENTS" "$WORK/s-e2e" "$BIN" replay --config "$WORK/dedupe.toml" --state-dir "$WORK/s-e2e" --metrics-address ""
 E2E_ROW="${ROWS[-1]}"
 RATIO=$(awk -F'|' -v f="$FLOOR_ROW" -v e="$E2E_ROW" 'BEGIN { split(f, a, "|"); split(e, b, "|"); printf "%.0f%%", 100 * b[4] / a[4] }')
 
