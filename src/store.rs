@@ -7,7 +7,7 @@
 //! returned is on disk before any record it implies is produced.
 
 use crate::billing::calendar::Month;
-use crate::billing::usage::{put_varint, MonthUsage, UsageDecodeError};
+use crate::billing::usage::{put_varint, read_varint, MonthUsage, UsageDecodeError};
 use crate::billing::BillStatus;
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use std::collections::BTreeMap;
@@ -178,15 +178,7 @@ impl<'a> Cursor<'a> {
         Some(v)
     }
     fn varint(&mut self) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
+        read_varint(self.b, &mut self.pos)
     }
     fn bytes(&mut self) -> Option<&'a [u8]> {
         let n = usize::try_from(self.varint()?).ok()?;
@@ -388,17 +380,6 @@ impl Store {
             Some(v) => Ok(Some(MonthUsage::decode(&v)?)),
             None => Ok(None),
         }
-    }
-
-    /// Many account-months' usage in one multi-get, in the order asked.
-    pub fn usage_many(&self, keys: &[(&str, Month)]) -> Result<Vec<Option<MonthUsage>>, StoreError> {
-        let cf = self.cf(cf::USAGE);
-        let ks: Vec<Vec<u8>> = keys.iter().map(|(a, m)| account_month_key(a, *m)).collect();
-        self.db
-            .multi_get_cf(ks.iter().map(|k| (cf, k)))
-            .into_iter()
-            .map(|r| r?.map(|v| MonthUsage::decode(&v).map_err(StoreError::from)).transpose())
-            .collect()
     }
 
     /// Many bill states in one multi-get, in the order asked.

@@ -196,6 +196,21 @@ pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
+/// Reads an unsigned LEB128 varint at `*pos`, advancing it; `None` when
+/// truncated or longer than 64 bits.
+pub fn read_varint(b: &[u8], pos: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let byte = *b.get(*pos)?;
+        *pos += 1;
+        v |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
+}
+
 struct Reader<'a> {
     b: &'a [u8],
     pos: usize,
@@ -208,15 +223,7 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
     fn varint(&mut self) -> Result<u64, UsageDecodeError> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Ok(v);
-            }
-        }
-        Err(UsageDecodeError::Corrupt("varint too long"))
+        read_varint(self.b, &mut self.pos).ok_or(UsageDecodeError::Corrupt("truncated or overlong varint"))
     }
     fn len(&mut self) -> Result<usize, UsageDecodeError> {
         let v = self.varint()?;
