@@ -412,11 +412,6 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether a request id was seen in this partition and event hour.
-    pub fn seen(&self, partition: i32, hour: i64, request_id: &str) -> Result<bool, StoreError> {
-        Ok(self.db.get_pinned_cf(self.cf(cf::DEDUPE), dedupe_key(partition, hour, request_id))?.is_some())
-    }
-
     /// A stored account record (raw JSON).
     pub fn account(&self, account: &str) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(cf::ACCOUNTS), account.as_bytes())?)
@@ -666,8 +661,6 @@ mod tests {
         let mut b = s.batch();
         b.prune_dedupe(0, 7200);
         s.write(b).unwrap();
-        assert!(!s.seen(0, 3600, "r1").unwrap());
-        assert!(s.seen(0, 7200, "r2").unwrap());
-        assert!(s.seen(1, 0, "r3").unwrap());
+        assert_eq!(s.seen_many(&[(0, 3600, "r1"), (0, 7200, "r2"), (1, 0, "r3")]).unwrap(), vec![false, true, true]);
     }
 }
