@@ -16,6 +16,12 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Lines decoded together (the write batch is `worker.batch_size` lines).
+const CHUNK_LINES: usize = 65_536;
+
+/// Outbox records written to the sink per step.
+const OUTBOX_PAGE: usize = 4096;
+
 /// Where bills go.
 pub enum Sink {
     /// The configured output and dead-letter topics.
@@ -74,57 +80,57 @@ pub async fn replay_file(cfg: &Config, input: &Path, sink: Sink, progress: bool)
         pb
     });
     let mut summary = RunSummary::default();
-    let batch_size = cfg.worker.batch_size;
-    let mut lines: Vec<Vec<u8>> = Vec::with_capacity(batch_size);
-    let mut first = 0i64;
+    let batch_size = cfg.worker.batch_size as u64;
+    // Lines are read into one buffer per chunk (no allocation per line),
+    // decoded and aggregated per chunk, and written every `batch_size` lines.
+    let chunk_lines = cfg.worker.batch_size.min(CHUNK_LINES);
+    let mut reader = reader;
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk_lines * 512);
+    let mut spans: Vec<(usize, usize, i64)> = Vec::with_capacity(chunk_lines);
     let mut lineno = 0i64;
-    let mut iter = reader.split(b'\n');
     let started = std::time::Instant::now();
     loop {
-        let next = iter.next();
-        let done = next.is_none();
-        if let Some(line) = next {
-            let line = line.map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
+        buf.clear();
+        spans.clear();
+        let mut done = false;
+        while spans.len() < chunk_lines {
+            let from = buf.len();
+            let n = reader.read_until(b'\n', &mut buf).map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
+            if n == 0 {
+                done = true;
+                break;
+            }
             lineno += 1;
-            if lineno <= start || line.iter().all(u8::is_ascii_whitespace) {
-                if lines.is_empty() {
-                    first = lineno;
-                }
-                // Already processed, or blank: keep the offset moving with an empty slot.
-                lines.push(Vec::new());
-            } else {
-                if lines.is_empty() {
-                    first = lineno;
-                }
-                lines.push(line);
+            let to = if buf.last() == Some(&b'\n') { buf.len() - 1 } else { buf.len() };
+            if lineno <= start || buf[from..to].iter().all(u8::is_ascii_whitespace) {
+                // Already processed, or blank.
+                buf.truncate(from);
+                continue;
             }
+            spans.push((from, to, lineno));
         }
-        if lines.len() >= batch_size || (done && !lines.is_empty()) {
-            let msgs: Vec<InputMessage> = lines
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| !l.is_empty())
-                .map(|(i, l)| InputMessage {
-                    topic: &topic,
-                    partition: 0,
-                    offset: first + i as i64 - 1,
-                    key: None,
-                    payload: Some(l),
-                    headers: vec![],
-                })
-                .collect();
-            if !msgs.is_empty() {
-                let s = pipeline.process(&msgs)?;
-                summary.batches += 1;
-                summary.messages += msgs.len() as u64 - s.already_processed;
-                summary.billed += s.billed;
-                summary.rejected += s.rejected;
-                summary.duplicates += s.duplicates;
-            }
-            if let Some(pb) = &pb {
-                pb.inc(lines.len() as u64);
-            }
-            lines.clear();
+        let msgs: Vec<InputMessage> = spans
+            .iter()
+            .map(|(from, to, line)| InputMessage {
+                topic: &topic,
+                partition: 0,
+                offset: line - 1,
+                key: None,
+                payload: Some(&buf[*from..*to]),
+                headers: vec![],
+            })
+            .collect();
+        pipeline.ingest(&msgs)?;
+        if let Some(pb) = &pb {
+            pb.set_position(lineno as u64);
+        }
+        if pipeline.pending_messages() >= batch_size || (done && pipeline.pending_messages() > 0) {
+            let s = pipeline.flush()?;
+            summary.batches += 1;
+            summary.messages += s.billed + s.rejected + s.duplicates;
+            summary.billed += s.billed;
+            summary.rejected += s.rejected;
+            summary.duplicates += s.duplicates;
         }
         if done {
             break;
@@ -132,20 +138,41 @@ pub async fn replay_file(cfg: &Config, input: &Path, sink: Sink, progress: bool)
     }
     tracing::info!(process_seconds = started.elapsed().as_secs_f64(), "input processed");
     let processed_at = std::time::Instant::now();
-    summary.bills_emitted = pipeline.emit(now_ms(), true)? as u64;
-    let pending = pipeline.outbox()?;
-    tracing::info!(emit_seconds = processed_at.elapsed().as_secs_f64(), bills = summary.bills_emitted, "bills computed");
-    match sink {
+    summary.bills_emitted = match &sink {
         Sink::File(out) => {
-            write_files(&out, &pending, &cfg.kafka.output_topic).map_err(|source| WorkerError::Input { path: out.clone(), source })?;
-            pipeline.acknowledge(&pending)?;
+            let topic = cfg.kafka.output_topic.clone();
+            let mut write = |records: &[(Vec<u8>, OutboxRecord)]| {
+                write_files(out, records, &topic).map_err(|source| WorkerError::Input { path: out.clone(), source })
+            };
+            pipeline.emit_with(now_ms(), true, Some(&mut write))?
         }
+        Sink::Kafka => pipeline.emit(now_ms(), true)?,
+    } as u64;
+    tracing::info!(emit_seconds = processed_at.elapsed().as_secs_f64(), bills = summary.bills_emitted, "bills computed");
+    // Drain the outbox a page at a time (memory stays bounded however many bills).
+    let producer = match sink {
         Sink::Kafka => {
             crate::kafka::ensure_topics(&cfg.kafka).await?;
-            let producer = crate::kafka::producer(&cfg.kafka)?;
-            let delivered = crate::kafka::produce_all(&producer, &pending).await;
-            summary.delivery_failures = (pending.len() - delivered.len()) as u64;
-            pipeline.acknowledge(&delivered)?;
+            Some(crate::kafka::producer(&cfg.kafka)?)
+        }
+        Sink::File(_) => None,
+    };
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = pipeline.store().outbox_page(after.as_deref(), OUTBOX_PAGE)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        match (&sink, &producer) {
+            (Sink::File(out), _) => {
+                write_files(out, &page, &cfg.kafka.output_topic).map_err(|source| WorkerError::Input { path: out.clone(), source })?;
+                pipeline.acknowledge(&page)?;
+            }
+            (Sink::Kafka, Some(producer)) => {
+                let delivered = crate::kafka::produce_all(producer, &page).await;
+                summary.delivery_failures += (page.len() - delivered.len()) as u64;
+                pipeline.acknowledge(&delivered)?;
+            }
+            (Sink::Kafka, None) => unreachable!("producer created for the Kafka sink"),
         }
     }
     if let Some(pb) = pb {

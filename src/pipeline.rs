@@ -6,17 +6,25 @@
 use crate::billing::account::decode_account;
 use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
 use crate::billing::calendar::Month;
+use crate::billing::calendar::PlaceCache;
 use crate::billing::config::Rules;
 use crate::billing::entitlements::months_are_independent;
 use crate::billing::event::{DecodeError, RejectReason};
-use crate::billing::reference::decode_and_classify;
+use crate::billing::scan::Billable;
 use crate::billing::usage::MonthUsage;
-use crate::billing::{AccessEvent, AccountRecord, Metered};
+use crate::billing::AccountRecord;
 use crate::metrics::Metrics;
+use crate::pending::{decode_all, encode_cells, par_map, DedupeCache, HourCell, Interner, Pending};
 use crate::store::{outbox_bill_key, outbox_dead_letter_key, BillState, OutboxRecord, PartitionState, Store, StoreError};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
+
+/// Takes a chunk of bill records to a synchronous sink (see [`Pipeline::emit_with`]).
+pub type Deliver<'d, E> = dyn FnMut(&[(Vec<u8>, OutboxRecord)]) -> Result<(), E> + 'd;
+
+/// Bills computed and written per atomic batch by [`Pipeline::emit`].
+const EMIT_CHUNK: usize = 4096;
 
 /// Header names on dead-letter messages.
 pub mod headers {
@@ -120,6 +128,14 @@ pub struct Pipeline {
     /// never idle, however long it waits for its turn.
     high_watermarks: HashMap<i32, i64>,
     next_dead_letter: u64,
+    /// The batch being built since the last flush.
+    pending: Pending,
+    /// Request ids seen in the dedupe window, mirrored from the store.
+    dedupe: DedupeCache,
+    place: PlaceCache,
+    month_ends: HashMap<Month, i64>,
+    ids: Interner,
+    regions: Interner,
 }
 
 fn dead_letter(settings: &Settings, m: &InputMessage, err: &DecodeError) -> OutboxRecord {
@@ -153,6 +169,7 @@ impl Pipeline {
         }
         let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
         let next_dead_letter = store.next_dead_letter_seq()?;
+        let rules_calendar = rules.calendar;
         Ok(Pipeline {
             store,
             rules,
@@ -163,6 +180,12 @@ impl Pipeline {
             last_input_ms: HashMap::new(),
             high_watermarks: HashMap::new(),
             next_dead_letter,
+            pending: Pending::default(),
+            dedupe: DedupeCache::default(),
+            place: PlaceCache::new(rules_calendar),
+            month_ends: HashMap::new(),
+            ids: Interner::default(),
+            regions: Interner::default(),
         })
     }
 
@@ -195,120 +218,168 @@ impl Pipeline {
         self.high_watermarks.insert(partition, high);
     }
 
-    fn reject(&mut self, batch: &mut crate::store::Batch<'_>, m: &InputMessage, err: &DecodeError) {
-        batch.put_outbox(&outbox_dead_letter_key(self.next_dead_letter), &dead_letter(&self.settings, m, err));
+    /// A dead letter for a message, with its outbox key.
+    fn dead_letter(&mut self, m: &InputMessage, err: &DecodeError) -> (Vec<u8>, OutboxRecord) {
+        let key = outbox_dead_letter_key(self.next_dead_letter);
         self.next_dead_letter += 1;
         self.metrics.rejected.with_label_values(&[err.reason.code()]).inc();
+        (key, dead_letter(&self.settings, m, err))
+    }
+
+    /// Sends a message of the pending batch to the dead-letter topic.
+    fn reject(&mut self, m: &InputMessage, err: &DecodeError) {
+        let letter = self.dead_letter(m, err);
+        self.pending.dead_letters.push(letter);
+        self.pending.stats.rejected += 1;
     }
 
     /// Processes a batch of input-topic messages in one atomic write: usage,
     /// dedupe keys, partition offsets, dirty marks and dead letters.
     pub fn process(&mut self, msgs: &[InputMessage]) -> Result<BatchStats, StoreError> {
-        let mut stats = BatchStats::default();
-        let store = self.store.clone();
-        let mut batch = store.batch();
-        let mut touched: BTreeMap<i32, PartitionState> = BTreeMap::new();
+        self.ingest(msgs)?;
+        self.flush()
+    }
+
+    /// Adds messages to the pending batch (nothing is written until
+    /// [`Pipeline::flush`]); offsets already processed are skipped.
+    pub fn ingest(&mut self, msgs: &[InputMessage]) -> Result<(), StoreError> {
         let now = now_ms();
-        // 1. Decode every message not processed before.
-        let mut decoded = Vec::with_capacity(msgs.len());
+        // 1. Skip what was processed before; advance offsets.
+        let mut todo = Vec::with_capacity(msgs.len());
         for m in msgs {
-            let state = touched.entry(m.partition).or_insert_with(|| self.partitions.get(&m.partition).copied().unwrap_or_default());
+            let stored = &self.partitions;
+            let state = self.pending.touched.entry(m.partition).or_insert_with(|| stored.get(&m.partition).copied().unwrap_or_default());
             if m.offset < state.next_offset {
-                stats.already_processed += 1;
+                self.pending.stats.already_processed += 1;
                 continue;
             }
             state.next_offset = m.offset + 1;
             if let Some(t) = self.last_input_ms.get_mut(&m.partition) {
                 *t = now;
             }
-            let d = self.decode(m).map(|(e, metered)| {
-                let (month, hour) = self.rules.calendar.place(e.time_ms);
-                (e, metered, month, hour)
-            });
-            decoded.push((m, d));
+            todo.push(m);
         }
-        self.metrics.events_consumed.inc_by(decoded.len() as u64);
-        // 2. Which request ids the store has seen, in one multi-get.
-        let seen = if self.settings.dedupe {
-            let keys: Vec<(i32, i64, &str)> = decoded
-                .iter()
-                .filter_map(|(m, d)| d.as_ref().ok().map(|(e, _, _, hour)| (m.partition, *hour, e.request_id.as_str())))
-                .collect();
-            store.seen_many(&keys)?
-        } else {
-            Vec::new()
-        };
-        let mut seen = seen.into_iter();
+        self.metrics.events_consumed.inc_by(todo.len() as u64);
+        // 2. Decode and classify, on every core for large batches.
+        let decoded = decode_all(&todo, self.settings.require_keys);
         // 3. In order: reject, drop duplicates, aggregate.
-        let mut fresh: HashSet<(i32, i64, String)> = HashSet::new();
-        let mut deltas: HashMap<(String, Month), (MonthUsage, i32)> = HashMap::new();
-        for (m, d) in decoded {
-            let (e, metered, month, hour) = match d {
-                Ok(v) => v,
+        let result = self.aggregate(&todo, decoded);
+        if result.is_err() {
+            self.discard_pending();
+        }
+        result
+    }
+
+    fn aggregate<'m>(&mut self, todo: &[&'m InputMessage<'m>], decoded: Vec<Result<Billable<'m>, DecodeError>>) -> Result<(), StoreError> {
+        for (m, d) in todo.iter().zip(decoded) {
+            let b = match d {
+                Ok(b) => b,
                 Err(err) => {
-                    self.reject(&mut batch, m, &err);
-                    stats.rejected += 1;
+                    self.reject(m, &err);
                     continue;
                 }
             };
+            let (month, hour) = self.place.place(b.time_ms);
             if self.settings.dedupe {
-                let before = seen.next().unwrap_or(false);
-                let k = (m.partition, hour, e.request_id);
-                if before || fresh.contains(&k) {
-                    stats.duplicates += 1;
+                let h = xxhash_rust::xxh3::xxh3_128(b.request_id.as_bytes());
+                if !self.dedupe.insert(&self.store, m.partition, hour, h)? {
+                    self.pending.stats.duplicates += 1;
                     continue;
                 }
-                batch.put_dedupe(k.0, k.1, &k.2);
-                fresh.insert(k);
             }
-            let state = touched.get_mut(&m.partition).expect("touched in pass 1");
-            state.watermark_ms = state.watermark_ms.max(e.time_ms);
-            let entry = deltas.entry((e.account_id, month)).or_insert_with(|| (MonthUsage::default(), m.partition));
-            entry.0.add(hour, &e.region, &metered);
-            stats.billed += 1;
-        }
-        self.metrics.duplicates.inc_by(stats.duplicates);
-        // 4. Add the deltas to stored usage (RocksDB sums them), mark bills dirty.
-        let keys: Vec<(&str, Month)> = deltas.keys().map(|(a, m)| (a.as_str(), *m)).collect();
-        let states = store.bill_state_many(&keys)?;
-        for ((account, month), state) in keys.iter().zip(states) {
-            let (delta, partition) = &deltas[&(account.to_string(), *month)];
-            batch.merge_usage(account, *month, delta);
-            batch.mark_dirty(account, *month, *partition);
-            if state.is_some_and(|s| s.status != BillStatus::Provisional) {
-                self.metrics.late_events.inc_by(delta.calls());
+            let end_ms = match self.month_ends.get(&month) {
+                Some(e) => *e,
+                None => *self.month_ends.entry(month).or_insert(self.rules.calendar.month_end(month) * 1000),
+            };
+            let state = self.pending.touched.get_mut(&m.partition).expect("touched in pass 1");
+            if end_ms + self.settings.grace_ms <= state.watermark_ms {
+                self.metrics.late_events.inc();
             }
+            state.watermark_ms = state.watermark_ms.max(b.time_ms);
+            let account = self.ids.intern(&b.account_id);
+            let region = self.regions.intern(&b.region);
+            let cell = self.pending.hours.entry((account, hour, region)).or_insert(HourCell::new(month, m.partition));
+            cell.add(&b.metered);
+            self.pending.stats.billed += 1;
         }
-        for (p, s) in &touched {
+        Ok(())
+    }
+
+    /// Forgets everything pending and every in-memory mirror of the store,
+    /// after a failed step: the next batch starts from what is on disk.
+    fn discard_pending(&mut self) {
+        self.pending = Pending::default();
+        self.dedupe = DedupeCache::default();
+    }
+
+    /// Writes everything pending in one atomic, synced batch: usage deltas,
+    /// dedupe keys, offsets and watermarks, dirty marks, dead letters.
+    pub fn flush(&mut self) -> Result<BatchStats, StoreError> {
+        let result = self.write_pending();
+        if result.is_err() {
+            self.discard_pending();
+        }
+        result
+    }
+
+    fn write_pending(&mut self) -> Result<BatchStats, StoreError> {
+        let pending = std::mem::take(&mut self.pending);
+        let store = self.store.clone();
+        let mut batch = store.batch();
+        // Usage: one merge operand per account-month, its hours in order,
+        // written in key order (RocksDB's memtable inserts sorted keys fastest).
+        let mut cells: Vec<((u32, i64, u32), HourCell)> = pending.hours.into_iter().collect();
+        cells.sort_unstable_by_key(|(k, _)| *k);
+        let mut groups: Vec<(&str, Month, i32, std::ops::Range<usize>)> = Vec::new();
+        let mut i = 0;
+        while i < cells.len() {
+            let ((account, _, _), first) = cells[i];
+            let mut j = i;
+            while j < cells.len() && cells[j].0 .0 == account && cells[j].1.month == first.month {
+                j += 1;
+            }
+            groups.push((self.ids.name(account), first.month, first.partition, i..j));
+            i = j;
+        }
+        groups.sort_unstable_by(|a, b| (a.0.len(), a.0, a.1).cmp(&(b.0.len(), b.0, b.1)));
+        for (name, month, _, range) in &groups {
+            batch.merge_usage_encoded(name, *month, &encode_cells(&cells[range.clone()], &self.regions));
+        }
+        for (name, month, partition, _) in &groups {
+            batch.mark_dirty(name, *month, *partition);
+        }
+        for (key, record) in &pending.dead_letters {
+            batch.put_outbox(key, record);
+        }
+        for (p, hour, hashes) in self.dedupe.take_new() {
+            batch.append_dedupe(p, hour, &hashes);
+        }
+        for (p, s) in &pending.touched {
             batch.put_partition(&self.settings.input_topic, *p, *s);
             if self.settings.dedupe {
                 let before = s.watermark_ms.div_euclid(1000) - self.settings.dedupe_window_secs;
                 batch.prune_dedupe(*p, before);
+                self.dedupe.prune(*p, before);
             }
         }
         let t = Instant::now();
         self.store.write(batch)?;
         self.metrics.batch_write_seconds.observe(t.elapsed().as_secs_f64());
-        self.metrics.events_billed.inc_by(stats.billed);
-        self.partitions.extend(touched);
-        Ok(stats)
+        self.metrics.events_billed.inc_by(pending.stats.billed);
+        self.metrics.duplicates.inc_by(pending.stats.duplicates);
+        self.partitions.extend(pending.touched);
+        // Interned ids only need to live as long as a batch: a long-running
+        // worker keeps the table bounded.
+        if self.ids.len() > 1_000_000 {
+            self.ids = Interner::default();
+        }
+        Ok(pending.stats)
     }
 
-    /// Decodes, classifies and checks the key of one input message.
-    fn decode(&self, m: &InputMessage) -> Result<(AccessEvent, Metered), DecodeError> {
-        let (e, metered) = decode_and_classify(m.payload.unwrap_or_default())?;
-        if !self.settings.require_keys || m.key == Some(e.account_id.as_bytes()) {
-            return Ok((e, metered));
-        }
-        let key = m.key.map(|k| String::from_utf8_lossy(k).into_owned());
-        Err(DecodeError::new(
-            RejectReason::KeyMismatch,
-            format!(
-                "message key {} is not the account_id `{}`; producers must key events by account_id",
-                key.map_or("(none)".to_string(), |k| format!("`{}`", crate::billing::event::truncate(&k, 64))),
-                crate::billing::event::truncate(&e.account_id, 64)
-            ),
-        ))
+    /// Messages ingested since the last flush (offsets already processed included).
+    pub fn pending_messages(&self) -> u64 {
+        let s = &self.pending.stats;
+        s.billed + s.rejected + s.duplicates + s.already_processed
     }
 
     /// Applies account records (accounts topic): stores each changed record
@@ -323,12 +394,14 @@ impl Pipeline {
                 Some(p) => match decode_account(p) {
                     Ok(a) if m.key.is_some() && m.key != Some(a.account_id.as_bytes()) => {
                         let err = DecodeError::new(RejectReason::KeyMismatch, "account record key is not its account_id");
-                        self.reject(&mut batch, m, &err);
+                        let (k, r) = self.dead_letter(m, &err);
+                        batch.put_outbox(&k, &r);
                         continue;
                     }
                     Ok(a) => Some(a),
                     Err(err) => {
-                        self.reject(&mut batch, m, &err);
+                        let (k, r) = self.dead_letter(m, &err);
+                        batch.put_outbox(&k, &r);
                         continue;
                     }
                 },
@@ -395,8 +468,24 @@ impl Pipeline {
 
     /// Recomputes every dirty bill, and every provisional bill whose month
     /// has closed; writes changed records to the outbox with a higher
-    /// revision, in one atomic write. Returns how many records were emitted.
+    /// revision. Each chunk of up to 4,096 bills is one atomic write of their
+    /// records, bill states and cleared dirty marks. Returns how many records
+    /// were emitted.
     pub fn emit(&mut self, now: i64, force_idle: bool) -> Result<usize, StoreError> {
+        self.emit_with::<StoreError>(now, force_idle, None)
+    }
+
+    /// [`Pipeline::emit`], handing each chunk's bill records to `deliver`
+    /// instead of the outbox: the bill states are written only after
+    /// `deliver` returned (a crash in between recomputes and delivers the
+    /// same records again, as a crash between producing and acknowledging an
+    /// outbox record would). For sinks that are written synchronously (files).
+    pub fn emit_with<E: From<StoreError>>(
+        &mut self,
+        now: i64,
+        force_idle: bool,
+        mut deliver: Option<&mut Deliver<'_, E>>,
+    ) -> Result<usize, E> {
         let mut todo: BTreeMap<(String, Month), i32> = BTreeMap::new();
         for (a, m, p) in self.store.dirty()? {
             todo.insert((a, m), p);
@@ -412,50 +501,75 @@ impl Pipeline {
         if todo.is_empty() {
             return Ok(0);
         }
-        let mut batch = self.store.batch();
+        let store = self.store.clone();
         let mut emitted = 0;
         let mut cache: HashMap<String, Vec<crate::billing::Bill>> = HashMap::new();
-        for ((account, month), dirty_partition) in todo {
-            let prev = self.store.bill_state(&account, month)?;
-            let partition = if dirty_partition >= 0 { dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
-            let record = self.accounts.get(&account);
-            let bill = if months_are_independent(record) {
-                let usage = self.store.usage(&account, month)?.unwrap_or_default();
-                compute_bills(&account, record, &BTreeMap::from([(month, usage)]), &self.rules).pop()
-            } else {
-                if !cache.contains_key(&account) {
-                    let months = self.store.account_months(&account)?;
-                    cache.insert(account.clone(), compute_bills(&account, record, &months, &self.rules));
+        let todo: Vec<((String, Month), i32)> = todo.into_iter().collect();
+        // Bills are independent: each chunk is one atomic write of its bills'
+        // outbox records, bill states and cleared dirty marks.
+        for chunk in todo.chunks(EMIT_CHUNK) {
+            let keys: Vec<(&str, Month)> = chunk.iter().map(|((a, m), _)| (a.as_str(), *m)).collect();
+            let prevs = store.bill_state_many(&keys)?;
+            let usages = store.usage_many(&keys)?;
+            // Months billed on their own are computed on every core (pure);
+            // accounts whose packs or trial span months are computed below.
+            let accounts = &self.accounts;
+            let rules = &self.rules;
+            let inputs: Vec<(&str, Option<BTreeMap<Month, MonthUsage>>)> =
+                chunk.iter().zip(usages).map(|(((a, m), _), u)| (a.as_str(), u.map(|u| BTreeMap::from([(*m, u)])))).collect();
+            let independent = par_map(&inputs, |(account, months)| {
+                let record = accounts.get(*account);
+                months_are_independent(record).then(|| months.as_ref().and_then(|ms| compute_bills(account, record, ms, rules).pop()))
+            });
+            let mut batch = store.batch();
+            let mut records = Vec::new();
+            for ((((account, month), dirty_partition), prev), computed) in chunk.iter().zip(prevs).zip(independent) {
+                let (account, month, dirty_partition) = (account.as_str(), *month, *dirty_partition);
+                let partition = if dirty_partition >= 0 { dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
+                let bill = match computed {
+                    Some(bill) => bill,
+                    None => {
+                        if !cache.contains_key(account) {
+                            let record = self.accounts.get(account);
+                            let months = store.account_months(account)?;
+                            cache.insert(account.to_string(), compute_bills(account, record, &months, &self.rules));
+                        }
+                        cache[account].iter().find(|b| b.month == month).cloned()
+                    }
+                };
+                batch.clear_dirty(account, month);
+                let Some(bill) = bill else { continue };
+                let closed = self.month_closed(month, partition, now, force_idle);
+                let status = match &prev {
+                    None | Some(BillState { status: BillStatus::Provisional, .. }) if closed => BillStatus::Final,
+                    None | Some(BillState { status: BillStatus::Provisional, .. }) => BillStatus::Provisional,
+                    Some(s) if s.content_hash != bill.content_hash => BillStatus::Restated,
+                    Some(s) => s.status,
+                };
+                if prev.as_ref().is_some_and(|s| s.content_hash == bill.content_hash && s.status == status) {
+                    continue;
                 }
-                cache[&account].iter().find(|b| b.month == month).cloned()
-            };
-            batch.clear_dirty(&account, month);
-            let Some(bill) = bill else { continue };
-            let closed = self.month_closed(month, partition, now, force_idle);
-            let status = match &prev {
-                None | Some(BillState { status: BillStatus::Provisional, .. }) if closed => BillStatus::Final,
-                None | Some(BillState { status: BillStatus::Provisional, .. }) => BillStatus::Provisional,
-                Some(s) if s.content_hash != bill.content_hash => BillStatus::Restated,
-                Some(s) => s.status,
-            };
-            if prev.as_ref().is_some_and(|s| s.content_hash == bill.content_hash && s.status == status) {
-                continue;
+                let revision = prev.as_ref().map_or(1, |s| s.revision + 1);
+                let key = format!("{account}/{month}");
+                let out = OutboxRecord {
+                    topic: self.settings.output_topic.clone(),
+                    key: Some(key.clone().into_bytes()),
+                    payload: BillRecord::json_from_content(&bill.content_json, revision, status, &bill.content_hash),
+                    headers: vec![],
+                };
+                match deliver {
+                    Some(_) => records.push((outbox_bill_key(&key), out)),
+                    None => batch.put_outbox(&outbox_bill_key(&key), &out),
+                }
+                batch.put_bill_state(account, month, &BillState { revision, status, content_hash: bill.content_hash, partition });
+                self.metrics.bills_emitted.with_label_values(&[status.as_str()]).inc();
+                emitted += 1;
             }
-            let revision = prev.as_ref().map_or(1, |s| s.revision + 1);
-            let rec = BillRecord { content: bill.content, revision, status, content_hash: bill.content_hash };
-            let key = rec.key();
-            let out = OutboxRecord {
-                topic: self.settings.output_topic.clone(),
-                key: Some(key.clone().into_bytes()),
-                payload: serde_json::to_vec(&rec).expect("bill serializes"),
-                headers: vec![],
-            };
-            batch.put_outbox(&outbox_bill_key(&key), &out);
-            batch.put_bill_state(&account, month, &BillState { revision, status, content_hash: rec.content_hash, partition });
-            self.metrics.bills_emitted.with_label_values(&[status.as_str()]).inc();
-            emitted += 1;
+            if let Some(deliver) = deliver.as_mut() {
+                deliver(&records)?;
+            }
+            store.write(batch)?;
         }
-        self.store.write(batch)?;
         Ok(emitted)
     }
 
@@ -473,13 +587,13 @@ impl Pipeline {
             return Ok(());
         }
         let mut batch = self.store.batch();
-        for (key, rec) in delivered {
-            if key.first() == Some(&b'b') {
-                let current = self.store.outbox_raw(key)?;
-                let still_same = current.as_deref().and_then(crate::store::decode_outbox).as_ref() == Some(rec);
-                if !still_same {
-                    continue;
-                }
+        let keys: Vec<&[u8]> = delivered.iter().map(|(k, _)| k.as_slice()).collect();
+        let current = self.store.outbox_raw_many(&keys)?;
+        for ((key, rec), current) in delivered.iter().zip(current) {
+            // A bill's entry may have been replaced by a newer revision since
+            // it was read; dead-letter keys are never reused.
+            if key.first() == Some(&b'b') && current.as_deref().and_then(crate::store::decode_outbox).as_ref() != Some(rec) {
+                continue;
             }
             batch.delete_outbox(key);
         }

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 pub mod cf {
     /// (account, month) -> encoded `MonthUsage`.
     pub const USAGE: &str = "usage";
-    /// (partition, event hour, request_id) -> empty: exact dedupe keys.
+    /// (partition, event hour) -> the 128-bit hashes of the request ids seen
+    /// in that hour, 16 bytes each, appended by a merge operator.
     pub const DEDUPE: &str = "dedupe";
     /// (topic, partition) -> next offset to read and event-time watermark.
     pub const OFFSETS: &str = "offsets";
@@ -37,7 +38,7 @@ pub mod cf {
 }
 
 /// On-disk format version. A store written with another version is refused.
-pub const STORE_FORMAT_VERSION: u32 = 1;
+pub const STORE_FORMAT_VERSION: u32 = 2;
 const META_VERSION_KEY: &[u8] = b"format_version";
 
 /// What can go wrong with the state directory.
@@ -218,18 +219,10 @@ fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
     k
 }
 
-/// Dedupe key: partition, then the event hour (sign-flipped big-endian so the
-/// byte order is the time order), then the request id. Pruning a partition's
-/// old hours is one range delete.
-fn dedupe_key(partition: i32, hour: i64, request_id: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(12 + request_id.len());
-    k.extend_from_slice(&partition.to_be_bytes());
-    k.extend_from_slice(&((hour as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(request_id.as_bytes());
-    k
-}
-
-fn dedupe_bound(partition: i32, hour: i64) -> Vec<u8> {
+/// Dedupe bucket key: partition, then the event hour (sign-flipped big-endian
+/// so the byte order is the time order). Pruning a partition's old hours is
+/// one range delete.
+fn dedupe_key(partition: i32, hour: i64) -> Vec<u8> {
     let mut k = partition.to_be_bytes().to_vec();
     k.extend_from_slice(&((hour as u64) ^ (1 << 63)).to_be_bytes());
     k
@@ -293,6 +286,10 @@ impl Store {
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             if *name == cf::USAGE || *name == cf::DEDUPE {
                 o.set_write_buffer_size(32 << 20);
+            }
+            if *name == cf::DEDUPE {
+                // A batch appends the hashes it saw to its hours' buckets.
+                o.set_merge_operator_associative("gatebill_dedupe_concat_v1", merge_concat);
             }
             if *name == cf::USAGE {
                 // Usage is written as deltas and summed by RocksDB (the merge
@@ -382,6 +379,13 @@ impl Store {
         }
     }
 
+    /// Many account-months' usage in one multi-get, in the order asked.
+    pub fn usage_many(&self, keys: &[(&str, Month)]) -> Result<Vec<Option<MonthUsage>>, StoreError> {
+        let cf = self.cf(cf::USAGE);
+        let ks: Vec<Vec<u8>> = keys.iter().map(|(a, m)| account_month_key(a, *m)).collect();
+        self.db.multi_get_cf(ks.iter().map(|k| (cf, k))).into_iter().map(|r| Ok(r?.map(|v| MonthUsage::decode(&v)).transpose()?)).collect()
+    }
+
     /// Many bill states in one multi-get, in the order asked.
     pub fn bill_state_many(&self, keys: &[(&str, Month)]) -> Result<Vec<Option<BillState>>, StoreError> {
         let cf = self.cf(cf::BILLS);
@@ -389,11 +393,14 @@ impl Store {
         self.db.multi_get_cf(ks.iter().map(|k| (cf, k))).into_iter().map(|r| r?.map(|v| decode_bill_state(&v)).transpose()).collect()
     }
 
-    /// Whether each (partition, event hour, request id) was seen, in one multi-get.
-    pub fn seen_many(&self, keys: &[(i32, i64, &str)]) -> Result<Vec<bool>, StoreError> {
-        let cf = self.cf(cf::DEDUPE);
-        let ks: Vec<Vec<u8>> = keys.iter().map(|(p, h, r)| dedupe_key(*p, *h, r)).collect();
-        self.db.multi_get_cf(ks.iter().map(|k| (cf, k))).into_iter().map(|r| Ok(r?.is_some())).collect()
+    /// The request-id hashes seen in one partition's hour: 16 bytes each.
+    pub fn dedupe_bucket(&self, partition: i32, hour: i64) -> Result<Vec<u8>, StoreError> {
+        let v = self.db.get_pinned_cf(self.cf(cf::DEDUPE), dedupe_key(partition, hour))?;
+        match v {
+            Some(v) if v.len() % 16 == 0 => Ok(v.to_vec()),
+            Some(v) => Err(StoreError::Corrupt { cf: cf::DEDUPE, detail: format!("bucket of {} bytes", v.len()) }),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// Every month of one account.
@@ -467,9 +474,32 @@ impl Store {
         Ok(out)
     }
 
-    /// The raw outbox value under a key (to check it was not replaced).
-    pub fn outbox_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.db.get_cf(self.cf(cf::OUTBOX), key)?)
+    /// The raw outbox values under keys (to check they were not replaced), in one multi-get.
+    pub fn outbox_raw_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let cf = self.cf(cf::OUTBOX);
+        self.db.multi_get_cf(keys.iter().map(|k| (cf, *k))).into_iter().map(|r| Ok(r?)).collect()
+    }
+
+    /// Up to `limit` records waiting to be produced, in key order, starting
+    /// after `after` (from the first when `None`).
+    pub fn outbox_page(&self, after: Option<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, OutboxRecord)>, StoreError> {
+        let mode = match after {
+            Some(k) => IteratorMode::From(k, rocksdb::Direction::Forward),
+            None => IteratorMode::Start,
+        };
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf::OUTBOX), mode) {
+            let (k, v) = item?;
+            if after == Some(&k[..]) {
+                continue;
+            }
+            let r = OutboxRecord::decode(&v).ok_or(StoreError::Corrupt { cf: cf::OUTBOX, detail: "undecodable record".into() })?;
+            out.push((k.to_vec(), r));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// The next free dead-letter sequence number.
@@ -505,14 +535,16 @@ impl Store {
 /// Returns `None` (RocksDB reports corruption) if a value does not decode;
 /// it never panics across the FFI boundary.
 fn merge_usage(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
-    let mut sum = match existing {
-        Some(v) => MonthUsage::decode(v).ok()?,
-        None => MonthUsage::default(),
-    };
+    crate::billing::usage::merge_encoded(existing.into_iter().chain(operands)).ok()
+}
+
+/// The dedupe merge operator: the bucket's hashes, then each batch's.
+fn merge_concat(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+    let mut out = existing.map(<[u8]>::to_vec).unwrap_or_default();
     for op in operands {
-        sum.merge(&MonthUsage::decode(op).ok()?);
+        out.extend_from_slice(op);
     }
-    Some(sum.encode())
+    Some(out)
 }
 
 fn decode_bill_state(v: &[u8]) -> Result<BillState, StoreError> {
@@ -546,14 +578,19 @@ impl Batch<'_> {
         self.wb.merge_cf(self.store.cf(cf::USAGE), account_month_key(account, month), delta.encode());
     }
 
-    /// Records a request id as seen.
-    pub fn put_dedupe(&mut self, partition: i32, hour: i64, request_id: &str) {
-        self.wb.put_cf(self.store.cf(cf::DEDUPE), dedupe_key(partition, hour, request_id), []);
+    /// Adds already encoded usage (see [`crate::billing::usage::encode_rows`]) to an account-month.
+    pub fn merge_usage_encoded(&mut self, account: &str, month: Month, encoded: &[u8]) {
+        self.wb.merge_cf(self.store.cf(cf::USAGE), account_month_key(account, month), encoded);
+    }
+
+    /// Appends request-id hashes (16 bytes each) to a partition's hour.
+    pub fn append_dedupe(&mut self, partition: i32, hour: i64, hashes: &[u8]) {
+        self.wb.merge_cf(self.store.cf(cf::DEDUPE), dedupe_key(partition, hour), hashes);
     }
 
     /// Forgets a partition's dedupe keys of hours before `before_hour`.
     pub fn prune_dedupe(&mut self, partition: i32, before_hour: i64) {
-        self.wb.delete_range_cf(self.store.cf(cf::DEDUPE), dedupe_bound(partition, i64::MIN), dedupe_bound(partition, before_hour));
+        self.wb.delete_range_cf(self.store.cf(cf::DEDUPE), dedupe_key(partition, i64::MIN), dedupe_key(partition, before_hour));
     }
 
     /// Sets where a partition stands.
@@ -644,9 +681,9 @@ mod tests {
         delta.hours.entry(1_604_000_000).or_default().calls = 2;
         delta.hours.entry(1_604_003_600).or_default().calls = 5;
         b.merge_usage("acct", m, &delta);
-        b.put_dedupe(0, 3600, "r1");
-        b.put_dedupe(0, 7200, "r2");
-        b.put_dedupe(1, 0, "r3");
+        b.append_dedupe(0, 3600, &[1; 16]);
+        b.append_dedupe(0, 7200, &[2; 16]);
+        b.append_dedupe(1, 0, &[3; 16]);
         b.put_partition("in", 0, PartitionState { next_offset: 42, watermark_ms: 7 });
         let rec = OutboxRecord { topic: "t".into(), key: None, payload: vec![0xff, 0], headers: vec![("h".into(), b"v".to_vec())] };
         b.put_outbox(&outbox_dead_letter_key(5), &rec);
@@ -661,6 +698,11 @@ mod tests {
         let mut b = s.batch();
         b.prune_dedupe(0, 7200);
         s.write(b).unwrap();
-        assert_eq!(s.seen_many(&[(0, 3600, "r1"), (0, 7200, "r2"), (1, 0, "r3")]).unwrap(), vec![false, true, true]);
+        let mut b = s.batch();
+        b.append_dedupe(0, 7200, &[4; 16]);
+        s.write(b).unwrap();
+        assert_eq!(s.dedupe_bucket(0, 3600).unwrap(), Vec::<u8>::new());
+        assert_eq!(s.dedupe_bucket(0, 7200).unwrap(), [[2u8; 16], [4; 16]].concat());
+        assert_eq!(s.dedupe_bucket(1, 0).unwrap(), vec![3; 16]);
     }
 }

@@ -105,6 +105,8 @@ pub struct Bill {
     pub content: BillContent,
     /// `sha256:<hex>` of the content's canonical JSON.
     pub content_hash: String,
+    /// The content as JSON, exactly the bytes `content_hash` is taken of.
+    pub content_json: Vec<u8>,
 }
 
 /// Lifecycle of a bill record (spec section 8).
@@ -145,6 +147,19 @@ pub struct BillRecord {
 }
 
 impl BillRecord {
+    /// The record's JSON given its content's JSON ([`Bill::content_json`]):
+    /// the same bytes as `serde_json::to_vec(&record)`, without serialising
+    /// the content a second time.
+    pub fn json_from_content(content_json: &[u8], revision: u64, status: BillStatus, content_hash: &str) -> Vec<u8> {
+        debug_assert_eq!(content_json.last(), Some(&b'}'));
+        let mut out = Vec::with_capacity(content_json.len() + 128);
+        out.extend_from_slice(&content_json[..content_json.len() - 1]);
+        out.extend_from_slice(format!(r#","revision":{revision},"status":"{}","content_hash":"#, status.as_str()).as_bytes());
+        serde_json::to_writer(&mut out, content_hash).expect("a string serializes");
+        out.push(b'}');
+        out
+    }
+
     /// The output-topic key: `<account_id>/<YYYY-MM>`.
     pub fn key(&self) -> String {
         format!("{}/{}", self.content.account_id, self.content.month)
@@ -154,8 +169,11 @@ impl BillRecord {
 /// Hash of a bill's content: SHA-256 of its canonical JSON (struct field
 /// order, sorted maps), prefixed `sha256:`.
 pub fn content_hash(content: &BillContent) -> String {
-    let json = serde_json::to_vec(content).expect("bill content serializes");
-    format!("sha256:{}", hex::encode(Sha256::digest(&json)))
+    hash_json(&serde_json::to_vec(content).expect("bill content serializes"))
+}
+
+fn hash_json(json: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(json)))
 }
 
 fn price_tiers(item: PackItem, region: Option<&str>, quantity: u64, tiers: &[Tier], unit: &str, unit_size: u64, out: &mut Vec<ChargeLine>) {
@@ -223,8 +241,33 @@ pub fn compute_bills(account_id: &str, account: Option<&AccountRecord>, usages: 
                 total_amount,
                 currency: rules.currency.clone(),
             };
-            let content_hash = content_hash(&content);
-            Bill { month: *month, content, content_hash }
+            let content_json = serde_json::to_vec(&content).expect("bill content serializes");
+            let content_hash = hash_json(&content_json);
+            Bill { month: *month, content, content_hash, content_json }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::Metered;
+
+    #[test]
+    fn record_json_from_content_json_is_serdes_record_json() {
+        let mut u = MonthUsage::default();
+        let m = Metered { frontend_error: false, public_out_bytes: 5_000_000_000, private_out_bytes: 1, inbound_bytes: 2 };
+        u.add(1_604_000_000, "ap-guangzhou", &m);
+        let months = BTreeMap::from([(Month::new(2020, 11).unwrap(), u)]);
+        let bill = compute_bills("a\"b", None, &months, &Rules::default()).pop().unwrap();
+        assert_eq!(bill.content_json, serde_json::to_vec(&bill.content).unwrap());
+        assert_eq!(bill.content_hash, content_hash(&bill.content));
+        for status in [BillStatus::Provisional, BillStatus::Final, BillStatus::Restated] {
+            let rec = BillRecord { content: bill.content.clone(), revision: 7, status, content_hash: bill.content_hash.clone() };
+            assert_eq!(
+                String::from_utf8(BillRecord::json_from_content(&bill.content_json, 7, status, &bill.content_hash)).unwrap(),
+                String::from_utf8(serde_json::to_vec(&rec).unwrap()).unwrap()
+            );
+        }
+    }
 }

@@ -156,6 +156,54 @@ pub fn add_months(date: NaiveDate, months: u32) -> NaiveDate {
     }
 }
 
+/// Length of a [`PlaceCache`] slot: 15 minutes, the finest granularity of
+/// any UTC offset in use since 1972.
+const SLOT_MS: i64 = 900_000;
+const SLOTS: usize = 1 << 14;
+
+/// [`BillingCalendar::place`] remembered per 15-minute slot of UTC time.
+///
+/// A slot is cached only when the zone's offset is the same at both of its
+/// ends and a multiple of 15 minutes: then the whole slot maps into one local
+/// 15-minute slot, hence one local hour and one local date, and every instant
+/// in it has the same place. Slots with an offset change or an odd historic
+/// offset (e.g. Monrovia's -0:44:30 before 1972) are computed every time.
+/// Direct-mapped, 16,384 slots (170 days).
+#[derive(Clone, Debug)]
+pub struct PlaceCache {
+    calendar: BillingCalendar,
+    slots: Vec<(i64, Month, i64)>,
+}
+
+impl PlaceCache {
+    /// An empty cache over a calendar.
+    pub fn new(calendar: BillingCalendar) -> Self {
+        PlaceCache { calendar, slots: vec![(i64::MIN, Month { year: 1970, month: 1 }, 0); SLOTS] }
+    }
+
+    /// The same as [`BillingCalendar::place`].
+    pub fn place(&mut self, ts_ms: i64) -> (Month, i64) {
+        let slot = ts_ms.div_euclid(SLOT_MS);
+        let entry = &mut self.slots[slot.rem_euclid(SLOTS as i64) as usize];
+        if entry.0 == slot {
+            return (entry.1, entry.2);
+        }
+        let (start, end) = (slot * SLOT_MS, slot * SLOT_MS + SLOT_MS - 1);
+        let offset = |ms: i64| {
+            use chrono::Offset;
+            self.calendar.tz.timestamp_millis_opt(ms).single().expect("utc instant maps uniquely").offset().fix().local_minus_utc()
+        };
+        let o = offset(start);
+        if o == offset(end) && i64::from(o) % (SLOT_MS / 1000) == 0 {
+            let (month, hour) = self.calendar.place(start);
+            *entry = (slot, month, hour);
+            (month, hour)
+        } else {
+            self.calendar.place(ts_ms)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +259,35 @@ mod tests {
         assert_eq!(Month::from_ordinal(m.ordinal()), m);
         assert!("2020-13".parse::<Month>().is_err());
         assert!("20-11".parse::<Month>().is_err());
+    }
+
+    #[test]
+    fn place_cache_agrees_with_the_calendar_everywhere() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        for tz in [
+            chrono_tz::Asia::Shanghai,
+            chrono_tz::Asia::Kolkata,
+            chrono_tz::Australia::Lord_Howe,
+            chrono_tz::America::St_Johns,
+            chrono_tz::Africa::Monrovia,
+            chrono_tz::Europe::London,
+            chrono_tz::America::Havana,
+        ] {
+            let cal = BillingCalendar::new(tz);
+            let mut cache = PlaceCache::new(cal);
+            // Random instants since 1970, and dense ones around 1970-1973 (Monrovia's odd offset).
+            for i in 0..60_000 {
+                let t = if i % 2 == 0 { rng.random_range(0..4_102_444_800_000i64) } else { rng.random_range(0..100_000_000_000i64) };
+                assert_eq!(cache.place(t), cal.place(t), "{tz} at {t}");
+                assert_eq!(cache.place(t), cal.place(t), "{tz} at {t} (cached)");
+            }
+            // Every minute across a year of transitions.
+            let start = 1_604_000_000_000i64;
+            for m in 0..(366 * 24 * 60) {
+                let t = start + m * 60_000 + 59_999 * (m % 2);
+                assert_eq!(cache.place(t), cal.place(t), "{tz} at {t}");
+            }
+        }
     }
 }

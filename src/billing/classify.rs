@@ -16,9 +16,88 @@ pub struct Metered {
     pub inbound_bytes: u64,
 }
 
+/// The fields of an event that classification reads, borrowed: the decoder's
+/// fast path builds it straight from the message bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct Legs<'a> {
+    /// Region of the API service.
+    pub region: &'a str,
+    /// How the client reached the gateway.
+    pub client_network: Network,
+    /// Rejected by the gateway itself.
+    pub frontend_error: bool,
+    /// Client to gateway bytes.
+    pub request_bytes: u64,
+    /// Gateway to client bytes.
+    pub response_bytes: u64,
+    /// The backend leg.
+    pub backend: BackendRef<'a>,
+}
+
+/// A borrowed [`Backend`].
+#[derive(Clone, Copy, Debug)]
+pub enum BackendRef<'a> {
+    /// An HTTP service.
+    Http {
+        /// Region, when inside the cloud.
+        region: Option<&'a str>,
+        /// Inside the cloud.
+        in_cloud: bool,
+        /// Public or private address.
+        address: Network,
+        /// Gateway to backend bytes.
+        request_bytes: u64,
+        /// Backend to gateway bytes.
+        response_bytes: u64,
+    },
+    /// A serverless cloud function.
+    Scf {
+        /// Region of the function.
+        region: &'a str,
+        /// Gateway to function bytes.
+        request_bytes: u64,
+        /// Function to gateway bytes.
+        response_bytes: u64,
+    },
+    /// A mock backend.
+    Mock,
+}
+
+impl AccessEvent {
+    /// The event's fields as classification reads them.
+    pub fn legs(&self) -> Legs<'_> {
+        let backend = match &self.backend {
+            Backend::Mock => BackendRef::Mock,
+            Backend::Http { region, in_cloud, address, request_bytes, response_bytes } => BackendRef::Http {
+                region: region.as_deref(),
+                in_cloud: *in_cloud,
+                address: *address,
+                request_bytes: *request_bytes,
+                response_bytes: *response_bytes,
+            },
+            Backend::Scf { region, request_bytes, response_bytes } => {
+                BackendRef::Scf { region, request_bytes: *request_bytes, response_bytes: *response_bytes }
+            }
+        };
+        Legs {
+            region: &self.region,
+            client_network: self.client_network,
+            frontend_error: self.frontend_error,
+            request_bytes: self.request_bytes,
+            response_bytes: self.response_bytes,
+            backend,
+        }
+    }
+}
+
 /// Classifies an event's legs. Fails with `unsupported_traffic_path` for an
 /// HTTP backend at a private address outside the API's region or the cloud.
 pub fn classify(e: &AccessEvent) -> Result<Metered, DecodeError> {
+    classify_legs(&e.legs())
+}
+
+/// [`classify`] on a borrowed view.
+pub fn classify_legs(e: &Legs<'_>) -> Result<Metered, DecodeError> {
     let mut m = Metered { frontend_error: e.frontend_error, inbound_bytes: e.request_bytes, ..Metered::default() };
     // Leg 1: gateway to client.
     match e.client_network {
@@ -26,16 +105,16 @@ pub fn classify(e: &AccessEvent) -> Result<Metered, DecodeError> {
         Network::Private => m.private_out_bytes += e.response_bytes,
     }
     // Leg 2: gateway to backend.
-    match &e.backend {
-        Backend::Mock => {}
-        Backend::Http { region, in_cloud, address, request_bytes, response_bytes } => {
-            let same_region = *in_cloud && region.as_deref() == Some(e.region.as_str());
+    match e.backend {
+        BackendRef::Mock => {}
+        BackendRef::Http { region, in_cloud, address, request_bytes, response_bytes } => {
+            let same_region = in_cloud && region == Some(e.region);
             match (same_region, address) {
                 (true, Network::Private) => m.private_out_bytes += request_bytes,
                 (_, Network::Public) => m.public_out_bytes += request_bytes,
                 (false, Network::Private) => {
-                    let where_ = if *in_cloud {
-                        format!("in region `{}`, not the API's region `{}`", region.as_deref().unwrap_or(""), e.region)
+                    let where_ = if in_cloud {
+                        format!("in region `{}`, not the API's region `{}`", region.unwrap_or(""), e.region)
                     } else {
                         "outside the cloud".to_string()
                     };
@@ -50,8 +129,8 @@ pub fn classify(e: &AccessEvent) -> Result<Metered, DecodeError> {
             }
             m.inbound_bytes += response_bytes;
         }
-        Backend::Scf { region, request_bytes, response_bytes } => {
-            if *region == e.region {
+        BackendRef::Scf { region, request_bytes, response_bytes } => {
+            if region == e.region {
                 m.private_out_bytes += request_bytes;
             } else {
                 m.public_out_bytes += request_bytes;

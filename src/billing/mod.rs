@@ -15,6 +15,7 @@ pub mod entitlements;
 pub mod event;
 pub mod money;
 pub mod reference;
+pub mod scan;
 pub mod usage;
 
 pub use account::decode_account;

@@ -97,86 +97,200 @@ impl MonthUsage {
     /// Encodes as: version, region table, then per hour the delta of its start
     /// and its counters as LEB128 varints.
     pub fn encode(&self) -> Vec<u8> {
-        let mut regions: Vec<&str> = self.hours.values().flat_map(|h| h.public_out_bytes.keys().map(String::as_str)).collect();
-        regions.sort_unstable();
-        regions.dedup();
-        let mut out = Vec::with_capacity(8 + self.hours.len() * 16);
-        out.push(ENCODING_VERSION);
-        put_varint(&mut out, regions.len() as u64);
-        for r in &regions {
-            put_varint(&mut out, r.len() as u64);
-            out.extend_from_slice(r.as_bytes());
+        let mut public: Vec<(&str, u64)> = Vec::new();
+        let mut spans = Vec::with_capacity(self.hours.len());
+        for (h, u) in &self.hours {
+            let start = public.len();
+            public.extend(u.public_out_bytes.iter().map(|(r, b)| (r.as_str(), *b)));
+            spans.push((*h, u, start, public.len()));
         }
-        put_varint(&mut out, self.hours.len() as u64);
-        let mut prev = 0i64;
-        for (i, (h, u)) in self.hours.iter().enumerate() {
-            if i == 0 {
-                put_varint(&mut out, zigzag(*h));
-            } else {
-                put_varint(&mut out, (*h - prev) as u64);
-            }
-            prev = *h;
-            for v in [u.calls, u.frontend_error_calls, u.private_out_bytes, u.inbound_bytes] {
-                put_varint(&mut out, v);
-            }
-            put_varint(&mut out, u.public_out_bytes.len() as u64);
-            for (r, b) in &u.public_out_bytes {
-                let idx = regions.binary_search(&r.as_str()).expect("region in table");
-                put_varint(&mut out, idx as u64);
-                put_varint(&mut out, *b);
-            }
-        }
-        out
+        let rows: Vec<HourRow<'_>> = spans
+            .iter()
+            .map(|(h, u, a, b)| HourRow {
+                hour_start: *h,
+                calls: u.calls,
+                frontend_error_calls: u.frontend_error_calls,
+                private_out_bytes: u.private_out_bytes,
+                inbound_bytes: u.inbound_bytes,
+                public: &public[*a..*b],
+            })
+            .collect();
+        encode_rows(&rows)
     }
 
     /// Decodes bytes written by [`MonthUsage::encode`].
     pub fn decode(bytes: &[u8]) -> Result<MonthUsage, UsageDecodeError> {
-        let mut r = Reader { b: bytes, pos: 0 };
-        let version = r.byte()?;
-        if version != ENCODING_VERSION {
-            return Err(UsageDecodeError::Version(version));
-        }
-        let n_regions = r.len()?;
-        let mut regions = Vec::with_capacity(n_regions);
-        for _ in 0..n_regions {
-            let len = r.len()?;
-            let s = r.take(len)?;
-            regions.push(std::str::from_utf8(s).map_err(|_| UsageDecodeError::Corrupt("region is not UTF-8"))?.to_string());
-        }
-        let n_hours = r.len()?;
-        let mut hours = BTreeMap::new();
-        let mut prev = 0i64;
-        for i in 0..n_hours {
-            let h = if i == 0 {
-                unzigzag(r.varint()?)
-            } else {
-                let d = r.varint()?;
-                if d == 0 || d > i64::MAX as u64 {
-                    return Err(UsageDecodeError::Corrupt("hours out of order"));
-                }
-                prev.checked_add(d as i64).ok_or(UsageDecodeError::Corrupt("hour overflow"))?
-            };
-            prev = h;
-            let mut u = HourUsage {
-                calls: r.varint()?,
-                frontend_error_calls: r.varint()?,
-                private_out_bytes: r.varint()?,
-                inbound_bytes: r.varint()?,
-                public_out_bytes: BTreeMap::new(),
-            };
-            for _ in 0..r.len()? {
-                let idx = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
-                let region = regions.get(idx).ok_or(UsageDecodeError::Corrupt("region index out of range"))?;
-                let b = r.varint()?;
-                u.public_out_bytes.insert(region.clone(), b);
-            }
-            hours.insert(h, u);
-        }
-        if r.pos != bytes.len() {
-            return Err(UsageDecodeError::Corrupt("trailing bytes"));
-        }
+        let mut rows = Vec::new();
+        let mut public = Vec::new();
+        parse_rows(bytes, &mut rows, &mut public)?;
+        let hours = rows
+            .into_iter()
+            .map(|r| {
+                let u = HourUsage {
+                    calls: r.counters[0],
+                    frontend_error_calls: r.counters[1],
+                    private_out_bytes: r.counters[2],
+                    inbound_bytes: r.counters[3],
+                    public_out_bytes: public[r.public.clone()].iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                };
+                (r.hour_start, u)
+            })
+            .collect();
         Ok(MonthUsage { hours })
     }
+}
+
+/// One decoded hour whose public bytes are a range of a shared list.
+#[derive(Clone, Debug)]
+struct RawRow {
+    hour_start: i64,
+    counters: [u64; 4],
+    public: std::ops::Range<usize>,
+}
+
+/// Decodes encoded usage, appending its hours to `rows` and their public
+/// bytes by region (borrowed from `bytes`) to `public`.
+fn parse_rows<'a>(bytes: &'a [u8], rows: &mut Vec<RawRow>, public: &mut Vec<(&'a str, u64)>) -> Result<(), UsageDecodeError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    let version = r.byte()?;
+    if version != ENCODING_VERSION {
+        return Err(UsageDecodeError::Version(version));
+    }
+    let n_regions = r.len()?;
+    let mut regions = Vec::with_capacity(n_regions);
+    for _ in 0..n_regions {
+        let len = r.len()?;
+        let s = r.take(len)?;
+        regions.push(std::str::from_utf8(s).map_err(|_| UsageDecodeError::Corrupt("region is not UTF-8"))?);
+    }
+    let n_hours = r.len()?;
+    let mut prev = 0i64;
+    for i in 0..n_hours {
+        let h = if i == 0 {
+            unzigzag(r.varint()?)
+        } else {
+            let d = r.varint()?;
+            if d == 0 || d > i64::MAX as u64 {
+                return Err(UsageDecodeError::Corrupt("hours out of order"));
+            }
+            prev.checked_add(d as i64).ok_or(UsageDecodeError::Corrupt("hour overflow"))?
+        };
+        prev = h;
+        let counters = [r.varint()?, r.varint()?, r.varint()?, r.varint()?];
+        let start = public.len();
+        for _ in 0..r.len()? {
+            let idx = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
+            let region = regions.get(idx).ok_or(UsageDecodeError::Corrupt("region index out of range"))?;
+            public.push((*region, r.varint()?));
+        }
+        rows.push(RawRow { hour_start: h, counters, public: start..public.len() });
+    }
+    if r.pos != bytes.len() {
+        return Err(UsageDecodeError::Corrupt("trailing bytes"));
+    }
+    Ok(())
+}
+
+/// Sums encoded month usages into one encoding, without building a
+/// [`MonthUsage`]: the bytes equal decoding each, [`MonthUsage::merge`]-ing
+/// them and encoding the sum. This is the store's merge operator.
+pub fn merge_encoded<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u8>, UsageDecodeError> {
+    let mut rows = Vec::new();
+    let mut public = Vec::new();
+    for p in parts {
+        parse_rows(p, &mut rows, &mut public)?;
+    }
+    rows.sort_by_key(|r| r.hour_start);
+    let mut merged: Vec<(i64, [u64; 4], std::ops::Range<usize>)> = Vec::with_capacity(rows.len());
+    let mut sums: Vec<(&str, u64)> = Vec::with_capacity(public.len());
+    let mut scratch: Vec<(&str, u64)> = Vec::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let hour = rows[i].hour_start;
+        let mut counters = [0u64; 4];
+        scratch.clear();
+        while i < rows.len() && rows[i].hour_start == hour {
+            for (c, v) in counters.iter_mut().zip(rows[i].counters) {
+                *c = c.saturating_add(v);
+            }
+            scratch.extend_from_slice(&public[rows[i].public.clone()]);
+            i += 1;
+        }
+        scratch.sort_by_key(|(r, _)| *r);
+        let start = sums.len();
+        for (r, b) in &scratch {
+            match sums[start..].last_mut() {
+                Some((last, v)) if last == r => *v = v.saturating_add(*b),
+                _ => sums.push((r, *b)),
+            }
+        }
+        merged.push((hour, counters, start..sums.len()));
+    }
+    let rows: Vec<HourRow<'_>> = merged
+        .iter()
+        .map(|(h, c, p)| HourRow {
+            hour_start: *h,
+            calls: c[0],
+            frontend_error_calls: c[1],
+            private_out_bytes: c[2],
+            inbound_bytes: c[3],
+            public: &sums[p.clone()],
+        })
+        .collect();
+    Ok(encode_rows(&rows))
+}
+
+/// One hour of usage as borrowed parts, for encoding without building a
+/// [`MonthUsage`] first.
+#[derive(Clone, Copy, Debug)]
+pub struct HourRow<'a> {
+    /// UTC epoch second at which the local hour starts.
+    pub hour_start: i64,
+    /// All calls.
+    pub calls: u64,
+    /// Frontend-error calls.
+    pub frontend_error_calls: u64,
+    /// Private outbound bytes.
+    pub private_out_bytes: u64,
+    /// Inbound bytes.
+    pub inbound_bytes: u64,
+    /// Public outbound bytes by region: sorted by region, distinct, non-zero.
+    pub public: &'a [(&'a str, u64)],
+}
+
+/// Encodes hours given in ascending, distinct order; the bytes are those of
+/// the [`MonthUsage`] with these hours ([`MonthUsage::encode`] uses it).
+pub fn encode_rows(rows: &[HourRow<'_>]) -> Vec<u8> {
+    let mut regions: Vec<&str> = rows.iter().flat_map(|h| h.public.iter().map(|(r, _)| *r)).collect();
+    regions.sort_unstable();
+    regions.dedup();
+    let mut out = Vec::with_capacity(8 + rows.len() * 16);
+    out.push(ENCODING_VERSION);
+    put_varint(&mut out, regions.len() as u64);
+    for r in &regions {
+        put_varint(&mut out, r.len() as u64);
+        out.extend_from_slice(r.as_bytes());
+    }
+    put_varint(&mut out, rows.len() as u64);
+    let mut prev = 0i64;
+    for (i, u) in rows.iter().enumerate() {
+        if i == 0 {
+            put_varint(&mut out, zigzag(u.hour_start));
+        } else {
+            put_varint(&mut out, (u.hour_start - prev) as u64);
+        }
+        prev = u.hour_start;
+        for v in [u.calls, u.frontend_error_calls, u.private_out_bytes, u.inbound_bytes] {
+            put_varint(&mut out, v);
+        }
+        put_varint(&mut out, u.public.len() as u64);
+        for (r, b) in u.public {
+            let idx = regions.binary_search(r).expect("region in table");
+            put_varint(&mut out, idx as u64);
+            put_varint(&mut out, *b);
+        }
+    }
+    out
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -275,6 +389,13 @@ mod tests {
             let mut bc = b.clone(); bc.merge(&c);
             let mut a_bc = a.clone(); a_bc.merge(&bc);
             prop_assert_eq!(ab_c, a_bc);
+        }
+
+        #[test]
+        fn merging_encodings_equals_merging_months(a in arb_month(), b in arb_month(), c in arb_month()) {
+            let mut sum = a.clone(); sum.merge(&b); sum.merge(&c);
+            let merged = merge_encoded([a.encode().as_slice(), b.encode().as_slice(), c.encode().as_slice()]).unwrap();
+            prop_assert_eq!(merged, sum.encode());
         }
 
         #[test]

@@ -1,0 +1,475 @@
+//! The decoder's fast path: one pass over the message bytes, no allocation,
+//! fields borrowed from the message.
+//!
+//! It accepts only what it can decide without doubt: UTF-8, strings without
+//! escapes, integers in plain notation, scalar unknown fields, no duplicate
+//! fields, and an event that passes every check of [`decode_event`] and
+//! [`classify`](super::classify::classify). Anything else, every malformed or
+//! invalid message included, goes to the full decoder, which gives the
+//! reason code and the detail. So the fast path never decides a rejection,
+//! and an event it accepts is the event the full decoder would accept, field
+//! for field (a property test in this module holds it to that).
+
+use super::classify::{classify_legs, BackendRef, Legs, Metered};
+use super::event::{decode_event, AccessEvent, DecodeError, Network, MAX_BYTE_COUNT, MAX_TIME_MS, MIN_TIME_MS};
+use std::borrow::Cow;
+
+/// What the pipeline needs of an accepted event: the dedupe key, where the
+/// usage goes, and what it adds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Billable<'a> {
+    /// The dedupe key.
+    pub request_id: Cow<'a, str>,
+    /// The billed account.
+    pub account_id: Cow<'a, str>,
+    /// Region of the API service.
+    pub region: Cow<'a, str>,
+    /// Event time, UTC epoch milliseconds.
+    pub time_ms: i64,
+    /// What the event adds to its hour.
+    pub metered: Metered,
+}
+
+impl Billable<'static> {
+    /// From a fully decoded event.
+    pub fn from_event(e: AccessEvent, metered: Metered) -> Self {
+        Billable {
+            request_id: Cow::Owned(e.request_id),
+            account_id: Cow::Owned(e.account_id),
+            region: Cow::Owned(e.region),
+            time_ms: e.time_ms,
+            metered,
+        }
+    }
+}
+
+/// Decodes, validates and classifies one event: the fast path when it
+/// applies, else the full decoder (same result, and the reasons for errors).
+pub fn decode_billable(bytes: &[u8]) -> Result<Billable<'_>, DecodeError> {
+    if let Some(b) = fast(bytes) {
+        return Ok(b);
+    }
+    let e = decode_event(bytes)?;
+    let m = super::classify::classify(&e)?;
+    Ok(Billable::from_event(e, m))
+}
+
+struct Scanner<'a> {
+    /// The message, known to be UTF-8.
+    s: &'a str,
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Scanner<'a> {
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.b.get(self.i) {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.b.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    /// A string without escapes or control characters.
+    fn str(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let start = self.i;
+        let n = self.b[start..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20)?;
+        if self.b[start + n] != b'"' {
+            return None;
+        }
+        self.i += n + 1;
+        // Both ends are ASCII quotes, hence character boundaries.
+        self.s.get(start..start + n)
+    }
+
+    /// A non-negative integer in plain notation that fits in a u64.
+    fn uint(&mut self) -> Option<u64> {
+        self.ws();
+        let start = self.i;
+        let mut v = 0u64;
+        while let Some(c @ b'0'..=b'9') = self.b.get(self.i).copied() {
+            v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+            self.i += 1;
+        }
+        let n = self.i - start;
+        if n == 0 || (n > 1 && self.b[start] == b'0') || matches!(self.b.get(self.i), Some(b'.' | b'e' | b'E')) {
+            return None;
+        }
+        Some(v)
+    }
+
+    fn literal(&mut self, word: &[u8]) -> bool {
+        self.ws();
+        let hit = self.b[self.i..].starts_with(word);
+        if hit {
+            self.i += word.len();
+        }
+        hit
+    }
+
+    fn boolean(&mut self) -> Option<bool> {
+        if self.literal(b"true") {
+            Some(true)
+        } else if self.literal(b"false") {
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    fn network(&mut self) -> Option<Network> {
+        match self.str()? {
+            "public" => Some(Network::Public),
+            "private" => Some(Network::Private),
+            _ => None,
+        }
+    }
+
+    /// Skips a scalar value; objects and arrays are left to the full decoder.
+    fn skip_scalar(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.str().map(drop),
+            b't' => self.literal(b"true").then_some(()),
+            b'f' => self.literal(b"false").then_some(()),
+            b'n' => self.literal(b"null").then_some(()),
+            b'-' | b'0'..=b'9' => self.number(),
+            _ => None,
+        }
+    }
+
+    /// A JSON number, by the grammar: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+    fn number(&mut self) -> Option<()> {
+        let digits = |s: &mut Self| {
+            let start = s.i;
+            while s.b.get(s.i).is_some_and(u8::is_ascii_digit) {
+                s.i += 1;
+            }
+            s.i - start
+        };
+        if self.b.get(self.i) == Some(&b'-') {
+            self.i += 1;
+        }
+        let start = self.i;
+        let n = digits(self);
+        if n == 0 || (n > 1 && self.b[start] == b'0') {
+            return None;
+        }
+        if self.b.get(self.i) == Some(&b'.') {
+            self.i += 1;
+            (digits(self) > 0).then_some(())?;
+        }
+        if let Some(b'e' | b'E') = self.b.get(self.i) {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.b.get(self.i) {
+                self.i += 1;
+            }
+            (digits(self) > 0).then_some(())?;
+        }
+        Some(())
+    }
+
+    /// After a member: `,` (more) or `}` (done).
+    fn next_member(&mut self) -> Option<bool> {
+        match self.peek()? {
+            b',' => {
+                self.i += 1;
+                Some(true)
+            }
+            b'}' => {
+                self.i += 1;
+                Some(false)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Marks field `bit` as seen; `None` on a repeat (the full decoder reports
+/// duplicate fields).
+fn once(seen: &mut u16, bit: u16) -> Option<()> {
+    (*seen & (1 << bit) == 0).then(|| *seen |= 1 << bit)
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Http,
+    Scf,
+    Mock,
+}
+
+#[derive(Default)]
+struct RawBackend<'a> {
+    kind: Option<Kind>,
+    region: Option<&'a str>,
+    in_cloud: Option<bool>,
+    address: Option<Network>,
+    request_bytes: Option<u64>,
+    response_bytes: Option<u64>,
+}
+
+fn backend<'a>(p: &mut Scanner<'a>) -> Option<RawBackend<'a>> {
+    p.eat(b'{')?;
+    let mut b = RawBackend::default();
+    let mut seen = 0u16;
+    loop {
+        let key = p.str()?;
+        p.eat(b':')?;
+        match key {
+            "type" => {
+                once(&mut seen, 0)?;
+                b.kind = Some(match p.str()? {
+                    "http" => Kind::Http,
+                    "scf" => Kind::Scf,
+                    "mock" => Kind::Mock,
+                    _ => return None,
+                });
+            }
+            "region" => {
+                once(&mut seen, 1)?;
+                b.region = Some(p.str()?);
+            }
+            "in_cloud" => {
+                once(&mut seen, 2)?;
+                b.in_cloud = Some(p.boolean()?);
+            }
+            "address" => {
+                once(&mut seen, 3)?;
+                b.address = Some(p.network()?);
+            }
+            "request_bytes" => {
+                once(&mut seen, 4)?;
+                b.request_bytes = Some(p.uint()?);
+            }
+            "response_bytes" => {
+                once(&mut seen, 5)?;
+                b.response_bytes = Some(p.uint()?);
+            }
+            _ => p.skip_scalar()?,
+        }
+        if !p.next_member()? {
+            return Some(b);
+        }
+    }
+}
+
+fn id(v: Option<&str>) -> Option<&str> {
+    v.filter(|s| !s.is_empty() && s.len() <= 256)
+}
+
+fn bytes_ok(v: Option<u64>) -> Option<u64> {
+    v.filter(|v| *v < MAX_BYTE_COUNT)
+}
+
+/// The fast path: `Some` only for an event the full decoder accepts as is.
+pub fn fast(bytes: &[u8]) -> Option<Billable<'_>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut p = Scanner { s: text, b: bytes, i: 0 };
+    p.eat(b'{')?;
+    let mut seen = 0u16;
+    let (mut request_id, mut account_id, mut region, mut time, mut client_network) = (None, None, None, None, None);
+    let (mut frontend_error, mut request_bytes, mut response_bytes, mut raw_backend) = (None, None, None, None);
+    loop {
+        let key = p.str()?;
+        p.eat(b':')?;
+        match key {
+            "request_id" => {
+                once(&mut seen, 0)?;
+                request_id = Some(p.str()?);
+            }
+            "account_id" => {
+                once(&mut seen, 1)?;
+                account_id = Some(p.str()?);
+            }
+            "region" => {
+                once(&mut seen, 2)?;
+                region = Some(p.str()?);
+            }
+            "time" => {
+                once(&mut seen, 3)?;
+                let ms = if p.peek()? == b'"' {
+                    chrono::DateTime::parse_from_rfc3339(p.str()?).ok()?.timestamp_millis()
+                } else {
+                    i64::try_from(p.uint()?).ok()?
+                };
+                time = Some(ms).filter(|t| (MIN_TIME_MS..MAX_TIME_MS).contains(t));
+            }
+            "client_network" => {
+                once(&mut seen, 4)?;
+                client_network = Some(p.network()?);
+            }
+            "frontend_error" => {
+                once(&mut seen, 5)?;
+                frontend_error = if p.literal(b"null") { None } else { Some(p.boolean()?) };
+            }
+            "request_bytes" => {
+                once(&mut seen, 6)?;
+                request_bytes = Some(p.uint()?);
+            }
+            "response_bytes" => {
+                once(&mut seen, 7)?;
+                response_bytes = Some(p.uint()?);
+            }
+            "backend" => {
+                once(&mut seen, 8)?;
+                raw_backend = Some(backend(&mut p)?);
+            }
+            _ => p.skip_scalar()?,
+        }
+        if !p.next_member()? {
+            break;
+        }
+    }
+    p.ws();
+    if p.i != bytes.len() {
+        return None;
+    }
+    let region = id(region)?;
+    let b = raw_backend?;
+    let backend = match b.kind? {
+        Kind::Mock => {
+            if b.request_bytes.unwrap_or(0) != 0 || b.response_bytes.unwrap_or(0) != 0 {
+                return None;
+            }
+            BackendRef::Mock
+        }
+        Kind::Http => {
+            let in_cloud = b.in_cloud?;
+            BackendRef::Http {
+                region: if in_cloud { Some(id(b.region)?) } else { None },
+                in_cloud,
+                address: b.address?,
+                request_bytes: bytes_ok(b.request_bytes)?,
+                response_bytes: bytes_ok(b.response_bytes)?,
+            }
+        }
+        Kind::Scf => BackendRef::Scf {
+            region: id(b.region)?,
+            request_bytes: bytes_ok(b.request_bytes)?,
+            response_bytes: bytes_ok(b.response_bytes)?,
+        },
+    };
+    let legs = Legs {
+        region,
+        client_network: client_network?,
+        frontend_error: frontend_error.unwrap_or(false),
+        request_bytes: bytes_ok(request_bytes)?,
+        response_bytes: bytes_ok(response_bytes)?,
+        backend,
+    };
+    let metered = classify_legs(&legs).ok()?;
+    Some(Billable {
+        request_id: Cow::Borrowed(id(request_id)?),
+        account_id: Cow::Borrowed(id(account_id)?),
+        region: Cow::Borrowed(region),
+        time_ms: time?,
+        metered,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn slow(bytes: &[u8]) -> Result<Billable<'static>, DecodeError> {
+        let e = decode_event(bytes)?;
+        let m = super::super::classify::classify(&e)?;
+        Ok(Billable::from_event(e, m))
+    }
+
+    const GEN_EVENT: &str = r#"{"request_id":"2a-0","account_id":"1250000027","service_id":"service-10","api_id":"api-466","region":"ap-shanghai","time":1604160590336,"client_network":"public","frontend_error":false,"status":200,"request_bytes":1392,"response_bytes":1576,"backend":{"type":"scf","region":"ap-guangzhou","request_bytes":588,"response_bytes":18232}}"#;
+
+    #[test]
+    fn the_common_event_takes_the_fast_path_with_the_full_decoders_result() {
+        let f = fast(GEN_EVENT.as_bytes()).expect("fast path");
+        assert!(matches!(f.account_id, Cow::Borrowed("1250000027")));
+        assert_eq!(
+            f.metered,
+            Metered { frontend_error: false, public_out_bytes: 1576 + 588, private_out_bytes: 0, inbound_bytes: 1392 + 18232 }
+        );
+        assert_eq!(f, slow(GEN_EVENT.as_bytes()).unwrap());
+        let spaced = r#" { "request_id" : "r" , "account_id":"a", "region":"x", "time":"2020-11-05T10:15:30.123+08:00",
+            "client_network":"private", "frontend_error": null, "request_bytes":0, "response_bytes":7,
+            "backend": {"type":"http","in_cloud":false,"address":"public","request_bytes":3,"response_bytes":4,"x":-1.5e3} }
+"#;
+        assert_eq!(fast(spaced.as_bytes()).expect("fast path").time_ms, 1_604_542_530_123);
+        let unicode = GEN_EVENT.replace("1250000027", "caf\u{e9}-\u{4e2d}");
+        assert_eq!(fast(unicode.as_bytes()).expect("fast path").account_id, "caf\u{e9}-\u{4e2d}");
+        assert_eq!(fast(unicode.as_bytes()), slow(unicode.as_bytes()).ok());
+    }
+
+    #[test]
+    fn what_the_fast_path_leaves_to_the_full_decoder() {
+        for (from, to) in [
+            ("\"2a-0\"", "\"2a\\u002d0\""),                                       // escape: accepted, but slowly
+            ("\"status\":200", "\"status\":{\"a\":1}"),                           // nested unknown value
+            ("\"status\":200", "\"status\":\"\u{1}\""),                           // control character
+            ("\"status\":200", "\"request_bytes\":1"),                            // duplicate field: rejected
+            ("\"request_bytes\":1392", "\"request_bytes\":01392"),                // leading zero: rejected
+            ("\"request_bytes\":1392", "\"request_bytes\":1392.0"),               // float: rejected
+            ("\"request_bytes\":1392", "\"request_bytes\":9007199254740992"),     // 2^53: rejected
+            ("\"type\":\"scf\",\"region\":\"ap-guangzhou\"", "\"type\":\"scf\""), // missing region: rejected
+            ("\"1250000027\"", "\"\""),                                           // empty id: rejected
+        ] {
+            let s = GEN_EVENT.replacen(from, to, 1);
+            assert_ne!(s, GEN_EVENT, "{from}");
+            assert!(fast(s.as_bytes()).is_none(), "{s}");
+            assert_eq!(decode_billable(s.as_bytes()), slow(s.as_bytes()), "{s}");
+        }
+    }
+
+    fn token() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            Just(" ".into()),
+            Just("null".into()),
+            Just("0".into()),
+            Just("-1".into()),
+            Just("1e3".into()),
+            Just("00".into()),
+            Just("18446744073709551616".into()),
+            Just("9007199254740991".into()),
+            Just("true".into()),
+            Just("\"\"".into()),
+            Just("\"http\"".into()),
+            Just("\"mock\"".into()),
+            Just("\"private\"".into()),
+            Just("\"ap-guangzhou\"".into()),
+            Just("\"2020-11-05T10:15:30+08:00\"".into()),
+            Just("{}".into()),
+            Just(",".into()),
+            Just("\"a\\\"b\"".into()),
+            Just("\"\u{e9}\"".into()),
+            Just("\u{e9}".into()),
+            "[a-z\":,{} 0-9]{1,3}",
+        ]
+    }
+
+    proptest! {
+        /// Mutate a valid event anywhere: whatever the fast path accepts, the
+        /// full decoder accepts with the same fields.
+        #[test]
+        fn fast_path_never_disagrees_with_the_full_decoder(
+            edits in prop::collection::vec((0usize..400, 0usize..4, token()), 1..4),
+            base in prop_oneof![Just(GEN_EVENT.to_string()), Just(GEN_EVENT.replace("\"type\":\"scf\"", "\"type\":\"http\",\"in_cloud\":true,\"address\":\"public\""))],
+        ) {
+            let mut s = base.into_bytes();
+            for (at, cut, tok) in edits {
+                let at = at.min(s.len());
+                let end = (at + cut).min(s.len());
+                s.splice(at..end, tok.into_bytes());
+            }
+            if let Some(f) = fast(&s) {
+                prop_assert_eq!(Ok(f), slow(&s), "{}", String::from_utf8_lossy(&s));
+            }
+        }
+    }
+}

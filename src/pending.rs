@@ -1,0 +1,224 @@
+//! What the pipeline holds in memory between two writes: the batch being
+//! built (usage cells, dead letters, offsets) and the mirror of the dedupe
+//! buckets it checks request ids against. Nothing here is state of record:
+//! a flush writes it in one batch, and a failed step discards it all.
+
+use crate::billing::calendar::Month;
+use crate::billing::event::{truncate, DecodeError, RejectReason};
+use crate::billing::scan::{decode_billable, Billable};
+use crate::billing::usage::{encode_rows, HourRow};
+use crate::billing::Metered;
+use crate::pipeline::{BatchStats, InputMessage};
+use crate::store::{OutboxRecord, PartitionState, Store, StoreError};
+use rustc_hash::FxBuildHasher;
+
+type FxHashMap<K, V> = std::collections::HashMap<K, V, FxBuildHasher>;
+type FxHashSet<T> = std::collections::HashSet<T, FxBuildHasher>;
+use std::collections::BTreeMap;
+
+/// Small dense ids for strings (account and region ids) so that a batch's
+/// map keys are integers, not allocations.
+#[derive(Default)]
+pub struct Interner {
+    ids: FxHashMap<Box<str>, u32>,
+    names: Vec<Box<str>>,
+}
+
+impl Interner {
+    /// The id of a string, assigning the next one on first sight.
+    pub fn intern(&mut self, s: &str) -> u32 {
+        if let Some(id) = self.ids.get(s) {
+            return *id;
+        }
+        let id = self.names.len() as u32;
+        self.names.push(s.into());
+        self.ids.insert(s.into(), id);
+        id
+    }
+
+    /// The string of an id.
+    pub fn name(&self, id: u32) -> &str {
+        &self.names[id as usize]
+    }
+
+    /// How many strings are interned.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether nothing is interned.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// The sums of one (account, local hour, region) in the pending batch.
+#[derive(Clone, Copy, Debug)]
+pub struct HourCell {
+    /// Billing month of the hour.
+    pub month: Month,
+    /// Partition of the first event (where the bill's watermark is read).
+    pub partition: i32,
+    /// Calls.
+    pub calls: u64,
+    /// Frontend-error calls.
+    pub frontend_error_calls: u64,
+    /// Private outbound bytes.
+    pub private_out_bytes: u64,
+    /// Inbound bytes.
+    pub inbound_bytes: u64,
+    /// Public outbound bytes in the cell's region.
+    pub public_out_bytes: u64,
+}
+
+impl HourCell {
+    /// An empty cell.
+    pub fn new(month: Month, partition: i32) -> Self {
+        HourCell { month, partition, calls: 0, frontend_error_calls: 0, private_out_bytes: 0, inbound_bytes: 0, public_out_bytes: 0 }
+    }
+
+    /// Adds one event (saturating, as [`crate::billing::HourUsage::add`]).
+    pub fn add(&mut self, m: &Metered) {
+        self.calls += 1;
+        self.frontend_error_calls += u64::from(m.frontend_error);
+        self.private_out_bytes = self.private_out_bytes.saturating_add(m.private_out_bytes);
+        self.inbound_bytes = self.inbound_bytes.saturating_add(m.inbound_bytes);
+        self.public_out_bytes = self.public_out_bytes.saturating_add(m.public_out_bytes);
+    }
+}
+
+/// The batch being built.
+#[derive(Default)]
+pub struct Pending {
+    /// (account id, hour start, region id) -> sums.
+    pub hours: FxHashMap<(u32, i64, u32), HourCell>,
+    /// Partitions read, with their new offsets and watermarks.
+    pub touched: BTreeMap<i32, PartitionState>,
+    /// Dead letters with their outbox keys.
+    pub dead_letters: Vec<(Vec<u8>, OutboxRecord)>,
+    /// Counts.
+    pub stats: BatchStats,
+}
+
+/// Encodes one account-month's cells (sorted by hour, then region) as a
+/// usage delta: the bytes of the `MonthUsage` they sum to.
+pub fn encode_cells(cells: &[((u32, i64, u32), HourCell)], regions: &Interner) -> Vec<u8> {
+    let mut public: Vec<(&str, u64)> = Vec::new();
+    let mut rows: Vec<(HourRow<'_>, usize, usize)> = Vec::new();
+    let mut h = 0;
+    while h < cells.len() {
+        let hour = cells[h].0 .1;
+        let mut row = HourRow { hour_start: hour, calls: 0, frontend_error_calls: 0, private_out_bytes: 0, inbound_bytes: 0, public: &[] };
+        let start = public.len();
+        while h < cells.len() && cells[h].0 .1 == hour {
+            let c = &cells[h].1;
+            row.calls = row.calls.saturating_add(c.calls);
+            row.frontend_error_calls = row.frontend_error_calls.saturating_add(c.frontend_error_calls);
+            row.private_out_bytes = row.private_out_bytes.saturating_add(c.private_out_bytes);
+            row.inbound_bytes = row.inbound_bytes.saturating_add(c.inbound_bytes);
+            if c.public_out_bytes > 0 {
+                public.push((regions.name(cells[h].0 .2), c.public_out_bytes));
+            }
+            h += 1;
+        }
+        public[start..].sort_unstable();
+        rows.push((row, start, public.len()));
+    }
+    let rows: Vec<HourRow<'_>> = rows.into_iter().map(|(row, a, b)| HourRow { public: &public[a..b], ..row }).collect();
+    encode_rows(&rows)
+}
+
+/// Decodes, classifies and checks the key of one input message.
+fn decode<'m>(m: &InputMessage<'m>, require_keys: bool) -> Result<Billable<'m>, DecodeError> {
+    let b = decode_billable(m.payload.unwrap_or_default())?;
+    if !require_keys || m.key == Some(b.account_id.as_bytes()) {
+        return Ok(b);
+    }
+    let key = m.key.map(|k| String::from_utf8_lossy(k).into_owned());
+    Err(DecodeError::new(
+        RejectReason::KeyMismatch,
+        format!(
+            "message key {} is not the account_id `{}`; producers must key events by account_id",
+            key.map_or("(none)".to_string(), |k| format!("`{}`", truncate(&k, 64))),
+            truncate(&b.account_id, 64)
+        ),
+    ))
+}
+
+/// Below this many items a batch is processed on one thread.
+const PARALLEL_MIN: usize = 1024;
+
+/// Maps a pure function over items, in order, split over the machine's cores
+/// for large inputs (the result is the same as on one thread).
+pub fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    if threads < 2 || items.len() < PARALLEL_MIN {
+        return items.iter().map(&f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items.chunks(chunk).skip(1).map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<R>>())).collect();
+        let mut out: Vec<R> = items[..chunk].iter().map(f).collect();
+        for h in handles {
+            out.extend(h.join().expect("the mapped function does not panic"));
+        }
+        out
+    })
+}
+
+/// Decodes messages in order, on every core for large batches (decoding is pure).
+pub fn decode_all<'m>(msgs: &[&'m InputMessage<'m>], require_keys: bool) -> Vec<Result<Billable<'m>, DecodeError>> {
+    par_map(msgs, |m| decode(m, require_keys))
+}
+
+/// One partition-hour of request-id hashes, as stored plus what the pending
+/// batch added.
+#[derive(Default)]
+struct Bucket {
+    seen: FxHashSet<u128>,
+    new: Vec<u128>,
+}
+
+/// The in-memory mirror of the dedupe buckets of the hours in the window:
+/// a bucket is read from the store the first time its hour is seen, then
+/// answered from memory. New hashes are written with the batch.
+#[derive(Default)]
+pub struct DedupeCache {
+    buckets: FxHashMap<(i32, i64), Bucket>,
+}
+
+impl DedupeCache {
+    /// Records a request-id hash; `false` when it was seen before.
+    pub fn insert(&mut self, store: &Store, partition: i32, hour: i64, hash: u128) -> Result<bool, StoreError> {
+        let bucket = match self.buckets.get_mut(&(partition, hour)) {
+            Some(b) => b,
+            None => {
+                let stored = store.dedupe_bucket(partition, hour)?;
+                let seen = stored.chunks_exact(16).map(|c| u128::from_be_bytes(c.try_into().expect("16 bytes"))).collect();
+                self.buckets.entry((partition, hour)).or_insert(Bucket { seen, new: Vec::new() })
+            }
+        };
+        let fresh = bucket.seen.insert(hash);
+        if fresh {
+            bucket.new.push(hash);
+        }
+        Ok(fresh)
+    }
+
+    /// The hashes added since the last call, per bucket, 16 bytes each.
+    pub fn take_new(&mut self) -> Vec<(i32, i64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for ((p, h), b) in &mut self.buckets {
+            if !b.new.is_empty() {
+                out.push((*p, *h, b.new.drain(..).flat_map(u128::to_be_bytes).collect()));
+            }
+        }
+        out
+    }
+
+    /// Forgets a partition's buckets of hours before `before_hour`.
+    pub fn prune(&mut self, partition: i32, before_hour: i64) {
+        self.buckets.retain(|(p, h), _| *p != partition || *h >= before_hour);
+    }
+}
