@@ -64,7 +64,10 @@ impl Metrics {
             events_billed: counter("events_billed_total", "Events added to usage"),
             rejected: counter_vec("events_rejected_total", "Messages sent to the dead-letter topic", "reason"),
             duplicates: counter("duplicates_total", "Events dropped as repeated request_ids"),
-            late_events: counter("late_events_total", "Events for a month whose bill was already final"),
+            late_events: counter(
+                "late_events_total",
+                "Events for a month that had already closed (month end plus grace behind the partition watermark) when they arrived",
+            ),
             bills_emitted: counter_vec("bills_emitted_total", "Bill records emitted", "status"),
             batch_write_seconds: histogram("batch_write_seconds", "Seconds per synced RocksDB batch write"),
             produce_seconds: histogram("produce_seconds", "Seconds from producing records to their acknowledgement"),

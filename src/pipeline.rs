@@ -24,7 +24,7 @@ use std::time::Instant;
 pub type Deliver<'d, E> = dyn FnMut(&[(Vec<u8>, OutboxRecord)]) -> Result<(), E> + 'd;
 
 /// Bills computed and written per atomic batch by [`Pipeline::emit`].
-const EMIT_CHUNK: usize = 4096;
+const EMIT_CHUNK: usize = 1024;
 
 /// Header names on dead-letter messages.
 pub mod headers {
@@ -468,7 +468,7 @@ impl Pipeline {
 
     /// Recomputes every dirty bill, and every provisional bill whose month
     /// has closed; writes changed records to the outbox with a higher
-    /// revision. Each chunk of up to 4,096 bills is one atomic write of their
+    /// revision. Each chunk of up to 1,024 bills is one atomic write of their
     /// records, bill states and cleared dirty marks. Returns how many records
     /// were emitted.
     pub fn emit(&mut self, now: i64, force_idle: bool) -> Result<usize, StoreError> {

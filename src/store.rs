@@ -518,6 +518,15 @@ impl Store {
         }
     }
 
+    /// Flushes the memtables and compacts the usage column family, so that
+    /// every account-month is one stored value (merge operands summed).
+    pub fn compact_usage(&self) -> Result<(), StoreError> {
+        let cf = self.cf(cf::USAGE);
+        self.db.flush_cf(cf)?;
+        self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        Ok(())
+    }
+
     /// Approximate live data size in bytes per column family.
     pub fn sizes(&self) -> Vec<(&'static str, u64)> {
         cf::ALL

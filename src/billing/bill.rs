@@ -214,7 +214,12 @@ pub fn compute_bills(account_id: &str, account: Option<&AccountRecord>, usages: 
                 u.inbound_bytes += h.inbound_bytes;
                 for (r, b) in &h.public_out_bytes {
                     u.public_out_bytes += b;
-                    *u.public_out_bytes_by_region.entry(r.clone()).or_insert(0) += b;
+                    match u.public_out_bytes_by_region.get_mut(r) {
+                        Some(v) => *v += b,
+                        None => {
+                            u.public_out_bytes_by_region.insert(r.clone(), *b);
+                        }
+                    }
                 }
             }
             let chargeable = Chargeable {

@@ -115,16 +115,18 @@ pub fn deduct(account: Option<&AccountRecord>, usages: &BTreeMap<Month, MonthUsa
     for packs in purchased.values_mut() {
         packs.sort_by(|a, b| (a.until, &a.id).cmp(&(b.until, &b.id)));
     }
+    let mut bought_calls = purchased.remove(&PackItem::Calls).unwrap_or_default();
+    let mut bought_bytes = purchased.remove(&PackItem::PublicOutBytes).unwrap_or_default();
     let mut out = BTreeMap::new();
     for (month, usage) in usages {
         let mut d = MonthDeduction::default();
         let (m_start, m_end) = (cal.month_start(*month), cal.month_end(*month));
         // This month's free-tier packs, one per item, if the month overlaps the window.
-        let mut free: BTreeMap<PackItem, Vec<Pack>> = BTreeMap::new();
+        let (mut free_calls, mut free_bytes) = (Vec::new(), Vec::new());
         if let Some(((from, until), ft)) = free_window {
             if m_start < until && m_end > from {
-                for (item, qty) in [(PackItem::Calls, ft.calls_per_month), (PackItem::PublicOutBytes, ft.public_out_bytes_per_month)] {
-                    free.entry(item).or_default().push(Pack {
+                for (packs, qty) in [(&mut free_calls, ft.calls_per_month), (&mut free_bytes, ft.public_out_bytes_per_month)] {
+                    packs.push(Pack {
                         id: format!("free-tier/{month}"),
                         source: PackSource::FreeTier,
                         from: from.max(m_start),
@@ -134,8 +136,8 @@ pub fn deduct(account: Option<&AccountRecord>, usages: &BTreeMap<Month, MonthUsa
                 }
             }
         }
-        let mut free_taken: BTreeMap<PackItem, BTreeMap<usize, u64>> = BTreeMap::new();
-        let mut bought_taken: BTreeMap<PackItem, BTreeMap<usize, u64>> = BTreeMap::new();
+        // Quantity taken per pack index: [free calls, free bytes, bought calls, bought bytes].
+        let mut taken: [BTreeMap<usize, u64>; 4] = Default::default();
         for (&hour, h) in &usage.hours {
             let billable = h.calls.saturating_sub(h.frontend_error_calls);
             if rules.in_trial(hour) {
@@ -143,28 +145,33 @@ pub fn deduct(account: Option<&AccountRecord>, usages: &BTreeMap<Month, MonthUsa
                 d.trial_public_out_bytes += h.public_out_total();
                 continue;
             }
-            let item = PackItem::Calls;
-            let left = draw(free.get_mut(&item).map_or(&mut [][..], |v| &mut v[..]), hour, billable, free_taken.entry(item).or_default());
-            let left =
-                draw(purchased.get_mut(&item).map_or(&mut [][..], |v| &mut v[..]), hour, left, bought_taken.entry(item).or_default());
-            d.chargeable_calls += left;
-            let item = PackItem::PublicOutBytes;
+            let [free_calls_taken, free_bytes_taken, bought_calls_taken, bought_bytes_taken] = &mut taken;
+            let left = draw(&mut free_calls, hour, billable, free_calls_taken);
+            d.chargeable_calls += draw(&mut bought_calls, hour, left, bought_calls_taken);
             for (region, &bytes) in &h.public_out_bytes {
-                let left = draw(free.get_mut(&item).map_or(&mut [][..], |v| &mut v[..]), hour, bytes, free_taken.entry(item).or_default());
-                let left =
-                    draw(purchased.get_mut(&item).map_or(&mut [][..], |v| &mut v[..]), hour, left, bought_taken.entry(item).or_default());
+                let left = draw(&mut free_bytes, hour, bytes, free_bytes_taken);
+                let left = draw(&mut bought_bytes, hour, left, bought_bytes_taken);
                 if left > 0 {
-                    *d.chargeable_bytes.entry(region.clone()).or_insert(0) += left;
+                    match d.chargeable_bytes.get_mut(region) {
+                        Some(v) => *v += left,
+                        None => {
+                            d.chargeable_bytes.insert(region.clone(), left);
+                        }
+                    }
                 }
             }
         }
-        for (taken, packs) in [(&free_taken, &free), (&bought_taken, &purchased)] {
-            for (item, by_pack) in taken {
-                for (&i, &q) in by_pack {
-                    if q > 0 {
-                        let p = &packs[item][i];
-                        d.deductions.push(Deduction { pack_id: p.id.clone(), source: p.source, item: *item, quantity: q });
-                    }
+        let packs = [
+            (&taken[0], &free_calls, PackItem::Calls),
+            (&taken[1], &free_bytes, PackItem::PublicOutBytes),
+            (&taken[2], &bought_calls, PackItem::Calls),
+            (&taken[3], &bought_bytes, PackItem::PublicOutBytes),
+        ];
+        for (by_pack, packs, item) in packs {
+            for (&i, &q) in by_pack {
+                if q > 0 {
+                    let p = &packs[i];
+                    d.deductions.push(Deduction { pack_id: p.id.clone(), source: p.source, item, quantity: q });
                 }
             }
         }
