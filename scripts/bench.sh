@@ -2,20 +2,28 @@
 # One benchmark command: prints a table and writes it to BENCHMARKS.md with
 # the machine, versions and command line. Every figure comes from this run.
 #
-#   scripts/bench.sh                     # 5,000,000 events, 100,000 accounts
-#   EVENTS=1000000 scripts/bench.sh      # smaller
-#   BROKER_EVENTS=1000000 (default)      # events preloaded into the broker
+#   scripts/bench.sh                      # 5,000,000 events, 100,000 accounts
+#   EVENTS=1000000 scripts/bench.sh       # smaller
+#   BROKER_EVENTS=500000 (default)        # preloaded into the embedded broker
+#   PEER_EVENTS=500000 (default)          # preloaded into tansu for the peer rows
+#   PEER=0 scripts/bench.sh               # skip tansu and Quix Streams
 #
 # Rows:
-#   core path   replay --input-file over a generated NDJSON file (skewed, 30
-#               days, 1% duplicates), dedupe on and off: events/s, CPU s per
-#               million events (user+sys), peak RSS, state size on disk
-#   scaling     core path (dedupe on) at 1x, 2x, 4x the events
-#   floor       `gatebill count-topic`: a consumer that only reads and counts a
-#               topic preloaded into the embedded broker (log start offsets
-#               checked to be 0, else it refuses to count)
-#   end to end  `gatebill replay` over that topic: events/s, ratio to floor
-# The Quix Streams peer row is not implemented yet (see BENCHMARKS.md).
+#   core path    replay --input-file over a generated NDJSON file (skewed, 30
+#                days, 1% duplicates), dedupe off and on: events/s, CPU s per
+#                million events (user+sys of the process), peak RSS, state
+#   scaling      core path (dedupe on) at 2x and 4x the events
+#   floor        `gatebill count-topic`: a consumer with the worker's client
+#                settings that only reads and counts a preloaded topic (log
+#                start offsets checked to be 0, else it refuses to count)
+#   end to end   `gatebill replay` over that topic: events/s, CPU, ratio to floor
+#   peer         scripts/peer_quix.py, the same account-month aggregation in
+#                Quix Streams (RocksDB state), over the same topic on tansu,
+#                beside gatebill's replay of that topic
+# State per account-hour: `gatebill compact` of the dedupe-off state, bytes
+# of every column family except dedupe, over the active account-hours.
+# The embedded broker keeps at most ~100,000 message sets per partition, so
+# its rows use BROKER_EVENTS over PARTITIONS partitions; tansu keeps all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
@@ -23,15 +31,19 @@ command -v /usr/bin/time >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/gatebill-target}"
 EVENTS="${EVENTS:-5000000}"
 ACCOUNTS="${ACCOUNTS:-100000}"
-BROKER_EVENTS="${BROKER_EVENTS:-1000000}"
+BROKER_EVENTS="${BROKER_EVENTS:-500000}"
+PEER_EVENTS="${PEER_EVENTS:-500000}"
 PARTITIONS="${PARTITIONS:-64}"
+PEER="${PEER:-1}"
+BATCH="${BATCH:-500000}"
 cargo build --locked --release --quiet --bin gatebill
 BIN="$CARGO_TARGET_DIR/release/gatebill"
 WORK="$(mktemp -d)"
-trap 'kill $BROKER_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+BROKER_PID="" TANSU_PID=""
+trap 'kill $BROKER_PID $TANSU_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
 ROWS=()
 
-# measure NAME EVENTS CMD...: runs CMD under /usr/bin/time, appends a row.
+# measure NAME EVENTS STATE_DIR CMD...: runs CMD under /usr/bin/time, appends a row.
 measure() {
   local name="$1" n="$2" state="$3"; shift 3
   /usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "$@" >"$WORK/out" 2>"$WORK/err" || { cat "$WORK/err"; exit 1; }
@@ -42,22 +54,20 @@ measure() {
     'BEGIN { printf "| %s | %d | %.0f | %.2f | %.0f MB | %s |", name, n, n / w, (u + s) / (n / 1e6), r / 1024, size }')")
   echo "${ROWS[-1]}"
 }
+# field ROW N: the Nth column of a table row.
+field() { awk -F'|' -v n="$2" '{ gsub(/ /, "", $(n + 1)); print $(n + 1) }' <<<"$1"; }
 
 gen_file() { "$BIN" gen --events "$1" --accounts "$ACCOUNTS" --days 30 --duplicates 0.01 --malformed 0 --output-file "$2" >/dev/null; }
 
 echo "generating $EVENTS events ..."
 gen_file "$EVENTS" "$WORK/events.ndjson"
-cat >"$WORK/nodedupe.toml" <<TOML
-[worker]
-dedupe = false
-batch_size = 50000
-TOML
-cat >"$WORK/dedupe.toml" <<TOML
-[worker]
-batch_size = 50000
-TOML
+printf '[worker]\ndedupe = false\nbatch_size = %s\n' "$BATCH" >"$WORK/nodedupe.toml"
+printf '[worker]\nbatch_size = %s\n' "$BATCH" >"$WORK/dedupe.toml"
+printf '[worker]\nbatch_size = 50000\n' >"$WORK/broker.toml"
 measure "core path, dedupe off" "$EVENTS" "$WORK/s-off" "$BIN" replay --config "$WORK/nodedupe.toml" --input-file "$WORK/events.ndjson" --output-file "$WORK/b-off.ndjson" --state-dir "$WORK/s-off"
+CORE_OFF="${ROWS[-1]}"
 measure "core path, dedupe on" "$EVENTS" "$WORK/s-on" "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/events.ndjson" --output-file "$WORK/b-on.ndjson" --state-dir "$WORK/s-on"
+CORE_ON="${ROWS[-1]}"
 ACCOUNT_HOURS=$(python3 - "$WORK/events.ndjson" <<'PY'
 import json, sys
 seen = set()
@@ -71,31 +81,60 @@ for line in open(sys.argv[1], 'rb'):
 print(len(seen))
 PY
 )
-STATE_OFF_BYTES=$(du -sb "$WORK/s-off" | cut -f1)
-rm -rf "$WORK/s-off" "$WORK/s-on"
+"$BIN" compact --state-dir "$WORK/s-off" >"$WORK/compact.txt"
+STATE_BYTES=$(awk -F'|' '/\| [a-z]/ && $2 !~ /column family|dedupe/ { gsub(/ /, "", $3); s += $3 } END { print s }' "$WORK/compact.txt")
+rm -rf "$WORK/s-off" "$WORK/s-on" "$WORK"/b-*.ndjson*
 for mult in 2 4; do
   n=$((EVENTS * mult))
   gen_file "$n" "$WORK/events-$mult.ndjson"
   measure "scaling ${mult}x, dedupe on" "$n" "$WORK/s-$mult" "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/events-$mult.ndjson" --output-file "$WORK/b-$mult.ndjson" --state-dir "$WORK/s-$mult"
-  rm -rf "$WORK/events-$mult.ndjson" "$WORK/s-$mult"
+  rm -rf "$WORK/events-$mult.ndjson" "$WORK/s-$mult" "$WORK"/b-*.ndjson*
 done
 
 echo "preloading $BROKER_EVENTS events into the embedded broker ($PARTITIONS partitions) ..."
 "$BIN" dev-broker --partitions "$PARTITIONS" >"$WORK/broker.out" 2>/dev/null &
 BROKER_PID=$!
 for _ in $(seq 50); do grep -q bootstrap= "$WORK/broker.out" 2>/dev/null && break; sleep 0.2; done
+GATEBILL_BROKERS="$(head -1 "$WORK/broker.out" | cut -d= -f2)" "$BIN" gen --events "$BROKER_EVENTS" --accounts "$ACCOUNTS" --days 30 --duplicates 0.01 --malformed 0 --no-accounts >/dev/null
 export GATEBILL_BROKERS="$(head -1 "$WORK/broker.out" | cut -d= -f2)"
-"$BIN" gen --events "$BROKER_EVENTS" --accounts "$ACCOUNTS" --days 30 --duplicates 0.01 --malformed 0 --no-accounts >/dev/null
-measure "floor: read and count" "$BROKER_EVENTS" "" "$BIN" count-topic --topic gateway-events
+measure "floor: read and count (embedded broker)" "$BROKER_EVENTS" "" "$BIN" count-topic --topic gateway-events
 FLOOR_ROW="${ROWS[-1]}"
-measure "end to end: replay from the broker" "$BROKER_EVENTS" "$WORK/s-e2e" "$BIN" replay --config "$WORK/dedupe.toml" --state-dir "$WORK/s-e2e" --metrics-address ""
+measure "end to end: replay (embedded broker)" "$BROKER_EVENTS" "$WORK/s-e2e" "$BIN" replay --config "$WORK/broker.toml" --state-dir "$WORK/s-e2e" --metrics-address ""
 E2E_ROW="${ROWS[-1]}"
-RATIO=$(awk -F'|' -v f="$FLOOR_ROW" -v e="$E2E_ROW" 'BEGIN { split(f, a, "|"); split(e, b, "|"); printf "%.0f%%", 100 * b[4] / a[4] }')
+kill $BROKER_PID; BROKER_PID=""
+unset GATEBILL_BROKERS
 
+PEER_LINE="Peer rows skipped (PEER=0)."
+if [ "$PEER" = 1 ]; then
+  TANSU="$(command -v tansu || echo "$HOME/.cache/tansu/bin/tansu")"
+  if [ ! -x "$TANSU" ]; then
+    echo "installing tansu (a Kafka-compatible broker; about 12 minutes) ..."
+    cargo install tansu --locked --features dynostore --root "$HOME/.cache/tansu" --quiet
+  fi
+  python3 -c 'import quixstreams' 2>/dev/null || pip3 install -q quixstreams
+  PORT=$((20000 + RANDOM % 20000))
+  "$TANSU" broker --storage-engine memory://tansu/ --listener-url "tcp://127.0.0.1:$PORT" --advertised-listener-url "tcp://127.0.0.1:$PORT" >"$WORK/tansu.log" 2>&1 &
+  TANSU_PID=$!
+  sleep 2
+  export GATEBILL_BROKERS="127.0.0.1:$PORT"
+  echo "preloading $PEER_EVENTS events into tansu ..."
+  "$BIN" gen --events "$PEER_EVENTS" --accounts "$ACCOUNTS" --days 30 --duplicates 0.01 --malformed 0 --no-accounts >/dev/null
+  measure "floor: read and count (tansu)" "$PEER_EVENTS" "" "$BIN" count-topic --topic gateway-events
+  TANSU_FLOOR="${ROWS[-1]}"
+  measure "end to end: replay (tansu)" "$PEER_EVENTS" "$WORK/s-tansu" "$BIN" replay --config "$WORK/broker.toml" --state-dir "$WORK/s-tansu" --metrics-address ""
+  TANSU_E2E="${ROWS[-1]}"
+  measure "peer: Quix Streams $(python3 -c 'import quixstreams; print(quixstreams.__version__)' 2>/dev/null) (tansu)" "$PEER_EVENTS" "$WORK/s-quix" \
+    python3 scripts/peer_quix.py "$GATEBILL_BROKERS" gateway-events "$PEER_EVENTS" "$WORK/s-quix"
+  QUIX="${ROWS[-1]}"
+  PEER_LINE=$(awk -v g="$(field "$TANSU_E2E" 4)" -v q="$(field "$QUIX" 4)" -v gr="$(field "$TANSU_E2E" 3)" -v qr="$(field "$QUIX" 3)" -v f="$(field "$TANSU_FLOOR" 3)" \
+    'BEGIN { printf "Peer, same tansu topic: gatebill uses %.1fx less CPU per event than Quix Streams and runs %.1fx faster; gatebill end to end on tansu = %.0f%% of its floor.", q / g, gr / qr, 100 * gr / f }')
+fi
+
+RATIO=$(awk -v f="$(field "$FLOOR_ROW" 3)" -v e="$(field "$E2E_ROW" 3)" 'BEGIN { printf "%.0f%%", 100 * e / f }')
 {
   echo "# Benchmarks"
   echo
-  echo "Command: \`EVENTS=$EVENTS ACCOUNTS=$ACCOUNTS BROKER_EVENTS=$BROKER_EVENTS PARTITIONS=$PARTITIONS scripts/bench.sh\`, $(date -u +%Y-%m-%d)"
+  echo "Command: \`EVENTS=$EVENTS ACCOUNTS=$ACCOUNTS BROKER_EVENTS=$BROKER_EVENTS PEER_EVENTS=$PEER_EVENTS PARTITIONS=$PARTITIONS BATCH=$BATCH scripts/bench.sh\`, $(date -u +%Y-%m-%d)"
   echo
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr); $(rustc --version); gatebill $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo
@@ -103,7 +142,9 @@ RATIO=$(awk -F'|' -v f="$FLOOR_ROW" -v e="$E2E_ROW" 'BEGIN { split(f, a, "|"); s
   echo "| --- | ---: | ---: | ---: | ---: | ---: |"
   printf '%s\n' "${ROWS[@]}"
   echo
-  echo "End to end / floor: $RATIO. Active account-hours: $ACCOUNT_HOURS; state without dedupe keys: $STATE_OFF_BYTES bytes = $(awk -v b="$STATE_OFF_BYTES" -v h="$ACCOUNT_HOURS" 'BEGIN { printf "%.1f", b / h }') bytes per account-hour (RocksDB directory incl. WAL and logs)."
+  echo "End to end / floor (embedded broker): $RATIO. $PEER_LINE"
+  echo
+  echo "State after the dedupe-off core run, compacted (\`gatebill compact\`), every column family but dedupe: $STATE_BYTES bytes over $ACCOUNT_HOURS active account-hours = $(awk -v b="$STATE_BYTES" -v h="$ACCOUNT_HOURS" 'BEGIN { printf "%.1f", b / h }') bytes per account-hour."
 } >"$WORK/table.md"
 cat "$WORK/table.md"
 if [ -f BENCHMARKS.md ] && grep -q '^## Analysis' BENCHMARKS.md; then

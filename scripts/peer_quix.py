@@ -12,6 +12,23 @@ import sys
 import time
 
 from quixstreams import Application
+from quixstreams.models.topics import manager as _topic_manager
+
+# tansu does not report `retention.ms`/`retention.bytes` in DescribeConfigs,
+# and Quix derives a changelog topic config from them even with changelogs
+# off. Supply "unlimited" (Kafka's -1) where the broker reports nothing.
+_derive = _topic_manager.TopicManager.derive_topic_config
+
+
+def _derive_with_defaults(cls, topics):
+    topics = list(topics)
+    for t in topics:
+        for k in ("retention.ms", "retention.bytes"):
+            t.broker_config.extra_config.setdefault(k, "-1")
+    return _derive(topics)
+
+
+_topic_manager.TopicManager.derive_topic_config = classmethod(_derive_with_defaults)
 
 brokers, topic_name, n, state_dir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 SHANGHAI = 8 * 3600

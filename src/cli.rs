@@ -39,6 +39,9 @@ pub enum Command {
     ///
     /// Reads from the earliest offsets (or --from) to the end offsets seen at
     /// start. A state directory that already holds offsets resumes from them.
+    /// Bills are computed once, when the end is reached (no provisional bills
+    /// of a half-read history). With --input-file, each write batch holds
+    /// worker.batch_size lines.
     Replay(ReplayArgs),
     /// Show the latest revision of every bill on the output topic.
     Inspect(InspectArgs),
@@ -53,9 +56,23 @@ pub enum Command {
     Gen(GenArgs),
     /// One command, nothing to set up: embedded broker, traffic, worker, bill table.
     Demo(DemoArgs),
+    /// Compact a (stopped worker's) state directory and print its size per column family.
+    ///
+    /// Sums usage deltas into one value per account-month and drops deleted
+    /// data. Worth running after a large replay; the worker does the same
+    /// gradually in the background.
+    Compact(CompactArgs),
     /// Benchmark floor: read a topic to its end with the worker's consumer settings, count, print the rate.
     #[command(hide = true)]
     CountTopic(CountTopicArgs),
+}
+
+/// `gatebill compact`
+#[derive(Args, Debug)]
+pub struct CompactArgs {
+    /// RocksDB state directory.
+    #[arg(long, env = "GATEBILL_STATE_DIR")]
+    state_dir: PathBuf,
 }
 
 /// `gatebill count-topic` (benchmarks)
@@ -303,7 +320,25 @@ pub async fn main(cli: Cli) -> Result<()> {
         Command::Gen(a) => gen(a).await,
         Command::Demo(a) => demo(a).await,
         Command::CountTopic(a) => count_topic(a),
+        Command::Compact(a) => compact(a),
     }
+}
+
+/// `gatebill compact`: compacts every column family, prints bytes on disk.
+fn compact(a: CompactArgs) -> Result<()> {
+    if !a.state_dir.join("CURRENT").exists() {
+        return Err(format!("{} is not a gatebill state directory (no RocksDB CURRENT file)", a.state_dir.display()).into());
+    }
+    let store = crate::store::Store::open(&a.state_dir)?;
+    let sizes = store.compact_all()?;
+    let mut table = comfy_table::Table::new();
+    table.set_header(["column family", "bytes on disk"]);
+    for (cf, bytes) in &sizes {
+        table.add_row([cf.to_string(), bytes.to_string()]);
+    }
+    println!("{table}");
+    println!("total {}", sizes.iter().map(|(_, b)| b).sum::<u64>());
+    Ok(())
 }
 
 /// `gatebill run`: the long-lived worker.

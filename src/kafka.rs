@@ -15,6 +15,9 @@ use std::time::Duration;
 /// A Kafka failure with what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum KafkaSetupError {
+    /// A helper thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(String),
     /// Client creation or a request failed.
     #[error("kafka: {what}: {source}; check --brokers and the [kafka.properties] security settings")]
     Client {

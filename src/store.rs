@@ -518,13 +518,21 @@ impl Store {
         }
     }
 
-    /// Flushes the memtables and compacts the usage column family, so that
-    /// every account-month is one stored value (merge operands summed).
-    pub fn compact_usage(&self) -> Result<(), StoreError> {
-        let cf = self.cf(cf::USAGE);
-        self.db.flush_cf(cf)?;
-        self.db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
-        Ok(())
+    /// Flushes and compacts every column family (usage deltas summed into
+    /// one value per account-month, deleted data dropped); returns the bytes
+    /// of SST files per column family afterwards.
+    pub fn compact_all(&self) -> Result<Vec<(&'static str, u64)>, StoreError> {
+        let mut out = Vec::new();
+        let mut opts = rocksdb::CompactOptions::default();
+        // Rewrite the last level too, so deletions are dropped, not kept as tombstones.
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        for name in cf::ALL {
+            let cf = self.cf(name);
+            self.db.flush_cf(cf)?;
+            self.db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &opts);
+            out.push((name, self.db.property_int_value_cf(cf, "rocksdb.total-sst-files-size")?.unwrap_or(0)));
+        }
+        Ok(out)
     }
 
     /// Approximate live data size in bytes per column family.

@@ -22,7 +22,7 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -328,10 +328,12 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
     let batch_wait = Duration::from_millis(cfg.worker.batch_wait_ms);
     let emit_every = Duration::from_millis(cfg.worker.emit_interval_ms);
     let mut last_emit = Instant::now();
+    let started = Instant::now();
     // Measure lag (and end offsets, which idleness needs) at once, then every
     // LAG_EVERY, or every idle period if that is shorter.
     let lag_every = LAG_EVERY.min(Duration::from_secs(cfg.worker.idle_after_secs.max(1)));
     let mut last_lag: Option<Instant> = None;
+    let end_offsets = EndOffsets::start(k, lag_every)?;
     let replay = matches!(opts.mode, Mode::Replay { .. });
     tokio::pin!(shutdown);
     let mut stopping = false;
@@ -402,14 +404,15 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
             let msgs: Vec<InputMessage> = updates.iter().map(to_input).collect();
             pipeline.apply_accounts(&msgs)?;
         }
-        if last_emit.elapsed() >= emit_every {
+        // A replay computes each bill once, at the end: provisional bills of
+        // a half-read history would only be restated moments later.
+        if !replay && last_emit.elapsed() >= emit_every {
             summary.bills_emitted += pipeline.emit(now_ms(), false)? as u64;
             summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
             last_emit = Instant::now();
         }
+        end_offsets.report(&mut pipeline, &metrics);
         if last_lag.is_none_or(|t| t.elapsed() >= lag_every) {
-            // A network round trip per partition: kept off the per-batch path.
-            report_lag(&consumer, &mut pipeline, &metrics);
             last_lag = Some(Instant::now());
             for (cf, bytes) in store.sizes() {
                 metrics.state_bytes.with_label_values(&[cf]).set(bytes as i64);
@@ -417,8 +420,13 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
         }
     }
     // Stopping or replay finished: bills for everything processed, then flush.
+    tracing::info!(seconds = started.elapsed().as_secs_f64(), messages = summary.messages, "input read");
+    let t = Instant::now();
     summary.bills_emitted += pipeline.emit(now_ms(), replay)? as u64;
+    tracing::info!(seconds = t.elapsed().as_secs_f64(), bills = summary.bills_emitted, "bills computed");
+    let t = Instant::now();
     summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
+    tracing::info!(seconds = t.elapsed().as_secs_f64(), "outbox produced");
     let left = pipeline.outbox()?.len();
     if left > 0 {
         tracing::warn!(records = left, "records still in the outbox; they are produced at the next start");
@@ -438,14 +446,54 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
 /// How often partition lag is measured.
 const LAG_EVERY: Duration = Duration::from_secs(15);
 
-fn report_lag(consumer: &StreamConsumer<StoreOffsets>, pipeline: &mut Pipeline, metrics: &Metrics) {
-    let Ok(assigned) = consumer.assignment() else { return };
-    for e in assigned.elements() {
-        if let Ok((_, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2)) {
-            pipeline.set_high_watermark(e.partition(), high);
-            let next = pipeline.next_offset(e.partition()).unwrap_or(0);
-            metrics.partition_lag.with_label_values(&[&e.partition().to_string()]).set((high - next).max(0));
+/// End offsets of the input topic's partitions, asked of the broker by a
+/// thread with its own client, so that the round trips (seconds on a busy
+/// broker with many partitions) never stall the processing loop.
+struct EndOffsets {
+    latest: Arc<std::sync::Mutex<HashMap<i32, i64>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EndOffsets {
+    fn start(k: &crate::config::KafkaConfig, every: Duration) -> Result<EndOffsets, KafkaSetupError> {
+        let consumer = crate::kafka::plain_consumer(k, &format!("{}-lag", k.group_id))?;
+        let latest: Arc<std::sync::Mutex<HashMap<i32, i64>>> = Arc::default();
+        let stop: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let (topic, l, st) = (k.input_topic.clone(), latest.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("gatebill-lag".into())
+            .spawn(move || {
+                while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                    let n = crate::kafka::partition_counts(&consumer, &[&topic]).ok().and_then(|c| c.get(&topic).copied()).unwrap_or(0);
+                    for p in 0..n {
+                        if let Ok((_, high)) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(5)) {
+                            l.lock().expect("not poisoned").insert(p, high);
+                        }
+                    }
+                    let until = Instant::now() + every;
+                    while Instant::now() < until && !st.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            })
+            .map_err(|e| KafkaSetupError::Thread(e.to_string()))?;
+        Ok(EndOffsets { latest, stop })
+    }
+
+    /// Hands the latest end offsets to the pipeline and the lag gauge.
+    fn report(&self, pipeline: &mut Pipeline, metrics: &Metrics) {
+        let latest = self.latest.lock().expect("not poisoned").clone();
+        for (p, high) in latest {
+            pipeline.set_high_watermark(p, high);
+            let next = pipeline.next_offset(p).unwrap_or(0);
+            metrics.partition_lag.with_label_values(&[&p.to_string()]).set((high - next).max(0));
         }
+    }
+}
+
+impl Drop for EndOffsets {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
