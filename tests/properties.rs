@@ -57,7 +57,12 @@ fn to_months(hours: &[(i64, u64, u64, BTreeMap<String, u64>)], rules: &Rules) ->
     let mut months: BTreeMap<Month, MonthUsage> = BTreeMap::new();
     for (t, calls, fe, bytes) in hours {
         let (month, hour) = rules.calendar.place(t * 1000);
-        let part = HourUsage { calls: *calls, frontend_error_calls: *fe, public_out_bytes: bytes.clone(), ..Default::default() };
+        let part = HourUsage {
+            calls: *calls,
+            frontend_error_calls: *fe,
+            public_out_bytes: bytes.iter().map(|(r, b)| (r.as_str().into(), *b)).collect(),
+            ..Default::default()
+        };
         let mut m = MonthUsage::default();
         m.hours.insert(hour, part);
         months.entry(month).or_default().merge(&m);

@@ -214,10 +214,10 @@ pub fn compute_bills(account_id: &str, account: Option<&AccountRecord>, usages: 
                 u.inbound_bytes += h.inbound_bytes;
                 for (r, b) in &h.public_out_bytes {
                     u.public_out_bytes += b;
-                    match u.public_out_bytes_by_region.get_mut(r) {
+                    match u.public_out_bytes_by_region.get_mut(r.as_ref()) {
                         Some(v) => *v += b,
                         None => {
-                            u.public_out_bytes_by_region.insert(r.clone(), *b);
+                            u.public_out_bytes_by_region.insert(r.to_string(), *b);
                         }
                     }
                 }

@@ -152,10 +152,10 @@ pub fn deduct(account: Option<&AccountRecord>, usages: &BTreeMap<Month, MonthUsa
                 let left = draw(&mut free_bytes, hour, bytes, free_bytes_taken);
                 let left = draw(&mut bought_bytes, hour, left, bought_bytes_taken);
                 if left > 0 {
-                    match d.chargeable_bytes.get_mut(region) {
+                    match d.chargeable_bytes.get_mut(region.as_ref()) {
                         Some(v) => *v += left,
                         None => {
-                            d.chargeable_bytes.insert(region.clone(), left);
+                            d.chargeable_bytes.insert(region.to_string(), left);
                         }
                     }
                 }

@@ -3,6 +3,11 @@
 
 use super::classify::Metered;
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// A region name, shared by every hour that mentions it (decoding a month
+/// allocates each region name once, not once per hour).
+pub type Region = Arc<str>;
 
 /// Version byte of the current binary encoding.
 pub const ENCODING_VERSION: u8 = 1;
@@ -19,7 +24,7 @@ pub struct HourUsage {
     /// Inbound bytes (recorded, free).
     pub inbound_bytes: u64,
     /// Public outbound bytes by gateway region; only non-zero entries.
-    pub public_out_bytes: BTreeMap<String, u64>,
+    pub public_out_bytes: BTreeMap<Region, u64>,
 }
 
 impl HourUsage {
@@ -33,7 +38,7 @@ impl HourUsage {
             match self.public_out_bytes.get_mut(region) {
                 Some(v) => *v = v.saturating_add(m.public_out_bytes),
                 None => {
-                    self.public_out_bytes.insert(region.to_string(), m.public_out_bytes);
+                    self.public_out_bytes.insert(region.into(), m.public_out_bytes);
                 }
             }
         }
@@ -101,7 +106,7 @@ impl MonthUsage {
         let mut spans = Vec::with_capacity(self.hours.len());
         for (h, u) in &self.hours {
             let start = public.len();
-            public.extend(u.public_out_bytes.iter().map(|(r, b)| (r.as_str(), *b)));
+            public.extend(u.public_out_bytes.iter().map(|(r, b)| (r.as_ref(), *b)));
             spans.push((*h, u, start, public.len()));
         }
         let rows: Vec<HourRow<'_>> = spans
@@ -123,6 +128,15 @@ impl MonthUsage {
         let mut rows = Vec::new();
         let mut public = Vec::new();
         parse_rows(bytes, &mut rows, &mut public)?;
+        // One shared name per distinct region (a month has a handful).
+        let mut names: Vec<Region> = Vec::new();
+        let mut name = |r: &str| match names.iter().find(|n| n.as_ref() == r) {
+            Some(n) => n.clone(),
+            None => {
+                names.push(r.into());
+                names[names.len() - 1].clone()
+            }
+        };
         let hours = rows
             .into_iter()
             .map(|r| {
@@ -131,7 +145,7 @@ impl MonthUsage {
                     frontend_error_calls: r.counters[1],
                     private_out_bytes: r.counters[2],
                     inbound_bytes: r.counters[3],
-                    public_out_bytes: public[r.public.clone()].iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+                    public_out_bytes: public[r.public.clone()].iter().map(|(k, v)| (name(k), *v)).collect(),
                 };
                 (r.hour_start, u)
             })
@@ -368,6 +382,7 @@ mod tests {
             hours: m
                 .into_iter()
                 .map(|(h, (c, f, p, i, pb))| {
+                    let pb = pb.into_iter().map(|(r, b)| (Region::from(r), b)).collect();
                     (h, HourUsage { calls: c, frontend_error_calls: f, private_out_bytes: p, inbound_bytes: i, public_out_bytes: pb })
                 })
                 .collect(),
