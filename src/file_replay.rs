@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Lines decoded together (the write batch is `worker.batch_size` lines).
-const CHUNK_LINES: usize = 65_536;
+const CHUNK_LINES: usize = 16_384;
 
 /// Outbox records written to the sink per step.
 const OUTBOX_PAGE: usize = 4096;
@@ -31,11 +31,76 @@ pub enum Sink {
 }
 
 /// Opens the input: `-` is stdin; gzip is recognised by its magic bytes.
-fn open_input(path: &Path) -> std::io::Result<Box<dyn BufRead>> {
-    let raw: Box<dyn Read> = if path == Path::new("-") { Box::new(std::io::stdin()) } else { Box::new(std::fs::File::open(path)?) };
+fn open_input(path: &Path) -> std::io::Result<Box<dyn BufRead + Send>> {
+    let raw: Box<dyn Read + Send> = if path == Path::new("-") { Box::new(std::io::stdin()) } else { Box::new(std::fs::File::open(path)?) };
     let mut buf = BufReader::with_capacity(1 << 20, raw);
     let gz = buf.fill_buf()?.starts_with(&[0x1f, 0x8b]);
     Ok(if gz { Box::new(BufReader::with_capacity(1 << 20, flate2::read::MultiGzDecoder::new(buf))) } else { Box::new(buf) })
+}
+
+/// Lines of the input, read ahead by [`read_chunks`].
+struct Chunk {
+    buf: Vec<u8>,
+    /// (start, end, line number) of each non-blank line not processed before.
+    spans: Vec<(usize, usize, i64)>,
+    /// Number of the last line read.
+    last_line: i64,
+    /// The input ended with this chunk.
+    done: bool,
+}
+
+/// Reads the input on a thread, `chunk_lines` lines per chunk, skipping
+/// lines up to `start` (already processed) and blank ones. Chunks sent back
+/// on the second channel are reused. The thread ends at the end of the input,
+/// on an error (sent as the last item), or when the receiver is dropped.
+fn read_chunks(
+    mut reader: Box<dyn BufRead + Send>,
+    chunk_lines: usize,
+    start: i64,
+) -> (std::sync::mpsc::Receiver<std::io::Result<Chunk>>, std::sync::mpsc::Sender<Chunk>) {
+    let (tx, rx) = std::sync::mpsc::sync_channel(2);
+    let (recycle, reuse) = std::sync::mpsc::channel::<Chunk>();
+    std::thread::spawn(move || {
+        let mut lineno = 0i64;
+        loop {
+            let mut c = reuse.try_recv().unwrap_or_else(|_| Chunk {
+                buf: Vec::with_capacity(chunk_lines * 512),
+                spans: Vec::with_capacity(chunk_lines),
+                last_line: 0,
+                done: false,
+            });
+            c.buf.clear();
+            c.spans.clear();
+            while c.spans.len() < chunk_lines {
+                let from = c.buf.len();
+                match reader.read_until(b'\n', &mut c.buf) {
+                    Ok(0) => {
+                        c.done = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+                lineno += 1;
+                let to = if c.buf.last() == Some(&b'\n') { c.buf.len() - 1 } else { c.buf.len() };
+                if lineno <= start || c.buf[from..to].iter().all(u8::is_ascii_whitespace) {
+                    // Already processed, or blank.
+                    c.buf.truncate(from);
+                    continue;
+                }
+                c.spans.push((from, to, lineno));
+            }
+            c.last_line = lineno;
+            let done = c.done;
+            if tx.send(Ok(c)).is_err() || done {
+                return;
+            }
+        }
+    });
+    (rx, recycle)
 }
 
 /// Writes records to NDJSON files and syncs them.
@@ -81,49 +146,31 @@ pub async fn replay_file(cfg: &Config, input: &Path, sink: Sink, progress: bool)
     });
     let mut summary = RunSummary::default();
     let batch_size = cfg.worker.batch_size as u64;
-    // Lines are read into one buffer per chunk (no allocation per line),
-    // decoded and aggregated per chunk, and written every `batch_size` lines.
+    // A reader thread fills one buffer per chunk of lines (no allocation per
+    // line) while this thread decodes and aggregates the previous chunk; a
+    // write batch is flushed every `batch_size` lines.
     let chunk_lines = cfg.worker.batch_size.min(CHUNK_LINES);
-    let mut reader = reader;
-    let mut buf: Vec<u8> = Vec::with_capacity(chunk_lines * 512);
-    let mut spans: Vec<(usize, usize, i64)> = Vec::with_capacity(chunk_lines);
-    let mut lineno = 0i64;
+    let (chunks, recycle) = read_chunks(reader, chunk_lines, start);
     let started = std::time::Instant::now();
-    loop {
-        buf.clear();
-        spans.clear();
-        let mut done = false;
-        while spans.len() < chunk_lines {
-            let from = buf.len();
-            let n = reader.read_until(b'\n', &mut buf).map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
-            if n == 0 {
-                done = true;
-                break;
-            }
-            lineno += 1;
-            let to = if buf.last() == Some(&b'\n') { buf.len() - 1 } else { buf.len() };
-            if lineno <= start || buf[from..to].iter().all(u8::is_ascii_whitespace) {
-                // Already processed, or blank.
-                buf.truncate(from);
-                continue;
-            }
-            spans.push((from, to, lineno));
-        }
-        let msgs: Vec<InputMessage> = spans
+    for chunk in chunks.iter() {
+        let chunk = chunk.map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
+        let msgs: Vec<InputMessage> = chunk
+            .spans
             .iter()
             .map(|(from, to, line)| InputMessage {
                 topic: &topic,
                 partition: 0,
                 offset: line - 1,
                 key: None,
-                payload: Some(&buf[*from..*to]),
+                payload: Some(&chunk.buf[*from..*to]),
                 headers: vec![],
             })
             .collect();
         pipeline.ingest(&msgs)?;
         if let Some(pb) = &pb {
-            pb.set_position(lineno as u64);
+            pb.set_position(chunk.last_line as u64);
         }
+        let done = chunk.done;
         if pipeline.pending_messages() >= batch_size || (done && pipeline.pending_messages() > 0) {
             let s = pipeline.flush()?;
             summary.batches += 1;
@@ -132,6 +179,8 @@ pub async fn replay_file(cfg: &Config, input: &Path, sink: Sink, progress: bool)
             summary.rejected += s.rejected;
             summary.duplicates += s.duplicates;
         }
+        drop(msgs);
+        let _ = recycle.send(chunk);
         if done {
             break;
         }

@@ -12,7 +12,7 @@ use crate::billing::entitlements::months_are_independent;
 use crate::billing::event::{DecodeError, RejectReason};
 use crate::billing::scan::Billable;
 use crate::billing::usage::MonthUsage;
-use crate::billing::AccountRecord;
+use crate::billing::{AccountRecord, Bill};
 use crate::metrics::Metrics;
 use crate::pending::{decode_all, encode_cells, par_map, DedupeCache, HourCell, Interner, Pending};
 use crate::store::{outbox_bill_key, outbox_dead_letter_key, BillState, OutboxRecord, PartitionState, Store, StoreError};
@@ -510,21 +510,26 @@ impl Pipeline {
         for chunk in todo.chunks(EMIT_CHUNK) {
             let keys: Vec<(&str, Month)> = chunk.iter().map(|((a, m), _)| (a.as_str(), *m)).collect();
             let prevs = store.bill_state_many(&keys)?;
-            let usages = store.usage_many(&keys)?;
-            // Months billed on their own are computed on every core (pure);
-            // accounts whose packs or trial span months are computed below.
+            let raws = store.usage_raw_many(&keys)?;
+            // Months billed on their own are decoded and computed on every
+            // core (pure); accounts whose packs span months are computed below.
             let accounts = &self.accounts;
             let rules = &self.rules;
-            let inputs: Vec<(&str, Option<BTreeMap<Month, MonthUsage>>)> =
-                chunk.iter().zip(usages).map(|(((a, m), _), u)| (a.as_str(), u.map(|u| BTreeMap::from([(*m, u)])))).collect();
-            let independent = par_map(&inputs, |(account, months)| {
+            let inputs: Vec<(&str, Month, Option<Vec<u8>>)> =
+                chunk.iter().zip(raws).map(|(((a, m), _), raw)| (a.as_str(), *m, raw)).collect();
+            let independent = par_map(&inputs, |(account, month, raw)| -> Result<Option<Option<Bill>>, StoreError> {
                 let record = accounts.get(*account);
-                months_are_independent(record).then(|| months.as_ref().and_then(|ms| compute_bills(account, record, ms, rules).pop()))
+                if !months_are_independent(record) {
+                    return Ok(None);
+                }
+                let Some(raw) = raw else { return Ok(Some(None)) };
+                let months = BTreeMap::from([(*month, MonthUsage::decode(raw)?)]);
+                Ok(Some(compute_bills(account, record, &months, rules).pop()))
             });
             let mut batch = store.batch();
             let mut records = Vec::new();
             for ((((account, month), dirty_partition), prev), computed) in chunk.iter().zip(prevs).zip(independent) {
-                let (account, month, dirty_partition) = (account.as_str(), *month, *dirty_partition);
+                let (account, month, dirty_partition, computed) = (account.as_str(), *month, *dirty_partition, computed?);
                 let partition = if dirty_partition >= 0 { dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
                 let bill = match computed {
                     Some(bill) => bill,

@@ -379,11 +379,12 @@ impl Store {
         }
     }
 
-    /// Many account-months' usage in one multi-get, in the order asked.
-    pub fn usage_many(&self, keys: &[(&str, Month)]) -> Result<Vec<Option<MonthUsage>>, StoreError> {
+    /// Many account-months' encoded usage in one multi-get, in the order asked
+    /// (decode with [`MonthUsage::decode`]).
+    pub fn usage_raw_many(&self, keys: &[(&str, Month)]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let cf = self.cf(cf::USAGE);
         let ks: Vec<Vec<u8>> = keys.iter().map(|(a, m)| account_month_key(a, *m)).collect();
-        self.db.multi_get_cf(ks.iter().map(|k| (cf, k))).into_iter().map(|r| Ok(r?.map(|v| MonthUsage::decode(&v)).transpose()?)).collect()
+        self.db.multi_get_cf(ks.iter().map(|k| (cf, k))).into_iter().map(|r| Ok(r?)).collect()
     }
 
     /// Many bill states in one multi-get, in the order asked.

@@ -211,6 +211,47 @@ fn find_special(b: &[u8]) -> Option<usize> {
     b[i..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20).map(|p| p + i)
 }
 
+/// The field names the fast path knows, at either level.
+#[derive(Clone, Copy)]
+enum Field {
+    RequestId,
+    AccountId,
+    Region,
+    Time,
+    ClientNetwork,
+    FrontendError,
+    RequestBytes,
+    ResponseBytes,
+    Backend,
+    Type,
+    InCloud,
+    Address,
+    Other,
+}
+
+/// Names a key by its length, then a fixed-size compare (no `memcmp` call).
+fn field(key: &str) -> Field {
+    fn is<const N: usize>(k: &[u8], name: &[u8; N]) -> bool {
+        <[u8; N]>::try_from(k).is_ok_and(|a| &a == name)
+    }
+    let k = key.as_bytes();
+    match k.len() {
+        4 if is(k, b"time") => Field::Time,
+        4 if is(k, b"type") => Field::Type,
+        6 if is(k, b"region") => Field::Region,
+        7 if is(k, b"backend") => Field::Backend,
+        7 if is(k, b"address") => Field::Address,
+        8 if is(k, b"in_cloud") => Field::InCloud,
+        10 if is(k, b"request_id") => Field::RequestId,
+        10 if is(k, b"account_id") => Field::AccountId,
+        13 if is(k, b"request_bytes") => Field::RequestBytes,
+        14 if is(k, b"response_bytes") => Field::ResponseBytes,
+        14 if is(k, b"client_network") => Field::ClientNetwork,
+        14 if is(k, b"frontend_error") => Field::FrontendError,
+        _ => Field::Other,
+    }
+}
+
 /// Marks field `bit` as seen; `None` on a repeat (the full decoder reports
 /// duplicate fields).
 fn once(seen: &mut u16, bit: u16) -> Option<()> {
@@ -241,8 +282,8 @@ fn backend<'a>(p: &mut Scanner<'a>) -> Option<RawBackend<'a>> {
     loop {
         let key = p.str()?;
         p.eat(b':')?;
-        match key {
-            "type" => {
+        match field(key) {
+            Field::Type => {
                 once(&mut seen, 0)?;
                 b.kind = Some(match p.str()? {
                     "http" => Kind::Http,
@@ -251,23 +292,23 @@ fn backend<'a>(p: &mut Scanner<'a>) -> Option<RawBackend<'a>> {
                     _ => return None,
                 });
             }
-            "region" => {
+            Field::Region => {
                 once(&mut seen, 1)?;
                 b.region = Some(p.str()?);
             }
-            "in_cloud" => {
+            Field::InCloud => {
                 once(&mut seen, 2)?;
                 b.in_cloud = Some(p.boolean()?);
             }
-            "address" => {
+            Field::Address => {
                 once(&mut seen, 3)?;
                 b.address = Some(p.network()?);
             }
-            "request_bytes" => {
+            Field::RequestBytes => {
                 once(&mut seen, 4)?;
                 b.request_bytes = Some(p.uint()?);
             }
-            "response_bytes" => {
+            Field::ResponseBytes => {
                 once(&mut seen, 5)?;
                 b.response_bytes = Some(p.uint()?);
             }
@@ -298,20 +339,20 @@ pub fn fast(bytes: &[u8]) -> Option<Billable<'_>> {
     loop {
         let key = p.str()?;
         p.eat(b':')?;
-        match key {
-            "request_id" => {
+        match field(key) {
+            Field::RequestId => {
                 once(&mut seen, 0)?;
                 request_id = Some(p.str()?);
             }
-            "account_id" => {
+            Field::AccountId => {
                 once(&mut seen, 1)?;
                 account_id = Some(p.str()?);
             }
-            "region" => {
+            Field::Region => {
                 once(&mut seen, 2)?;
                 region = Some(p.str()?);
             }
-            "time" => {
+            Field::Time => {
                 once(&mut seen, 3)?;
                 let ms = if p.peek()? == b'"' {
                     chrono::DateTime::parse_from_rfc3339(p.str()?).ok()?.timestamp_millis()
@@ -320,23 +361,23 @@ pub fn fast(bytes: &[u8]) -> Option<Billable<'_>> {
                 };
                 time = Some(ms).filter(|t| (MIN_TIME_MS..MAX_TIME_MS).contains(t));
             }
-            "client_network" => {
+            Field::ClientNetwork => {
                 once(&mut seen, 4)?;
                 client_network = Some(p.network()?);
             }
-            "frontend_error" => {
+            Field::FrontendError => {
                 once(&mut seen, 5)?;
                 frontend_error = if p.literal(b"null") { None } else { Some(p.boolean()?) };
             }
-            "request_bytes" => {
+            Field::RequestBytes => {
                 once(&mut seen, 6)?;
                 request_bytes = Some(p.uint()?);
             }
-            "response_bytes" => {
+            Field::ResponseBytes => {
                 once(&mut seen, 7)?;
                 response_bytes = Some(p.uint()?);
             }
-            "backend" => {
+            Field::Backend => {
                 once(&mut seen, 8)?;
                 raw_backend = Some(backend(&mut p)?);
             }
