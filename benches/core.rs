@@ -1,9 +1,11 @@
-//! Micro benchmarks: decoding and classifying an event, aggregating a batch
+//! Micro benchmarks: decoding and classifying an event (full decoder and
+//! fast path), aggregating a batch
 //! into month usage, computing a bill, and the state store's batch write with
 //! and without dedupe keys. `cargo bench --bench core`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use gatebill::billing::reference::{aggregate_messages, decode_and_classify};
+use gatebill::billing::scan::decode_billable;
 use gatebill::billing::{compute_bills, Rules};
 use gatebill::gen::{self, GenSpec};
 use gatebill::metrics::Metrics;
@@ -44,6 +46,13 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 1) % evs.len();
             decode_and_classify(&evs[i]).unwrap()
+        })
+    });
+    g.bench_function("decode_billable_fast_path", |b| {
+        let mut i = 0;
+        b.iter(|| {
+            i = (i + 1) % evs.len();
+            decode_billable(&evs[i]).unwrap()
         })
     });
     g.finish();

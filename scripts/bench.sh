@@ -81,13 +81,19 @@ for line in open(sys.argv[1], 'rb'):
 print(len(seen))
 PY
 )
-"$BIN" compact --state-dir "$WORK/s-off" >"$WORK/compact.txt"
-STATE_BYTES=$(awk -F'|' '/\| [a-z]/ && $2 !~ /column family|dedupe/ { gsub(/ /, "", $3); s += $3 } END { print s }' "$WORK/compact.txt")
+# compacted_bytes STATE_DIR: bytes of every column family but dedupe after `gatebill compact`.
+compacted_bytes() {
+  "$BIN" compact --state-dir "$1" >"$WORK/compact.txt"
+  awk -F'|' '/\| [a-z]/ && $2 !~ /column family|dedupe/ { gsub(/ /, "", $3); s += $3 } END { print s }' "$WORK/compact.txt"
+}
+STATE_BYTES=$(compacted_bytes "$WORK/s-off")
+SCALING="1x: $(compacted_bytes "$WORK/s-on") bytes"
 rm -rf "$WORK/s-off" "$WORK/s-on" "$WORK"/b-*.ndjson*
 for mult in 2 4; do
   n=$((EVENTS * mult))
   gen_file "$n" "$WORK/events-$mult.ndjson"
   measure "scaling ${mult}x, dedupe on" "$n" "$WORK/s-$mult" "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/events-$mult.ndjson" --output-file "$WORK/b-$mult.ndjson" --state-dir "$WORK/s-$mult"
+  SCALING="$SCALING, ${mult}x: $(compacted_bytes "$WORK/s-$mult") bytes"
   rm -rf "$WORK/events-$mult.ndjson" "$WORK/s-$mult" "$WORK"/b-*.ndjson*
 done
 
@@ -143,6 +149,8 @@ RATIO=$(awk -v f="$(field "$FLOOR_ROW" 3)" -v e="$(field "$E2E_ROW" 3)" 'BEGIN {
   printf '%s\n' "${ROWS[@]}"
   echo
   echo "End to end / floor (embedded broker): $RATIO. $PEER_LINE"
+  echo
+  echo "Compacted state without dedupe keys, dedupe-on runs (\`gatebill compact\`; the table's last column is the directory as the run left it, with dedupe hashes awaiting compaction and the WAL): $SCALING."
   echo
   echo "State after the dedupe-off core run, compacted (\`gatebill compact\`), every column family but dedupe: $STATE_BYTES bytes over $ACCOUNT_HOURS active account-hours = $(awk -v b="$STATE_BYTES" -v h="$ACCOUNT_HOURS" 'BEGIN { printf "%.1f", b / h }') bytes per account-hour."
 } >"$WORK/table.md"
