@@ -73,9 +73,16 @@ pub fn producer(k: &KafkaConfig) -> Result<FutureProducer, KafkaSetupError> {
     .map_err(err("creating the producer"))
 }
 
+/// How long librdkafka waits before fetching again for a partition whose
+/// local queue was over its thresholds (default 1,000 ms). The worker drains
+/// its queue in bursts (a batch, then a write), so the default starved the
+/// next batch: 10 ms halved the time to read 500,000 messages (3.8 s to
+/// 1.8 s on the embedded broker). `[kafka.properties]` can override it.
+pub const FETCH_QUEUE_BACKOFF: (&str, &str) = ("fetch.queue.backoff.ms", "10");
+
 /// A consumer without group membership, for reading topics by assignment.
 pub fn plain_consumer(k: &KafkaConfig, group: &str) -> Result<BaseConsumer, KafkaSetupError> {
-    client_config(k, &[("group.id", group), ("enable.auto.commit", "false"), ("enable.partition.eof", "false")])
+    client_config(k, &[("group.id", group), ("enable.auto.commit", "false"), ("enable.partition.eof", "false"), FETCH_QUEUE_BACKOFF])
         .create()
         .map_err(err("creating a consumer"))
 }

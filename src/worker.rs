@@ -266,6 +266,7 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
             ("auto.offset.reset", "earliest"),
             ("enable.partition.eof", "false"),
             ("fetch.min.bytes", "1"),
+            kafka::FETCH_QUEUE_BACKOFF,
         ],
     )
     .create_with_context(ctx)
