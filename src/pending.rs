@@ -222,3 +222,41 @@ impl DedupeCache {
         self.buckets.retain(|(p, h), _| *p != partition || *h >= before_hour);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::usage::MonthUsage;
+
+    #[test]
+    fn par_map_keeps_the_input_order() {
+        let items: Vec<u64> = (0..10_000).collect();
+        assert_eq!(par_map(&items, |x| x * 3), items.iter().map(|x| x * 3).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn cells_encode_as_the_month_usage_they_sum_to() {
+        let month = Month::new(2020, 11).unwrap();
+        let metered =
+            |public, private, fe| Metered { frontend_error: fe, public_out_bytes: public, private_out_bytes: private, inbound_bytes: 7 };
+        // Regions first seen out of name order; an hour with no public bytes; one region twice.
+        let events = [
+            (1_604_160_000, "ap-shanghai", metered(100, 0, false)),
+            (1_604_160_000, "ap-beijing", metered(3, 50, true)),
+            (1_604_163_600, "ap-guangzhou", metered(0, 0, false)),
+            (1_604_160_000, "ap-shanghai", metered(5, 1, false)),
+            (1_604_167_200, "ap-beijing", metered(9, 0, false)),
+        ];
+        let mut regions = Interner::default();
+        let mut cells: FxHashMap<(u32, i64, u32), HourCell> = FxHashMap::default();
+        let mut reference = MonthUsage::default();
+        for (hour, region, m) in &events {
+            reference.add(*hour, region, m);
+            cells.entry((0, *hour, regions.intern(region))).or_insert(HourCell::new(month, 0)).add(m);
+        }
+        let mut sorted: Vec<_> = cells.into_iter().collect();
+        sorted.sort_unstable_by_key(|(k, _)| *k);
+        assert_eq!(encode_cells(&sorted, &regions), reference.encode());
+        assert_eq!(MonthUsage::decode(&encode_cells(&sorted, &regions)).unwrap().calls(), 5);
+    }
+}
