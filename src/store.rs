@@ -382,16 +382,19 @@ impl Store {
     /// Many account-months' encoded usage in one multi-get, in the order asked
     /// (decode with [`MonthUsage::decode`]).
     pub fn usage_raw_many(&self, keys: &[(&str, Month)]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
-        let cf = self.cf(cf::USAGE);
-        let ks: Vec<Vec<u8>> = keys.iter().map(|(a, m)| account_month_key(a, *m)).collect();
-        self.db.multi_get_cf(ks.iter().map(|k| (cf, k))).into_iter().map(|r| Ok(r?)).collect()
+        self.account_months_raw(cf::USAGE, keys)
     }
 
     /// Many bill states in one multi-get, in the order asked.
     pub fn bill_state_many(&self, keys: &[(&str, Month)]) -> Result<Vec<Option<BillState>>, StoreError> {
-        let cf = self.cf(cf::BILLS);
+        self.account_months_raw(cf::BILLS, keys)?.into_iter().map(|v| v.map(|v| decode_bill_state(&v)).transpose()).collect()
+    }
+
+    /// Raw values of account-month keys in one column family, one multi-get.
+    fn account_months_raw(&self, name: &str, keys: &[(&str, Month)]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let cf = self.cf(name);
         let ks: Vec<Vec<u8>> = keys.iter().map(|(a, m)| account_month_key(a, *m)).collect();
-        self.db.multi_get_cf(ks.iter().map(|k| (cf, k))).into_iter().map(|r| r?.map(|v| decode_bill_state(&v)).transpose()).collect()
+        self.db.multi_get_cf(ks.iter().map(|k| (cf, k))).into_iter().map(|r| Ok(r?)).collect()
     }
 
     /// The request-id hashes seen in one partition's hour: 16 bytes each.
@@ -435,12 +438,6 @@ impl Store {
         Ok(out)
     }
 
-    /// The last bill emitted for a key.
-    pub fn bill_state(&self, account: &str, month: Month) -> Result<Option<BillState>, StoreError> {
-        let v = self.db.get_cf(self.cf(cf::BILLS), account_month_key(account, month))?;
-        v.map(|v| decode_bill_state(&v)).transpose()
-    }
-
     /// Every emitted bill's state.
     pub fn bill_states(&self) -> Result<Vec<(String, Month, BillState)>, StoreError> {
         let mut out = Vec::new();
@@ -466,13 +463,7 @@ impl Store {
 
     /// Every record waiting to be produced, in key order.
     pub fn outbox(&self) -> Result<Vec<(Vec<u8>, OutboxRecord)>, StoreError> {
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(cf::OUTBOX), IteratorMode::Start) {
-            let (k, v) = item?;
-            let r = OutboxRecord::decode(&v).ok_or(StoreError::Corrupt { cf: cf::OUTBOX, detail: "undecodable record".into() })?;
-            out.push((k.to_vec(), r));
-        }
-        Ok(out)
+        self.outbox_page(None, usize::MAX)
     }
 
     /// The raw outbox values under keys (to check they were not replaced), in one multi-get.
@@ -586,16 +577,6 @@ fn decode_bill_state(v: &[u8]) -> Result<BillState, StoreError> {
 }
 
 impl Batch<'_> {
-    /// Replaces an account-month's usage.
-    pub fn put_usage(&mut self, account: &str, month: Month, usage: &MonthUsage) {
-        self.wb.put_cf(self.store.cf(cf::USAGE), account_month_key(account, month), usage.encode());
-    }
-
-    /// Adds a usage delta to an account-month (summed by the merge operator).
-    pub fn merge_usage(&mut self, account: &str, month: Month, delta: &MonthUsage) {
-        self.wb.merge_cf(self.store.cf(cf::USAGE), account_month_key(account, month), delta.encode());
-    }
-
     /// Adds already encoded usage (see [`crate::billing::usage::encode_rows`]) to an account-month.
     pub fn merge_usage_encoded(&mut self, account: &str, month: Month, encoded: &[u8]) {
         self.wb.merge_cf(self.store.cf(cf::USAGE), account_month_key(account, month), encoded);
@@ -694,11 +675,11 @@ mod tests {
         let mut u = MonthUsage::default();
         u.hours.entry(1_604_000_000).or_default().calls = 3;
         let mut b = s.batch();
-        b.put_usage("acct", m, &u);
+        b.merge_usage_encoded("acct", m, &u.encode());
         let mut delta = MonthUsage::default();
         delta.hours.entry(1_604_000_000).or_default().calls = 2;
         delta.hours.entry(1_604_003_600).or_default().calls = 5;
-        b.merge_usage("acct", m, &delta);
+        b.merge_usage_encoded("acct", m, &delta.encode());
         b.append_dedupe(0, 3600, &[1; 16]);
         b.append_dedupe(0, 7200, &[2; 16]);
         b.append_dedupe(1, 0, &[3; 16]);

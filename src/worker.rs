@@ -330,10 +330,11 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
     let emit_every = Duration::from_millis(cfg.worker.emit_interval_ms);
     let mut last_emit = Instant::now();
     let started = Instant::now();
-    // Measure lag (and end offsets, which idleness needs) at once, then every
-    // LAG_EVERY, or every idle period if that is shorter.
+    // End offsets (lag, and idleness needs them) are asked for at once, then
+    // every LAG_EVERY, or every idle period if that is shorter; the state
+    // size gauges are refreshed as often.
     let lag_every = LAG_EVERY.min(Duration::from_secs(cfg.worker.idle_after_secs.max(1)));
-    let mut last_lag: Option<Instant> = None;
+    let mut last_sizes: Option<Instant> = None;
     let end_offsets = EndOffsets::start(k, lag_every)?;
     let replay = matches!(opts.mode, Mode::Replay { .. });
     tokio::pin!(shutdown);
@@ -345,7 +346,6 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
             if now != assigned {
                 pipeline.set_assignment(&now, now_ms());
                 assigned = now;
-                last_lag = None;
             }
         }
         let done = replay && ends.iter().all(|(p, end)| pipeline.next_offset(*p).is_some_and(|n| n >= *end));
@@ -413,8 +413,8 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
             last_emit = Instant::now();
         }
         end_offsets.report(&mut pipeline, &metrics);
-        if last_lag.is_none_or(|t| t.elapsed() >= lag_every) {
-            last_lag = Some(Instant::now());
+        if last_sizes.is_none_or(|t| t.elapsed() >= lag_every) {
+            last_sizes = Some(Instant::now());
             for (cf, bytes) in store.sizes() {
                 metrics.state_bytes.with_label_values(&[cf]).set(bytes as i64);
             }
