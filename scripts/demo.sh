@@ -8,4 +8,10 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup.sh
 . scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/gatebill-target}"
-cargo run --locked --quiet -- demo "$@"
+# One build serves the demo and scripts/test.sh: the tests unify the features of
+# the dev-dependencies with the normal ones (Cargo's resolver 2), so a plain
+# `cargo run` would resolve another feature set and scripts/test.sh would
+# compile RocksDB's C++ a second time. Building every target here resolves the
+# same set the test step does.
+cargo build --locked --all-targets --quiet
+exec "$CARGO_TARGET_DIR/debug/gatebill" demo "$@"

@@ -85,10 +85,19 @@ pub struct WorkerConfig {
     /// A partition with no new events for this long, seconds, is idle: its
     /// watermark advances with the wall clock so months can close. Default 300.
     pub idle_after_secs: u64,
-    /// Drop repeated request_ids within this event-time window. Default true.
+    /// Drop repeated request_ids (exact, per partition). Default true.
     pub dedupe: bool,
-    /// Dedupe window, hours of event time behind the partition watermark. Default 72.
+    /// Dedupe window in event time: the request ids of an event hour are kept
+    /// while the hour is within this many hours of the partition's
+    /// watermark. Default 72.
     pub dedupe_window_hours: u64,
+    /// Dedupe window in input order: the request ids of an event hour are
+    /// also kept while that hour received an event within this many messages
+    /// of the partition, however old the hour. Default 1,000,000.
+    pub dedupe_window_messages: u64,
+    /// Events stamped more than this many seconds ahead of the wall clock
+    /// are dead-lettered (`future_time`) and move no watermark. Default 3,600.
+    pub max_future_secs: u64,
 }
 
 impl Default for WorkerConfig {
@@ -102,6 +111,8 @@ impl Default for WorkerConfig {
             idle_after_secs: 300,
             dedupe: true,
             dedupe_window_hours: 72,
+            dedupe_window_messages: 1_000_000,
+            max_future_secs: 3_600,
         }
     }
 }
@@ -191,6 +202,12 @@ impl Config {
         }
         if w.dedupe && w.dedupe_window_hours == 0 {
             return bad("worker.dedupe_window_hours must be at least 1 when dedupe is on".into());
+        }
+        if w.dedupe && w.dedupe_window_messages == 0 {
+            return bad("worker.dedupe_window_messages must be at least 1 when dedupe is on".into());
+        }
+        if w.max_future_secs > i64::MAX as u64 / 1000 {
+            return bad("worker.max_future_secs is too large; use at most 9223372036854775".into());
         }
         Ok(self.billing.validate()?)
     }

@@ -32,16 +32,26 @@ pub enum RejectReason {
     /// by account so that one account's events, and their duplicates, share a
     /// partition).
     KeyMismatch,
+    /// The event time is further ahead of the wall clock than
+    /// `worker.max_future_secs`: not trusted, so it moves no watermark,
+    /// closes no month and prunes no dedupe state.
+    FutureTime,
+    /// An account record was applied without one or more of its resource
+    /// packs, which are invalid; the detail names each one. The dead letter is
+    /// a copy of the record: the rest of it (activation, valid packs) applies.
+    InvalidResourcePack,
 }
 
 impl RejectReason {
     /// Every reason, for metrics and documentation.
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::MalformedJson,
         RejectReason::MissingField,
         RejectReason::InvalidValue,
         RejectReason::UnsupportedTrafficPath,
         RejectReason::KeyMismatch,
+        RejectReason::FutureTime,
+        RejectReason::InvalidResourcePack,
     ];
 
     /// The stable reason code written to dead-letter headers.
@@ -52,6 +62,8 @@ impl RejectReason {
             RejectReason::InvalidValue => "invalid_value",
             RejectReason::UnsupportedTrafficPath => "unsupported_traffic_path",
             RejectReason::KeyMismatch => "key_mismatch",
+            RejectReason::FutureTime => "future_time",
+            RejectReason::InvalidResourcePack => "invalid_resource_pack",
         }
     }
 }
