@@ -29,6 +29,8 @@ fn settings(dedupe: bool) -> Settings {
         dead_letter_topic: "dead".into(),
         dedupe,
         dedupe_window_secs: 72 * 3600,
+        dedupe_window_messages: 1_000_000,
+        max_future_ms: 3_600_000,
         grace_ms: 7_200_000,
         idle_after_ms: 300_000,
         require_keys: false,

@@ -9,7 +9,7 @@ use crate::billing::scan::{decode_billable, Billable};
 use crate::billing::usage::{encode_rows, HourRow};
 use crate::billing::Metered;
 use crate::pipeline::{BatchStats, InputMessage};
-use crate::store::{OutboxRecord, PartitionState, Store, StoreError};
+use crate::store::{Batch, OutboxRecord, PartitionState, Store, StoreError};
 use rustc_hash::FxBuildHasher;
 
 type FxHashMap<K, V> = std::collections::HashMap<K, V, FxBuildHasher>;
@@ -174,52 +174,141 @@ pub fn decode_all<'m>(msgs: &[&'m InputMessage<'m>], require_keys: bool) -> Vec<
 
 /// One partition-hour of request-id hashes, as stored plus what the pending
 /// batch added.
-#[derive(Default)]
 struct Bucket {
-    seen: FxHashSet<u128>,
+    /// The hashes; `None` until read from the store.
+    seen: Option<FxHashSet<u128>>,
+    /// Hashes added since the last write.
     new: Vec<u128>,
+    /// Input offset of the last event placed in this hour.
+    last_offset: i64,
+    /// The bucket expired and restarted empty since the last write: the
+    /// stored hashes are to be replaced, not appended to.
+    reset: bool,
+    /// Changed since the last write.
+    touched: bool,
 }
 
-/// The in-memory mirror of the dedupe buckets of the hours in the window:
-/// a bucket is read from the store the first time its hour is seen, then
-/// answered from memory. New hashes are written with the batch.
-#[derive(Default)]
+/// The dedupe window (see [`DedupeCache`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupeWindow {
+    /// Hours within this many seconds of the partition's watermark are kept.
+    pub event_time_secs: i64,
+    /// Hours that received an event within this many input messages are kept.
+    pub messages: i64,
+}
+
+impl DedupeWindow {
+    /// Whether a bucket of `hour` whose last event was at `last_offset` is
+    /// still live when the message at `offset` is checked, the partition's
+    /// watermark being `watermark_ms`. Both measures only grow along a
+    /// partition, so an expired bucket never comes back.
+    pub fn live(&self, hour: i64, last_offset: i64, offset: i64, watermark_ms: i64) -> bool {
+        offset - last_offset <= self.messages || hour >= watermark_ms.div_euclid(1000).saturating_sub(self.event_time_secs)
+    }
+}
+
+/// The dedupe state of the partitions the pipeline has seen: every live
+/// bucket's last offset (the index, read from the store on a partition's
+/// first use), and the hashes of the buckets used (read on first use).
+///
+/// The rule: a request id is a repeat when its (partition, event hour)
+/// bucket is live and holds it. Liveness is decided at each message, in
+/// input order, from the message's offset and the partition's watermark
+/// ([`DedupeWindow::live`]); an expired bucket restarts empty. Nothing
+/// depends on batch boundaries, restarts, or when expired buckets are
+/// physically deleted, so `run` and `replay` decide alike.
 pub struct DedupeCache {
-    buckets: FxHashMap<(i32, i64), Bucket>,
+    window: DedupeWindow,
+    partitions: FxHashMap<i32, FxHashMap<i64, Bucket>>,
 }
 
 impl DedupeCache {
-    /// Records a request-id hash; `false` when it was seen before.
-    pub fn insert(&mut self, store: &Store, partition: i32, hour: i64, hash: u128) -> Result<bool, StoreError> {
-        let bucket = match self.buckets.get_mut(&(partition, hour)) {
+    /// An empty mirror.
+    pub fn new(window: DedupeWindow) -> Self {
+        DedupeCache { window, partitions: FxHashMap::default() }
+    }
+
+    /// Records a request-id hash of the message at `offset` in `hour`;
+    /// `false` when it is a repeat. `watermark_ms` is the partition's
+    /// watermark before the message.
+    pub fn insert(
+        &mut self,
+        store: &Store,
+        partition: i32,
+        offset: i64,
+        watermark_ms: i64,
+        hour: i64,
+        hash: u128,
+    ) -> Result<bool, StoreError> {
+        let window = self.window;
+        let buckets = match self.partitions.get_mut(&partition) {
             Some(b) => b,
             None => {
-                let stored = store.dedupe_bucket(partition, hour)?;
-                let seen = stored.chunks_exact(16).map(|c| u128::from_be_bytes(c.try_into().expect("16 bytes"))).collect();
-                self.buckets.entry((partition, hour)).or_insert(Bucket { seen, new: Vec::new() })
+                let index = store.dedupe_index(partition)?;
+                let buckets = index
+                    .into_iter()
+                    .map(|(hour, last_offset)| (hour, Bucket { seen: None, new: Vec::new(), last_offset, reset: false, touched: false }))
+                    .collect();
+                self.partitions.entry(partition).or_insert(buckets)
             }
         };
-        let fresh = bucket.seen.insert(hash);
+        let bucket = buckets.entry(hour).or_insert(Bucket {
+            seen: Some(FxHashSet::default()),
+            new: Vec::new(),
+            last_offset: offset,
+            reset: false,
+            touched: true,
+        });
+        if !window.live(hour, bucket.last_offset, offset, watermark_ms) {
+            *bucket = Bucket { seen: Some(FxHashSet::default()), new: Vec::new(), last_offset: offset, reset: true, touched: true };
+        }
+        if bucket.seen.is_none() {
+            let stored = store.dedupe_bucket(partition, hour)?;
+            bucket.seen = Some(stored.chunks_exact(16).map(|c| u128::from_be_bytes(c.try_into().expect("16 bytes"))).collect());
+        }
+        let seen = bucket.seen.as_mut().expect("read above");
+        let fresh = seen.insert(hash);
         if fresh {
             bucket.new.push(hash);
         }
+        bucket.last_offset = offset;
+        bucket.touched = true;
         Ok(fresh)
     }
 
-    /// The hashes added since the last call, per bucket, 16 bytes each.
-    pub fn take_new(&mut self) -> Vec<(i32, i64, Vec<u8>)> {
-        let mut out = Vec::new();
-        for ((p, h), b) in &mut self.buckets {
-            if !b.new.is_empty() {
-                out.push((*p, *h, b.new.drain(..).flat_map(u128::to_be_bytes).collect()));
+    /// Adds what changed since the last call to a write batch: per touched
+    /// bucket, its new hashes (replacing the stored ones after a reset) and
+    /// its last offset.
+    pub fn write_changes(&mut self, batch: &mut Batch<'_>) {
+        for (p, buckets) in &mut self.partitions {
+            for (hour, b) in buckets.iter_mut().filter(|(_, b)| b.touched) {
+                if b.reset {
+                    batch.delete_dedupe(*p, *hour);
+                }
+                if !b.new.is_empty() {
+                    batch.append_dedupe(*p, *hour, &b.new.drain(..).flat_map(u128::to_be_bytes).collect::<Vec<u8>>());
+                }
+                batch.put_dedupe_index(*p, *hour, b.last_offset);
+                b.reset = false;
+                b.touched = false;
             }
         }
-        out
     }
 
-    /// Forgets a partition's buckets of hours before `before_hour`.
-    pub fn prune(&mut self, partition: i32, before_hour: i64) {
-        self.buckets.retain(|(p, h), _| *p != partition || *h >= before_hour);
+    /// Deletes (from memory and, in the batch, from the store) a partition's
+    /// buckets that have expired for every message after `last_offset`, the
+    /// partition's watermark being `watermark_ms`.
+    pub fn prune(&mut self, batch: &mut Batch<'_>, partition: i32, last_offset: i64, watermark_ms: i64) {
+        let window = self.window;
+        if let Some(buckets) = self.partitions.get_mut(&partition) {
+            buckets.retain(|hour, b| {
+                let live = window.live(*hour, b.last_offset, last_offset + 1, watermark_ms);
+                if !live {
+                    batch.delete_dedupe(partition, *hour);
+                }
+                live
+            });
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! bill emission into the outbox; outbox acknowledgement. The Kafka driver
 //! (`worker.rs`) feeds it messages and produces what it leaves in the outbox.
 
-use crate::billing::account::decode_account;
+use crate::billing::account::{decode_account, decode_account_checked};
 use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
 use crate::billing::calendar::Month;
 use crate::billing::calendar::PlaceCache;
@@ -14,7 +14,7 @@ use crate::billing::scan::Billable;
 use crate::billing::usage::MonthUsage;
 use crate::billing::{AccountRecord, Bill};
 use crate::metrics::Metrics;
-use crate::pending::{decode_all, encode_cells, par_map, DedupeCache, HourCell, Interner, Pending};
+use crate::pending::{decode_all, encode_cells, par_map, DedupeCache, DedupeWindow, HourCell, Interner, Pending};
 use crate::store::{outbox_bill_key, outbox_dead_letter_key, BillState, OutboxRecord, PartitionState, Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -72,6 +72,11 @@ pub struct Settings {
     pub dedupe: bool,
     /// Dedupe window behind the partition watermark, seconds.
     pub dedupe_window_secs: i64,
+    /// Dedupe window in input messages per partition.
+    pub dedupe_window_messages: i64,
+    /// Events stamped further than this ahead of the wall clock are
+    /// dead-lettered (`future_time`), milliseconds.
+    pub max_future_ms: i64,
     /// Grace after month end before a bill is final, milliseconds.
     pub grace_ms: i64,
     /// A partition idle this long follows the wall clock, milliseconds.
@@ -91,6 +96,8 @@ impl Settings {
             dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
             dedupe: cfg.worker.dedupe,
             dedupe_window_secs: cfg.worker.dedupe_window_hours as i64 * 3600,
+            dedupe_window_messages: i64::try_from(cfg.worker.dedupe_window_messages).unwrap_or(i64::MAX),
+            max_future_ms: cfg.worker.max_future_secs as i64 * 1000,
             grace_ms: cfg.worker.grace_period_secs as i64 * 1000,
             idle_after_ms: cfg.worker.idle_after_secs as i64 * 1000,
             require_keys: true,
@@ -138,6 +145,20 @@ pub struct Pipeline {
     regions: Interner,
 }
 
+/// The rejection of an event stamped too far ahead of the wall clock.
+fn future_time(time_ms: i64, now: i64, max_future_ms: i64) -> DecodeError {
+    let time = chrono::DateTime::from_timestamp_millis(time_ms).map_or_else(|| format!("{time_ms} ms"), |t| t.to_rfc3339());
+    DecodeError::new(
+        RejectReason::FutureTime,
+        format!(
+            "event time {time} is {} s ahead of the wall clock, more than worker.max_future_secs = {}; \
+             check the gateway's clock, or raise worker.max_future_secs and replay this message",
+            (time_ms - now) / 1000,
+            max_future_ms / 1000
+        ),
+    )
+}
+
 fn dead_letter(settings: &Settings, m: &InputMessage, err: &DecodeError) -> OutboxRecord {
     let mut h = m.headers.clone();
     h.push((headers::REASON.into(), err.reason.code().as_bytes().to_vec()));
@@ -151,6 +172,11 @@ fn dead_letter(settings: &Settings, m: &InputMessage, err: &DecodeError) -> Outb
         payload: m.payload.map(<[u8]>::to_vec).unwrap_or_default(),
         headers: h,
     }
+}
+
+/// The dedupe window of the settings.
+fn settings_window(s: &Settings) -> DedupeWindow {
+    DedupeWindow { event_time_secs: s.dedupe_window_secs, messages: s.dedupe_window_messages }
 }
 
 /// Wall-clock now in epoch ms.
@@ -170,6 +196,7 @@ impl Pipeline {
         let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
         let next_dead_letter = store.next_dead_letter_seq()?;
         let rules_calendar = rules.calendar;
+        let window = settings_window(&settings);
         Ok(Pipeline {
             store,
             rules,
@@ -181,7 +208,7 @@ impl Pipeline {
             high_watermarks: HashMap::new(),
             next_dead_letter,
             pending: Pending::default(),
-            dedupe: DedupeCache::default(),
+            dedupe: DedupeCache::new(window),
             place: PlaceCache::new(rules_calendar),
             month_ends: HashMap::new(),
             ids: Interner::default(),
@@ -263,16 +290,27 @@ impl Pipeline {
         // 2. Decode and classify, on every core for large batches.
         let decoded = decode_all(&todo, self.settings.require_keys);
         // 3. In order: reject, drop duplicates, aggregate.
-        let result = self.aggregate(&todo, decoded);
+        let result = self.aggregate(&todo, decoded, now);
         if result.is_err() {
             self.discard_pending();
         }
         result
     }
 
-    fn aggregate<'m>(&mut self, todo: &[&'m InputMessage<'m>], decoded: Vec<Result<Billable<'m>, DecodeError>>) -> Result<(), StoreError> {
+    fn aggregate<'m>(
+        &mut self,
+        todo: &[&'m InputMessage<'m>],
+        decoded: Vec<Result<Billable<'m>, DecodeError>>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let latest_trusted = now.saturating_add(self.settings.max_future_ms);
         for (m, d) in todo.iter().zip(decoded) {
             let b = match d {
+                Ok(b) if b.time_ms > latest_trusted => {
+                    let err = future_time(b.time_ms, now, self.settings.max_future_ms);
+                    self.reject(m, &err);
+                    continue;
+                }
                 Ok(b) => b,
                 Err(err) => {
                     self.reject(m, &err);
@@ -282,7 +320,8 @@ impl Pipeline {
             let (month, hour) = self.place.place(b.time_ms);
             if self.settings.dedupe {
                 let h = xxhash_rust::xxh3::xxh3_128(b.request_id.as_bytes());
-                if !self.dedupe.insert(&self.store, m.partition, hour, h)? {
+                let wm = self.pending.touched.get(&m.partition).expect("touched in pass 1").watermark_ms;
+                if !self.dedupe.insert(&self.store, m.partition, m.offset, wm, hour, h)? {
                     self.pending.stats.duplicates += 1;
                     continue;
                 }
@@ -309,7 +348,7 @@ impl Pipeline {
     /// after a failed step: the next batch starts from what is on disk.
     fn discard_pending(&mut self) {
         self.pending = Pending::default();
-        self.dedupe = DedupeCache::default();
+        self.dedupe = DedupeCache::new(settings_window(&self.settings));
     }
 
     /// Writes everything pending in one atomic, synced batch: usage deltas,
@@ -351,15 +390,11 @@ impl Pipeline {
         for (key, record) in &pending.dead_letters {
             batch.put_outbox(key, record);
         }
-        for (p, hour, hashes) in self.dedupe.take_new() {
-            batch.append_dedupe(p, hour, &hashes);
-        }
+        self.dedupe.write_changes(&mut batch);
         for (p, s) in &pending.touched {
             batch.put_partition(&self.settings.input_topic, *p, *s);
             if self.settings.dedupe {
-                let before = s.watermark_ms.div_euclid(1000) - self.settings.dedupe_window_secs;
-                batch.prune_dedupe(*p, before);
-                self.dedupe.prune(*p, before);
+                self.dedupe.prune(&mut batch, *p, s.next_offset - 1, s.watermark_ms);
             }
         }
         let t = Instant::now();
@@ -391,14 +426,21 @@ impl Pipeline {
         for m in msgs {
             let decoded = match m.payload {
                 None => None,
-                Some(p) => match decode_account(p) {
-                    Ok(a) if m.key.is_some() && m.key != Some(a.account_id.as_bytes()) => {
+                Some(p) => match decode_account_checked(p) {
+                    Ok(a) if m.key.is_some() && m.key != Some(a.record.account_id.as_bytes()) => {
                         let err = DecodeError::new(RejectReason::KeyMismatch, "account record key is not its account_id");
                         let (k, r) = self.dead_letter(m, &err);
                         batch.put_outbox(&k, &r);
                         continue;
                     }
-                    Ok(a) => Some(a),
+                    Ok(a) => {
+                        // Invalid packs are left out and reported; the rest applies.
+                        if let Some(err) = a.rejection() {
+                            let (k, r) = self.dead_letter(m, &err);
+                            batch.put_outbox(&k, &r);
+                        }
+                        Some(a.record)
+                    }
                     Err(err) => {
                         let (k, r) = self.dead_letter(m, &err);
                         batch.put_outbox(&k, &r);
@@ -497,6 +539,28 @@ impl Pipeline {
             {
                 todo.insert((a, m), s.partition);
             }
+        }
+        // A pack's balance runs across months: a change to one month of an
+        // account with packs can change every later month's deductions, so
+        // those are recomputed too (and restated where they change).
+        // Accounts without packs bill each month on its own: no walk.
+        let mut earliest: BTreeMap<&str, Month> = BTreeMap::new();
+        for (a, m) in todo.keys() {
+            if !months_are_independent(self.accounts.get(a)) {
+                let e = earliest.entry(a.as_str()).or_insert(*m);
+                *e = (*e).min(*m);
+            }
+        }
+        let mut later = Vec::new();
+        for (a, from) in earliest {
+            for m in self.store.account_month_list(a)? {
+                if m > from {
+                    later.push((a.to_string(), m));
+                }
+            }
+        }
+        for key in later {
+            todo.entry(key).or_insert(-1);
         }
         if todo.is_empty() {
             return Ok(0);
@@ -621,6 +685,8 @@ mod tests {
             dead_letter_topic: "dead".into(),
             dedupe: true,
             dedupe_window_secs: 72 * 3600,
+            dedupe_window_messages: 1_000_000,
+            max_future_ms: 3_600_000,
             grace_ms: 2 * 3600 * 1000,
             idle_after_ms: 300_000,
             require_keys: true,

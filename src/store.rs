@@ -21,6 +21,9 @@ pub mod cf {
     /// (partition, event hour) -> the 128-bit hashes of the request ids seen
     /// in that hour, 16 bytes each, appended by a merge operator.
     pub const DEDUPE: &str = "dedupe";
+    /// (partition, event hour) -> the input offset of the last event placed
+    /// in that hour's dedupe bucket (8 bytes, BE): decides when it expires.
+    pub const DEDUPE_INDEX: &str = "dedupe_index";
     /// (topic, partition) -> next offset to read and event-time watermark.
     pub const OFFSETS: &str = "offsets";
     /// Records written but not yet acknowledged by the broker.
@@ -34,11 +37,11 @@ pub mod cf {
     /// Format version and counters.
     pub const META: &str = "meta";
     /// Every column family.
-    pub const ALL: [&str; 8] = [USAGE, DEDUPE, OFFSETS, OUTBOX, BILLS, DIRTY, ACCOUNTS, META];
+    pub const ALL: [&str; 9] = [USAGE, DEDUPE, DEDUPE_INDEX, OFFSETS, OUTBOX, BILLS, DIRTY, ACCOUNTS, META];
 }
 
 /// On-disk format version. A store written with another version is refused.
-pub const STORE_FORMAT_VERSION: u32 = 2;
+pub const STORE_FORMAT_VERSION: u32 = 3;
 const META_VERSION_KEY: &[u8] = b"format_version";
 
 /// What can go wrong with the state directory.
@@ -407,10 +410,47 @@ impl Store {
         }
     }
 
+    /// Every live dedupe bucket of a partition: (event hour, input offset of
+    /// the last event placed in it).
+    pub fn dedupe_index(&self, partition: i32) -> Result<Vec<(i64, i64)>, StoreError> {
+        let prefix = partition.to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf::DEDUPE_INDEX), IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let bad = || StoreError::Corrupt { cf: cf::DEDUPE_INDEX, detail: "bad entry".into() };
+            let hour = <[u8; 8]>::try_from(&k[4..]).map_err(|_| bad())?;
+            let last = <[u8; 8]>::try_from(&v[..]).map_err(|_| bad())?;
+            out.push(((u64::from_be_bytes(hour) ^ (1 << 63)) as i64, i64::from_be_bytes(last)));
+        }
+        Ok(out)
+    }
+
+    /// The months of one account that have usage, in order (values not decoded).
+    pub fn account_month_list(&self, account: &str) -> Result<Vec<Month>, StoreError> {
+        let mut out = Vec::new();
+        self.scan_account(account, |month, _| {
+            out.push(month);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// Every month of one account.
     pub fn account_months(&self, account: &str) -> Result<BTreeMap<Month, MonthUsage>, StoreError> {
-        let prefix = account_prefix(account);
         let mut out = BTreeMap::new();
+        self.scan_account(account, |month, v| {
+            out.insert(month, MonthUsage::decode(v)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with each (month, encoded usage) of one account, in month order.
+    fn scan_account(&self, account: &str, mut f: impl FnMut(Month, &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let prefix = account_prefix(account);
         let iter = self.db.iterator_cf(self.cf(cf::USAGE), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
         for item in iter {
             let (k, v) = item?;
@@ -418,9 +458,9 @@ impl Store {
                 break;
             }
             let (_, month) = parse_account_month_key(&k).ok_or(StoreError::Corrupt { cf: cf::USAGE, detail: "bad key".into() })?;
-            out.insert(month, MonthUsage::decode(&v)?);
+            f(month, &v)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// A stored account record (raw JSON).
@@ -587,9 +627,15 @@ impl Batch<'_> {
         self.wb.merge_cf(self.store.cf(cf::DEDUPE), dedupe_key(partition, hour), hashes);
     }
 
-    /// Forgets a partition's dedupe keys of hours before `before_hour`.
-    pub fn prune_dedupe(&mut self, partition: i32, before_hour: i64) {
-        self.wb.delete_range_cf(self.store.cf(cf::DEDUPE), dedupe_key(partition, i64::MIN), dedupe_key(partition, before_hour));
+    /// Records the input offset of the last event placed in a partition's hour.
+    pub fn put_dedupe_index(&mut self, partition: i32, hour: i64, last_offset: i64) {
+        self.wb.put_cf(self.store.cf(cf::DEDUPE_INDEX), dedupe_key(partition, hour), last_offset.to_be_bytes());
+    }
+
+    /// Forgets a partition's hour of request-id hashes (data and index entry).
+    pub fn delete_dedupe(&mut self, partition: i32, hour: i64) {
+        self.wb.delete_cf(self.store.cf(cf::DEDUPE), dedupe_key(partition, hour));
+        self.wb.delete_cf(self.store.cf(cf::DEDUPE_INDEX), dedupe_key(partition, hour));
     }
 
     /// Sets where a partition stands.
@@ -695,8 +741,16 @@ mod tests {
         assert_eq!(s.outbox().unwrap(), vec![(outbox_dead_letter_key(5), rec)]);
         assert_eq!(s.next_dead_letter_seq().unwrap(), 6);
         let mut b = s.batch();
-        b.prune_dedupe(0, 7200);
+        b.put_dedupe_index(0, 3600, 10);
+        b.put_dedupe_index(0, -7200, 11);
+        b.put_dedupe_index(1, 0, 12);
         s.write(b).unwrap();
+        assert_eq!(s.dedupe_index(0).unwrap(), vec![(-7200, 11), (3600, 10)]);
+        let mut b = s.batch();
+        b.delete_dedupe(0, 3600);
+        s.write(b).unwrap();
+        assert_eq!(s.dedupe_index(0).unwrap(), vec![(-7200, 11)]);
+        assert_eq!(s.dedupe_index(1).unwrap(), vec![(0, 12)]);
         let mut b = s.batch();
         b.append_dedupe(0, 7200, &[4; 16]);
         s.write(b).unwrap();

@@ -14,7 +14,7 @@
 
 mod common;
 
-use common::{assert_bills_match, fixture_with, read_bills, read_dead_letters, wait_for_final_bills};
+use common::{assert_bills_match, fixture_with, read_bills, read_dead_letters, wait_for_closed_bills};
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::Consumer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -112,7 +112,7 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
         assert!(child.try_wait().unwrap().is_none(), "worker exited on its own; see {}", log.display());
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    wait_for_final_bills(&f.cfg, &f.expected, Duration::from_secs(120)).await;
+    wait_for_closed_bills(&f.cfg, &f.expected, Duration::from_secs(120)).await;
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "SIGTERM must exit 0, got {status}");

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_bills_match, fixture, read_bills, read_dead_letters, wait_for_final_bills, Fixture};
+use common::{assert_bills_match, fixture, read_bills, read_dead_letters, wait_for_closed_bills, Fixture};
 use gatebill::worker::{self, Mode, RunOptions, RunSummary};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use std::collections::HashSet;
@@ -26,7 +26,7 @@ where
         .await
     });
     during().await;
-    wait_for_final_bills(&f.cfg, &f.expected, Duration::from_secs(120)).await;
+    wait_for_closed_bills(&f.cfg, &f.expected, Duration::from_secs(120)).await;
     tx.send(()).unwrap();
     handle.await.unwrap().expect("the worker survives broker faults")
 }

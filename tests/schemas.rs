@@ -83,3 +83,46 @@ fn generated_bills_validate() {
         assert_eq!(back, record);
     }
 }
+
+#[test]
+fn dead_letter_header_schema_lists_every_reason_code_and_accepts_real_dead_letters() {
+    use gatebill::billing::RejectReason;
+    use gatebill::pipeline::{InputMessage, Pipeline, Settings};
+    let path = format!("{}/schemas/dead-letter-headers.schema.json", env!("CARGO_MANIFEST_DIR"));
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let listed: Vec<&str> =
+        schema["properties"]["gatebill.reason"]["enum"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    let codes: Vec<&str> = RejectReason::ALL.iter().map(|r| r.code()).collect();
+    assert_eq!(listed, codes);
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(gatebill::store::Store::open(dir.path()).unwrap());
+    let mut cfg = gatebill::config::Config::default();
+    cfg.kafka.input_topic = "events".into();
+    let mut p = Pipeline::new(store, Rules::default(), Settings::from_config(&cfg), gatebill::metrics::Metrics::new()).unwrap();
+    let future = SPEC_EVENT.replace("2020-11-05T10:15:30.123+08:00", "9999-01-01T00:00:00+08:00");
+    let payloads: [&[u8]; 3] = [b"{not json", future.as_bytes(), b"[]"];
+    let msgs: Vec<InputMessage> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, p)| InputMessage {
+            topic: "events",
+            partition: 3,
+            offset: i as i64,
+            key: Some(b"1250000001"),
+            payload: Some(p),
+            headers: vec![("trace".into(), b"abc".to_vec())],
+        })
+        .collect();
+    assert_eq!(p.process(&msgs).unwrap().rejected, 3);
+    let v = validator("dead-letter-headers.schema.json");
+    let mut reasons = Vec::new();
+    for (_, r) in p.outbox().unwrap() {
+        let headers: serde_json::Map<String, Value> =
+            r.headers.iter().map(|(k, v)| (k.clone(), Value::String(String::from_utf8(v.clone()).unwrap()))).collect();
+        let headers = Value::Object(headers);
+        assert_valid(&v, &headers);
+        reasons.push(headers["gatebill.reason"].as_str().unwrap().to_string());
+    }
+    assert_eq!(reasons, vec!["malformed_json", "future_time", "invalid_value"]);
+}

@@ -7,39 +7,14 @@
 
 mod common;
 
-use common::{assert_bills_match, config, fixture, read_bills, read_dead_letters, wait_for_final_bills};
-use gatebill::billing::Bill;
-use gatebill::config::Config;
+use common::{assert_bills_match, config, fixture, read_bills, read_dead_letters, replay, run_live_until_done};
 use gatebill::gen;
 use gatebill::inspect;
-use gatebill::worker::{self, FaultPoint, Mode, RunOptions, RunSummary};
+use gatebill::worker::{self, FaultPoint, Mode, RunOptions};
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
-
-async fn replay(cfg: &Config) -> RunSummary {
-    worker::run(cfg, RunOptions { mode: Mode::Replay { from_ms: None, progress: false }, fault: None }, std::future::pending())
-        .await
-        .unwrap()
-}
-
-/// Runs `gatebill run` in-process until the output topic holds every expected
-/// bill, final (the test months closed long ago; partitions idle for a second
-/// follow the wall clock), then stops it.
-async fn run_live_until_done(cfg: &Config, expected: &BTreeMap<String, Bill>) -> RunSummary {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let c = cfg.clone();
-    let handle = tokio::spawn(async move {
-        worker::run(&c, RunOptions { mode: Mode::Live, fault: None }, async move {
-            let _ = rx.await;
-        })
-        .await
-    });
-    wait_for_final_bills(cfg, expected, Duration::from_secs(90)).await;
-    tx.send(()).unwrap();
-    handle.await.unwrap().unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_run_bills_equal_the_core_and_replay_equals_live() {

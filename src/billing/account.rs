@@ -46,8 +46,59 @@ pub struct AccountRecord {
     pub account_id: String,
     /// When the gateway was activated, UTC epoch seconds.
     pub activated_at: i64,
-    /// Purchased or campaign packs.
+    /// Purchased or campaign packs (the valid ones; see [`DecodedAccount`]).
     pub resource_packs: Vec<ResourcePack>,
+}
+
+/// A resource pack left out of an account record, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RejectedPack {
+    /// Position in `resource_packs`, from 0.
+    pub index: usize,
+    /// The pack's id, when it has a usable one.
+    pub id: Option<String>,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+/// An account record as decoded: the record that applies (without its
+/// invalid packs) and the packs left out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DecodedAccount {
+    /// What applies.
+    pub record: AccountRecord,
+    /// Packs left out (spec section 10: reported, the rest still applies).
+    pub rejected: Vec<RejectedPack>,
+}
+
+impl DecodedAccount {
+    /// The dead-letter error reporting the packs left out, if any: reason
+    /// `invalid_resource_pack`, the detail names each pack and what is wrong.
+    pub fn rejection(&self) -> Option<DecodeError> {
+        if self.rejected.is_empty() {
+            return None;
+        }
+        let each: Vec<String> = self
+            .rejected
+            .iter()
+            .map(|r| match &r.id {
+                Some(id) => format!("#{} `{}`: {}", r.index, truncate(id, 64), r.why),
+                None => format!("#{}: {}", r.index, r.why),
+            })
+            .collect();
+        Some(DecodeError::new(
+            RejectReason::InvalidResourcePack,
+            truncate(
+                &format!(
+                    "account `{}` applied without {} invalid resource pack(s): {}",
+                    truncate(&self.record.account_id, 64),
+                    self.rejected.len(),
+                    each.join("; ")
+                ),
+                1000,
+            ),
+        ))
+    }
 }
 
 #[derive(Deserialize)]
@@ -55,7 +106,7 @@ struct RawAccount {
     account_id: String,
     activated_at: EventTime,
     #[serde(default)]
-    resource_packs: Option<Vec<RawPack>>,
+    resource_packs: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -67,36 +118,68 @@ struct RawPack {
     valid_until: EventTime,
 }
 
-/// Decodes and validates an account record.
-pub fn decode_account(bytes: &[u8]) -> Result<AccountRecord, DecodeError> {
+/// Epoch milliseconds to the first whole second at or after them. An hour
+/// (identified by its start, a whole second) starts inside `[from, until)`
+/// exactly when it starts inside `[ceil(from), ceil(until))`, so bounds with
+/// fractions of a second compare exactly against hour starts.
+pub(crate) fn ceil_secs(ms: i64) -> i64 {
+    -(-ms).div_euclid(1000)
+}
+
+/// Checks one pack; `ids` are the ids of the packs kept before it.
+fn decode_pack(value: serde_json::Value, ids: &[ResourcePack]) -> Result<ResourcePack, (Option<String>, String)> {
+    let id = value.get("id").and_then(|v| v.as_str()).filter(|s| !s.is_empty() && s.len() <= 256).map(str::to_string);
+    let p: RawPack = serde_json::from_value(value).map_err(|e| (id.clone(), truncate(&e.to_string(), 200)))?;
+    if p.id.is_empty() || p.id.len() > 256 {
+        return Err((None, "`id` must be 1..=256 bytes".into()));
+    }
+    if p.valid_from.0 >= p.valid_until.0 {
+        return Err((id, "valid_from is not before valid_until (empty or inverted validity window)".into()));
+    }
+    if ids.iter().any(|q| q.id == p.id) {
+        return Err((id, "the id is already used by an earlier pack of the record".into()));
+    }
+    Ok(ResourcePack {
+        id: p.id,
+        item: p.item,
+        quantity: p.quantity,
+        valid_from: ceil_secs(p.valid_from.0),
+        valid_until: ceil_secs(p.valid_until.0),
+    })
+}
+
+/// Decodes and validates an account record. A record without a valid
+/// `account_id` or `activated_at` is an error; invalid resource packs are
+/// left out and listed in [`DecodedAccount::rejected`].
+pub fn decode_account_checked(bytes: &[u8]) -> Result<DecodedAccount, DecodeError> {
     check_object(bytes)?;
     let raw: RawAccount = parse(bytes)?;
     if raw.account_id.is_empty() || raw.account_id.len() > 256 {
         return Err(DecodeError::new(RejectReason::InvalidValue, "`account_id` must be 1..=256 bytes"));
     }
     let mut packs = Vec::new();
-    for p in raw.resource_packs.unwrap_or_default() {
-        if p.id.is_empty() || p.id.len() > 256 {
-            return Err(DecodeError::new(RejectReason::InvalidValue, "resource pack `id` must be 1..=256 bytes"));
+    let mut rejected = Vec::new();
+    let values = match raw.resource_packs {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(values)) => values,
+        Some(_) => {
+            rejected.push(RejectedPack { index: 0, id: None, why: "`resource_packs` is not an array; no pack applies".into() });
+            Vec::new()
         }
-        if p.valid_from.0 >= p.valid_until.0 {
-            return Err(DecodeError::new(
-                RejectReason::InvalidValue,
-                format!("resource pack `{}`: valid_from is not before valid_until", truncate(&p.id, 64)),
-            ));
+    };
+    for (index, value) in values.into_iter().enumerate() {
+        match decode_pack(value, &packs) {
+            Ok(p) => packs.push(p),
+            Err((id, why)) => rejected.push(RejectedPack { index, id, why }),
         }
-        if packs.iter().any(|q: &ResourcePack| q.id == p.id) {
-            return Err(DecodeError::new(RejectReason::InvalidValue, format!("resource pack id `{}` appears twice", truncate(&p.id, 64))));
-        }
-        packs.push(ResourcePack {
-            id: p.id,
-            item: p.item,
-            quantity: p.quantity,
-            valid_from: p.valid_from.0.div_euclid(1000),
-            valid_until: p.valid_until.0.div_euclid(1000),
-        });
     }
-    Ok(AccountRecord { account_id: raw.account_id, activated_at: raw.activated_at.0.div_euclid(1000), resource_packs: packs })
+    let record = AccountRecord { account_id: raw.account_id, activated_at: raw.activated_at.0.div_euclid(1000), resource_packs: packs };
+    Ok(DecodedAccount { record, rejected })
+}
+
+/// The account record that applies (invalid packs left out), or why none does.
+pub fn decode_account(bytes: &[u8]) -> Result<AccountRecord, DecodeError> {
+    decode_account_checked(bytes).map(|d| d.record)
 }
 
 #[cfg(test)]
@@ -123,13 +206,51 @@ mod tests {
     }
 
     #[test]
-    fn rejects_inverted_window_and_duplicate_ids() {
+    fn invalid_packs_are_left_out_and_named_the_rest_applies() {
         let inverted = SPEC_ACCOUNT.replace("2021-03-01", "2019-03-01");
-        assert_eq!(decode_account(inverted.as_bytes()).unwrap_err().reason, RejectReason::InvalidValue);
-        let dup = SPEC_ACCOUNT.replace(
-            "\"resource_packs\": [",
-            "\"resource_packs\": [{\"id\": \"pk-001\", \"item\": \"calls\", \"quantity\": 1, \"valid_from\": 0, \"valid_until\": 1000},",
-        );
-        assert_eq!(decode_account(dup.as_bytes()).unwrap_err().reason, RejectReason::InvalidValue);
+        let d = decode_account_checked(inverted.as_bytes()).unwrap();
+        assert_eq!((d.record.activated_at, d.record.resource_packs.len()), (1_573_377_194, 0));
+        assert_eq!(d.rejected.len(), 1);
+        assert_eq!(d.rejected[0].id.as_deref(), Some("pk-001"));
+        let err = d.rejection().unwrap();
+        assert_eq!(err.reason, RejectReason::InvalidResourcePack);
+        assert!(err.detail.contains("#0 `pk-001`: valid_from is not before valid_until"), "{}", err.detail);
+        // A duplicate id (the later pack is left out), an unknown item, a bad
+        // quantity and a pack without an id, beside a valid one.
+        let packs = r#"[
+            {"id": "pk-1", "item": "calls", "quantity": 5, "valid_from": 0, "valid_until": 1000},
+            {"id": "pk-1", "item": "calls", "quantity": 7, "valid_from": 0, "valid_until": 1000},
+            {"id": "pk-2", "item": "cpu", "quantity": 5, "valid_from": 0, "valid_until": 1000},
+            {"id": "pk-3", "item": "calls", "quantity": -5, "valid_from": 0, "valid_until": 1000},
+            {"item": "calls", "quantity": 5, "valid_from": 0, "valid_until": 1000}
+        ]"#;
+        let text = format!(r#"{{"account_id": "A", "activated_at": 0, "resource_packs": {packs}}}"#);
+        let d = decode_account_checked(text.as_bytes()).unwrap();
+        assert_eq!(d.record.resource_packs.len(), 1);
+        assert_eq!(d.record.resource_packs[0].quantity, 5);
+        let rejected: Vec<(usize, Option<&str>)> = d.rejected.iter().map(|r| (r.index, r.id.as_deref())).collect();
+        assert_eq!(rejected, vec![(1, Some("pk-1")), (2, Some("pk-2")), (3, Some("pk-3")), (4, None)]);
+        let detail = d.rejection().unwrap().detail;
+        assert!(detail.contains("applied without 4 invalid resource pack(s)"), "{detail}");
+        assert!(detail.contains("#4: missing field `id`"), "{detail}");
+    }
+
+    #[test]
+    fn records_without_a_valid_account_id_or_activation_are_rejected_whole() {
+        let no_activation = r#"{"account_id": "A", "resource_packs": []}"#;
+        assert_eq!(decode_account_checked(no_activation.as_bytes()).unwrap_err().reason, RejectReason::MissingField);
+        let bad_id = r#"{"account_id": "", "activated_at": 0}"#;
+        assert_eq!(decode_account_checked(bad_id.as_bytes()).unwrap_err().reason, RejectReason::InvalidValue);
+    }
+
+    #[test]
+    fn pack_bounds_with_fractions_round_up_to_the_next_whole_second() {
+        let text = r#"{"account_id": "A", "activated_at": 0, "resource_packs": [
+            {"id": "p", "item": "calls", "quantity": 1,
+             "valid_from": "2021-01-01T00:00:00.500+08:00", "valid_until": "2021-02-01T00:00:00.001+08:00"}]}"#;
+        let p = &decode_account(text.as_bytes()).unwrap().resource_packs[0];
+        assert_eq!((p.valid_from, p.valid_until), (1_609_430_401, 1_612_108_801));
+        assert_eq!(ceil_secs(-1500), -1);
+        assert_eq!(ceil_secs(2000), 2);
     }
 }

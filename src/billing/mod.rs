@@ -18,7 +18,7 @@ pub mod reference;
 pub mod scan;
 pub mod usage;
 
-pub use account::decode_account;
+pub use account::{decode_account, decode_account_checked, DecodedAccount, RejectedPack};
 pub use account::{AccountRecord, PackItem, ResourcePack};
 pub use bill::{compute_bills, Bill, BillContent, BillRecord, BillStatus};
 pub use calendar::{BillingCalendar, Month};
