@@ -235,9 +235,9 @@ impl<'de> Deserialize<'de> for EventTime {
                 f.write_str("an RFC 3339 time with offset or integer epoch milliseconds")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<EventTime, E> {
-                let t = chrono::DateTime::parse_from_rfc3339(s)
-                    .map_err(|e| E::custom(format!("time `{}` is not RFC 3339 with an offset: {e}", truncate(s, 64))))?;
-                check_time(t.timestamp_millis())
+                let ms =
+                    rfc3339_millis(s).map_err(|e| E::custom(format!("time `{}` is not RFC 3339 with an offset: {e}", truncate(s, 64))))?;
+                check_time(ms)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<EventTime, E> {
                 check_time(v)
@@ -248,6 +248,17 @@ impl<'de> Deserialize<'de> for EventTime {
         }
         d.deserialize_any(V)
     }
+}
+
+/// UTC epoch milliseconds of an RFC 3339 time with an offset.
+///
+/// A leap second (`23:59:60`) belongs to the second, minute, day and month it
+/// names. chrono reads it as `23:59:59` with a nanosecond field of 1e9 or
+/// more, which `timestamp_millis` would carry into the next second (and, at
+/// a month's end, the next month); here it is clamped to `23:59:59.999`.
+pub fn rfc3339_millis(s: &str) -> Result<i64, chrono::ParseError> {
+    let t = chrono::DateTime::parse_from_rfc3339(s)?;
+    Ok(t.timestamp() * 1000 + i64::from(t.timestamp_subsec_millis().min(999)))
 }
 
 fn check_time<E: de::Error>(ms: i64) -> Result<EventTime, E> {
@@ -441,6 +452,16 @@ mod tests {
         assert_eq!(reason(&SPEC_EVENT.replace("\"2020-11-05T10:15:30.123+08:00\"", "-5")), RejectReason::InvalidValue);
         assert_eq!(reason(&SPEC_EVENT.replace("\"public\"", "\"intranet\"")), RejectReason::InvalidValue);
         assert_eq!(reason(&SPEC_EVENT.replace("\"in_cloud\": true,", "")), RejectReason::MissingField);
+    }
+
+    #[test]
+    fn a_leap_second_stays_in_the_second_it_names() {
+        let at = |t: &str| decode_event(SPEC_EVENT.replace("2020-11-05T10:15:30.123+08:00", t).as_bytes()).unwrap().time_ms;
+        // 2020-11-30T23:59:59.999+08:00, not 2020-12-01T00:00:00+08:00.
+        assert_eq!(at("2020-11-30T23:59:60+08:00"), 1_606_751_999_999);
+        assert_eq!(at("2020-11-30T23:59:60.5+08:00"), 1_606_751_999_999);
+        assert_eq!(at("2020-11-30T23:59:59.5+08:00"), 1_606_751_999_500);
+        assert_eq!(rfc3339_millis("2020-11-30T23:59:60.999999+08:00"), Ok(1_606_751_999_999));
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! for field (a property test in this module holds it to that).
 
 use super::classify::{classify_legs, BackendRef, Legs, Metered};
-use super::event::{decode_event, AccessEvent, DecodeError, Network, MAX_BYTE_COUNT, MAX_TIME_MS, MIN_TIME_MS};
+use super::event::{decode_event, rfc3339_millis, AccessEvent, DecodeError, Network, MAX_BYTE_COUNT, MAX_TIME_MS, MIN_TIME_MS};
 use std::borrow::Cow;
 
 /// What the pipeline needs of an accepted event: the dedupe key, where the
@@ -354,11 +354,7 @@ pub fn fast(bytes: &[u8]) -> Option<Billable<'_>> {
             }
             Field::Time => {
                 once(&mut seen, 3)?;
-                let ms = if p.peek()? == b'"' {
-                    chrono::DateTime::parse_from_rfc3339(p.str()?).ok()?.timestamp_millis()
-                } else {
-                    i64::try_from(p.uint()?).ok()?
-                };
+                let ms = if p.peek()? == b'"' { rfc3339_millis(p.str()?).ok()? } else { i64::try_from(p.uint()?).ok()? };
                 time = Some(ms).filter(|t| (MIN_TIME_MS..MAX_TIME_MS).contains(t));
             }
             Field::ClientNetwork => {
@@ -464,6 +460,15 @@ mod tests {
         let unicode = GEN_EVENT.replace("1250000027", "caf\u{e9}-\u{4e2d}");
         assert_eq!(fast(unicode.as_bytes()).expect("fast path").account_id, "caf\u{e9}-\u{4e2d}");
         assert_eq!(fast(unicode.as_bytes()), slow(unicode.as_bytes()).ok());
+    }
+
+    #[test]
+    fn a_leap_second_stays_in_its_month_on_both_paths() {
+        let s = GEN_EVENT.replacen("1604160590336", "\"2020-11-30T23:59:60+08:00\"", 1);
+        let f = fast(s.as_bytes()).expect("fast path");
+        // 2020-11-30T23:59:59.999+08:00
+        assert_eq!(f.time_ms, 1_606_751_999_999);
+        assert_eq!(Ok(f), slow(s.as_bytes()));
     }
 
     #[test]

@@ -1,0 +1,60 @@
+//! Time edges (issue 9, point 6), each with exact figures: a leap second at
+//! a month's end.
+//! Billing time zone Asia/Shanghai, default prices, no account record (so no
+//! free tier).
+
+use gatebill::billing::reference::{aggregate_messages, bills, decode_and_classify};
+use gatebill::billing::scan::decode_billable;
+use gatebill::billing::{Bill, BillingConfig, Rules};
+use rust_decimal::Decimal;
+use std::collections::BTreeMap;
+
+const GB: u64 = 1 << 30;
+
+/// Default rules without the default trial period.
+fn no_trial() -> Rules {
+    BillingConfig::from_toml("trial_periods = []").unwrap().validate().unwrap()
+}
+
+fn event(id: &str, time: &str, response: u64, backend: &str) -> Vec<u8> {
+    format!(
+        r#"{{"request_id":"{id}","account_id":"E","region":"ap-guangzhou","time":"{time}","client_network":"public",
+            "request_bytes":100,"response_bytes":{response},"backend":{backend}}}"#
+    )
+    .into_bytes()
+}
+
+/// Bills of messages through the reference core, after checking that the
+/// worker's decoder (fast path or full) reads each message the same way.
+fn bill_messages(msgs: &[Vec<u8>], rules: &Rules) -> Vec<Bill> {
+    for m in msgs {
+        let (e, metered) = decode_and_classify(m).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(m)));
+        let b = decode_billable(m).unwrap();
+        assert_eq!((b.time_ms, b.metered), (e.time_ms, metered));
+    }
+    let r = aggregate_messages(msgs.iter().map(Vec::as_slice), rules);
+    assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+    bills(&r.ledger, &BTreeMap::new(), rules)
+}
+
+#[test]
+fn a_leap_second_is_billed_in_the_month_it_names() {
+    let rules = no_trial();
+    let msgs = vec![
+        event("leap", "2020-11-30T23:59:60+08:00", 2 * GB, r#"{"type":"mock"}"#),
+        event("leap-frac", "2020-11-30T23:59:60.750+08:00", GB / 2, r#"{"type":"mock"}"#),
+    ];
+    for m in &msgs {
+        // 2020-11-30T23:59:59.999+08:00 on both decoders.
+        assert_eq!(decode_billable(m).unwrap().time_ms, 1_606_751_999_999);
+    }
+    let b = bill_messages(&msgs, &rules);
+    assert_eq!(b.len(), 1, "{:?}", b.iter().map(|b| &b.content.month).collect::<Vec<_>>());
+    let c = &b[0].content;
+    assert_eq!(c.month, "2020-11");
+    assert_eq!(c.usage.calls, 2);
+    assert_eq!(c.usage.public_out_bytes, 2 * GB + GB / 2);
+    assert_eq!(c.chargeable.public_out_bytes, 2 * GB + GB / 2);
+    // 2.5 GB x 0.80 = 2.00; 2 calls x 0.06 / 10,000 rounds to 0.00.
+    assert_eq!(c.total_amount, Decimal::new(200, 2));
+}
