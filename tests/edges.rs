@@ -1,11 +1,11 @@
-//! Time edges (issue 9, point 6), each with exact figures: a leap second at
-//! a month's end.
+//! Time edges (issue 9, point 6), each with exact figures: trial bounds with
+//! fractions of a second against hour starts, a leap second at a month's end.
 //! Billing time zone Asia/Shanghai, default prices, no account record (so no
 //! free tier).
 
 use gatebill::billing::reference::{aggregate_messages, bills, decode_and_classify};
 use gatebill::billing::scan::decode_billable;
-use gatebill::billing::{Bill, BillingConfig, Rules};
+use gatebill::billing::{compute_bills, Bill, BillingConfig, Month, MonthUsage, Rules};
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
 
@@ -35,6 +35,37 @@ fn bill_messages(msgs: &[Vec<u8>], rules: &Rules) -> Vec<Bill> {
     let r = aggregate_messages(msgs.iter().map(Vec::as_slice), rules);
     assert!(r.rejected.is_empty(), "{:?}", r.rejected);
     bills(&r.ledger, &BTreeMap::new(), rules)
+}
+
+#[test]
+fn trial_bounds_with_fractions_of_a_second_are_exact_against_hour_starts() {
+    let cfg =
+        BillingConfig::from_toml("[[trial_periods]]\nfrom = \"2021-03-01T00:00:00.500+08:00\"\nuntil = \"2021-03-01T02:00:00.500+08:00\"")
+            .unwrap();
+    let rules = cfg.validate().unwrap();
+    // Hours 00:00 .. 03:00 local on 2021-03-01: calls, public bytes.
+    let mut months: BTreeMap<Month, MonthUsage> = BTreeMap::new();
+    for (hour, calls, bytes) in [(0, 100_000, GB), (1, 200_000, 0), (2, 400_000, 2 * GB), (3, 800_000, 0)] {
+        let ms = chrono::DateTime::parse_from_rfc3339(&format!("2021-03-01T{hour:02}:00:00+08:00")).unwrap().timestamp_millis();
+        let (month, hour_start) = rules.calendar.place(ms);
+        let h = months.entry(month).or_default().hours.entry(hour_start).or_default();
+        h.calls = calls;
+        if bytes > 0 {
+            h.public_out_bytes.insert("ap-guangzhou".into(), bytes);
+        }
+    }
+    let b = compute_bills("T", None, &months, &rules);
+    assert_eq!(b.len(), 1);
+    let c = &b[0].content;
+    assert_eq!(c.month, "2021-03");
+    // The period starts after 00:00:00.000, so the 00:00 hour is charged; it
+    // ends after 02:00:00.000, so the 02:00 hour is in the trial.
+    assert_eq!(c.usage.trial_calls, 600_000);
+    assert_eq!(c.usage.trial_public_out_bytes, 2 * GB);
+    assert_eq!(c.chargeable.calls, 900_000);
+    assert_eq!(c.chargeable.public_out_bytes, GB);
+    // 900,000 / 10,000 x 0.06 = 5.40; 1 GB x 0.80 = 0.80.
+    assert_eq!(c.total_amount, Decimal::new(620, 2));
 }
 
 #[test]
