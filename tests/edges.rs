@@ -1,5 +1,6 @@
-//! Time edges (issue 9, point 6), each with exact figures: trial bounds with
-//! fractions of a second against hour starts, a leap second at a month's end.
+//! Time and field edges (issue 9, point 6), each with exact figures: trial
+//! bounds with fractions of a second against hour starts, a leap second at a
+//! month's end, and backend fields that do not apply to the backend type.
 //! Billing time zone Asia/Shanghai, default prices, no account record (so no
 //! free tier).
 
@@ -88,4 +89,39 @@ fn a_leap_second_is_billed_in_the_month_it_names() {
     assert_eq!(c.chargeable.public_out_bytes, 2 * GB + GB / 2);
     // 2.5 GB x 0.80 = 2.00; 2 calls x 0.06 / 10,000 rounds to 0.00.
     assert_eq!(c.total_amount, Decimal::new(200, 2));
+}
+
+#[test]
+fn backend_fields_that_do_not_apply_are_ignored_and_the_event_billed() {
+    let rules = no_trial();
+    let msgs = vec![
+        // SCF in another region: the forwarded 1 GB is public.
+        event(
+            "scf",
+            "2021-05-10T10:00:00+08:00",
+            0,
+            r#"{"type":"scf","region":"ap-beijing","address":"n/a","in_cloud":"x","request_bytes":1073741824,"response_bytes":5}"#,
+        ),
+        // HTTP outside the cloud at a public address: the forwarded 512 MB is public.
+        event(
+            "http",
+            "2021-05-10T11:00:00+08:00",
+            0,
+            r#"{"type":"http","region":5,"in_cloud":false,"address":"public","request_bytes":536870912,"response_bytes":7}"#,
+        ),
+        // Mock: no backend leg, whatever the other fields say; 1,000 response bytes.
+        event("mock", "2021-05-10T12:00:00+08:00", 1000, r#"{"type":"mock","region":[],"in_cloud":"n/a","address":0}"#),
+    ];
+    let public: Vec<u64> = msgs.iter().map(|m| decode_billable(m).unwrap().metered.public_out_bytes).collect();
+    assert_eq!(public, [GB, GB / 2, 1000]);
+    let b = bill_messages(&msgs, &rules);
+    assert_eq!(b.len(), 1);
+    let c = &b[0].content;
+    assert_eq!(c.month, "2021-05");
+    assert_eq!(c.usage.calls, 3);
+    assert_eq!(c.usage.public_out_bytes, 1_610_613_736);
+    assert_eq!(c.usage.inbound_bytes, 3 * 100 + 5 + 7);
+    assert_eq!(c.chargeable.public_out_bytes, 1_610_613_736);
+    // 1,610,613,736 / 2^30 x 0.80 = 1.2000074... -> 1.20; 3 calls -> 0.00.
+    assert_eq!(c.total_amount, Decimal::new(120, 2));
 }
