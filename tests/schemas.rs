@@ -125,4 +125,32 @@ fn dead_letter_header_schema_lists_every_reason_code_and_accepts_real_dead_lette
         reasons.push(headers["gatebill.reason"].as_str().unwrap().to_string());
     }
     assert_eq!(reasons, vec!["malformed_json", "future_time", "invalid_value"]);
+
+/// Fields that do not apply to the backend type validate whatever their
+/// value, as the decoder ignores them; where they apply they are typed.
+#[test]
+fn backend_fields_that_do_not_apply_are_not_typed() {
+    let v = validator("access-event.schema.json");
+    let http = r#"{"type": "http", "region": "ap-guangzhou", "in_cloud": true, "address": "private",
+              "request_bytes": 2000, "response_bytes": 9000}"#;
+    let with = |backend: &str| SPEC_EVENT.replace(http, backend);
+    for ignored in [
+        with(r#"{"type": "scf", "region": "ap-beijing", "address": "n/a", "in_cloud": "x", "request_bytes": 1, "response_bytes": 2}"#),
+        with(r#"{"type": "http", "region": 5, "in_cloud": false, "address": "public", "request_bytes": 1, "response_bytes": 2}"#),
+        with(r#"{"type": "mock", "region": [], "in_cloud": "n/a", "address": 0}"#),
+    ] {
+        assert_ne!(ignored, SPEC_EVENT);
+        assert_valid(&v, &serde_json::from_str(&ignored).unwrap());
+        assert!(gatebill::billing::reference::decode_and_classify(ignored.as_bytes()).is_ok(), "{ignored}");
+    }
+    for typed in [
+        with(r#"{"type": "scf", "region": 5, "request_bytes": 1, "response_bytes": 2}"#),
+        with(r#"{"type": "http", "region": 5, "in_cloud": true, "address": "public", "request_bytes": 1, "response_bytes": 2}"#),
+        with(r#"{"type": "http", "in_cloud": "x", "address": "public", "request_bytes": 1, "response_bytes": 2}"#),
+        with(r#"{"type": "http", "in_cloud": false, "address": "n/a", "request_bytes": 1, "response_bytes": 2}"#),
+    ] {
+        assert_ne!(typed, SPEC_EVENT);
+        assert!(!v.is_valid(&serde_json::from_str(&typed).unwrap()), "schema accepted {typed}");
+        assert!(gatebill::billing::reference::decode_and_classify(typed.as_bytes()).is_err(), "{typed}");
+    }
 }

@@ -3,6 +3,7 @@
 //! into checked [`Rules`] or a clear [`ConfigError`].
 
 use super::calendar::BillingCalendar;
+use super::event::rfc3339_millis;
 use super::money::{GB, MAX_PRICE_SCALE, MAX_UNIT_PRICE};
 use chrono_tz::Tz;
 use rust_decimal::Decimal;
@@ -188,7 +189,11 @@ pub struct Rules {
     pub currency: String,
     /// Free tier, or `None` when disabled.
     pub free_tier: Option<FreeTierConfig>,
-    /// Trial windows `[from, until)` in UTC epoch seconds.
+    /// Trial windows `[from, until)` in UTC epoch seconds. Each configured
+    /// bound is rounded up to a whole second, which keeps
+    /// `from <= hour_start < until` exact for whole-second hour starts: a
+    /// period from 00:00:00.500 does not cover the hour starting 00:00:00,
+    /// one until 00:00:00.500 does.
     pub trials: Vec<(i64, i64)>,
     /// Call tiers (bounds in calls).
     pub call_tiers: Vec<Tier>,
@@ -265,24 +270,24 @@ impl BillingConfig {
         if self.free_tier.enabled && self.free_tier.months == 0 {
             return Err(ConfigError::Invalid { field: "free_tier.months", problem: "must be at least 1 (or set enabled = false)".into() });
         }
+        // Bounds in exact milliseconds (a leap second stays in the second it names).
         let parse = |index: usize, field: &'static str, value: &str| {
-            chrono::DateTime::parse_from_rfc3339(value).map(|t| t.timestamp()).map_err(|_| ConfigError::BadTime {
-                index,
-                field,
-                value: value.to_string(),
-            })
+            rfc3339_millis(value).map_err(|_| ConfigError::BadTime { index, field, value: value.to_string() })
         };
         let mut trials = Vec::new();
         for (i, t) in self.trial_periods.iter().enumerate() {
             let from = match &t.from {
-                Some(f) => parse(i, "from", f)?,
-                None => i64::MIN,
+                Some(f) => Some(parse(i, "from", f)?),
+                None => None,
             };
             let until = parse(i, "until", &t.until)?;
-            if from >= until {
+            if from.is_some_and(|f| f >= until) {
                 return Err(ConfigError::EmptyTrial(i));
             }
-            trials.push((from, until));
+            // Hour starts are whole seconds: against them, an exact bound
+            // compares like the next whole second.
+            let ceil_secs = |ms: i64| ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) != 0);
+            trials.push((from.map_or(i64::MIN, ceil_secs), ceil_secs(until)));
         }
         let mut traffic_regions = BTreeMap::new();
         for (region, tiers) in &self.prices.traffic_regions {
@@ -345,6 +350,32 @@ mod tests {
 
         let cfg = BillingConfig::from_toml("[prices]\ncalls = [{ price = \"-1\" }]").unwrap();
         assert!(cfg.validate().unwrap_err().to_string().contains("between 0"));
+    }
+
+    #[test]
+    fn trial_bounds_with_fractions_compare_exactly_with_hour_starts() {
+        let cfg = BillingConfig::from_toml(
+            "[[trial_periods]]\nfrom = \"2021-03-01T00:00:00.500+08:00\"\nuntil = \"2021-03-01T02:00:00.001+08:00\"\n\
+             [[trial_periods]]\nfrom = \"2021-04-01T00:00:00+08:00\"\nuntil = \"2021-04-01T00:59:60.5+08:00\"",
+        )
+        .unwrap();
+        let r = cfg.validate().unwrap();
+        let h0 = 1_614_528_000; // 2021-03-01T00:00:00+08:00
+        assert_eq!(r.trials[0], (h0 + 1, h0 + 7201));
+        assert!(!r.in_trial(h0));
+        assert!(r.in_trial(h0 + 3600));
+        assert!(r.in_trial(h0 + 7200));
+        assert!(!r.in_trial(h0 + 10_800));
+        // A leap second in a bound is the second it names: until 00:59:59.999 (ceiled to 01:00:00).
+        let april = 1_617_206_400; // 2021-04-01T00:00:00+08:00
+        assert_eq!(r.trials[1], (april, april + 3600));
+        assert!(!r.in_trial(april + 3600));
+        // Emptiness is decided on the exact bounds.
+        let cfg = BillingConfig::from_toml(
+            "[[trial_periods]]\nfrom = \"2021-03-01T00:00:00.500+08:00\"\nuntil = \"2021-03-01T00:00:00.400+08:00\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.validate().unwrap_err(), ConfigError::EmptyTrial(0));
     }
 
     #[test]

@@ -212,15 +212,108 @@ struct RawBackend<'a> {
     #[serde(rename = "type", default)]
     kind: Option<BackendType>,
     #[serde(borrow, default)]
-    region: Option<Cow<'a, str>>,
-    #[serde(default)]
-    in_cloud: Option<bool>,
-    #[serde(default)]
-    address: Option<Network>,
+    region: Option<Loose<'a>>,
+    #[serde(borrow, default)]
+    in_cloud: Option<Loose<'a>>,
+    #[serde(borrow, default)]
+    address: Option<Loose<'a>>,
     #[serde(default)]
     request_bytes: Option<u64>,
     #[serde(default)]
     response_bytes: Option<u64>,
+}
+
+/// A backend field that applies to some backend types only (spec section 10:
+/// `in_cloud` and `address` to `http`, `region` to `http` inside the cloud
+/// and to `scf`). Its type is checked where it applies; elsewhere any value
+/// is ignored, like an unknown field.
+enum Loose<'a> {
+    Str(Cow<'a, str>),
+    Bool(bool),
+    /// A number, an array or an object: what it was, for the error detail.
+    Other(&'static str),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Loose<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<Loose<'a>>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Loose<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Loose<'a>, E> {
+                Ok(Loose::Str(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Loose<'a>, E> {
+                Ok(Loose::Str(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Loose<'a>, E> {
+                Ok(Loose::Str(Cow::Owned(s)))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Loose<'a>, E> {
+                Ok(Loose::Bool(v))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Loose<'a>, E> {
+                Ok(Loose::Other("a number"))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Loose<'a>, E> {
+                Ok(Loose::Other("a number"))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Loose<'a>, E> {
+                Ok(Loose::Other("a number"))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Loose<'a>, E> {
+                Ok(Loose::Other("null"))
+            }
+            // Contents are skipped without recursion (serde_json's `ignore_value`).
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Loose<'a>, A::Error> {
+                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+                Ok(Loose::Other("an array"))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Loose<'a>, A::Error> {
+                while map.next_entry::<de::IgnoredAny, de::IgnoredAny>()?.is_some() {}
+                Ok(Loose::Other("an object"))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+impl<'a> Loose<'a> {
+    fn describe(&self) -> String {
+        match self {
+            Loose::Str(s) => format!("the string `{}`", truncate(s, 64)),
+            Loose::Bool(b) => format!("`{b}`"),
+            Loose::Other(what) => (*what).to_string(),
+        }
+    }
+
+    fn bad(&self, field: &str, expected: &str) -> DecodeError {
+        DecodeError::new(RejectReason::InvalidValue, format!("`backend.{field}` must be {expected}, got {}", self.describe()))
+    }
+
+    fn string(self, field: &str) -> Result<Cow<'a, str>, DecodeError> {
+        match self {
+            Loose::Str(s) => Ok(s),
+            other => Err(other.bad(field, "a string")),
+        }
+    }
+
+    fn boolean(self, field: &str) -> Result<bool, DecodeError> {
+        match self {
+            Loose::Bool(b) => Ok(b),
+            other => Err(other.bad(field, "true or false")),
+        }
+    }
+
+    fn network(self, field: &str) -> Result<Network, DecodeError> {
+        match &self {
+            Loose::Str(s) if s == "public" => Ok(Network::Public),
+            Loose::Str(s) if s == "private" => Ok(Network::Private),
+            _ => Err(self.bad(field, "`public` or `private`")),
+        }
+    }
 }
 
 /// An event time: RFC 3339 with an offset, or integer epoch milliseconds.
@@ -235,9 +328,9 @@ impl<'de> Deserialize<'de> for EventTime {
                 f.write_str("an RFC 3339 time with offset or integer epoch milliseconds")
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<EventTime, E> {
-                let t = chrono::DateTime::parse_from_rfc3339(s)
-                    .map_err(|e| E::custom(format!("time `{}` is not RFC 3339 with an offset: {e}", truncate(s, 64))))?;
-                check_time(t.timestamp_millis())
+                let ms =
+                    rfc3339_millis(s).map_err(|e| E::custom(format!("time `{}` is not RFC 3339 with an offset: {e}", truncate(s, 64))))?;
+                check_time(ms)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<EventTime, E> {
                 check_time(v)
@@ -248,6 +341,17 @@ impl<'de> Deserialize<'de> for EventTime {
         }
         d.deserialize_any(V)
     }
+}
+
+/// UTC epoch milliseconds of an RFC 3339 time with an offset.
+///
+/// A leap second (`23:59:60`) belongs to the second, minute, day and month it
+/// names. chrono reads it as `23:59:59` with a nanosecond field of 1e9 or
+/// more, which `timestamp_millis` would carry into the next second (and, at
+/// a month's end, the next month); here it is clamped to `23:59:59.999`.
+pub fn rfc3339_millis(s: &str) -> Result<i64, chrono::ParseError> {
+    let t = chrono::DateTime::parse_from_rfc3339(s)?;
+    Ok(t.timestamp() * 1000 + i64::from(t.timestamp_subsec_millis().min(999)))
 }
 
 fn check_time<E: de::Error>(ms: i64) -> Result<EventTime, E> {
@@ -321,6 +425,9 @@ pub fn decode_event(bytes: &[u8]) -> Result<AccessEvent, DecodeError> {
     let request_bytes = check_bytes("request_bytes", raw.request_bytes)?;
     let response_bytes = check_bytes("response_bytes", raw.response_bytes)?;
     let b = raw.backend;
+    // Fields that do not apply to the backend type (`region` on an http
+    // backend outside the cloud; `in_cloud` and `address` on scf; all
+    // three on mock) are ignored, whatever their value.
     let backend = match required(b.kind, "`backend.type` is required (http, scf or mock)")? {
         BackendType::Mock => {
             for (name, v) in [("backend.request_bytes", b.request_bytes), ("backend.response_bytes", b.response_bytes)] {
@@ -334,20 +441,14 @@ pub fn decode_event(bytes: &[u8]) -> Result<AccessEvent, DecodeError> {
             Backend::Mock
         }
         BackendType::Http => {
-            let in_cloud = required(b.in_cloud, "`backend.in_cloud` is required for an http backend")?;
-            let address = required(b.address, "`backend.address` is required for an http backend")?;
-            let region = match (in_cloud, b.region) {
-                (true, None) => {
-                    return Err(DecodeError::new(
-                        RejectReason::MissingField,
-                        "`backend.region` is required for an http backend inside the cloud",
-                    ))
-                }
-                (true, Some(r)) => {
-                    check_id("backend.region", &r)?;
-                    Some(r.into_owned())
-                }
-                (false, _) => None,
+            let in_cloud = required(b.in_cloud, "`backend.in_cloud` is required for an http backend")?.boolean("in_cloud")?;
+            let address = required(b.address, "`backend.address` is required for an http backend")?.network("address")?;
+            let region = if in_cloud {
+                let r = required(b.region, "`backend.region` is required for an http backend inside the cloud")?.string("region")?;
+                check_id("backend.region", &r)?;
+                Some(r.into_owned())
+            } else {
+                None
             };
             Backend::Http {
                 region,
@@ -358,7 +459,7 @@ pub fn decode_event(bytes: &[u8]) -> Result<AccessEvent, DecodeError> {
             }
         }
         BackendType::Scf => {
-            let region = required(b.region, "`backend.region` is required for an scf backend")?;
+            let region = required(b.region, "`backend.region` is required for an scf backend")?.string("region")?;
             check_id("backend.region", &region)?;
             Backend::Scf {
                 region: region.into_owned(),
@@ -441,6 +542,55 @@ mod tests {
         assert_eq!(reason(&SPEC_EVENT.replace("\"2020-11-05T10:15:30.123+08:00\"", "-5")), RejectReason::InvalidValue);
         assert_eq!(reason(&SPEC_EVENT.replace("\"public\"", "\"intranet\"")), RejectReason::InvalidValue);
         assert_eq!(reason(&SPEC_EVENT.replace("\"in_cloud\": true,", "")), RejectReason::MissingField);
+    }
+
+    #[test]
+    fn a_leap_second_stays_in_the_second_it_names() {
+        let at = |t: &str| decode_event(SPEC_EVENT.replace("2020-11-05T10:15:30.123+08:00", t).as_bytes()).unwrap().time_ms;
+        // 2020-11-30T23:59:59.999+08:00, not 2020-12-01T00:00:00+08:00.
+        assert_eq!(at("2020-11-30T23:59:60+08:00"), 1_606_751_999_999);
+        assert_eq!(at("2020-11-30T23:59:60.5+08:00"), 1_606_751_999_999);
+        assert_eq!(at("2020-11-30T23:59:59.5+08:00"), 1_606_751_999_500);
+        assert_eq!(rfc3339_millis("2020-11-30T23:59:60.999999+08:00"), Ok(1_606_751_999_999));
+    }
+
+    #[test]
+    fn backend_fields_that_do_not_apply_are_ignored() {
+        let backend = |b: &str| {
+            let s = SPEC_EVENT.replacen(
+                r#"{"type": "http", "region": "ap-guangzhou", "in_cloud": true,
+                  "address": "private", "request_bytes": 2000, "response_bytes": 9000}"#,
+                b,
+                1,
+            );
+            assert_ne!(s, SPEC_EVENT);
+            decode_event(s.as_bytes())
+        };
+        let scf = backend(
+            r#"{"type": "scf", "region": "ap-beijing", "address": "n/a", "in_cloud": "x", "request_bytes": 7, "response_bytes": 8}"#,
+        );
+        assert_eq!(scf.unwrap().backend, Backend::Scf { region: "ap-beijing".into(), request_bytes: 7, response_bytes: 8 });
+        let out =
+            backend(r#"{"type": "http", "region": 5, "in_cloud": false, "address": "public", "request_bytes": 7, "response_bytes": 8}"#);
+        assert_eq!(
+            out.unwrap().backend,
+            Backend::Http { region: None, in_cloud: false, address: Network::Public, request_bytes: 7, response_bytes: 8 }
+        );
+        let mock = backend(r#"{"type": "mock", "region": [1, {"a": 2}], "in_cloud": 3, "address": {"x": null}}"#);
+        assert_eq!(mock.unwrap().backend, Backend::Mock);
+        // Where a field applies, its type is still checked.
+        for b in [
+            r#"{"type": "http", "region": 5, "in_cloud": true, "address": "public", "request_bytes": 7, "response_bytes": 8}"#,
+            r#"{"type": "http", "in_cloud": "x", "address": "public", "request_bytes": 7, "response_bytes": 8}"#,
+            r#"{"type": "http", "in_cloud": false, "address": "n/a", "request_bytes": 7, "response_bytes": 8}"#,
+            r#"{"type": "scf", "region": false, "request_bytes": 7, "response_bytes": 8}"#,
+        ] {
+            let err = backend(b).unwrap_err();
+            assert_eq!(err.reason, RejectReason::InvalidValue, "{b}");
+            assert!(err.detail.contains("backend."), "{}", err.detail);
+        }
+        let err = backend(r#"{"type": "scf", "address": "n/a", "request_bytes": 7, "response_bytes": 8}"#).unwrap_err();
+        assert_eq!(err.reason, RejectReason::MissingField);
     }
 
     #[test]

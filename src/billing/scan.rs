@@ -2,7 +2,8 @@
 //! fields borrowed from the message.
 //!
 //! It accepts only what it can decide without doubt: UTF-8, strings without
-//! escapes, integers in plain notation, scalar unknown fields, no duplicate
+//! escapes, integers in plain notation, scalar unknown fields (and scalar
+//! backend fields that do not apply to the backend type), no duplicate
 //! fields, and an event that passes every check of [`decode_event`] and
 //! [`classify`](super::classify::classify). Anything else, every malformed or
 //! invalid message included, goes to the full decoder, which gives the
@@ -11,7 +12,7 @@
 //! for field (a property test in this module holds it to that).
 
 use super::classify::{classify_legs, BackendRef, Legs, Metered};
-use super::event::{decode_event, AccessEvent, DecodeError, Network, MAX_BYTE_COUNT, MAX_TIME_MS, MIN_TIME_MS};
+use super::event::{decode_event, rfc3339_millis, AccessEvent, DecodeError, Network, MAX_BYTE_COUNT, MAX_TIME_MS, MIN_TIME_MS};
 use std::borrow::Cow;
 
 /// What the pipeline needs of an accepted event: the dedupe key, where the
@@ -126,11 +127,7 @@ impl<'a> Scanner<'a> {
     }
 
     fn network(&mut self) -> Option<Network> {
-        match self.str()? {
-            "public" => Some(Network::Public),
-            "private" => Some(Network::Private),
-            _ => None,
-        }
+        network(self.str()?)
     }
 
     /// Skips a scalar value; objects and arrays are left to the full decoder.
@@ -189,6 +186,14 @@ impl<'a> Scanner<'a> {
             }
             _ => None,
         }
+    }
+}
+
+fn network(s: &str) -> Option<Network> {
+    match s {
+        "public" => Some(Network::Public),
+        "private" => Some(Network::Private),
+        _ => None,
     }
 }
 
@@ -265,12 +270,15 @@ enum Kind {
     Mock,
 }
 
+/// The backend fields that apply to some backend types only are `Some(None)`
+/// when present with a scalar value of another type or domain: ignored where
+/// the field does not apply, left to the full decoder where it does.
 #[derive(Default)]
 struct RawBackend<'a> {
     kind: Option<Kind>,
-    region: Option<&'a str>,
-    in_cloud: Option<bool>,
-    address: Option<Network>,
+    region: Option<Option<&'a str>>,
+    in_cloud: Option<Option<bool>>,
+    address: Option<Option<Network>>,
     request_bytes: Option<u64>,
     response_bytes: Option<u64>,
 }
@@ -294,15 +302,18 @@ fn backend<'a>(p: &mut Scanner<'a>) -> Option<RawBackend<'a>> {
             }
             Field::Region => {
                 once(&mut seen, 1)?;
-                b.region = Some(p.str()?);
+                b.region = Some(if p.peek()? == b'"' { Some(p.str()?) } else { p.skip_scalar().map(|()| None)? });
             }
             Field::InCloud => {
                 once(&mut seen, 2)?;
-                b.in_cloud = Some(p.boolean()?);
+                b.in_cloud = Some(match p.peek()? {
+                    b't' | b'f' => Some(p.boolean()?),
+                    _ => p.skip_scalar().map(|()| None)?,
+                });
             }
             Field::Address => {
                 once(&mut seen, 3)?;
-                b.address = Some(p.network()?);
+                b.address = Some(if p.peek()? == b'"' { network(p.str()?) } else { p.skip_scalar().map(|()| None)? });
             }
             Field::RequestBytes => {
                 once(&mut seen, 4)?;
@@ -354,11 +365,7 @@ pub fn fast(bytes: &[u8]) -> Option<Billable<'_>> {
             }
             Field::Time => {
                 once(&mut seen, 3)?;
-                let ms = if p.peek()? == b'"' {
-                    chrono::DateTime::parse_from_rfc3339(p.str()?).ok()?.timestamp_millis()
-                } else {
-                    i64::try_from(p.uint()?).ok()?
-                };
+                let ms = if p.peek()? == b'"' { rfc3339_millis(p.str()?).ok()? } else { i64::try_from(p.uint()?).ok()? };
                 time = Some(ms).filter(|t| (MIN_TIME_MS..MAX_TIME_MS).contains(t));
             }
             Field::ClientNetwork => {
@@ -400,18 +407,20 @@ pub fn fast(bytes: &[u8]) -> Option<Billable<'_>> {
             }
             BackendRef::Mock
         }
+        // As in the full decoder, a field that does not apply to the backend
+        // type is not looked at.
         Kind::Http => {
-            let in_cloud = b.in_cloud?;
+            let in_cloud = b.in_cloud.flatten()?;
             BackendRef::Http {
-                region: if in_cloud { Some(id(b.region)?) } else { None },
+                region: if in_cloud { Some(id(b.region.flatten())?) } else { None },
                 in_cloud,
-                address: b.address?,
+                address: b.address.flatten()?,
                 request_bytes: bytes_ok(b.request_bytes)?,
                 response_bytes: bytes_ok(b.response_bytes)?,
             }
         }
         Kind::Scf => BackendRef::Scf {
-            region: id(b.region)?,
+            region: id(b.region.flatten())?,
             request_bytes: bytes_ok(b.request_bytes)?,
             response_bytes: bytes_ok(b.response_bytes)?,
         },
@@ -467,6 +476,36 @@ mod tests {
     }
 
     #[test]
+    fn backend_fields_that_do_not_apply_are_ignored_on_both_paths() {
+        for (from, to) in [
+            ("\"type\":\"scf\"", "\"type\":\"scf\",\"address\":\"n/a\",\"in_cloud\":\"x\""),
+            ("\"type\":\"scf\",\"region\":\"ap-guangzhou\"", "\"type\":\"http\",\"in_cloud\":false,\"address\":\"public\",\"region\":5"),
+            (
+                "{\"type\":\"scf\",\"region\":\"ap-guangzhou\",\"request_bytes\":588,\"response_bytes\":18232}",
+                "{\"type\":\"mock\",\"region\":true,\"in_cloud\":1,\"address\":null}",
+            ),
+        ] {
+            let s = GEN_EVENT.replacen(from, to, 1);
+            assert_ne!(s, GEN_EVENT, "{from}");
+            let f = fast(s.as_bytes()).unwrap_or_else(|| panic!("fast path: {s}"));
+            assert_eq!(Ok(f), slow(s.as_bytes()), "{s}");
+        }
+        // Where the field applies, a bad value is still rejected (by the full decoder).
+        let s = GEN_EVENT.replacen("\"region\":\"ap-guangzhou\"", "\"region\":5", 1);
+        assert!(fast(s.as_bytes()).is_none());
+        assert_eq!(decode_billable(s.as_bytes()).unwrap_err().reason, super::super::event::RejectReason::InvalidValue);
+    }
+
+    #[test]
+    fn a_leap_second_stays_in_its_month_on_both_paths() {
+        let s = GEN_EVENT.replacen("1604160590336", "\"2020-11-30T23:59:60+08:00\"", 1);
+        let f = fast(s.as_bytes()).expect("fast path");
+        // 2020-11-30T23:59:59.999+08:00
+        assert_eq!(f.time_ms, 1_606_751_999_999);
+        assert_eq!(Ok(f), slow(s.as_bytes()));
+    }
+
+    #[test]
     fn what_the_fast_path_leaves_to_the_full_decoder() {
         for (from, to) in [
             ("\"2a-0\"", "\"2a\\u002d0\""),                                       // escape: accepted, but slowly
@@ -517,6 +556,8 @@ mod tests {
             Just("\"http\"".into()),
             Just("\"mock\"".into()),
             Just("\"private\"".into()),
+            Just("\"n/a\"".into()),
+            Just("false".into()),
             Just("\"ap-guangzhou\"".into()),
             Just("\"2020-11-05T10:15:30+08:00\"".into()),
             Just("{}".into()),
@@ -534,7 +575,15 @@ mod tests {
         #[test]
         fn fast_path_never_disagrees_with_the_full_decoder(
             edits in prop::collection::vec((0usize..400, 0usize..4, token()), 1..4),
-            base in prop_oneof![Just(GEN_EVENT.to_string()), Just(GEN_EVENT.replace("\"type\":\"scf\"", "\"type\":\"http\",\"in_cloud\":true,\"address\":\"public\""))],
+            base in prop_oneof![
+                Just(GEN_EVENT.to_string()),
+                Just(GEN_EVENT.replace("\"type\":\"scf\"", "\"type\":\"http\",\"in_cloud\":true,\"address\":\"public\"")),
+                Just(GEN_EVENT.replace("\"type\":\"scf\"", "\"type\":\"scf\",\"in_cloud\":\"x\",\"address\":\"n/a\"")),
+                Just(GEN_EVENT.replace(
+                    "\"type\":\"scf\",\"region\":\"ap-guangzhou\"",
+                    "\"type\":\"http\",\"in_cloud\":false,\"address\":\"public\",\"region\":5",
+                )),
+            ],
         ) {
             let mut s = base.into_bytes();
             for (at, cut, tok) in edits {
