@@ -599,7 +599,7 @@ async fn write_messages(k: &KafkaConfig, topic: &str, msgs: Vec<gen::GenMessage>
 
 /// Generates and writes traffic; returns the generator's ground truth.
 pub async fn generate(k: &KafkaConfig, spec: &GenSpec, accounts: bool, rate: u64) -> Result<gen::GenTruth> {
-    crate::kafka::ensure_topics(k).await?;
+    crate::kafka::ensure_these_topics(k, &[&k.input_topic, &k.accounts_topic]).await?;
     if accounts {
         write_messages(k, &k.accounts_topic, gen::accounts(spec.accounts, spec.seed), 0).await?;
     }
