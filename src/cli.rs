@@ -1,15 +1,18 @@
 //! The command line: one documented function per subcommand. Flags are
-//! turned into a checked [`Config`] before anything runs.
+//! turned into a checked [`Config`] before anything runs: each flag over its
+//! `GATEBILL_*` variable over the file over the default ([`Config::resolve`]).
 
 use crate::billing::BillStatus;
-use crate::config::Config;
+use crate::config::{process_env, Config, Env, KafkaConfig, Overrides};
 use crate::gen::{self, GenSpec};
 use crate::inspect::{self, BillTable, Filter};
 use crate::store::OutboxRecord;
 use crate::worker::{self, Mode, RunOptions};
 use clap::{Args, Parser, Subcommand};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// gatebill: API-gateway usage to monthly bills, exactly once.
@@ -70,83 +73,167 @@ pub enum Command {
 /// `gatebill compact`
 #[derive(Args, Debug)]
 pub struct CompactArgs {
-    /// RocksDB state directory.
-    #[arg(long, env = "GATEBILL_STATE_DIR")]
-    state_dir: PathBuf,
+    /// Configuration file (TOML), for worker.state_dir. [env: GATEBILL_CONFIG]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// RocksDB state directory. [env: GATEBILL_STATE_DIR]
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 /// `gatebill count-topic` (benchmarks)
 #[derive(Args, Debug)]
 pub struct CountTopicArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "GATEBILL_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    /// Topic to read.
-    #[arg(long, default_value = "gateway-events")]
-    topic: String,
+    /// Configuration file (TOML). [env: GATEBILL_CONFIG]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers. [env: GATEBILL_BROKERS]
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Topic to read (default: the input topic).
+    #[arg(long)]
+    topic: Option<String>,
 }
 
-/// Flags shared by `run` and `replay`.
+/// The four topic flags, of `run`, `replay` and `dev-broker`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TopicArgs {
+    /// Topic of access events (key = account_id). [env: GATEBILL_INPUT_TOPIC]
+    #[arg(long)]
+    pub input_topic: Option<String>,
+    /// Compacted topic of account records. [env: GATEBILL_ACCOUNTS_TOPIC]
+    #[arg(long)]
+    pub accounts_topic: Option<String>,
+    /// Topic the bill records are written to. [env: GATEBILL_OUTPUT_TOPIC]
+    #[arg(long)]
+    pub output_topic: Option<String>,
+    /// Topic rejected messages are written to, with reason headers. [env: GATEBILL_DEAD_LETTER_TOPIC]
+    #[arg(long)]
+    pub dead_letter_topic: Option<String>,
+}
+
+/// Flags shared by `run` and `replay`. No flag has a default of its own:
+/// an absent flag leaves the environment's value, else the file's, else
+/// the default of `Config` (see [`Config::resolve`]).
 #[derive(Args, Debug, Clone, Default)]
 pub struct CommonArgs {
-    /// Configuration file (TOML); see gatebill.example.toml.
-    #[arg(long, env = "GATEBILL_CONFIG")]
+    /// Configuration file (TOML); see gatebill.example.toml. [env: GATEBILL_CONFIG]
+    #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Kafka bootstrap servers, HOST:PORT[,HOST:PORT...].
-    #[arg(long, env = "GATEBILL_BROKERS")]
+    /// Kafka bootstrap servers, HOST:PORT[,HOST:PORT...]. [env: GATEBILL_BROKERS]
+    #[arg(long)]
     pub brokers: Option<String>,
-    /// Topic of access events (key = account_id).
-    #[arg(long, env = "GATEBILL_INPUT_TOPIC")]
-    pub input_topic: Option<String>,
-    /// Compacted topic of account records.
-    #[arg(long, env = "GATEBILL_ACCOUNTS_TOPIC")]
-    pub accounts_topic: Option<String>,
-    /// Topic the bill records are written to.
-    #[arg(long, env = "GATEBILL_OUTPUT_TOPIC")]
-    pub output_topic: Option<String>,
-    /// Topic rejected messages are written to, with reason headers.
-    #[arg(long, env = "GATEBILL_DEAD_LETTER_TOPIC")]
-    pub dead_letter_topic: Option<String>,
-    /// RocksDB state directory (locked while in use).
-    #[arg(long, env = "GATEBILL_STATE_DIR")]
+    #[command(flatten)]
+    pub topics: TopicArgs,
+    /// RocksDB state directory (locked while in use). [env: GATEBILL_STATE_DIR]
+    #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Consumer group id.
-    #[arg(long, env = "GATEBILL_GROUP_ID")]
+    /// Consumer group id. [env: GATEBILL_GROUP_ID]
+    #[arg(long)]
     pub group_id: Option<String>,
-    /// Address of /metrics and /healthz ("" disables).
-    #[arg(long, env = "GATEBILL_METRICS_ADDRESS")]
+    /// Address of /metrics and /healthz ("" disables). [env: GATEBILL_METRICS_ADDRESS]
+    #[arg(long)]
     pub metrics_address: Option<String>,
-    /// Log JSON lines.
-    #[arg(long, env = "GATEBILL_JSON_LOGS")]
+    /// Log JSON lines. [env: GATEBILL_JSON_LOGS=true|false]
+    #[arg(long)]
     pub json_logs: bool,
 }
 
-impl CommonArgs {
-    /// The configuration: file (or defaults), then flags and environment.
-    pub fn config(&self) -> Result<Config> {
-        let mut cfg = match &self.config {
-            Some(p) => Config::load(p)?,
-            None => Config::default(),
-        };
-        let k = &mut cfg.kafka;
-        let set = |slot: &mut String, v: &Option<String>| {
-            if let Some(v) = v {
-                slot.clone_from(v);
-            }
-        };
-        set(&mut k.brokers, &self.brokers);
-        set(&mut k.input_topic, &self.input_topic);
-        set(&mut k.accounts_topic, &self.accounts_topic);
-        set(&mut k.output_topic, &self.output_topic);
-        set(&mut k.dead_letter_topic, &self.dead_letter_topic);
-        set(&mut k.group_id, &self.group_id);
-        set(&mut cfg.metrics.address, &self.metrics_address);
-        if let Some(d) = &self.state_dir {
-            cfg.worker.state_dir.clone_from(d);
+/// A subcommand whose flags override the common settings.
+pub trait CommonFlags {
+    /// `--config`, and the other flags given as the top layer of the configuration.
+    fn flags(&self) -> (Option<&Path>, Overrides);
+    /// The configuration to run with: defaults, then the file, then the
+    /// `GATEBILL_*` environment, then the flags.
+    fn settle(&self, env: Env) -> Result<Config> {
+        let (file, flags) = self.flags();
+        Ok(Config::resolve(file, env, flags)?)
+    }
+}
+
+impl TopicArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            input_topic: self.input_topic.clone(),
+            accounts_topic: self.accounts_topic.clone(),
+            output_topic: self.output_topic.clone(),
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            ..Overrides::default()
         }
-        cfg.metrics.json_logs |= self.json_logs;
-        cfg.check()?;
-        Ok(cfg)
+    }
+}
+
+impl CommonFlags for CommonArgs {
+    fn flags(&self) -> (Option<&Path>, Overrides) {
+        (
+            self.config.as_deref(),
+            Overrides {
+                brokers: self.brokers.clone(),
+                state_dir: self.state_dir.clone(),
+                group_id: self.group_id.clone(),
+                metrics_address: self.metrics_address.clone(),
+                json_logs: self.json_logs.then_some(true),
+                ..self.topics.overrides()
+            },
+        )
+    }
+}
+
+impl CommonFlags for InspectArgs {
+    fn flags(&self) -> (Option<&Path>, Overrides) {
+        (
+            self.config.as_deref(),
+            Overrides { brokers: self.brokers.clone(), output_topic: self.output_topic.clone(), ..Overrides::default() },
+        )
+    }
+}
+
+impl CommonFlags for GenArgs {
+    fn flags(&self) -> (Option<&Path>, Overrides) {
+        (
+            self.config.as_deref(),
+            Overrides {
+                brokers: self.brokers.clone(),
+                input_topic: self.input_topic.clone(),
+                accounts_topic: self.accounts_topic.clone(),
+                ..Overrides::default()
+            },
+        )
+    }
+}
+
+impl CommonFlags for DevBrokerArgs {
+    fn flags(&self) -> (Option<&Path>, Overrides) {
+        (self.config.as_deref(), Overrides { partitions: self.partitions, ..self.topics.overrides() })
+    }
+}
+
+impl CommonFlags for CompactArgs {
+    fn flags(&self) -> (Option<&Path>, Overrides) {
+        (self.config.as_deref(), Overrides { state_dir: self.state_dir.clone(), ..Overrides::default() })
+    }
+}
+
+impl CommonFlags for CountTopicArgs {
+    fn flags(&self) -> (Option<&Path>, Overrides) {
+        (self.config.as_deref(), Overrides { brokers: self.brokers.clone(), ..Overrides::default() })
+    }
+}
+
+impl Command {
+    /// The configuration of the subcommand; `None` for `demo`, which sets
+    /// up its own.
+    pub fn settle(&self, env: Env) -> Option<Result<Config>> {
+        Some(match self {
+            Command::Run(a) => a.common.settle(env),
+            Command::Replay(a) => a.common.settle(env),
+            Command::Inspect(a) => a.settle(env),
+            Command::DevBroker(a) => a.settle(env),
+            Command::Gen(a) => a.settle(env),
+            Command::Compact(a) => a.settle(env),
+            Command::CountTopic(a) => a.settle(env),
+            Command::Demo(_) => return None,
+        })
     }
 }
 
@@ -183,15 +270,15 @@ pub struct ReplayArgs {
 /// `gatebill inspect`
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "GATEBILL_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    /// Topic of bill records.
-    #[arg(long, env = "GATEBILL_OUTPUT_TOPIC", default_value = "gateway-bills")]
-    output_topic: String,
-    /// Configuration file, for [kafka.properties] (TLS, SASL).
-    #[arg(long, env = "GATEBILL_CONFIG")]
+    /// Configuration file (TOML): brokers, topics, [kafka.properties] (TLS, SASL). [env: GATEBILL_CONFIG]
+    #[arg(long)]
     config: Option<PathBuf>,
+    /// Kafka bootstrap servers. [env: GATEBILL_BROKERS]
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Topic of bill records. [env: GATEBILL_OUTPUT_TOPIC]
+    #[arg(long)]
+    output_topic: Option<String>,
     /// Only this account.
     #[arg(long)]
     account: Option<String>,
@@ -221,23 +308,32 @@ fn parse_status(s: &str) -> std::result::Result<BillStatus, String> {
 /// `gatebill dev-broker`
 #[derive(Args, Debug)]
 pub struct DevBrokerArgs {
-    /// Partitions of each default topic created at start.
-    #[arg(long, default_value_t = 6)]
-    partitions: i32,
+    /// Configuration file (TOML): the topics to create and kafka.partitions;
+    /// give the worker the same one. [env: GATEBILL_CONFIG]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    topics: TopicArgs,
+    /// Partitions of each topic (kafka.partitions).
+    #[arg(long)]
+    partitions: Option<i32>,
 }
 
 /// `gatebill gen`
 #[derive(Args, Debug)]
 pub struct GenArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "GATEBILL_BROKERS", default_value = "127.0.0.1:9092")]
-    brokers: String,
-    /// Topic of access events.
-    #[arg(long, env = "GATEBILL_INPUT_TOPIC", default_value = "gateway-events")]
-    input_topic: String,
-    /// Topic of account records.
-    #[arg(long, env = "GATEBILL_ACCOUNTS_TOPIC", default_value = "gateway-accounts")]
-    accounts_topic: String,
+    /// Configuration file (TOML): brokers, topics, [kafka.properties]. [env: GATEBILL_CONFIG]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kafka bootstrap servers. [env: GATEBILL_BROKERS]
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Topic of access events. [env: GATEBILL_INPUT_TOPIC]
+    #[arg(long)]
+    input_topic: Option<String>,
+    /// Topic of account records. [env: GATEBILL_ACCOUNTS_TOPIC]
+    #[arg(long)]
+    accounts_topic: Option<String>,
     /// Messages to write (duplicates and malformed included).
     #[arg(long, default_value_t = 100_000)]
     events: u64,
@@ -312,24 +408,25 @@ pub fn init_logging(json: bool) {
 
 /// Dispatches a parsed command line.
 pub async fn main(cli: Cli) -> Result<()> {
+    let cfg = cli.command.settle(&process_env).transpose()?.unwrap_or_default();
     match cli.command {
-        Command::Run(a) => run(a).await,
-        Command::Replay(a) => replay(a).await,
-        Command::Inspect(a) => inspect(a).await,
-        Command::DevBroker(a) => dev_broker(a).await,
-        Command::Gen(a) => gen(a).await,
+        Command::Run(_) => run(cfg).await,
+        Command::Replay(a) => replay(a, cfg).await,
+        Command::Inspect(a) => inspect(a, cfg.kafka).await,
+        Command::DevBroker(_) => dev_broker(cfg.kafka).await,
+        Command::Gen(a) => gen(a, cfg.kafka).await,
         Command::Demo(a) => demo(a).await,
-        Command::CountTopic(a) => count_topic(a),
-        Command::Compact(a) => compact(a),
+        Command::CountTopic(a) => count_topic(a, cfg.kafka),
+        Command::Compact(_) => compact(&cfg.worker.state_dir),
     }
 }
 
 /// `gatebill compact`: compacts every column family, prints bytes on disk.
-fn compact(a: CompactArgs) -> Result<()> {
-    if !a.state_dir.join("CURRENT").exists() {
-        return Err(format!("{} is not a gatebill state directory (no RocksDB CURRENT file)", a.state_dir.display()).into());
+fn compact(state_dir: &Path) -> Result<()> {
+    if !state_dir.join("CURRENT").exists() {
+        return Err(format!("{} is not a gatebill state directory (no RocksDB CURRENT file)", state_dir.display()).into());
     }
-    let store = crate::store::Store::open(&a.state_dir)?;
+    let store = crate::store::Store::open(state_dir)?;
     let sizes = store.compact_all()?;
     let mut table = comfy_table::Table::new();
     table.set_header(["column family", "bytes on disk"]);
@@ -342,8 +439,7 @@ fn compact(a: CompactArgs) -> Result<()> {
 }
 
 /// `gatebill run`: the long-lived worker.
-async fn run(a: RunArgs) -> Result<()> {
-    let cfg = a.common.config()?;
+async fn run(cfg: Config) -> Result<()> {
     init_logging(cfg.metrics.json_logs);
     let s = worker::run(&cfg, RunOptions { mode: Mode::Live, fault: None }, shutdown_signal()).await?;
     tracing::info!(
@@ -358,8 +454,7 @@ async fn run(a: RunArgs) -> Result<()> {
 }
 
 /// `gatebill replay`: bounded run.
-async fn replay(a: ReplayArgs) -> Result<()> {
-    let cfg = a.common.config()?;
+async fn replay(a: ReplayArgs, cfg: Config) -> Result<()> {
     init_logging(cfg.metrics.json_logs);
     let from_ms = match &a.from {
         Some(t) => Some(
@@ -395,21 +490,11 @@ async fn replay(a: ReplayArgs) -> Result<()> {
     Ok(())
 }
 
-fn kafka_config(brokers: &str, config: &Option<PathBuf>) -> Result<crate::config::KafkaConfig> {
-    let mut k = match config {
-        Some(p) => Config::load(p)?.kafka,
-        None => Default::default(),
-    };
-    k.brokers = brokers.to_string();
-    Ok(k)
-}
-
 /// `gatebill inspect`: latest bills as a table or JSON.
-async fn inspect(a: InspectArgs) -> Result<()> {
+async fn inspect(a: InspectArgs, k: KafkaConfig) -> Result<()> {
     init_logging(false);
-    let k = kafka_config(&a.brokers, &a.config)?;
     let filter = Filter { account: a.account.clone(), month: a.month.clone(), status: a.status };
-    let (consumer, ends) = inspect::open(&k, &a.output_topic)?;
+    let (consumer, ends) = inspect::open(&k, &k.output_topic)?;
     let mut table = BillTable::default();
     inspect::read_to_end(&consumer, ends, &mut table, Duration::from_secs(60));
     let shown: Vec<_> = table.latest.values().filter(|r| filter.accepts(r)).collect();
@@ -419,10 +504,10 @@ async fn inspect(a: InspectArgs) -> Result<()> {
         }
     } else {
         println!("{}", inspect::render_table(shown.iter().copied()));
-        println!("{} bill(s) shown of {} on {}", shown.len(), table.latest.len(), a.output_topic);
+        println!("{} bill(s) shown of {} on {}", shown.len(), table.latest.len(), k.output_topic);
     }
     if table.unreadable > 0 {
-        eprintln!("warning: {} record(s) on {} are not bill records", table.unreadable, a.output_topic);
+        eprintln!("warning: {} record(s) on {} are not bill records", table.unreadable, k.output_topic);
     }
     if a.follow {
         let stop = shutdown_signal();
@@ -449,21 +534,29 @@ async fn inspect(a: InspectArgs) -> Result<()> {
     Ok(())
 }
 
-/// `gatebill dev-broker`: a mock Kafka cluster until interrupted.
-async fn dev_broker(a: DevBrokerArgs) -> Result<()> {
-    init_logging(false);
-    let cluster = rdkafka::mocking::MockCluster::new(1)?;
-    let d = Config::default().kafka;
-    for t in [&d.input_topic, &d.accounts_topic, &d.output_topic, &d.dead_letter_topic] {
-        cluster.create_topic(t, a.partitions, 1)?;
+/// The dev broker: librdkafka's mock cluster (one broker) holding the four
+/// topics of `k`, `k.partitions` partitions each. The mock cluster cannot
+/// create topics on request (it has no controller), so they are made here.
+pub fn dev_cluster(k: &KafkaConfig) -> Result<MockCluster<'static, DefaultProducerContext>> {
+    let cluster = MockCluster::new(1)?;
+    for t in [&k.input_topic, &k.accounts_topic, &k.output_topic, &k.dead_letter_topic] {
+        cluster.create_topic(t, k.partitions, 1)?;
     }
+    Ok(cluster)
+}
+
+/// `gatebill dev-broker`: a mock Kafka cluster until interrupted.
+async fn dev_broker(k: KafkaConfig) -> Result<()> {
+    init_logging(false);
+    let cluster = dev_cluster(&k)?;
     println!("bootstrap={}", cluster.bootstrap_servers());
     eprintln!(
         "gatebill dev-broker: librdkafka's mock cluster, topics {}, {}, {}, {} with {} partitions.\n\
+         It cannot create other topics: give workers the same topic names (the same --config or topic flags).\n\
          LIMIT: it keeps at most about 5 MB (100,000 message sets) per partition and silently deletes\n\
          older data; everything is lost when it stops. Fine for trying gatebill; for more data use a\n\
          real broker (docker compose up) or tansu (see README). Press Ctrl-C to stop.",
-        d.input_topic, d.accounts_topic, d.output_topic, d.dead_letter_topic, a.partitions
+        k.input_topic, k.accounts_topic, k.output_topic, k.dead_letter_topic, k.partitions
     );
     shutdown_signal().await;
     drop(cluster);
@@ -471,7 +564,7 @@ async fn dev_broker(a: DevBrokerArgs) -> Result<()> {
 }
 
 /// Writes generated messages to a topic in chunks, at an optional rate.
-async fn write_messages(k: &crate::config::KafkaConfig, topic: &str, msgs: Vec<gen::GenMessage>, rate: u64) -> Result<()> {
+async fn write_messages(k: &KafkaConfig, topic: &str, msgs: Vec<gen::GenMessage>, rate: u64) -> Result<()> {
     let producer = crate::kafka::producer(k)?;
     let chunk = if rate > 0 { rate.clamp(1, 10_000) as usize } else { 20_000 };
     let started = std::time::Instant::now();
@@ -505,8 +598,8 @@ async fn write_messages(k: &crate::config::KafkaConfig, topic: &str, msgs: Vec<g
 }
 
 /// Generates and writes traffic; returns the generator's ground truth.
-pub async fn generate(k: &crate::config::KafkaConfig, spec: &GenSpec, accounts: bool, rate: u64) -> Result<gen::GenTruth> {
-    crate::kafka::ensure_topics(k).await?;
+pub async fn generate(k: &KafkaConfig, spec: &GenSpec, accounts: bool, rate: u64) -> Result<gen::GenTruth> {
+    crate::kafka::ensure_these_topics(k, &[&k.input_topic, &k.accounts_topic]).await?;
     if accounts {
         write_messages(k, &k.accounts_topic, gen::accounts(spec.accounts, spec.seed), 0).await?;
     }
@@ -541,16 +634,12 @@ pub fn write_file(path: &std::path::Path, spec: &GenSpec) -> Result<gen::GenTrut
 }
 
 /// `gatebill gen`: writes generated traffic.
-async fn gen(a: GenArgs) -> Result<()> {
+async fn gen(a: GenArgs, k: KafkaConfig) -> Result<()> {
     init_logging(false);
     let start_ms = chrono::DateTime::parse_from_rfc3339(&a.start).map_err(|e| format!("--start `{}`: {e}", a.start))?.timestamp_millis();
     if !(0.0..=1.0).contains(&(a.duplicates + a.malformed)) {
         return Err("--duplicates plus --malformed must be between 0 and 1".into());
     }
-    let mut k = Config::default().kafka;
-    k.brokers = a.brokers.clone();
-    k.input_topic = a.input_topic.clone();
-    k.accounts_topic = a.accounts_topic.clone();
     let spec = GenSpec {
         events: a.events,
         accounts: a.accounts.max(1),
@@ -588,17 +677,16 @@ async fn gen(a: GenArgs) -> Result<()> {
 }
 
 /// The benchmark floor: a consumer that only reads and counts.
-fn count_topic(a: CountTopicArgs) -> Result<()> {
+fn count_topic(a: CountTopicArgs, k: KafkaConfig) -> Result<()> {
     use rdkafka::consumer::Consumer;
-    let mut k = Config::default().kafka;
-    k.brokers = a.brokers;
+    let topic = a.topic.unwrap_or_else(|| k.input_topic.clone());
     let consumer = crate::kafka::plain_consumer(&k, "gatebill-count")?;
-    let n = crate::kafka::partition_counts(&consumer, &[&a.topic])?.get(&a.topic).copied().unwrap_or(0);
+    let n = crate::kafka::partition_counts(&consumer, &[&topic])?.get(&topic).copied().unwrap_or(0);
     let mut tpl = rdkafka::TopicPartitionList::new();
     let mut ends = std::collections::BTreeMap::new();
     let mut total = 0i64;
     for p in 0..n {
-        let (low, high) = consumer.fetch_watermarks(&a.topic, p, Duration::from_secs(10))?;
+        let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
         if low != 0 {
             return Err(format!("partition {p} starts at offset {low}: the broker deleted data; counts would be wrong").into());
         }
@@ -606,7 +694,7 @@ fn count_topic(a: CountTopicArgs) -> Result<()> {
             ends.insert(p, high);
             total += high;
         }
-        tpl.add_partition_offset(&a.topic, p, rdkafka::Offset::Beginning)?;
+        tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
     let started = std::time::Instant::now();
@@ -632,15 +720,13 @@ fn count_topic(a: CountTopicArgs) -> Result<()> {
 /// `gatebill demo`: everything in one process.
 async fn demo(a: DemoArgs) -> Result<()> {
     init_logging(false);
-    let cluster = rdkafka::mocking::MockCluster::new(1)?;
     let state = tempdir_like()?;
     let mut cfg = Config::default();
+    cfg.kafka.partitions = 4;
+    let cluster = dev_cluster(&cfg.kafka)?;
     cfg.kafka.brokers = cluster.bootstrap_servers();
     cfg.worker.state_dir = state.clone();
     cfg.metrics.address = String::new();
-    for t in [&cfg.kafka.input_topic, &cfg.kafka.accounts_topic, &cfg.kafka.output_topic, &cfg.kafka.dead_letter_topic] {
-        cluster.create_topic(t, 4, 1)?;
-    }
     println!("1/4 embedded broker at {} (librdkafka mock cluster)", cfg.kafka.brokers);
     let spec = GenSpec {
         events: a.events,
@@ -690,4 +776,200 @@ fn tempdir_like() -> Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("gatebill-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// Flags over the environment over the file over the defaults, for every
+/// subcommand that takes the common flags.
+#[cfg(test)]
+mod config_precedence {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// A file giving every common setting a value of its own.
+    const FILE: &str = r#"
+        [kafka]
+        brokers = "file:9092"
+        input_topic = "file-events"
+        accounts_topic = "file-accounts"
+        output_topic = "file-bills"
+        dead_letter_topic = "file-dead-letters"
+        group_id = "file-group"
+        partitions = 3
+        [worker]
+        state_dir = "file-state"
+        [metrics]
+        address = "file:9898"
+        json_logs = true
+    "#;
+
+    /// The configuration `gatebill <argv>` runs with in environment `env`.
+    fn settle(argv: &[&str], env: &[(&str, &str)]) -> Result<Config> {
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let cli = Cli::try_parse_from(std::iter::once("gatebill").chain(argv.iter().copied()))?;
+        cli.command.settle(&|name| env.get(name).cloned()).expect("takes the common flags")
+    }
+
+    /// A setting as a flag, a variable, and where it lands in [`Config`].
+    struct Setting {
+        flag: &'static str,
+        var: &'static str,
+        get: fn(&Config) -> String,
+        in_file: &'static str,
+    }
+
+    const fn setting(flag: &'static str, var: &'static str, get: fn(&Config) -> String, in_file: &'static str) -> Setting {
+        Setting { flag, var, get, in_file }
+    }
+    const BROKERS: Setting = setting("--brokers", "GATEBILL_BROKERS", |c| c.kafka.brokers.clone(), "file:9092");
+    const INPUT: Setting = setting("--input-topic", "GATEBILL_INPUT_TOPIC", |c| c.kafka.input_topic.clone(), "file-events");
+    const ACCOUNTS: Setting = setting("--accounts-topic", "GATEBILL_ACCOUNTS_TOPIC", |c| c.kafka.accounts_topic.clone(), "file-accounts");
+    const OUTPUT: Setting = setting("--output-topic", "GATEBILL_OUTPUT_TOPIC", |c| c.kafka.output_topic.clone(), "file-bills");
+    const DEAD: Setting =
+        setting("--dead-letter-topic", "GATEBILL_DEAD_LETTER_TOPIC", |c| c.kafka.dead_letter_topic.clone(), "file-dead-letters");
+    const GROUP: Setting = setting("--group-id", "GATEBILL_GROUP_ID", |c| c.kafka.group_id.clone(), "file-group");
+    const STATE: Setting = setting("--state-dir", "GATEBILL_STATE_DIR", |c| c.worker.state_dir.display().to_string(), "file-state");
+    const METRICS: Setting = setting("--metrics-address", "GATEBILL_METRICS_ADDRESS", |c| c.metrics.address.clone(), "file:9898");
+
+    /// Checks each layer of each setting of `gatebill <command>`: the
+    /// default alone, the file over it, the variable over the file, the
+    /// flag over the variable. Each setting comes with its default.
+    fn check(command: &[&str], settings: &[(Setting, &str)]) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gatebill.toml");
+        std::fs::write(&path, FILE).unwrap();
+        let file = path.to_str().unwrap();
+        fn join<'a>(a: &[&'a str], b: &[&'a str]) -> Vec<&'a str> {
+            a.iter().chain(b).copied().collect()
+        }
+        for (s, default) in settings {
+            let get = |argv: &[&str], env: &[(&str, &str)]| (s.get)(&settle(argv, env).unwrap());
+            assert_eq!(get(&join(command, &[]), &[]), *default, "{command:?} {}: default", s.flag);
+            assert_eq!(get(&join(command, &["--config", file]), &[]), s.in_file, "{command:?} {}: file over default", s.flag);
+            assert_eq!(get(&join(command, &[]), &[("GATEBILL_CONFIG", file)]), s.in_file, "{command:?} {}: GATEBILL_CONFIG", s.flag);
+            assert_eq!(
+                get(&join(command, &["--config", file]), &[(s.var, "env-value")]),
+                "env-value",
+                "{command:?} {}: env over file",
+                s.flag
+            );
+            assert_eq!(
+                get(&join(command, &[s.flag, "flag-value"]), &[(s.var, "env-value")]),
+                "flag-value",
+                "{command:?} {}: flag over env",
+                s.flag
+            );
+            assert_eq!(
+                get(&join(command, &["--config", file, s.flag, "flag-value"]), &[(s.var, "env-value")]),
+                "flag-value",
+                "{command:?} {}: flag over env and file",
+                s.flag
+            );
+            // A variable a subcommand has no flag for still overrides the file.
+            let other = if s.var == "GATEBILL_GROUP_ID" { ("GATEBILL_BROKERS", "env-brokers") } else { ("GATEBILL_GROUP_ID", "env-group") };
+            let c = settle(&join(command, &["--config", file]), &[other]).unwrap();
+            assert_eq!((s.get)(&c), s.in_file);
+        }
+    }
+
+    /// The settings of `run` and `replay`, with their defaults.
+    fn worker_settings() -> Vec<(Setting, &'static str)> {
+        vec![
+            (BROKERS, "127.0.0.1:9092"),
+            (INPUT, "gateway-events"),
+            (ACCOUNTS, "gateway-accounts"),
+            (OUTPUT, "gateway-bills"),
+            (DEAD, "gateway-dead-letters"),
+            (GROUP, "gatebill"),
+            (STATE, "gatebill-state"),
+            (METRICS, "127.0.0.1:9898"),
+        ]
+    }
+
+    #[test]
+    fn run_config_order() {
+        check(&["run"], &worker_settings());
+    }
+
+    #[test]
+    fn replay_config_order() {
+        check(&["replay"], &worker_settings());
+        check(&["replay", "--input-file", "events.ndjson"], &[(BROKERS, "127.0.0.1:9092"), (OUTPUT, "gateway-bills")]);
+    }
+
+    #[test]
+    fn inspect_config_order() {
+        check(&["inspect"], &[(BROKERS, "127.0.0.1:9092"), (OUTPUT, "gateway-bills")]);
+        // The bug of issue 9: the file's brokers were replaced by the flag's default.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[kafka]\nbrokers = \"kafka-1:9092\"\n").unwrap();
+        let c = settle(&["inspect", "--config", path.to_str().unwrap()], &[]).unwrap();
+        assert_eq!(c.kafka.brokers, "kafka-1:9092");
+    }
+
+    #[test]
+    fn gen_config_order() {
+        check(&["gen"], &[(BROKERS, "127.0.0.1:9092"), (INPUT, "gateway-events"), (ACCOUNTS, "gateway-accounts")]);
+    }
+
+    #[test]
+    fn dev_broker_config_order() {
+        check(
+            &["dev-broker"],
+            &[(INPUT, "gateway-events"), (ACCOUNTS, "gateway-accounts"), (OUTPUT, "gateway-bills"), (DEAD, "gateway-dead-letters")],
+        );
+        // Partitions: a flag and the file, no variable.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gatebill.toml");
+        std::fs::write(&path, FILE).unwrap();
+        let file = path.to_str().unwrap();
+        let partitions = |argv: &[&str]| settle(argv, &[]).unwrap().kafka.partitions;
+        assert_eq!(partitions(&["dev-broker"]), 6);
+        assert_eq!(partitions(&["dev-broker", "--config", file]), 3);
+        assert_eq!(partitions(&["dev-broker", "--config", file, "--partitions", "2"]), 2);
+    }
+
+    #[test]
+    fn compact_config_order() {
+        check(&["compact"], &[(STATE, "gatebill-state")]);
+    }
+
+    #[test]
+    fn count_topic_config_order() {
+        check(&["count-topic"], &[(BROKERS, "127.0.0.1:9092")]);
+    }
+
+    #[test]
+    fn config_flag_beats_gatebill_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+        std::fs::write(&a, "[kafka]\nbrokers = \"a:1\"\n").unwrap();
+        std::fs::write(&b, "[kafka]\nbrokers = \"b:1\"\n").unwrap();
+        let c = settle(&["run", "--config", a.to_str().unwrap()], &[("GATEBILL_CONFIG", b.to_str().unwrap())]).unwrap();
+        assert_eq!(c.kafka.brokers, "a:1");
+    }
+
+    #[test]
+    fn json_logs_config_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gatebill.toml");
+        std::fs::write(&path, FILE).unwrap();
+        let file = path.to_str().unwrap();
+        for command in ["run", "replay"] {
+            let json = |argv: &[&str], env: &[(&str, &str)]| settle(argv, env).unwrap().metrics.json_logs;
+            assert!(!json(&[command], &[]));
+            assert!(json(&[command, "--config", file], &[]));
+            assert!(!json(&[command, "--config", file], &[("GATEBILL_JSON_LOGS", "false")]));
+            assert!(json(&[command], &[("GATEBILL_JSON_LOGS", "1")]));
+            assert!(json(&[command, "--config", file, "--json-logs"], &[("GATEBILL_JSON_LOGS", "false")]));
+        }
+        let err = settle(&["run"], &[("GATEBILL_JSON_LOGS", "maybe")]).unwrap_err().to_string();
+        assert_eq!(err, "invalid configuration: GATEBILL_JSON_LOGS=`maybe`: use true or false");
+    }
+
+    #[test]
+    fn an_empty_metrics_address_from_the_environment_disables_the_endpoint() {
+        let c = settle(&["run"], &[("GATEBILL_METRICS_ADDRESS", "")]).unwrap();
+        assert_eq!(c.metrics.address, "");
+    }
 }

@@ -1,8 +1,9 @@
 //! The configuration file (TOML): Kafka, worker, metrics and billing
 //! sections. Every field is documented with its unit and default, unknown
 //! keys are rejected, and [`Config::check`] validates cross-field rules
-//! before anything runs. CLI flags and `GATEBILL_*` variables override the
-//! common settings (see `cli.rs`).
+//! before anything runs. The defaults are the `Default` impls here and
+//! nowhere else; [`Config::resolve`] layers the file, the `GATEBILL_*`
+//! environment and a subcommand's flags over them, in that order.
 
 use crate::billing::config::{BillingConfig, Rules};
 use serde::{Deserialize, Serialize};
@@ -210,6 +211,109 @@ impl Config {
             return bad("worker.max_future_secs is too large; use at most 9223372036854775".into());
         }
         Ok(self.billing.validate()?)
+    }
+}
+
+/// A lookup of environment variables: the process environment in the
+/// binary ([`process_env`]), a map in tests.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment (a variable that is not UTF-8 counts as unset).
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// The variable naming the configuration file.
+pub const CONFIG_VAR: &str = "GATEBILL_CONFIG";
+
+/// One layer of the common settings over the configuration file: the
+/// `GATEBILL_*` environment ([`Overrides::from_env`]) or a subcommand's
+/// flags. `None` keeps the value of the layer below.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Overrides {
+    /// `kafka.brokers`, `GATEBILL_BROKERS`.
+    pub brokers: Option<String>,
+    /// `kafka.input_topic`, `GATEBILL_INPUT_TOPIC`.
+    pub input_topic: Option<String>,
+    /// `kafka.accounts_topic`, `GATEBILL_ACCOUNTS_TOPIC`.
+    pub accounts_topic: Option<String>,
+    /// `kafka.output_topic`, `GATEBILL_OUTPUT_TOPIC`.
+    pub output_topic: Option<String>,
+    /// `kafka.dead_letter_topic`, `GATEBILL_DEAD_LETTER_TOPIC`.
+    pub dead_letter_topic: Option<String>,
+    /// `kafka.group_id`, `GATEBILL_GROUP_ID`.
+    pub group_id: Option<String>,
+    /// `kafka.partitions` (a flag of `dev-broker` only; no variable).
+    pub partitions: Option<i32>,
+    /// `worker.state_dir`, `GATEBILL_STATE_DIR`.
+    pub state_dir: Option<PathBuf>,
+    /// `metrics.address`, `GATEBILL_METRICS_ADDRESS` (empty disables).
+    pub metrics_address: Option<String>,
+    /// `metrics.json_logs`, `GATEBILL_JSON_LOGS` (true/false, 1/0, yes/no, on/off).
+    pub json_logs: Option<bool>,
+}
+
+impl Overrides {
+    /// The `GATEBILL_*` variables that are set (an empty one counts: an
+    /// empty `GATEBILL_METRICS_ADDRESS` disables the endpoint).
+    pub fn from_env(env: Env) -> Result<Overrides, ConfigFileError> {
+        let json_logs = match env("GATEBILL_JSON_LOGS") {
+            None => None,
+            Some(v) => Some(match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" | "" => false,
+                _ => return Err(ConfigFileError::Invalid(format!("GATEBILL_JSON_LOGS=`{v}`: use true or false"))),
+            }),
+        };
+        Ok(Overrides {
+            brokers: env("GATEBILL_BROKERS"),
+            input_topic: env("GATEBILL_INPUT_TOPIC"),
+            accounts_topic: env("GATEBILL_ACCOUNTS_TOPIC"),
+            output_topic: env("GATEBILL_OUTPUT_TOPIC"),
+            dead_letter_topic: env("GATEBILL_DEAD_LETTER_TOPIC"),
+            group_id: env("GATEBILL_GROUP_ID"),
+            partitions: None,
+            state_dir: env("GATEBILL_STATE_DIR").map(PathBuf::from),
+            metrics_address: env("GATEBILL_METRICS_ADDRESS"),
+            json_logs,
+        })
+    }
+
+    /// Writes the values this layer has over `cfg`.
+    pub fn apply(self, cfg: &mut Config) {
+        fn set<T>(slot: &mut T, v: Option<T>) {
+            if let Some(v) = v {
+                *slot = v;
+            }
+        }
+        let k = &mut cfg.kafka;
+        set(&mut k.brokers, self.brokers);
+        set(&mut k.input_topic, self.input_topic);
+        set(&mut k.accounts_topic, self.accounts_topic);
+        set(&mut k.output_topic, self.output_topic);
+        set(&mut k.dead_letter_topic, self.dead_letter_topic);
+        set(&mut k.group_id, self.group_id);
+        set(&mut k.partitions, self.partitions);
+        set(&mut cfg.worker.state_dir, self.state_dir);
+        set(&mut cfg.metrics.address, self.metrics_address);
+        set(&mut cfg.metrics.json_logs, self.json_logs);
+    }
+}
+
+impl Config {
+    /// The configuration a subcommand runs with: the defaults, overridden by
+    /// the file (`file`, else `GATEBILL_CONFIG`, else none), overridden by
+    /// the environment, overridden by `flags`; checked.
+    pub fn resolve(file: Option<&std::path::Path>, env: Env, flags: Overrides) -> Result<Config, ConfigFileError> {
+        let file = file.map(PathBuf::from).or_else(|| env(CONFIG_VAR).filter(|v| !v.is_empty()).map(PathBuf::from));
+        let mut cfg = match &file {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        Overrides::from_env(env)?.apply(&mut cfg);
+        flags.apply(&mut cfg);
+        cfg.check()?;
+        Ok(cfg)
     }
 }
 

@@ -29,12 +29,21 @@ pub enum KafkaSetupError {
     /// Topics are missing and creation is off.
     #[error("kafka: topic(s) {0} do not exist; create them (see docker-compose.yml) or set kafka.create_topics = true")]
     MissingTopics(String),
-    /// Topic creation failed.
-    #[error("kafka: cannot create topic {topic}: {reason}")]
+    /// The broker did not create the missing topics: it refused, or it
+    /// cannot (`gatebill dev-broker`, librdkafka's mock cluster, has no
+    /// controller and lets the request time out).
+    #[error(
+        "kafka: the broker at {brokers} did not create the missing topic(s) {topics} ({reason}). Create them on the \
+         broker, or name topics that exist (--config, the topic flags or GATEBILL_*_TOPIC). If the broker is `gatebill \
+         dev-broker`, which cannot create topics on request, restart it with the same topic names: the same --config \
+         file, or --input-topic/--accounts-topic/--output-topic/--dead-letter-topic"
+    )]
     CreateFailed {
-        /// The topic.
-        topic: String,
-        /// Broker's answer.
+        /// The bootstrap servers.
+        brokers: String,
+        /// The missing topics, comma-separated.
+        topics: String,
+        /// The broker's answer, or the admin client's error.
         reason: String,
     },
 }
@@ -101,9 +110,17 @@ pub fn partition_counts(consumer: &BaseConsumer, topics: &[&str]) -> Result<BTre
 /// Makes sure the four topics exist: creates the missing ones (accounts and
 /// bills compacted) or reports them, as configured.
 pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaSetupError> {
+    ensure_these_topics(k, &[&k.input_topic, &k.accounts_topic, &k.output_topic, &k.dead_letter_topic]).await
+}
+
+/// How long the broker gets to create missing topics. A real broker takes
+/// well under a second; the dev broker never answers.
+pub const CREATE_TOPICS_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// [`ensure_topics`] for some of the four topics of `k`.
+pub async fn ensure_these_topics(k: &KafkaConfig, wanted: &[&str]) -> Result<(), KafkaSetupError> {
     let consumer = plain_consumer(k, "gatebill-metadata")?;
-    let wanted = [k.input_topic.as_str(), k.accounts_topic.as_str(), k.output_topic.as_str(), k.dead_letter_topic.as_str()];
-    let existing = partition_counts(&consumer, &wanted)?;
+    let existing = partition_counts(&consumer, wanted)?;
     let missing: Vec<&str> = wanted.iter().copied().filter(|t| !existing.contains_key(*t)).collect();
     if missing.is_empty() {
         return Ok(());
@@ -111,6 +128,8 @@ pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaSetupError> {
     if !k.create_topics {
         return Err(KafkaSetupError::MissingTopics(missing.join(", ")));
     }
+    let failed = |reason: String| KafkaSetupError::CreateFailed { brokers: k.brokers.clone(), topics: missing.join(", "), reason };
+    tracing::info!(topics = %missing.join(", "), partitions = k.partitions, "creating missing topics");
     let admin: AdminClient<DefaultClientContext> = client_config(k, &[]).create().map_err(err("creating the admin client"))?;
     let new: Vec<NewTopic> = missing
         .iter()
@@ -123,13 +142,16 @@ pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaSetupError> {
             }
         })
         .collect();
-    let results = admin.create_topics(&new, &AdminOptions::new()).await.map_err(err("creating topics"))?;
-    for r in results {
-        if let Err((topic, code)) = r {
-            if code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
-                return Err(KafkaSetupError::CreateFailed { topic, reason: code.to_string() });
-            }
-        }
+    let options = AdminOptions::new().request_timeout(Some(CREATE_TOPICS_TIMEOUT));
+    let results = admin.create_topics(&new, &options).await.map_err(|e| failed(e.to_string()))?;
+    let refused: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err())
+        .filter(|(_, code)| *code != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)
+        .map(|(topic, code)| format!("{topic}: {code}"))
+        .collect();
+    if !refused.is_empty() {
+        return Err(failed(refused.join("; ")));
     }
     tracing::info!(topics = %missing.join(", "), partitions = k.partitions, "created missing topics");
     Ok(())

@@ -30,6 +30,12 @@ pub struct Fixture {
 pub fn config(cluster: &MockCluster<'static, DefaultProducerContext>, dir: &std::path::Path, name: &str) -> Config {
     let mut cfg = Config::default();
     cfg.kafka.brokers = cluster.bootstrap_servers();
+    tune(&mut cfg, dir, name);
+    cfg
+}
+
+/// The test settings of [`config`] over a configuration's brokers and topics.
+pub fn tune(cfg: &mut Config, dir: &std::path::Path, name: &str) {
     cfg.kafka.group_id = format!("gatebill-{name}");
     cfg.worker.state_dir = dir.join(name);
     cfg.worker.batch_size = 700;
@@ -41,7 +47,6 @@ pub fn config(cluster: &MockCluster<'static, DefaultProducerContext>, dir: &std:
     // A crashed member is evicted after the session timeout; keep it short.
     cfg.kafka.properties.insert("session.timeout.ms".into(), "6000".into());
     cfg.kafka.properties.insert("heartbeat.interval.ms".into(), "500".into());
-    cfg
 }
 
 /// Generates `events` messages (2% duplicates, 1% malformed) over 45 days
@@ -61,6 +66,20 @@ pub async fn fixture_with(seed: u64, events: u64, partitions: i32, accounts: u64
     for t in [&cfg.kafka.input_topic, &cfg.kafka.accounts_topic, &cfg.kafka.output_topic, &cfg.kafka.dead_letter_topic, "replayed-bills"] {
         cluster.create_topic(t, partitions, 1).unwrap();
     }
+    let (truth, expected) = traffic(&cfg, seed, events, partitions, accounts, skew).await;
+    Fixture { cluster, cfg, truth, expected, dir }
+}
+
+/// Writes generated traffic (see [`fixture`]) to the topics of `cfg`, which
+/// have `partitions` partitions, and computes the core's bills for it.
+pub async fn traffic(
+    cfg: &Config,
+    seed: u64,
+    events: u64,
+    partitions: i32,
+    accounts: u64,
+    skew: f64,
+) -> (GenTruth, BTreeMap<String, Bill>) {
     let spec = GenSpec {
         events,
         accounts,
@@ -86,7 +105,7 @@ pub async fn fixture_with(seed: u64, events: u64, partitions: i32, accounts: u64
     let accounts: BTreeMap<_, _> =
         gen::accounts(spec.accounts, seed).iter().map(|m| decode_account(&m.payload).unwrap()).map(|a| (a.account_id.clone(), a)).collect();
     let expected = bills(&r.ledger, &accounts, &rules).into_iter().map(|b| (format!("{}/{}", b.content.account_id, b.month), b)).collect();
-    Fixture { cluster, cfg, truth, expected, dir }
+    (truth, expected)
 }
 
 /// The latest bill per key on a topic.
