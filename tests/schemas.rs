@@ -125,6 +125,7 @@ fn dead_letter_header_schema_lists_every_reason_code_and_accepts_real_dead_lette
         reasons.push(headers["gatebill.reason"].as_str().unwrap().to_string());
     }
     assert_eq!(reasons, vec!["malformed_json", "future_time", "invalid_value"]);
+}
 
 /// Fields that do not apply to the backend type validate whatever their
 /// value, as the decoder ignores them; where they apply they are typed.
