@@ -37,6 +37,11 @@ pub struct BillTable {
     pub latest: BTreeMap<String, BillRecord>,
     /// Records that did not parse as bills.
     pub unreadable: u64,
+    /// Bill records read, every one counted (repeats and older revisions too).
+    pub records: u64,
+    /// Records that repeat the revision already held for their key (a
+    /// record delivered twice).
+    pub repeats: u64,
 }
 
 impl BillTable {
@@ -46,9 +51,15 @@ impl BillTable {
             self.unreadable += 1;
             return None;
         };
+        self.records += 1;
         let key = r.key();
-        if self.latest.get(&key).is_some_and(|old| old.revision >= r.revision) {
-            return None;
+        if let Some(old) = self.latest.get(&key) {
+            if old.revision == r.revision {
+                self.repeats += 1;
+            }
+            if old.revision >= r.revision {
+                return None;
+            }
         }
         self.latest.insert(key.clone(), r);
         self.latest.get(&key)

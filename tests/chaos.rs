@@ -122,6 +122,10 @@ async fn sigkill_at_random_moments_loses_and_doubles_nothing() {
     let calls: u64 = table.latest.values().map(|r| r.content.usage.calls).sum();
     assert_eq!(calls, f.truth.unique_events, "events lost or counted twice");
     let dead = read_dead_letters(&f.cfg);
+    // Every record is read and counted; output is at least once under
+    // SIGKILL (a kill between the broker's acknowledgement and the outbox
+    // delete sends a record again, with the same source headers), so the
+    // check is that every source is present, and the count is reported.
     let unique: HashSet<_> = dead.iter().map(|(_, p, o)| (p.clone(), o.clone())).collect();
     assert_eq!(unique.len() as u64, f.truth.malformed, "every malformed message on the dead-letter topic");
     eprintln!(

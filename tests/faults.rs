@@ -5,10 +5,12 @@
 
 mod common;
 
-use common::{assert_bills_match, fixture, read_bills, read_dead_letters, wait_for_closed_bills, Fixture};
+use common::{
+    assert_bills_match, assert_dead_letters_once, assert_no_repeated_bills, fixture, read_bills, read_dead_letters, wait_for_closed_bills,
+    Fixture,
+};
 use gatebill::worker::{self, Mode, RunOptions, RunSummary};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use std::collections::HashSet;
 use std::time::Duration;
 
 /// Runs the live worker while `during` injects faults, until every bill is final.
@@ -34,10 +36,10 @@ where
 fn check(f: &Fixture, s: &RunSummary) {
     eprintln!("faults: {s:?}");
     assert_eq!(s.billed, f.truth.unique_events);
-    assert_bills_match(&read_bills(&f.cfg, &f.cfg.kafka.output_topic), &f.expected);
-    let dead = read_dead_letters(&f.cfg);
-    let sources: HashSet<_> = dead.iter().map(|(_, p, o)| (p.clone(), o.clone())).collect();
-    assert_eq!(sources.len() as u64, f.truth.malformed);
+    let table = read_bills(&f.cfg, &f.cfg.kafka.output_topic);
+    assert_bills_match(&table, &f.expected);
+    assert_no_repeated_bills(&table);
+    assert_dead_letters_once(&read_dead_letters(&f.cfg), f.truth.malformed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -425,9 +425,12 @@ async fn duplicates_in_random_time_order_through_replay_and_run_equal_the_refere
     assert_eq!((s.billed, s.duplicates, s.rejected), (300, duplicates as u64, 0), "{s:?}");
     let replayed = common::read_bills(&rc, "replayed-bills");
     common::assert_bills_match(&replayed, &expected);
+    common::assert_no_repeated_bills(&replayed);
 
     let s = common::run_live_until_done(&cfg, &expected).await;
     assert_eq!((s.billed, s.duplicates, s.rejected), (300, duplicates as u64, 0), "{s:?}");
     let live = common::read_bills(&cfg, &cfg.kafka.output_topic);
     common::assert_bills_match(&live, &expected);
+    common::assert_no_repeated_bills(&live);
+    assert!(common::read_dead_letters(&cfg).is_empty());
 }

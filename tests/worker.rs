@@ -7,7 +7,10 @@
 
 mod common;
 
-use common::{assert_bills_match, config, fixture, read_bills, read_dead_letters, replay, run_live_until_done};
+use common::{
+    assert_bills_match, assert_dead_letters_once, assert_no_repeated_bills, config, fixture, read_bills, read_dead_letters, replay,
+    run_live_until_done,
+};
 use gatebill::gen;
 use gatebill::inspect;
 use gatebill::worker::{self, FaultPoint, Mode, RunOptions};
@@ -30,9 +33,8 @@ async fn live_run_bills_equal_the_core_and_replay_equals_live() {
 
     // Dead letters: exactly once each, with a reason, the good messages billed.
     let dead = read_dead_letters(&f.cfg);
-    assert_eq!(dead.len() as u64, f.truth.malformed);
-    let unique: HashSet<_> = dead.iter().map(|(_, p, o)| (p.clone(), o.clone())).collect();
-    assert_eq!(unique.len(), dead.len(), "no dead letter twice");
+    assert_dead_letters_once(&dead, f.truth.malformed);
+    assert_no_repeated_bills(&live);
     let reasons: HashSet<&str> = dead.iter().map(|(r, _, _)| r.as_str()).collect();
     assert_eq!(reasons, HashSet::from(["malformed_json", "missing_field", "invalid_value", "unsupported_traffic_path"]));
 
@@ -93,8 +95,9 @@ async fn restarts_between_write_and_produce_and_after_commit_lose_and_double_not
     assert_bills_match(&table, &f.expected);
     let calls: u64 = table.latest.values().map(|r| r.content.usage.calls).sum();
     assert_eq!(calls, f.truth.unique_events, "every event counted exactly once");
+    assert_no_repeated_bills(&table);
     let dead = read_dead_letters(&f.cfg);
-    assert_eq!(dead.len() as u64, f.truth.malformed, "every malformed message dead-lettered exactly once");
+    assert_dead_letters_once(&dead, f.truth.malformed);
     // Revisions only go up per key.
     let (consumer, mut ends) = inspect::open(&f.cfg.kafka, &f.cfg.kafka.output_topic).unwrap();
     let mut last: BTreeMap<String, u64> = BTreeMap::new();

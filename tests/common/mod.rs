@@ -180,6 +180,22 @@ pub fn assert_bills_match(table: &BillTable, expected: &BTreeMap<String, Bill>) 
     assert_eq!(table.unreadable, 0);
 }
 
+/// Asserts no bill record was delivered twice: every record on the topic
+/// is counted, and none repeats the revision held for its key.
+pub fn assert_no_repeated_bills(table: &BillTable) {
+    assert_eq!(table.repeats, 0, "{} bill records delivered twice (of {} read)", table.repeats, table.records);
+    assert!(table.records >= table.latest.len() as u64);
+}
+
+/// Asserts each malformed message is on the dead-letter topic exactly once:
+/// every record counted, none from the same source offset twice.
+pub fn assert_dead_letters_once(dead: &[(String, String, String)], malformed: u64) {
+    let mut sources: Vec<(&str, &str)> = dead.iter().map(|(_, p, o)| (p.as_str(), o.as_str())).collect();
+    sources.sort_unstable();
+    sources.dedup();
+    assert_eq!((dead.len() as u64, sources.len() as u64), (malformed, malformed), "dead letters read, distinct sources");
+}
+
 /// Runs `gatebill replay` in-process to the end offsets seen at start.
 pub async fn replay(cfg: &Config) -> RunSummary {
     worker::run(cfg, RunOptions { mode: Mode::Replay { from_ms: None, progress: false }, fault: None }, std::future::pending())
