@@ -678,42 +678,21 @@ async fn gen(a: GenArgs, k: KafkaConfig) -> Result<()> {
 
 /// The benchmark floor: a consumer that only reads and counts.
 fn count_topic(a: CountTopicArgs, k: KafkaConfig) -> Result<()> {
-    use rdkafka::consumer::Consumer;
     let topic = a.topic.unwrap_or_else(|| k.input_topic.clone());
     let consumer = crate::kafka::plain_consumer(&k, "gatebill-count")?;
-    let n = crate::kafka::partition_counts(&consumer, &[&topic])?.get(&topic).copied().unwrap_or(0);
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    let mut ends = std::collections::BTreeMap::new();
-    let mut total = 0i64;
-    for p in 0..n {
-        let (low, high) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+    let (ends, total) = crate::kafka::assign_to_end(&consumer, &topic, |p, low, _| {
         if low != 0 {
-            return Err(format!("partition {p} starts at offset {low}: the broker deleted data; counts would be wrong").into());
+            return Err(CliError::from(format!("partition {p} starts at offset {low}: the broker deleted data; counts would be wrong")));
         }
-        if high > 0 {
-            ends.insert(p, high);
-            total += high;
-        }
-        tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
+        Ok(low)
+    })?;
     let started = std::time::Instant::now();
-    let mut count = 0u64;
-    while !ends.is_empty() {
-        match consumer.poll(Duration::from_secs(10)) {
-            Some(Ok(m)) => {
-                count += 1;
-                use rdkafka::Message;
-                if ends.get(&m.partition()).is_some_and(|e| m.offset() + 1 >= *e) {
-                    ends.remove(&m.partition());
-                }
-            }
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err("no message for 10 s before the end offsets".into()),
-        }
+    let read = crate::kafka::read_to_end(&consumer, ends, Duration::from_secs(10), |_| Ok::<_, CliError>(()))?;
+    if !read.unfinished.is_empty() {
+        return Err(format!("no message for 10 s before the end offsets of partitions {:?}", read.unfinished).into());
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("counted {count} of {total} messages in {secs:.2} s: {:.0} msg/s", count as f64 / secs);
+    println!("counted {} of {total} messages in {secs:.2} s: {:.0} msg/s", read.read, read.read as f64 / secs);
     Ok(())
 }
 

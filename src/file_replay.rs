@@ -19,9 +19,6 @@ use std::sync::Arc;
 /// Lines decoded together (the write batch is `worker.batch_size` lines).
 const CHUNK_LINES: usize = 16_384;
 
-/// Outbox records written to the sink per step.
-const OUTBOX_PAGE: usize = 4096;
-
 /// Where bills go.
 pub enum Sink {
     /// The configured output and dead-letter topics.
@@ -199,31 +196,23 @@ pub async fn replay_file(cfg: &Config, input: &Path, sink: Sink, progress: bool)
     } as u64;
     tracing::info!(emit_seconds = processed_at.elapsed().as_secs_f64(), bills = summary.bills_emitted, "bills computed");
     // Drain the outbox a page at a time (memory stays bounded however many bills).
-    let producer = match sink {
+    let drained = match &sink {
+        Sink::File(out) => {
+            let topic = &cfg.kafka.output_topic;
+            pipeline
+                .drain_outbox(|page| {
+                    let written = write_files(out, &page, topic).map(|()| page);
+                    std::future::ready(written.map_err(|source| WorkerError::Input { path: out.clone(), source }))
+                })
+                .await?
+        }
         Sink::Kafka => {
             crate::kafka::ensure_topics(&cfg.kafka).await?;
-            Some(crate::kafka::producer(&cfg.kafka)?)
+            let producer = &crate::kafka::producer(&cfg.kafka)?;
+            pipeline.drain_outbox(|page| async move { Ok::<_, WorkerError>(crate::kafka::produce_all(producer, &page).await) }).await?
         }
-        Sink::File(_) => None,
     };
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = pipeline.store().outbox_page(after.as_deref(), OUTBOX_PAGE)?;
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.clone());
-        match (&sink, &producer) {
-            (Sink::File(out), _) => {
-                write_files(out, &page, &cfg.kafka.output_topic).map_err(|source| WorkerError::Input { path: out.clone(), source })?;
-                pipeline.acknowledge(&page)?;
-            }
-            (Sink::Kafka, Some(producer)) => {
-                let delivered = crate::kafka::produce_all(producer, &page).await;
-                summary.delivery_failures += (page.len() - delivered.len()) as u64;
-                pipeline.acknowledge(&delivered)?;
-            }
-            (Sink::Kafka, None) => unreachable!("producer created for the Kafka sink"),
-        }
-    }
+    summary.delivery_failures += drained.failed;
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }

@@ -4,9 +4,8 @@
 use crate::billing::{BillRecord, BillStatus};
 use crate::config::KafkaConfig;
 use crate::kafka::{self, KafkaSetupError};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -67,41 +66,25 @@ impl BillTable {
 }
 
 /// A consumer positioned at the beginning of every partition of `topic`,
-/// with the end offsets seen now.
+/// with the end offsets seen now ([`kafka::assign_to_end`]).
 pub fn open(k: &KafkaConfig, topic: &str) -> Result<(BaseConsumer, BTreeMap<i32, i64>), KafkaSetupError> {
     let consumer = kafka::plain_consumer(k, "gatebill-inspect")?;
-    let n = kafka::partition_counts(&consumer, &[topic])?.get(topic).copied().unwrap_or(0);
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    for p in 0..n {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .map_err(|source| KafkaSetupError::Client { what: format!("reading the end of {topic}/{p}"), source })?;
-        if high > low {
-            ends.insert(p, high);
-        }
-        tpl.add_partition_offset(topic, p, Offset::Beginning).expect("valid offset");
-    }
-    consumer.assign(&tpl).map_err(|source| KafkaSetupError::Client { what: format!("assigning {topic}"), source })?;
+    let (ends, _) = kafka::assign_to_end(&consumer, topic, |_, low, _| Ok::<_, KafkaSetupError>(low))?;
     Ok((consumer, ends))
 }
 
-/// Reads `topic` from the beginning to the end offsets seen at start.
-pub fn read_to_end(consumer: &BaseConsumer, mut ends: BTreeMap<i32, i64>, table: &mut BillTable, timeout: Duration) {
-    let deadline = std::time::Instant::now() + timeout;
-    while !ends.is_empty() && std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                if let Some(p) = m.payload() {
-                    table.offer(p);
-                }
-                if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
-                    ends.remove(&m.partition());
-                }
-            }
-            Some(Err(e)) => tracing::warn!(error = %e, "error reading bills"),
-            None => {}
+/// Reads `topic` from the beginning to the end offsets seen at start (or
+/// until no record came for `idle`) into `table`; returns what was read.
+pub fn read_to_end(consumer: &BaseConsumer, ends: BTreeMap<i32, i64>, table: &mut BillTable, idle: Duration) -> kafka::ReadToEnd {
+    let read = kafka::read_to_end(consumer, ends, idle, |m| {
+        if let Some(p) = m.payload() {
+            table.offer(p);
         }
+        Ok::<_, std::convert::Infallible>(())
+    });
+    match read {
+        Ok(r) => r,
+        Err(never) => match never {},
     }
 }
 

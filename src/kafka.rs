@@ -5,12 +5,14 @@ use crate::config::KafkaConfig;
 use crate::store::OutboxRecord;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A Kafka failure with what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +99,10 @@ pub fn plain_consumer(k: &KafkaConfig, group: &str) -> Result<BaseConsumer, Kafk
 }
 
 /// Partition counts of topics, from cluster metadata (absent = no such topic).
-pub fn partition_counts(consumer: &BaseConsumer, topics: &[&str]) -> Result<BTreeMap<String, i32>, KafkaSetupError> {
+pub fn partition_counts<X: ConsumerContext + 'static>(
+    consumer: &impl Consumer<X>,
+    topics: &[&str],
+) -> Result<BTreeMap<String, i32>, KafkaSetupError> {
     let md = consumer.fetch_metadata(None, Duration::from_secs(10)).map_err(err("fetching cluster metadata"))?;
     Ok(md
         .topics()
@@ -105,6 +110,81 @@ pub fn partition_counts(consumer: &BaseConsumer, topics: &[&str]) -> Result<BTre
         .filter(|t| topics.contains(&t.name()) && t.error().is_none() && !t.partitions().is_empty())
         .map(|t| (t.name().to_string(), t.partitions().len() as i32))
         .collect())
+}
+
+/// Where a bounded read stops: for each partition with something to read,
+/// the end offset seen when it was assigned.
+pub type Ends = BTreeMap<i32, i64>;
+
+/// The first half of every bounded read ("from a start offset to the end
+/// offsets seen at start"): assigns each partition of `topic` to `consumer`
+/// from the offset `start` picks for it, given the partition, its log start
+/// and its end (never below the log start), and returns the end offsets seen
+/// now of the partitions with something to read, and how many messages that
+/// is. Some brokers report ends early (tansu 0.6.0: the last batch's base
+/// offset + 1), so callers count what they really read.
+pub fn assign_to_end<X, E>(
+    consumer: &impl Consumer<X>,
+    topic: &str,
+    mut start: impl FnMut(i32, i64, i64) -> Result<i64, E>,
+) -> Result<(Ends, u64), E>
+where
+    X: ConsumerContext + 'static,
+    E: From<KafkaSetupError>,
+{
+    let n = partition_counts(consumer, &[topic])?.get(topic).copied().unwrap_or(0);
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = Ends::new();
+    let mut total = 0u64;
+    for p in 0..n {
+        let (low, high) =
+            consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).map_err(err(&format!("reading the end of {topic}/{p}")))?;
+        let from = start(p, low, high)?.max(low);
+        if from < high {
+            ends.insert(p, high);
+            total += (high - from) as u64;
+        }
+        tpl.add_partition_offset(topic, p, Offset::Offset(from)).expect("a valid offset");
+    }
+    consumer.assign(&tpl).map_err(err(&format!("assigning {topic}")))?;
+    Ok((ends, total))
+}
+
+/// What [`read_to_end`] read.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReadToEnd {
+    /// Messages read, every one counted.
+    pub read: u64,
+    /// Partitions that did not reach their end (no message for the idle limit).
+    pub unfinished: Vec<i32>,
+}
+
+/// The second half of a bounded read: polls `consumer` (assigned by
+/// [`assign_to_end`]) until every partition in `ends` reached its end, or no
+/// message came for `idle`, handing each message to `f`.
+pub fn read_to_end<E>(
+    consumer: &BaseConsumer,
+    mut ends: Ends,
+    idle: Duration,
+    mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), E>,
+) -> Result<ReadToEnd, E> {
+    let mut read = 0u64;
+    let mut last = Instant::now();
+    while !ends.is_empty() && last.elapsed() < idle {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                read += 1;
+                last = Instant::now();
+                if ends.get(&m.partition()).is_some_and(|end| m.offset() + 1 >= *end) {
+                    ends.remove(&m.partition());
+                }
+                f(&m)?;
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "error while reading a topic to its end"),
+            None => {}
+        }
+    }
+    Ok(ReadToEnd { read, unfinished: ends.into_keys().collect() })
 }
 
 /// Makes sure the four topics exist: creates the missing ones (accounts and

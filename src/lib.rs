@@ -16,7 +16,6 @@ pub mod gen;
 pub mod inspect;
 pub mod kafka;
 pub mod metrics;
-pub mod pending;
 pub mod pipeline;
 pub mod store;
 pub mod worker;

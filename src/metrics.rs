@@ -115,3 +115,19 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_code_is_exported_from_the_start() {
+        let text = Metrics::new().render();
+        for r in crate::billing::RejectReason::ALL {
+            let line = format!("gatebill_events_rejected_total{{reason=\"{}\"}} 0", r.code());
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        assert!(text.contains(r#"reason="future_time""#));
+        assert!(text.contains(r#"reason="invalid_resource_pack""#));
+    }
+}

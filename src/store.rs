@@ -22,7 +22,8 @@ pub mod cf {
     /// in that hour, 16 bytes each, appended by a merge operator.
     pub const DEDUPE: &str = "dedupe";
     /// (partition, event hour) -> the input offset of the last event placed
-    /// in that hour's dedupe bucket (8 bytes, BE): decides when it expires.
+    /// in that hour's dedupe bucket and a 64-bit hash of its input topic
+    /// (8 + 8 bytes, BE): decides when the bucket expires.
     pub const DEDUPE_INDEX: &str = "dedupe_index";
     /// (topic, partition) -> next offset to read and event-time watermark.
     pub const OFFSETS: &str = "offsets";
@@ -411,8 +412,8 @@ impl Store {
     }
 
     /// Every live dedupe bucket of a partition: (event hour, input offset of
-    /// the last event placed in it).
-    pub fn dedupe_index(&self, partition: i32) -> Result<Vec<(i64, i64)>, StoreError> {
+    /// the last event placed in it, hash of that event's input topic).
+    pub fn dedupe_index(&self, partition: i32) -> Result<Vec<(i64, i64, u64)>, StoreError> {
         let prefix = partition.to_be_bytes();
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(cf::DEDUPE_INDEX), IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
@@ -422,8 +423,12 @@ impl Store {
             }
             let bad = || StoreError::Corrupt { cf: cf::DEDUPE_INDEX, detail: "bad entry".into() };
             let hour = <[u8; 8]>::try_from(&k[4..]).map_err(|_| bad())?;
-            let last = <[u8; 8]>::try_from(&v[..]).map_err(|_| bad())?;
-            out.push(((u64::from_be_bytes(hour) ^ (1 << 63)) as i64, i64::from_be_bytes(last)));
+            if v.len() != 16 {
+                return Err(bad());
+            }
+            let last = i64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+            let topic = u64::from_be_bytes(v[8..].try_into().expect("8 bytes"));
+            out.push(((u64::from_be_bytes(hour) ^ (1 << 63)) as i64, last, topic));
         }
         Ok(out)
     }
@@ -627,9 +632,12 @@ impl Batch<'_> {
         self.wb.merge_cf(self.store.cf(cf::DEDUPE), dedupe_key(partition, hour), hashes);
     }
 
-    /// Records the input offset of the last event placed in a partition's hour.
-    pub fn put_dedupe_index(&mut self, partition: i32, hour: i64, last_offset: i64) {
-        self.wb.put_cf(self.store.cf(cf::DEDUPE_INDEX), dedupe_key(partition, hour), last_offset.to_be_bytes());
+    /// Records the input offset (and input topic hash) of the last event
+    /// placed in a partition's hour.
+    pub fn put_dedupe_index(&mut self, partition: i32, hour: i64, last_offset: i64, topic: u64) {
+        let mut v = last_offset.to_be_bytes().to_vec();
+        v.extend_from_slice(&topic.to_be_bytes());
+        self.wb.put_cf(self.store.cf(cf::DEDUPE_INDEX), dedupe_key(partition, hour), v);
     }
 
     /// Forgets a partition's hour of request-id hashes (data and index entry).
@@ -741,16 +749,16 @@ mod tests {
         assert_eq!(s.outbox().unwrap(), vec![(outbox_dead_letter_key(5), rec)]);
         assert_eq!(s.next_dead_letter_seq().unwrap(), 6);
         let mut b = s.batch();
-        b.put_dedupe_index(0, 3600, 10);
-        b.put_dedupe_index(0, -7200, 11);
-        b.put_dedupe_index(1, 0, 12);
+        b.put_dedupe_index(0, 3600, 10, 7);
+        b.put_dedupe_index(0, -7200, 11, 7);
+        b.put_dedupe_index(1, 0, 12, 8);
         s.write(b).unwrap();
-        assert_eq!(s.dedupe_index(0).unwrap(), vec![(-7200, 11), (3600, 10)]);
+        assert_eq!(s.dedupe_index(0).unwrap(), vec![(-7200, 11, 7), (3600, 10, 7)]);
         let mut b = s.batch();
         b.delete_dedupe(0, 3600);
         s.write(b).unwrap();
-        assert_eq!(s.dedupe_index(0).unwrap(), vec![(-7200, 11)]);
-        assert_eq!(s.dedupe_index(1).unwrap(), vec![(0, 12)]);
+        assert_eq!(s.dedupe_index(0).unwrap(), vec![(-7200, 11, 7)]);
+        assert_eq!(s.dedupe_index(1).unwrap(), vec![(0, 12, 8)]);
         let mut b = s.batch();
         b.append_dedupe(0, 7200, &[4; 16]);
         s.write(b).unwrap();

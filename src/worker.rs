@@ -172,61 +172,38 @@ fn to_input(m: &OwnedMessage) -> InputMessage<'_> {
 
 /// Produces the outbox; returns how many records failed and stay in it.
 async fn flush(pipeline: &mut Pipeline, producer: &FutureProducer, metrics: &Metrics) -> Result<u64, StoreError> {
-    let pending = pipeline.outbox()?;
-    if pending.is_empty() {
-        return Ok(0);
-    }
     let t = Instant::now();
-    let delivered = kafka::produce_all(producer, &pending).await;
-    metrics.produce_seconds.observe(t.elapsed().as_secs_f64());
-    pipeline.acknowledge(&delivered)?;
-    let failed = (pending.len() - delivered.len()) as u64;
-    metrics.outbox_pending.set(failed as i64);
-    Ok(failed)
+    let drained = pipeline.drain_outbox(|page| async move { Ok::<_, StoreError>(kafka::produce_all(producer, &page).await) }).await?;
+    if drained.offered > 0 {
+        metrics.produce_seconds.observe(t.elapsed().as_secs_f64());
+    }
+    Ok(drained.failed)
 }
 
 /// Reads the accounts topic from the stored offsets to its current end.
 fn load_accounts(pipeline: &mut Pipeline, consumer: &BaseConsumer, topic: &str) -> Result<(), WorkerError> {
-    let counts = kafka::partition_counts(consumer, &[topic])?;
-    let n = counts.get(topic).copied().unwrap_or(0);
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    for p in 0..n {
-        let stored = pipeline.store().partition(topic, p)?.map(|s| s.next_offset);
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .map_err(|source| KafkaSetupError::Client { what: format!("reading the end of {topic}/{p}"), source })?;
-        let start = stored.unwrap_or(low).max(low);
-        if start < high {
-            ends.insert(p, high);
-        }
-        tpl.add_partition_offset(topic, p, Offset::Offset(start)).expect("valid offset");
-    }
-    consumer.assign(&tpl).map_err(|source| KafkaSetupError::Client { what: format!("assigning {topic}"), source })?;
-    let mut loaded = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !ends.is_empty() && Instant::now() < deadline {
-        let mut chunk = Vec::new();
-        while chunk.len() < 1000 {
-            match consumer.poll(Duration::from_millis(if chunk.is_empty() { 500 } else { 0 })) {
-                Some(Ok(m)) => chunk.push(m.detach()),
-                Some(Err(e)) => tracing::warn!(error = %e, "error reading accounts"),
-                None => break,
-            }
-        }
+    let store = pipeline.store().clone();
+    let (ends, _) =
+        kafka::assign_to_end(consumer, topic, |p, low, _| Ok::<_, WorkerError>(store.partition(topic, p)?.map_or(low, |s| s.next_offset)))?;
+    let mut chunk: Vec<OwnedMessage> = Vec::new();
+    let mut apply = |chunk: &mut Vec<OwnedMessage>| -> Result<(), WorkerError> {
         let msgs: Vec<InputMessage> = chunk.iter().map(to_input).collect();
-        for m in &msgs {
-            if ends.get(&m.partition).is_some_and(|end| m.offset + 1 >= *end) {
-                ends.remove(&m.partition);
-            }
-        }
-        loaded += msgs.len() as u64;
         pipeline.apply_accounts(&msgs)?;
+        chunk.clear();
+        Ok(())
+    };
+    let read = kafka::read_to_end(consumer, ends, Duration::from_secs(120), |m| {
+        chunk.push(m.detach());
+        if chunk.len() >= 1000 {
+            apply(&mut chunk)?;
+        }
+        Ok::<_, WorkerError>(())
+    })?;
+    apply(&mut chunk)?;
+    if !read.unfinished.is_empty() {
+        tracing::warn!(partitions = ?read.unfinished, "accounts topic not read to its end: no record for 120 s; continuing, bills will be restated as records arrive");
     }
-    if !ends.is_empty() {
-        tracing::warn!(partitions = ?ends.keys().collect::<Vec<_>>(), "accounts topic not fully read within 120 s; continuing, bills will be restated as records arrive");
-    }
-    tracing::info!(records = loaded, "accounts table loaded");
+    tracing::info!(records = read.read, "accounts table loaded");
     Ok(())
 }
 
@@ -280,22 +257,17 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
             .subscribe(&[&k.input_topic])
             .map_err(|source| KafkaSetupError::Client { what: format!("subscribing to {}", k.input_topic), source })?,
         Mode::Replay { from_ms, progress: show } => {
-            let n = kafka::partition_counts(&accounts, &[&k.input_topic])?.get(&k.input_topic).copied().unwrap_or(0);
-            let mut tpl = TopicPartitionList::new();
-            let mut total = 0u64;
-            for p in 0..n {
-                let (low, high) = consumer
-                    .fetch_watermarks(&k.input_topic, p, Duration::from_secs(10))
-                    .map_err(|source| KafkaSetupError::Client { what: format!("reading the end of {}/{p}", k.input_topic), source })?;
-                let start = match (pipeline.next_offset(p), from_ms) {
+            let topic = k.input_topic.as_str();
+            let (replay_ends, total) = kafka::assign_to_end(&consumer, topic, |p, low, high| {
+                Ok::<_, KafkaSetupError>(match (pipeline.next_offset(p), from_ms) {
                     (Some(next), _) => next,
                     (None, Some(t)) => {
                         let mut q = TopicPartitionList::new();
-                        q.add_partition_offset(&k.input_topic, p, Offset::Offset(*t)).expect("valid");
+                        q.add_partition_offset(topic, p, Offset::Offset(*t)).expect("valid");
                         let found = consumer
                             .offsets_for_times(q, Duration::from_secs(10))
                             .map_err(|source| KafkaSetupError::Client { what: "finding offsets for --from".into(), source })?;
-                        match found.find_partition(&k.input_topic, p).map(|e| e.offset()) {
+                        match found.find_partition(topic, p).map(|e| e.offset()) {
                             Some(Offset::Offset(o)) => o,
                             _ => high,
                         }
@@ -306,15 +278,9 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
                         }
                         low
                     }
-                };
-                let start = start.max(low);
-                if start < high {
-                    ends.insert(p, high);
-                    total += (high - start) as u64;
-                }
-                tpl.add_partition_offset(&k.input_topic, p, Offset::Offset(start)).expect("valid offset");
-            }
-            consumer.assign(&tpl).map_err(|source| KafkaSetupError::Client { what: "assigning the input topic".into(), source })?;
+                })
+            })?;
+            ends = replay_ends;
             if *show {
                 let pb = indicatif::ProgressBar::new(total);
                 pb.set_style(
@@ -426,9 +392,9 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
     summary.bills_emitted += pipeline.emit(now_ms(), replay)? as u64;
     tracing::info!(seconds = t.elapsed().as_secs_f64(), bills = summary.bills_emitted, "bills computed");
     let t = Instant::now();
-    summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
+    let left = flush(&mut pipeline, &producer, &metrics).await?;
+    summary.delivery_failures += left;
     tracing::info!(seconds = t.elapsed().as_secs_f64(), "outbox produced");
-    let left = pipeline.outbox()?.len();
     if left > 0 {
         tracing::warn!(records = left, "records still in the outbox; they are produced at the next start");
     }

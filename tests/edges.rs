@@ -125,3 +125,30 @@ fn backend_fields_that_do_not_apply_are_ignored_and_the_event_billed() {
     // 1,610,613,736 / 2^30 x 0.80 = 1.2000074... -> 1.20; 3 calls -> 0.00.
     assert_eq!(c.total_amount, Decimal::new(120, 2));
 }
+
+#[test]
+fn pack_bounds_with_fractions_of_a_second_are_exact_against_hour_starts() {
+    let rules = no_trial();
+    // A calls pack of 1,000,000 valid from 00:00:00.500 to 02:00:00.500: it
+    // does not cover the 00:00 hour (which starts before it), and it covers
+    // the 02:00 hour (which starts inside it). Activated 2015: no free tier.
+    let account = gatebill::billing::decode_account(
+        br#"{"account_id":"P","activated_at":"2015-01-01T00:00:00+08:00","resource_packs":[
+            {"id":"pk-frac","item":"calls","quantity":1000000,
+             "valid_from":"2021-03-01T00:00:00.500+08:00","valid_until":"2021-03-01T02:00:00.500+08:00"}]}"#,
+    )
+    .unwrap();
+    let mut months: BTreeMap<Month, MonthUsage> = BTreeMap::new();
+    for (hour, calls) in [(0, 100_000), (1, 200_000), (2, 400_000), (3, 800_000)] {
+        let ms = chrono::DateTime::parse_from_rfc3339(&format!("2021-03-01T{hour:02}:00:00+08:00")).unwrap().timestamp_millis();
+        let (month, hour_start) = rules.calendar.place(ms);
+        months.entry(month).or_default().hours.entry(hour_start).or_default().calls = calls;
+    }
+    let b = compute_bills("P", Some(&account), &months, &rules);
+    let c = &b[0].content;
+    let deducted: Vec<(&str, u64)> = c.deductions.iter().map(|d| (d.pack_id.as_str(), d.quantity)).collect();
+    assert_eq!(deducted, [("pk-frac", 600_000)]);
+    assert_eq!(c.chargeable.calls, 900_000);
+    // 900,000 / 10,000 x 0.06 = 5.40.
+    assert_eq!(c.total_amount, Decimal::new(540, 2));
+}

@@ -126,18 +126,22 @@ pub(crate) fn ceil_secs(ms: i64) -> i64 {
     -(-ms).div_euclid(1000)
 }
 
-/// Checks one pack; `ids` are the ids of the packs kept before it.
-fn decode_pack(value: serde_json::Value, ids: &[ResourcePack]) -> Result<ResourcePack, (Option<String>, String)> {
+/// Checks one pack; `ids` are the ids of every earlier pack of the record,
+/// valid or not (an id is taken by the first pack that names it).
+fn decode_pack(value: serde_json::Value, ids: &mut Vec<String>) -> Result<ResourcePack, (Option<String>, String)> {
     let id = value.get("id").and_then(|v| v.as_str()).filter(|s| !s.is_empty() && s.len() <= 256).map(str::to_string);
+    if let Some(id) = &id {
+        if ids.contains(id) {
+            return Err((Some(id.clone()), "the id is already used by an earlier pack of the record".into()));
+        }
+        ids.push(id.clone());
+    }
     let p: RawPack = serde_json::from_value(value).map_err(|e| (id.clone(), truncate(&e.to_string(), 200)))?;
     if p.id.is_empty() || p.id.len() > 256 {
         return Err((None, "`id` must be 1..=256 bytes".into()));
     }
     if p.valid_from.0 >= p.valid_until.0 {
         return Err((id, "valid_from is not before valid_until (empty or inverted validity window)".into()));
-    }
-    if ids.iter().any(|q| q.id == p.id) {
-        return Err((id, "the id is already used by an earlier pack of the record".into()));
     }
     Ok(ResourcePack {
         id: p.id,
@@ -167,8 +171,9 @@ pub fn decode_account_checked(bytes: &[u8]) -> Result<DecodedAccount, DecodeErro
             Vec::new()
         }
     };
+    let mut ids = Vec::new();
     for (index, value) in values.into_iter().enumerate() {
-        match decode_pack(value, &packs) {
+        match decode_pack(value, &mut ids) {
             Ok(p) => packs.push(p),
             Err((id, why)) => rejected.push(RejectedPack { index, id, why }),
         }

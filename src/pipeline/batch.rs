@@ -3,12 +3,12 @@
 //! buckets it checks request ids against. Nothing here is state of record:
 //! a flush writes it in one batch, and a failed step discards it all.
 
+use super::message::{BatchStats, InputMessage};
 use crate::billing::calendar::Month;
 use crate::billing::event::{truncate, DecodeError, RejectReason};
 use crate::billing::scan::{decode_billable, Billable};
 use crate::billing::usage::{encode_rows, HourRow};
 use crate::billing::Metered;
-use crate::pipeline::{BatchStats, InputMessage};
 use crate::store::{Batch, OutboxRecord, PartitionState, Store, StoreError};
 use rustc_hash::FxBuildHasher;
 
@@ -181,6 +181,8 @@ struct Bucket {
     new: Vec<u128>,
     /// Input offset of the last event placed in this hour.
     last_offset: i64,
+    /// Hash of the input topic of that event ([`topic_hash`]).
+    topic: u64,
     /// The bucket expired and restarted empty since the last write: the
     /// stored hashes are to be replaced, not appended to.
     reset: bool,
@@ -198,13 +200,21 @@ pub struct DedupeWindow {
 }
 
 impl DedupeWindow {
-    /// Whether a bucket of `hour` whose last event was at `last_offset` is
-    /// still live when the message at `offset` is checked, the partition's
-    /// watermark being `watermark_ms`. Both measures only grow along a
-    /// partition, so an expired bucket never comes back.
-    pub fn live(&self, hour: i64, last_offset: i64, offset: i64, watermark_ms: i64) -> bool {
-        offset - last_offset <= self.messages || hour >= watermark_ms.div_euclid(1000).saturating_sub(self.event_time_secs)
+    /// Whether a bucket of `hour` whose last event was at `last_offset` of
+    /// the same input topic (`same_topic`) is still live when the message at
+    /// `offset` is checked, the partition's watermark being `watermark_ms`.
+    /// Both measures only grow along a partition of one topic, so an expired
+    /// bucket never comes back. Offsets of different topics (a file replay
+    /// and a Kafka topic into one state directory) do not compare: across
+    /// topics only the event-time window applies.
+    pub fn live(&self, hour: i64, last_offset: i64, same_topic: bool, offset: i64, watermark_ms: i64) -> bool {
+        (same_topic && offset - last_offset <= self.messages) || hour >= watermark_ms.div_euclid(1000).saturating_sub(self.event_time_secs)
     }
+}
+
+/// The 64-bit hash of an input topic name kept in the dedupe index.
+pub fn topic_hash(topic: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(topic.as_bytes())
 }
 
 /// The dedupe state of the partitions the pipeline has seen: every live
@@ -219,13 +229,15 @@ impl DedupeWindow {
 /// physically deleted, so `run` and `replay` decide alike.
 pub struct DedupeCache {
     window: DedupeWindow,
+    /// [`topic_hash`] of the input topic the pipeline reads.
+    topic: u64,
     partitions: FxHashMap<i32, FxHashMap<i64, Bucket>>,
 }
 
 impl DedupeCache {
-    /// An empty mirror.
-    pub fn new(window: DedupeWindow) -> Self {
-        DedupeCache { window, partitions: FxHashMap::default() }
+    /// An empty mirror, for a pipeline reading `topic`.
+    pub fn new(window: DedupeWindow, topic: &str) -> Self {
+        DedupeCache { window, topic: topic_hash(topic), partitions: FxHashMap::default() }
     }
 
     /// Records a request-id hash of the message at `offset` in `hour`;
@@ -240,27 +252,24 @@ impl DedupeCache {
         hour: i64,
         hash: u128,
     ) -> Result<bool, StoreError> {
-        let window = self.window;
+        let (window, topic) = (self.window, self.topic);
         let buckets = match self.partitions.get_mut(&partition) {
             Some(b) => b,
             None => {
                 let index = store.dedupe_index(partition)?;
                 let buckets = index
                     .into_iter()
-                    .map(|(hour, last_offset)| (hour, Bucket { seen: None, new: Vec::new(), last_offset, reset: false, touched: false }))
+                    .map(|(hour, last_offset, topic)| {
+                        (hour, Bucket { seen: None, new: Vec::new(), last_offset, topic, reset: false, touched: false })
+                    })
                     .collect();
                 self.partitions.entry(partition).or_insert(buckets)
             }
         };
-        let bucket = buckets.entry(hour).or_insert(Bucket {
-            seen: Some(FxHashSet::default()),
-            new: Vec::new(),
-            last_offset: offset,
-            reset: false,
-            touched: true,
-        });
-        if !window.live(hour, bucket.last_offset, offset, watermark_ms) {
-            *bucket = Bucket { seen: Some(FxHashSet::default()), new: Vec::new(), last_offset: offset, reset: true, touched: true };
+        let empty = |reset| Bucket { seen: Some(FxHashSet::default()), new: Vec::new(), last_offset: offset, topic, reset, touched: true };
+        let bucket = buckets.entry(hour).or_insert_with(|| empty(false));
+        if !window.live(hour, bucket.last_offset, bucket.topic == topic, offset, watermark_ms) {
+            *bucket = empty(true);
         }
         if bucket.seen.is_none() {
             let stored = store.dedupe_bucket(partition, hour)?;
@@ -272,6 +281,7 @@ impl DedupeCache {
             bucket.new.push(hash);
         }
         bucket.last_offset = offset;
+        bucket.topic = topic;
         bucket.touched = true;
         Ok(fresh)
     }
@@ -288,7 +298,7 @@ impl DedupeCache {
                 if !b.new.is_empty() {
                     batch.append_dedupe(*p, *hour, &b.new.drain(..).flat_map(u128::to_be_bytes).collect::<Vec<u8>>());
                 }
-                batch.put_dedupe_index(*p, *hour, b.last_offset);
+                batch.put_dedupe_index(*p, *hour, b.last_offset, b.topic);
                 b.reset = false;
                 b.touched = false;
             }
@@ -299,10 +309,10 @@ impl DedupeCache {
     /// buckets that have expired for every message after `last_offset`, the
     /// partition's watermark being `watermark_ms`.
     pub fn prune(&mut self, batch: &mut Batch<'_>, partition: i32, last_offset: i64, watermark_ms: i64) {
-        let window = self.window;
+        let (window, topic) = (self.window, self.topic);
         if let Some(buckets) = self.partitions.get_mut(&partition) {
             buckets.retain(|hour, b| {
-                let live = window.live(*hour, b.last_offset, last_offset + 1, watermark_ms);
+                let live = window.live(*hour, b.last_offset, b.topic == topic, last_offset + 1, watermark_ms);
                 if !live {
                     batch.delete_dedupe(partition, *hour);
                 }
@@ -316,6 +326,23 @@ impl DedupeCache {
 mod tests {
     use super::*;
     use crate::billing::usage::MonthUsage;
+
+    #[test]
+    fn dedupe_window_counts_messages_within_one_topic_only() {
+        let w = DedupeWindow { event_time_secs: 3600, messages: 10 };
+        let wm = 100_000 * 1000;
+        // (hour, last offset, same topic, offset) -> live
+        for (hour, last, same, offset, live) in [
+            (0, 5, true, 15, true),         // 10 messages later
+            (0, 5, true, 16, false),        // 11 messages later, hour far behind the watermark
+            (96_400, 5, true, 1_000, true), // within the event-time window
+            (0, 5, false, 6, false),        // another input: offsets do not compare
+            (96_400, 5, false, 6, true),    // ... but the event-time window applies
+        ] {
+            assert_eq!(w.live(hour, last, same, offset, wm), live, "hour {hour}, last {last}, same topic {same}, offset {offset}");
+        }
+        assert_ne!(topic_hash("gateway-events"), topic_hash("file:/tmp/a.ndjson"));
+    }
 
     #[test]
     fn par_map_keeps_the_input_order() {

@@ -3,6 +3,12 @@
 //! bill emission into the outbox; outbox acknowledgement. The Kafka driver
 //! (`worker.rs`) feeds it messages and produces what it leaves in the outbox.
 
+pub mod batch;
+mod message;
+pub mod policy;
+
+pub use message::{headers, BatchStats, InputMessage};
+
 use crate::billing::account::{decode_account, decode_account_checked};
 use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
 use crate::billing::calendar::Month;
@@ -14,8 +20,9 @@ use crate::billing::scan::Billable;
 use crate::billing::usage::MonthUsage;
 use crate::billing::{AccountRecord, Bill};
 use crate::metrics::Metrics;
-use crate::pending::{decode_all, encode_cells, par_map, DedupeCache, DedupeWindow, HourCell, Interner, Pending};
 use crate::store::{outbox_bill_key, outbox_dead_letter_key, BillState, OutboxRecord, PartitionState, Store, StoreError};
+use batch::{decode_all, encode_cells, par_map, DedupeCache, DedupeWindow, HourCell, Interner, Pending};
+use policy::{effective_watermark, next_record, Emitted, PartitionClock};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,35 +33,18 @@ pub type Deliver<'d, E> = dyn FnMut(&[(Vec<u8>, OutboxRecord)]) -> Result<(), E>
 /// Bills computed and written per atomic batch by [`Pipeline::emit`].
 const EMIT_CHUNK: usize = 1024;
 
-/// Header names on dead-letter messages.
-pub mod headers {
-    /// Reason code, e.g. `malformed_json`.
-    pub const REASON: &str = "gatebill.reason";
-    /// Human-readable detail.
-    pub const DETAIL: &str = "gatebill.detail";
-    /// Source topic.
-    pub const SOURCE_TOPIC: &str = "gatebill.source.topic";
-    /// Source partition (decimal).
-    pub const SOURCE_PARTITION: &str = "gatebill.source.partition";
-    /// Source offset (decimal).
-    pub const SOURCE_OFFSET: &str = "gatebill.source.offset";
-}
+/// Outbox records handed to a sink at a time by [`Pipeline::drain_outbox`].
+pub const OUTBOX_PAGE: usize = 4096;
 
-/// One input message, borrowed from wherever it was read.
-#[derive(Clone, Debug)]
-pub struct InputMessage<'a> {
-    /// Topic it was read from.
-    pub topic: &'a str,
-    /// Partition.
-    pub partition: i32,
-    /// Offset.
-    pub offset: i64,
-    /// Message key.
-    pub key: Option<&'a [u8]>,
-    /// Message value (`None` for a tombstone).
-    pub payload: Option<&'a [u8]>,
-    /// Message headers, carried to the dead-letter topic.
-    pub headers: Vec<(String, Vec<u8>)>,
+/// What one [`Pipeline::drain_outbox`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    /// Records handed to the sink.
+    pub offered: u64,
+    /// Records the sink did not deliver; they stay in the outbox.
+    pub failed: u64,
+    /// A page failed, so the pages after it were not offered this time.
+    pub stopped_early: bool,
 }
 
 /// The pipeline's settings, from the configuration.
@@ -103,19 +93,6 @@ impl Settings {
             require_keys: true,
         }
     }
-}
-
-/// What one batch did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct BatchStats {
-    /// Events added to usage.
-    pub billed: u64,
-    /// Messages sent to the dead-letter topic.
-    pub rejected: u64,
-    /// Repeated request_ids dropped.
-    pub duplicates: u64,
-    /// Messages skipped because their offset was already processed.
-    pub already_processed: u64,
 }
 
 /// The pipeline over one state store.
@@ -196,7 +173,7 @@ impl Pipeline {
         let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
         let next_dead_letter = store.next_dead_letter_seq()?;
         let rules_calendar = rules.calendar;
-        let window = settings_window(&settings);
+        let dedupe = DedupeCache::new(settings_window(&settings), &settings.input_topic);
         Ok(Pipeline {
             store,
             rules,
@@ -208,7 +185,7 @@ impl Pipeline {
             high_watermarks: HashMap::new(),
             next_dead_letter,
             pending: Pending::default(),
-            dedupe: DedupeCache::new(window),
+            dedupe,
             place: PlaceCache::new(rules_calendar),
             month_ends: HashMap::new(),
             ids: Interner::default(),
@@ -270,7 +247,12 @@ impl Pipeline {
     /// Adds messages to the pending batch (nothing is written until
     /// [`Pipeline::flush`]); offsets already processed are skipped.
     pub fn ingest(&mut self, msgs: &[InputMessage]) -> Result<(), StoreError> {
-        let now = now_ms();
+        self.ingest_at(msgs, now_ms())
+    }
+
+    /// [`Pipeline::ingest`] with the wall clock given (epoch ms): it dates
+    /// the partitions' last input and bounds trusted event times.
+    pub fn ingest_at(&mut self, msgs: &[InputMessage], now: i64) -> Result<(), StoreError> {
         // 1. Skip what was processed before; advance offsets.
         let mut todo = Vec::with_capacity(msgs.len());
         for m in msgs {
@@ -348,7 +330,7 @@ impl Pipeline {
     /// after a failed step: the next batch starts from what is on disk.
     fn discard_pending(&mut self) {
         self.pending = Pending::default();
-        self.dedupe = DedupeCache::new(settings_window(&self.settings));
+        self.dedupe = DedupeCache::new(settings_window(&self.settings), &self.settings.input_topic);
     }
 
     /// Writes everything pending in one atomic, synced batch: usage deltas,
@@ -423,6 +405,8 @@ impl Pipeline {
     pub fn apply_accounts(&mut self, msgs: &[InputMessage]) -> Result<(), StoreError> {
         let store = self.store.clone();
         let mut batch = store.batch();
+        // Records that change the table, applied to memory once written.
+        let mut changed: HashMap<String, Option<AccountRecord>> = HashMap::new();
         for m in msgs {
             let decoded = match m.payload {
                 None => None,
@@ -453,22 +437,18 @@ impl Pipeline {
                 (None, Some(k)) => String::from_utf8_lossy(k).into_owned(),
                 (None, None) => continue,
             };
-            if self.accounts.get(&account_id) == decoded.as_ref() {
+            let current = match changed.get(&account_id) {
+                Some(c) => c.as_ref(),
+                None => self.accounts.get(&account_id),
+            };
+            if current == decoded.as_ref() {
                 continue;
             }
-            match &decoded {
-                Some(a) => {
-                    batch.put_account(&account_id, m.payload.unwrap_or_default());
-                    self.accounts.insert(account_id.clone(), a.clone());
-                }
-                None => {
-                    batch.put_account(&account_id, b"");
-                    self.accounts.remove(&account_id);
-                }
-            }
-            for (month, _) in self.store.account_months(&account_id)? {
+            batch.put_account(&account_id, if decoded.is_some() { m.payload.unwrap_or_default() } else { b"" });
+            for month in self.store.account_month_list(&account_id)? {
                 batch.mark_dirty(&account_id, month, -1);
             }
+            changed.insert(account_id, decoded);
         }
         let mut by_partition: BTreeMap<i32, i64> = BTreeMap::new();
         for m in msgs {
@@ -478,34 +458,37 @@ impl Pipeline {
         for (p, next) in by_partition {
             batch.put_partition(&self.settings.accounts_topic, p, PartitionState { next_offset: next, watermark_ms: 0 });
         }
-        self.store.write(batch)
+        // Written first, mirrored after: a failed write leaves the table as on disk.
+        self.store.write(batch)?;
+        for (id, record) in changed {
+            match record {
+                Some(a) => self.accounts.insert(id, a),
+                None => self.accounts.remove(&id),
+            };
+        }
+        Ok(())
     }
 
-    /// The effective event-time watermark of a partition: its largest event
-    /// time, or, once idle (or `force_idle`), the wall clock less the idle
-    /// time. Idle means assigned, caught up with the last known end offset,
-    /// and without input for `idle_after_ms`.
-    fn watermark(&self, partition: i32, now: i64, force_idle: bool) -> i64 {
-        let wm = self.partitions.get(&partition).map_or(i64::MIN, |s| s.watermark_ms);
-        let caught_up = self.high_watermarks.get(&partition).is_some_and(|high| self.next_offset(partition).unwrap_or(0) >= *high);
-        let quiet = self.last_input_ms.get(&partition).is_some_and(|t| now - t >= self.settings.idle_after_ms);
-        let idle = force_idle || (caught_up && quiet);
-        if idle {
-            wm.max(now - self.settings.idle_after_ms)
-        } else {
-            wm
+    /// What is known of a partition for the closing policy.
+    fn clock(&self, partition: i32) -> PartitionClock {
+        PartitionClock {
+            watermark_ms: self.partitions.get(&partition).map(|s| s.watermark_ms),
+            next_offset: self.next_offset(partition).unwrap_or(0),
+            end_offset: self.high_watermarks.get(&partition).copied(),
+            last_input_ms: self.last_input_ms.get(&partition).copied(),
         }
     }
 
+    /// Whether a month is closed for a bill whose events come from
+    /// `partition` (-1 when unknown: the most advanced partition decides).
     fn month_closed(&self, month: Month, partition: i32, now: i64, force_idle: bool) -> bool {
-        let end_ms = self.rules.calendar.month_end(month) * 1000;
+        let idle_after = self.settings.idle_after_ms;
         let wm = if partition < 0 {
-            // Account-driven recomputation: the most advanced partition decides.
-            self.partitions.keys().map(|p| self.watermark(*p, now, force_idle)).max().unwrap_or(i64::MIN)
+            self.partitions.keys().map(|p| effective_watermark(&self.clock(*p), now, idle_after, force_idle)).max().flatten()
         } else {
-            self.watermark(partition, now, force_idle)
+            effective_watermark(&self.clock(partition), now, idle_after, force_idle)
         };
-        wm != i64::MIN && end_ms + self.settings.grace_ms <= wm
+        policy::month_closed(self.rules.calendar.month_end(month) * 1000, self.settings.grace_ms, wm)
     }
 
     /// Recomputes every dirty bill, and every provisional bill whose month
@@ -559,15 +542,26 @@ impl Pipeline {
                 }
             }
         }
+        // Marked dirty on disk before any chunk clears the month that caused
+        // them: a stop between chunks leaves them to the next emission.
+        let mut marks = self.store.batch();
         for key in later {
-            todo.entry(key).or_insert(-1);
+            if let std::collections::btree_map::Entry::Vacant(e) = todo.entry(key) {
+                marks.mark_dirty(&e.key().0, e.key().1, -1);
+                e.insert(-1);
+            }
+        }
+        if !marks.is_empty() {
+            self.store.write(marks)?;
         }
         if todo.is_empty() {
             return Ok(0);
         }
         let store = self.store.clone();
         let mut emitted = 0;
-        let mut cache: HashMap<String, Vec<crate::billing::Bill>> = HashMap::new();
+        // The bills of the last account whose months are billed together
+        // (`todo` is in account order, so one account at a time is enough).
+        let mut cache: Option<(String, Vec<Bill>)> = None;
         let todo: Vec<((String, Month), i32)> = todo.into_iter().collect();
         // Bills are independent: each chunk is one atomic write of its bills'
         // outbox records, bill states and cleared dirty marks.
@@ -598,27 +592,19 @@ impl Pipeline {
                 let bill = match computed {
                     Some(bill) => bill,
                     None => {
-                        if !cache.contains_key(account) {
+                        if cache.as_ref().is_none_or(|(a, _)| a != account) {
                             let record = self.accounts.get(account);
                             let months = store.account_months(account)?;
-                            cache.insert(account.to_string(), compute_bills(account, record, &months, &self.rules));
+                            cache = Some((account.to_string(), compute_bills(account, record, &months, &self.rules)));
                         }
-                        cache[account].iter().find(|b| b.month == month).cloned()
+                        cache.as_ref().and_then(|(_, bills)| bills.iter().find(|b| b.month == month).cloned())
                     }
                 };
                 batch.clear_dirty(account, month);
                 let Some(bill) = bill else { continue };
                 let closed = self.month_closed(month, partition, now, force_idle);
-                let status = match &prev {
-                    None | Some(BillState { status: BillStatus::Provisional, .. }) if closed => BillStatus::Final,
-                    None | Some(BillState { status: BillStatus::Provisional, .. }) => BillStatus::Provisional,
-                    Some(s) if s.content_hash != bill.content_hash => BillStatus::Restated,
-                    Some(s) => s.status,
-                };
-                if prev.as_ref().is_some_and(|s| s.content_hash == bill.content_hash && s.status == status) {
-                    continue;
-                }
-                let revision = prev.as_ref().map_or(1, |s| s.revision + 1);
+                let last = prev.as_ref().map(|s| Emitted { revision: s.revision, status: s.status, content_hash: &s.content_hash });
+                let Some((revision, status)) = next_record(last, &bill.content_hash, closed) else { continue };
                 let key = format!("{account}/{month}");
                 let out = OutboxRecord {
                     topic: self.settings.output_topic.clone(),
@@ -647,6 +633,39 @@ impl Pipeline {
         let o = self.store.outbox()?;
         self.metrics.outbox_pending.set(o.len() as i64);
         Ok(o)
+    }
+
+    /// The one way out of the outbox: hands it to `deliver` a page of
+    /// [`OUTBOX_PAGE`] records at a time, in key order, and acknowledges the
+    /// records `deliver` returns as delivered ([`Pipeline::acknowledge`]).
+    /// Memory stays bounded by a page, however large the outbox. Returns
+    /// the records offered and those not delivered (they stay for a retry).
+    pub async fn drain_outbox<E, F, Fut>(&mut self, mut deliver: F) -> Result<Drained, E>
+    where
+        E: From<StoreError>,
+        F: FnMut(Vec<(Vec<u8>, OutboxRecord)>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<(Vec<u8>, OutboxRecord)>, E>>,
+    {
+        let mut after: Option<Vec<u8>> = None;
+        let mut drained = Drained::default();
+        loop {
+            let page = self.store.outbox_page(after.as_deref(), OUTBOX_PAGE)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            let offered = page.len() as u64;
+            let delivered = deliver(page).await?;
+            drained.offered += offered;
+            drained.failed += offered - delivered.len() as u64;
+            self.acknowledge(&delivered)?;
+            if drained.failed > 0 {
+                // The sink is failing (a broker outage): leave the rest for
+                // the next drain rather than wait out a timeout per page.
+                drained.stopped_early = true;
+                break;
+            }
+        }
+        self.metrics.outbox_pending.set(drained.failed as i64);
+        Ok(drained)
     }
 
     /// Deletes delivered outbox records, unless a newer record replaced one

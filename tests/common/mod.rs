@@ -9,7 +9,7 @@ use gatebill::config::Config;
 use gatebill::gen::{self, GenSpec, GenTruth};
 use gatebill::inspect::{self, BillTable};
 use gatebill::worker::{self, Mode, RunOptions, RunSummary};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -118,24 +118,17 @@ pub fn read_bills(cfg: &Config, topic: &str) -> BillTable {
 
 /// Every dead letter: (reason, source partition, source offset).
 pub fn read_dead_letters(cfg: &Config) -> Vec<(String, String, String)> {
-    let (consumer, mut ends) = inspect::open(&cfg.kafka, &cfg.kafka.dead_letter_topic).unwrap();
+    let (consumer, ends) = inspect::open(&cfg.kafka, &cfg.kafka.dead_letter_topic).unwrap();
     let mut out = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !ends.is_empty() && std::time::Instant::now() < deadline {
-        if let Some(Ok(m)) = BaseConsumer::poll(&consumer, Duration::from_millis(200)) {
-            let h = m.headers().unwrap();
-            let get = |name: &str| {
-                h.iter()
-                    .find(|x| x.key == name)
-                    .map(|x| String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())
-                    .unwrap_or_default()
-            };
-            out.push((get("gatebill.reason"), get("gatebill.source.partition"), get("gatebill.source.offset")));
-            if ends.get(&m.partition()).is_some_and(|e| m.offset() + 1 >= *e) {
-                ends.remove(&m.partition());
-            }
-        }
-    }
+    gatebill::kafka::read_to_end(&consumer, ends, Duration::from_secs(30), |m| {
+        let h = m.headers().unwrap();
+        let get = |name: &str| {
+            h.iter().find(|x| x.key == name).map(|x| String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()).unwrap_or_default()
+        };
+        out.push((get("gatebill.reason"), get("gatebill.source.partition"), get("gatebill.source.offset")));
+        Ok::<_, std::convert::Infallible>(())
+    })
+    .unwrap();
     let _ = consumer.unassign();
     out
 }
