@@ -434,3 +434,52 @@ async fn duplicates_in_random_time_order_through_replay_and_run_equal_the_refere
     common::assert_no_repeated_bills(&live);
     assert!(common::read_dead_letters(&cfg).is_empty());
 }
+
+/// A stop between two emission chunks loses no restatement: the later months
+/// of an account with packs are marked dirty on disk before any chunk is
+/// written. 1,023 other accounts put March (the late month) last in the first
+/// chunk of 1,024 bills and April first in the second, which fails.
+#[test]
+fn a_stop_between_emission_chunks_still_restates_the_later_month() {
+    #[derive(Debug)]
+    struct Stopped;
+    impl From<gatebill::store::StoreError> for Stopped {
+        fn from(e: gatebill::store::StoreError) -> Self {
+            panic!("{e}")
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let record = br#"{"account_id":"A","activated_at":"2015-01-01T00:00:00+08:00","resource_packs":[
+        {"id":"pk-1","item":"public_out_bytes","quantity":1073741824,
+         "valid_from":"2021-01-01T00:00:00+08:00","valid_until":"2022-01-01T00:00:00+08:00"}]}"#;
+    let mut p = open_with_account(dir.path(), "A", record);
+    let now = now_ms();
+    let first = [
+        ("A".to_string(), event("r-apr", "A", "2021-04-10T12:00:00+08:00", GIB)),
+        ("A".to_string(), event("r-may", "A", "2021-05-03T12:00:00+08:00", 0)),
+    ];
+    p.process(&batch(0, &first)).unwrap();
+    p.emit(now, false).unwrap();
+    assert_eq!(bills_in_outbox(&p)["A/2021-04"].content.total_amount, dec("0.00"));
+
+    let mut second: Vec<(String, Vec<u8>)> =
+        (0..1023).map(|i| format!("{i:04}")).map(|a| (a.clone(), event(&format!("o-{a}"), &a, "2021-06-01T12:00:00+08:00", 1))).collect();
+    second.push(("A".to_string(), event("r-mar", "A", "2021-03-10T12:00:00+08:00", GIB)));
+    p.process(&batch(2, &second)).unwrap();
+    let mut chunks = 0;
+    let mut deliver = |records: &[(Vec<u8>, OutboxRecord)]| {
+        chunks += 1;
+        if chunks == 1 {
+            assert_eq!(records.last().map(|(_, r)| r.key.clone().unwrap()), Some(b"A/2021-03".to_vec()));
+            Ok(())
+        } else {
+            Err(Stopped)
+        }
+    };
+    assert!(p.emit_with(now, false, Some(&mut deliver)).is_err());
+    assert_eq!(chunks, 2);
+    // The next emission restates April: the pack was spent by March.
+    p.emit(now, false).unwrap();
+    let april = &bills_in_outbox(&p)["A/2021-04"];
+    assert_eq!((april.status, april.revision, april.content.total_amount), (BillStatus::Restated, 2, dec("0.80")));
+}

@@ -491,26 +491,11 @@ impl Pipeline {
         policy::month_closed(self.rules.calendar.month_end(month) * 1000, self.settings.grace_ms, wm)
     }
 
-    /// Recomputes every dirty bill, and every provisional bill whose month
-    /// has closed; writes changed records to the outbox with a higher
-    /// revision. Each chunk of up to 1,024 bills is one atomic write of their
-    /// records, bill states and cleared dirty marks. Returns how many records
-    /// were emitted.
-    pub fn emit(&mut self, now: i64, force_idle: bool) -> Result<usize, StoreError> {
-        self.emit_with::<StoreError>(now, force_idle, None)
-    }
-
-    /// [`Pipeline::emit`], handing each chunk's bill records to `deliver`
-    /// instead of the outbox: the bill states are written only after
-    /// `deliver` returned (a crash in between recomputes and delivers the
-    /// same records again, as a crash between producing and acknowledging an
-    /// outbox record would). For sinks that are written synchronously (files).
-    pub fn emit_with<E: From<StoreError>>(
-        &mut self,
-        now: i64,
-        force_idle: bool,
-        mut deliver: Option<&mut Deliver<'_, E>>,
-    ) -> Result<usize, E> {
+    /// The account-months whose bills are to be recomputed, with the
+    /// partition their events come from (-1 when unknown): the dirty ones,
+    /// the provisional ones whose month has closed, and the later months of
+    /// accounts with packs among them.
+    fn bills_to_recompute(&self, now: i64, force_idle: bool) -> Result<BTreeMap<(String, Month), i32>, StoreError> {
         let mut todo: BTreeMap<(String, Month), i32> = BTreeMap::new();
         for (a, m, p) in self.store.dirty()? {
             todo.insert((a, m), p);
@@ -523,10 +508,17 @@ impl Pipeline {
                 todo.insert((a, m), s.partition);
             }
         }
-        // A pack's balance runs across months: a change to one month of an
-        // account with packs can change every later month's deductions, so
-        // those are recomputed too (and restated where they change).
-        // Accounts without packs bill each month on its own: no walk.
+        self.add_later_pack_months(&mut todo)?;
+        Ok(todo)
+    }
+
+    /// A pack's balance runs across months: a change to one month of an
+    /// account with packs can change every later month's deductions. Adds
+    /// those later months to `todo` (to be restated where they change), and
+    /// marks them dirty on disk first, so a stop between emission chunks
+    /// leaves them to the next emission. Accounts without packs bill each
+    /// month on its own: no walk.
+    fn add_later_pack_months(&self, todo: &mut BTreeMap<(String, Month), i32>) -> Result<(), StoreError> {
         let mut earliest: BTreeMap<&str, Month> = BTreeMap::new();
         for (a, m) in todo.keys() {
             if !months_are_independent(self.accounts.get(a)) {
@@ -554,6 +546,30 @@ impl Pipeline {
         if !marks.is_empty() {
             self.store.write(marks)?;
         }
+        Ok(())
+    }
+
+    /// Recomputes every dirty bill, and every provisional bill whose month
+    /// has closed; writes changed records to the outbox with a higher
+    /// revision. Each chunk of up to 1,024 bills is one atomic write of their
+    /// records, bill states and cleared dirty marks. Returns how many records
+    /// were emitted.
+    pub fn emit(&mut self, now: i64, force_idle: bool) -> Result<usize, StoreError> {
+        self.emit_with::<StoreError>(now, force_idle, None)
+    }
+
+    /// [`Pipeline::emit`], handing each chunk's bill records to `deliver`
+    /// instead of the outbox: the bill states are written only after
+    /// `deliver` returned (a crash in between recomputes and delivers the
+    /// same records again, as a crash between producing and acknowledging an
+    /// outbox record would). For sinks that are written synchronously (files).
+    pub fn emit_with<E: From<StoreError>>(
+        &mut self,
+        now: i64,
+        force_idle: bool,
+        mut deliver: Option<&mut Deliver<'_, E>>,
+    ) -> Result<usize, E> {
+        let todo = self.bills_to_recompute(now, force_idle)?;
         if todo.is_empty() {
             return Ok(0);
         }
