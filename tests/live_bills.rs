@@ -112,19 +112,27 @@ fn dec(s: &str) -> Decimal {
 
 const GIB: u64 = 1 << 30;
 
-#[test]
-fn a_late_earlier_month_spends_the_pack_and_restates_the_later_month() {
-    let dir = tempfile::tempdir().unwrap();
+/// The issue's reproduction, first batch: account `A` (activated 2015, pack
+/// `pk-1` of 1 GiB public outbound valid in 2021), 1 GiB on 2021-04-10 and 0
+/// bytes on 2021-05-03, processed (offsets 0 and 1), nothing emitted yet.
+fn pack_account_with_april_and_may(dir: &std::path::Path) -> Pipeline {
     let record = br#"{"account_id":"A","activated_at":"2015-01-01T00:00:00+08:00","resource_packs":[
         {"id":"pk-1","item":"public_out_bytes","quantity":1073741824,
          "valid_from":"2021-01-01T00:00:00+08:00","valid_until":"2022-01-01T00:00:00+08:00"}]}"#;
-    let mut p = open_with_account(dir.path(), "A", record);
-    let now = now_ms();
+    let mut p = open_with_account(dir, "A", record);
     let first = [
         ("A".to_string(), event("r-apr", "A", "2021-04-10T12:00:00+08:00", GIB)),
         ("A".to_string(), event("r-may", "A", "2021-05-03T12:00:00+08:00", 0)),
     ];
     p.process(&batch(0, &first)).unwrap();
+    p
+}
+
+#[test]
+fn a_late_earlier_month_spends_the_pack_and_restates_the_later_month() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = pack_account_with_april_and_may(dir.path());
+    let now = now_ms();
     assert_eq!(p.emit(now, false).unwrap(), 2);
     let b = bills_in_outbox(&p);
     let april = &b["A/2021-04"];
@@ -449,16 +457,8 @@ fn a_stop_between_emission_chunks_still_restates_the_later_month() {
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    let record = br#"{"account_id":"A","activated_at":"2015-01-01T00:00:00+08:00","resource_packs":[
-        {"id":"pk-1","item":"public_out_bytes","quantity":1073741824,
-         "valid_from":"2021-01-01T00:00:00+08:00","valid_until":"2022-01-01T00:00:00+08:00"}]}"#;
-    let mut p = open_with_account(dir.path(), "A", record);
+    let mut p = pack_account_with_april_and_may(dir.path());
     let now = now_ms();
-    let first = [
-        ("A".to_string(), event("r-apr", "A", "2021-04-10T12:00:00+08:00", GIB)),
-        ("A".to_string(), event("r-may", "A", "2021-05-03T12:00:00+08:00", 0)),
-    ];
-    p.process(&batch(0, &first)).unwrap();
     p.emit(now, false).unwrap();
     assert_eq!(bills_in_outbox(&p)["A/2021-04"].content.total_amount, dec("0.00"));
 
