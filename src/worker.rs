@@ -208,123 +208,230 @@ fn load_accounts(pipeline: &mut Pipeline, consumer: &BaseConsumer, topic: &str) 
 }
 
 /// Runs the worker until `shutdown` resolves (live), the end offsets are
-/// reached (replay), or a fault point (tests).
+/// reached (replay), or a fault point (tests). Every exit, errors and fault
+/// points included, goes through [`Worker::teardown`].
 pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<RunSummary, WorkerError> {
-    let rules: Rules = cfg.check()?;
-    let k = &cfg.kafka;
-    let store = Arc::new(Store::open(&cfg.worker.state_dir)?);
-    let metrics = Metrics::new();
-    let metrics_task = if cfg.metrics.address.is_empty() {
-        None
-    } else {
-        let listener = tokio::net::TcpListener::bind(&cfg.metrics.address)
-            .await
-            .map_err(|source| WorkerError::Metrics { address: cfg.metrics.address.clone(), source })?;
-        tracing::info!(address = %cfg.metrics.address, "serving /metrics and /healthz");
-        Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone())))
+    let mut worker = Worker::start(cfg, opts).await?;
+    tokio::pin!(shutdown);
+    let result = loop {
+        match worker.step(&mut shutdown).await {
+            Ok(Step::Continue) => {}
+            Ok(Step::Stop) => break worker.finish().await,
+            Ok(Step::Crash) => {
+                worker.summary.crashed = true;
+                break Ok(());
+            }
+            Err(e) => break Err(e),
+        }
     };
-    kafka::ensure_topics(k).await?;
-    let mut pipeline = Pipeline::new(store.clone(), rules, Settings::from_config(cfg), metrics.clone())?;
-    let producer = kafka::producer(k)?;
-    let mut summary = RunSummary::default();
-    // Anything written but not acknowledged before the last stop goes first.
-    summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
+    worker.teardown();
+    result.map(|()| worker.summary)
+}
 
-    let accounts = kafka::plain_consumer(k, &format!("{}-accounts", k.group_id))?;
-    load_accounts(&mut pipeline, &accounts, &k.accounts_topic)?;
+/// What the loop does after a step.
+enum Step {
+    /// Read on.
+    Continue,
+    /// Shutdown asked for, or the replay reached its ends: finish cleanly.
+    Stop,
+    /// A fault point (tests): stop as a crash would, without finishing.
+    Crash,
+}
 
-    let ctx = StoreOffsets { store: store.clone(), topic: k.input_topic.clone() };
-    let consumer: StreamConsumer<StoreOffsets> = kafka::client_config(
-        k,
-        &[
-            ("group.id", k.group_id.as_str()),
-            ("enable.auto.commit", "false"),
-            ("enable.auto.offset.store", "false"),
-            ("auto.offset.reset", "earliest"),
-            ("enable.partition.eof", "false"),
-            ("fetch.min.bytes", "1"),
-            kafka::FETCH_QUEUE_BACKOFF,
-        ],
-    )
-    .create_with_context(ctx)
-    .map_err(|source| KafkaSetupError::Client { what: "creating the event consumer".into(), source })?;
+/// The worker of `run` and `replay`: its clients, its pipeline and its
+/// timers, built once by [`Worker::start`] from the checked configuration.
+pub struct Worker {
+    opts: RunOptions,
+    input_topic: String,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
+    pipeline: Pipeline,
+    producer: FutureProducer,
+    accounts: BaseConsumer,
+    consumer: StreamConsumer<StoreOffsets>,
+    /// Replay: the end offsets seen at start.
+    ends: BTreeMap<i32, i64>,
+    progress: Option<indicatif::ProgressBar>,
+    summary: RunSummary,
+    batch_size: usize,
+    batch_wait: Duration,
+    emit_every: Duration,
+    last_emit: Instant,
+    started: Instant,
+    lag_every: Duration,
+    last_sizes: Option<Instant>,
+    end_offsets: EndOffsets,
+    assigned: Vec<i32>,
+}
 
-    // Replay: the end offsets seen at start, and the assignment.
-    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut progress: Option<indicatif::ProgressBar> = None;
-    match &opts.mode {
-        Mode::Live => consumer
-            .subscribe(&[&k.input_topic])
-            .map_err(|source| KafkaSetupError::Client { what: format!("subscribing to {}", k.input_topic), source })?,
-        Mode::Replay { from_ms, progress: show } => {
-            let topic = k.input_topic.as_str();
-            let (replay_ends, total) = kafka::assign_to_end(&consumer, topic, |p, low, high| {
-                Ok::<_, KafkaSetupError>(match (pipeline.next_offset(p), from_ms) {
-                    (Some(next), _) => next,
-                    (None, Some(t)) => {
-                        let mut q = TopicPartitionList::new();
-                        q.add_partition_offset(topic, p, Offset::Offset(*t)).expect("valid");
-                        let found = consumer
-                            .offsets_for_times(q, Duration::from_secs(10))
-                            .map_err(|source| KafkaSetupError::Client { what: "finding offsets for --from".into(), source })?;
-                        match found.find_partition(topic, p).map(|e| e.offset()) {
-                            Some(Offset::Offset(o)) => o,
-                            _ => high,
-                        }
-                    }
-                    (None, None) => {
-                        if low > 0 {
-                            tracing::warn!(partition = p, log_start = low, "the partition's log starts at offset {low}: older events were deleted by retention and are not in this replay's bills");
-                        }
-                        low
-                    }
-                })
-            })?;
-            ends = replay_ends;
-            if *show {
-                let pb = indicatif::ProgressBar::new(total);
-                pb.set_style(
-                    indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events  {per_sec}  ETA {eta}").expect("valid template"),
-                );
-                progress = Some(pb);
+impl Worker {
+    /// Opens the state, serves metrics, makes sure the topics exist,
+    /// delivers what the last stop left in the outbox, loads the account
+    /// table, and joins the group (live) or assigns the partitions to their
+    /// ends (replay).
+    pub async fn start(cfg: &Config, opts: RunOptions) -> Result<Worker, WorkerError> {
+        let rules: Rules = cfg.check()?;
+        let store = Arc::new(Store::open(&cfg.worker.state_dir)?);
+        let metrics = Metrics::new();
+        let metrics_task = if cfg.metrics.address.is_empty() {
+            None
+        } else {
+            let listener = tokio::net::TcpListener::bind(&cfg.metrics.address)
+                .await
+                .map_err(|source| WorkerError::Metrics { address: cfg.metrics.address.clone(), source })?;
+            tracing::info!(address = %cfg.metrics.address, "serving /metrics and /healthz");
+            Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone())))
+        };
+        // A failed start stops the metrics endpoint too.
+        match Worker::connect(cfg, opts, rules, store, metrics).await {
+            Ok(mut w) => {
+                w.metrics_task = metrics_task;
+                Ok(w)
+            }
+            Err(e) => {
+                if let Some(t) = metrics_task {
+                    t.abort();
+                }
+                Err(e)
             }
         }
     }
 
-    let batch_size = cfg.worker.batch_size;
-    let batch_wait = Duration::from_millis(cfg.worker.batch_wait_ms);
-    let emit_every = Duration::from_millis(cfg.worker.emit_interval_ms);
-    let mut last_emit = Instant::now();
-    let started = Instant::now();
-    // End offsets (lag, and idleness needs them) are asked for at once, then
-    // every LAG_EVERY, or every idle period if that is shorter; the state
-    // size gauges are refreshed as often.
-    let lag_every = LAG_EVERY.min(Duration::from_secs(cfg.worker.idle_after_secs.max(1)));
-    let mut last_sizes: Option<Instant> = None;
-    let end_offsets = EndOffsets::start(k, lag_every)?;
-    let replay = matches!(opts.mode, Mode::Replay { .. });
-    tokio::pin!(shutdown);
-    let mut stopping = false;
-    let mut assigned: Vec<i32> = Vec::new();
-    loop {
-        if let Ok(tpl) = consumer.assignment() {
-            let now: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-            if now != assigned {
-                pipeline.set_assignment(&now, now_ms());
-                assigned = now;
+    /// The part of [`Worker::start`] after the metrics endpoint.
+    async fn connect(
+        cfg: &Config,
+        opts: RunOptions,
+        rules: Rules,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Worker, WorkerError> {
+        let k = &cfg.kafka;
+        kafka::ensure_topics(k).await?;
+        let mut pipeline = Pipeline::new(store.clone(), rules, Settings::from_config(cfg), metrics.clone())?;
+        let producer = kafka::producer(k)?;
+        let mut summary = RunSummary::default();
+        // Anything written but not acknowledged before the last stop goes first.
+        summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
+
+        let accounts = kafka::plain_consumer(k, &format!("{}-accounts", k.group_id))?;
+        load_accounts(&mut pipeline, &accounts, &k.accounts_topic)?;
+
+        let ctx = StoreOffsets { store: store.clone(), topic: k.input_topic.clone() };
+        let consumer: StreamConsumer<StoreOffsets> = kafka::client_config(
+            k,
+            &[
+                ("group.id", k.group_id.as_str()),
+                ("enable.auto.commit", "false"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("enable.partition.eof", "false"),
+                ("fetch.min.bytes", "1"),
+                kafka::FETCH_QUEUE_BACKOFF,
+            ],
+        )
+        .create_with_context(ctx)
+        .map_err(|source| KafkaSetupError::Client { what: "creating the event consumer".into(), source })?;
+
+        // Replay: the end offsets seen at start, and the assignment.
+        let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut progress: Option<indicatif::ProgressBar> = None;
+        match &opts.mode {
+            Mode::Live => consumer
+                .subscribe(&[&k.input_topic])
+                .map_err(|source| KafkaSetupError::Client { what: format!("subscribing to {}", k.input_topic), source })?,
+            Mode::Replay { from_ms, progress: show } => {
+                let topic = k.input_topic.as_str();
+                let (replay_ends, total) = kafka::assign_to_end(&consumer, topic, |p, low, high| {
+                    Ok::<_, KafkaSetupError>(match (pipeline.next_offset(p), from_ms) {
+                        (Some(next), _) => next,
+                        (None, Some(t)) => {
+                            let mut q = TopicPartitionList::new();
+                            q.add_partition_offset(topic, p, Offset::Offset(*t)).expect("valid");
+                            let found = consumer
+                                .offsets_for_times(q, Duration::from_secs(10))
+                                .map_err(|source| KafkaSetupError::Client { what: "finding offsets for --from".into(), source })?;
+                            match found.find_partition(topic, p).map(|e| e.offset()) {
+                                Some(Offset::Offset(o)) => o,
+                                _ => high,
+                            }
+                        }
+                        (None, None) => {
+                            if low > 0 {
+                                tracing::warn!(partition = p, log_start = low, "the partition's log starts at offset {low}: older events were deleted by retention and are not in this replay's bills");
+                            }
+                            low
+                        }
+                    })
+                })?;
+                ends = replay_ends;
+                if *show {
+                    let pb = indicatif::ProgressBar::new(total);
+                    pb.set_style(
+                        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events  {per_sec}  ETA {eta}")
+                            .expect("valid template"),
+                    );
+                    progress = Some(pb);
+                }
             }
         }
-        let done = replay && ends.iter().all(|(p, end)| pipeline.next_offset(*p).is_some_and(|n| n >= *end));
-        if done || stopping {
-            break;
+        // End offsets (lag, and idleness needs them) are asked for at once, then
+        // every LAG_EVERY, or every idle period if that is shorter; the state
+        // size gauges are refreshed as often.
+        let lag_every = LAG_EVERY.min(Duration::from_secs(cfg.worker.idle_after_secs.max(1)));
+        let end_offsets = EndOffsets::start(k, lag_every)?;
+        Ok(Worker {
+            opts,
+            input_topic: k.input_topic.clone(),
+            store,
+            metrics,
+            metrics_task: None,
+            pipeline,
+            producer,
+            accounts,
+            consumer,
+            ends,
+            progress,
+            summary,
+            batch_size: cfg.worker.batch_size,
+            batch_wait: Duration::from_millis(cfg.worker.batch_wait_ms),
+            emit_every: Duration::from_millis(cfg.worker.emit_interval_ms),
+            last_emit: Instant::now(),
+            started: Instant::now(),
+            lag_every,
+            last_sizes: None,
+            end_offsets,
+            assigned: Vec::new(),
+        })
+    }
+
+    fn replay(&self) -> bool {
+        matches!(self.opts.mode, Mode::Replay { .. })
+    }
+
+    /// One turn of the loop: gather a batch (until it is full, the batch
+    /// wait passes, or `shutdown` resolves), write it, deliver the outbox,
+    /// commit; follow the accounts topic; emit changed bills when due;
+    /// refresh lag and state gauges.
+    async fn step(&mut self, shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>) -> Result<Step, WorkerError> {
+        if let Ok(tpl) = self.consumer.assignment() {
+            let now: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            if now != self.assigned {
+                self.pipeline.set_assignment(&now, now_ms());
+                self.assigned = now;
+            }
         }
-        let mut batch: Vec<OwnedMessage> = Vec::with_capacity(batch_size.min(100_000));
-        let deadline = tokio::time::Instant::now() + batch_wait;
-        while batch.len() < batch_size {
+        if self.replay() && self.ends.iter().all(|(p, end)| self.pipeline.next_offset(*p).is_some_and(|n| n >= *end)) {
+            return Ok(Step::Stop);
+        }
+        let mut stopping = false;
+        let mut batch: Vec<OwnedMessage> = Vec::with_capacity(self.batch_size.min(100_000));
+        let deadline = tokio::time::Instant::now() + self.batch_wait;
+        while batch.len() < self.batch_size {
             tokio::select! {
                 biased;
-                _ = &mut shutdown => { stopping = true; break; }
-                r = tokio::time::timeout_at(deadline, consumer.recv()) => match r {
+                _ = shutdown.as_mut() => { stopping = true; break; }
+                r = tokio::time::timeout_at(deadline, self.consumer.recv()) => match r {
                     Err(_) => break,
                     Ok(Ok(m)) => batch.push(m.detach()),
                     Ok(Err(e)) => { tracing::warn!(error = %e, "consumer error"); break; }
@@ -333,32 +440,50 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
         }
         if !batch.is_empty() {
             let msgs: Vec<InputMessage> = batch.iter().map(to_input).collect();
-            let stats = pipeline.process(&msgs)?;
+            let stats = self.pipeline.process(&msgs)?;
+            let summary = &mut self.summary;
             summary.batches += 1;
             summary.messages += msgs.len() as u64;
             summary.billed += stats.billed;
             summary.rejected += stats.rejected;
             summary.duplicates += stats.duplicates;
-            if let Some(pb) = &progress {
+            if let Some(pb) = &self.progress {
                 pb.inc(msgs.len() as u64);
             }
-            if opts.fault == Some(FaultPoint::AfterWrite(summary.batches)) {
-                summary.crashed = true;
-                return Ok(summary);
+            if self.opts.fault == Some(FaultPoint::AfterWrite(self.summary.batches)) {
+                return Ok(Step::Crash);
             }
-            summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
-            if opts.mode == Mode::Live {
-                commit(&consumer, &pipeline, &k.input_topic, CommitMode::Async);
+            self.summary.delivery_failures += flush(&mut self.pipeline, &self.producer, &self.metrics).await?;
+            if self.opts.mode == Mode::Live {
+                commit(&self.consumer, &self.pipeline, &self.input_topic, CommitMode::Async);
             }
-            if opts.fault == Some(FaultPoint::AfterCommit(summary.batches)) {
-                summary.crashed = true;
-                return Ok(summary);
+            if self.opts.fault == Some(FaultPoint::AfterCommit(self.summary.batches)) {
+                return Ok(Step::Crash);
             }
         }
-        // Keep the accounts table current.
+        self.follow_accounts()?;
+        // A replay computes each bill once, at the end: provisional bills of
+        // a half-read history would only be restated moments later.
+        if !self.replay() && self.last_emit.elapsed() >= self.emit_every {
+            self.summary.bills_emitted += self.pipeline.emit(now_ms(), false)? as u64;
+            self.summary.delivery_failures += flush(&mut self.pipeline, &self.producer, &self.metrics).await?;
+            self.last_emit = Instant::now();
+        }
+        self.end_offsets.report(&mut self.pipeline, &self.metrics);
+        if self.last_sizes.is_none_or(|t| t.elapsed() >= self.lag_every) {
+            self.last_sizes = Some(Instant::now());
+            for (cf, bytes) in self.store.sizes() {
+                self.metrics.state_bytes.with_label_values(&[cf]).set(bytes as i64);
+            }
+        }
+        Ok(if stopping { Step::Stop } else { Step::Continue })
+    }
+
+    /// Keeps the accounts table current: applies what the accounts topic has now.
+    fn follow_accounts(&mut self) -> Result<(), WorkerError> {
         let mut updates = Vec::new();
         while updates.len() < 1000 {
-            match accounts.poll(Duration::ZERO) {
+            match self.accounts.poll(Duration::ZERO) {
                 Some(Ok(m)) => updates.push(m.detach()),
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "error reading accounts");
@@ -369,45 +494,42 @@ pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = 
         }
         if !updates.is_empty() {
             let msgs: Vec<InputMessage> = updates.iter().map(to_input).collect();
-            pipeline.apply_accounts(&msgs)?;
+            self.pipeline.apply_accounts(&msgs)?;
         }
-        // A replay computes each bill once, at the end: provisional bills of
-        // a half-read history would only be restated moments later.
-        if !replay && last_emit.elapsed() >= emit_every {
-            summary.bills_emitted += pipeline.emit(now_ms(), false)? as u64;
-            summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
-            last_emit = Instant::now();
+        Ok(())
+    }
+
+    /// The clean stop (shutdown asked for, or replay done): bills for
+    /// everything processed, the outbox delivered, offsets committed.
+    async fn finish(&mut self) -> Result<(), WorkerError> {
+        tracing::info!(seconds = self.started.elapsed().as_secs_f64(), messages = self.summary.messages, "input read");
+        let t = Instant::now();
+        let replay = self.replay();
+        self.summary.bills_emitted += self.pipeline.emit(now_ms(), replay)? as u64;
+        tracing::info!(seconds = t.elapsed().as_secs_f64(), bills = self.summary.bills_emitted, "bills computed");
+        let t = Instant::now();
+        let left = flush(&mut self.pipeline, &self.producer, &self.metrics).await?;
+        self.summary.delivery_failures += left;
+        tracing::info!(seconds = t.elapsed().as_secs_f64(), "outbox produced");
+        if left > 0 {
+            tracing::warn!(records = left, "records still in the outbox; they are produced at the next start");
         }
-        end_offsets.report(&mut pipeline, &metrics);
-        if last_sizes.is_none_or(|t| t.elapsed() >= lag_every) {
-            last_sizes = Some(Instant::now());
-            for (cf, bytes) in store.sizes() {
-                metrics.state_bytes.with_label_values(&[cf]).set(bytes as i64);
-            }
+        if self.opts.mode == Mode::Live {
+            commit(&self.consumer, &self.pipeline, &self.input_topic, CommitMode::Sync);
+        }
+        Ok(())
+    }
+
+    /// What every exit does: the progress bar cleared, the metrics endpoint
+    /// stopped.
+    fn teardown(&mut self) {
+        if let Some(pb) = self.progress.take() {
+            pb.finish_and_clear();
+        }
+        if let Some(t) = self.metrics_task.take() {
+            t.abort();
         }
     }
-    // Stopping or replay finished: bills for everything processed, then flush.
-    tracing::info!(seconds = started.elapsed().as_secs_f64(), messages = summary.messages, "input read");
-    let t = Instant::now();
-    summary.bills_emitted += pipeline.emit(now_ms(), replay)? as u64;
-    tracing::info!(seconds = t.elapsed().as_secs_f64(), bills = summary.bills_emitted, "bills computed");
-    let t = Instant::now();
-    let left = flush(&mut pipeline, &producer, &metrics).await?;
-    summary.delivery_failures += left;
-    tracing::info!(seconds = t.elapsed().as_secs_f64(), "outbox produced");
-    if left > 0 {
-        tracing::warn!(records = left, "records still in the outbox; they are produced at the next start");
-    }
-    if opts.mode == Mode::Live {
-        commit(&consumer, &pipeline, &k.input_topic, CommitMode::Sync);
-    }
-    if let Some(pb) = progress {
-        pb.finish_and_clear();
-    }
-    if let Some(t) = metrics_task {
-        t.abort();
-    }
-    Ok(summary)
 }
 
 /// How often partition lag is measured.
