@@ -3,35 +3,30 @@
 //! bill emission into the outbox; outbox acknowledgement. The Kafka driver
 //! (`worker.rs`) feeds it messages and produces what it leaves in the outbox.
 
+mod accounts;
 pub mod batch;
+mod emit;
 mod message;
+mod outbox;
 pub mod policy;
 
 pub use message::{headers, BatchStats, InputMessage};
 
-use crate::billing::account::{decode_account, decode_account_checked};
-use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
-use crate::billing::calendar::Month;
-use crate::billing::calendar::PlaceCache;
+use crate::billing::account::decode_account;
+use crate::billing::calendar::{Month, PlaceCache};
 use crate::billing::config::Rules;
-use crate::billing::entitlements::months_are_independent;
 use crate::billing::event::{DecodeError, RejectReason};
 use crate::billing::scan::Billable;
-use crate::billing::usage::MonthUsage;
-use crate::billing::{AccountRecord, Bill};
+use crate::billing::AccountRecord;
 use crate::metrics::Metrics;
-use crate::store::{outbox_bill_key, outbox_dead_letter_key, BillState, OutboxRecord, PartitionState, Store, StoreError};
-use batch::{decode_all, encode_cells, par_map, DedupeCache, DedupeWindow, HourCell, Interner, Pending};
-use policy::{effective_watermark, next_record, Emitted, PartitionClock};
-use std::collections::{BTreeMap, HashMap};
+use crate::store::{outbox_dead_letter_key, OutboxRecord, PartitionState, Store, StoreError};
+use batch::{decode_all, encode_cells, DedupeCache, DedupeWindow, HourCell, Interner, Pending};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Takes a chunk of bill records to a synchronous sink (see [`Pipeline::emit_with`]).
 pub type Deliver<'d, E> = dyn FnMut(&[(Vec<u8>, OutboxRecord)]) -> Result<(), E> + 'd;
-
-/// Bills computed and written per atomic batch by [`Pipeline::emit`].
-const EMIT_CHUNK: usize = 1024;
 
 /// Outbox records handed to a sink at a time by [`Pipeline::drain_outbox`].
 pub const OUTBOX_PAGE: usize = 4096;
@@ -398,317 +393,14 @@ impl Pipeline {
         let s = &self.pending.stats;
         s.billed + s.rejected + s.duplicates + s.already_processed
     }
-
-    /// Applies account records (accounts topic): stores each changed record
-    /// and marks that account's months for recomputation. Bad records go to
-    /// the dead-letter topic; tombstones remove the record.
-    pub fn apply_accounts(&mut self, msgs: &[InputMessage]) -> Result<(), StoreError> {
-        let store = self.store.clone();
-        let mut batch = store.batch();
-        // Records that change the table, applied to memory once written.
-        let mut changed: HashMap<String, Option<AccountRecord>> = HashMap::new();
-        for m in msgs {
-            let decoded = match m.payload {
-                None => None,
-                Some(p) => match decode_account_checked(p) {
-                    Ok(a) if m.key.is_some() && m.key != Some(a.record.account_id.as_bytes()) => {
-                        let err = DecodeError::new(RejectReason::KeyMismatch, "account record key is not its account_id");
-                        let (k, r) = self.dead_letter(m, &err);
-                        batch.put_outbox(&k, &r);
-                        continue;
-                    }
-                    Ok(a) => {
-                        // Invalid packs are left out and reported; the rest applies.
-                        if let Some(err) = a.rejection() {
-                            let (k, r) = self.dead_letter(m, &err);
-                            batch.put_outbox(&k, &r);
-                        }
-                        Some(a.record)
-                    }
-                    Err(err) => {
-                        let (k, r) = self.dead_letter(m, &err);
-                        batch.put_outbox(&k, &r);
-                        continue;
-                    }
-                },
-            };
-            let account_id = match (&decoded, m.key) {
-                (Some(a), _) => a.account_id.clone(),
-                (None, Some(k)) => String::from_utf8_lossy(k).into_owned(),
-                (None, None) => continue,
-            };
-            let current = match changed.get(&account_id) {
-                Some(c) => c.as_ref(),
-                None => self.accounts.get(&account_id),
-            };
-            if current == decoded.as_ref() {
-                continue;
-            }
-            batch.put_account(&account_id, if decoded.is_some() { m.payload.unwrap_or_default() } else { b"" });
-            for month in self.store.account_month_list(&account_id)? {
-                batch.mark_dirty(&account_id, month, -1);
-            }
-            changed.insert(account_id, decoded);
-        }
-        let mut by_partition: BTreeMap<i32, i64> = BTreeMap::new();
-        for m in msgs {
-            let e = by_partition.entry(m.partition).or_insert(0);
-            *e = (*e).max(m.offset + 1);
-        }
-        for (p, next) in by_partition {
-            batch.put_partition(&self.settings.accounts_topic, p, PartitionState { next_offset: next, watermark_ms: 0 });
-        }
-        // Written first, mirrored after: a failed write leaves the table as on disk.
-        self.store.write(batch)?;
-        for (id, record) in changed {
-            match record {
-                Some(a) => self.accounts.insert(id, a),
-                None => self.accounts.remove(&id),
-            };
-        }
-        Ok(())
-    }
-
-    /// What is known of a partition for the closing policy.
-    fn clock(&self, partition: i32) -> PartitionClock {
-        PartitionClock {
-            watermark_ms: self.partitions.get(&partition).map(|s| s.watermark_ms),
-            next_offset: self.next_offset(partition).unwrap_or(0),
-            end_offset: self.high_watermarks.get(&partition).copied(),
-            last_input_ms: self.last_input_ms.get(&partition).copied(),
-        }
-    }
-
-    /// Whether a month is closed for a bill whose events come from
-    /// `partition` (-1 when unknown: the most advanced partition decides).
-    fn month_closed(&self, month: Month, partition: i32, now: i64, force_idle: bool) -> bool {
-        let idle_after = self.settings.idle_after_ms;
-        let wm = if partition < 0 {
-            self.partitions.keys().map(|p| effective_watermark(&self.clock(*p), now, idle_after, force_idle)).max().flatten()
-        } else {
-            effective_watermark(&self.clock(partition), now, idle_after, force_idle)
-        };
-        policy::month_closed(self.rules.calendar.month_end(month) * 1000, self.settings.grace_ms, wm)
-    }
-
-    /// The account-months whose bills are to be recomputed, with the
-    /// partition their events come from (-1 when unknown): the dirty ones,
-    /// the provisional ones whose month has closed, and the later months of
-    /// accounts with packs among them.
-    fn bills_to_recompute(&self, now: i64, force_idle: bool) -> Result<BTreeMap<(String, Month), i32>, StoreError> {
-        let mut todo: BTreeMap<(String, Month), i32> = BTreeMap::new();
-        for (a, m, p) in self.store.dirty()? {
-            todo.insert((a, m), p);
-        }
-        for (a, m, s) in self.store.bill_states()? {
-            if s.status == BillStatus::Provisional
-                && !todo.contains_key(&(a.clone(), m))
-                && self.month_closed(m, s.partition, now, force_idle)
-            {
-                todo.insert((a, m), s.partition);
-            }
-        }
-        self.add_later_pack_months(&mut todo)?;
-        Ok(todo)
-    }
-
-    /// A pack's balance runs across months: a change to one month of an
-    /// account with packs can change every later month's deductions. Adds
-    /// those later months to `todo` (to be restated where they change), and
-    /// marks them dirty on disk first, so a stop between emission chunks
-    /// leaves them to the next emission. Accounts without packs bill each
-    /// month on its own: no walk.
-    fn add_later_pack_months(&self, todo: &mut BTreeMap<(String, Month), i32>) -> Result<(), StoreError> {
-        let mut earliest: BTreeMap<&str, Month> = BTreeMap::new();
-        for (a, m) in todo.keys() {
-            if !months_are_independent(self.accounts.get(a)) {
-                let e = earliest.entry(a.as_str()).or_insert(*m);
-                *e = (*e).min(*m);
-            }
-        }
-        let mut later = Vec::new();
-        for (a, from) in earliest {
-            for m in self.store.account_month_list(a)? {
-                if m > from {
-                    later.push((a.to_string(), m));
-                }
-            }
-        }
-        // Marked dirty on disk before any chunk clears the month that caused
-        // them: a stop between chunks leaves them to the next emission.
-        let mut marks = self.store.batch();
-        for key in later {
-            if let std::collections::btree_map::Entry::Vacant(e) = todo.entry(key) {
-                marks.mark_dirty(&e.key().0, e.key().1, -1);
-                e.insert(-1);
-            }
-        }
-        if !marks.is_empty() {
-            self.store.write(marks)?;
-        }
-        Ok(())
-    }
-
-    /// Recomputes every dirty bill, and every provisional bill whose month
-    /// has closed; writes changed records to the outbox with a higher
-    /// revision. Each chunk of up to 1,024 bills is one atomic write of their
-    /// records, bill states and cleared dirty marks. Returns how many records
-    /// were emitted.
-    pub fn emit(&mut self, now: i64, force_idle: bool) -> Result<usize, StoreError> {
-        self.emit_with::<StoreError>(now, force_idle, None)
-    }
-
-    /// [`Pipeline::emit`], handing each chunk's bill records to `deliver`
-    /// instead of the outbox: the bill states are written only after
-    /// `deliver` returned (a crash in between recomputes and delivers the
-    /// same records again, as a crash between producing and acknowledging an
-    /// outbox record would). For sinks that are written synchronously (files).
-    pub fn emit_with<E: From<StoreError>>(
-        &mut self,
-        now: i64,
-        force_idle: bool,
-        mut deliver: Option<&mut Deliver<'_, E>>,
-    ) -> Result<usize, E> {
-        let todo = self.bills_to_recompute(now, force_idle)?;
-        if todo.is_empty() {
-            return Ok(0);
-        }
-        let store = self.store.clone();
-        let mut emitted = 0;
-        // The bills of the last account whose months are billed together
-        // (`todo` is in account order, so one account at a time is enough).
-        let mut cache: Option<(String, Vec<Bill>)> = None;
-        let todo: Vec<((String, Month), i32)> = todo.into_iter().collect();
-        // Bills are independent: each chunk is one atomic write of its bills'
-        // outbox records, bill states and cleared dirty marks.
-        for chunk in todo.chunks(EMIT_CHUNK) {
-            let keys: Vec<(&str, Month)> = chunk.iter().map(|((a, m), _)| (a.as_str(), *m)).collect();
-            let prevs = store.bill_state_many(&keys)?;
-            let raws = store.usage_raw_many(&keys)?;
-            // Months billed on their own are decoded and computed on every
-            // core (pure); accounts whose packs span months are computed below.
-            let accounts = &self.accounts;
-            let rules = &self.rules;
-            let inputs: Vec<(&str, Month, Option<Vec<u8>>)> =
-                chunk.iter().zip(raws).map(|(((a, m), _), raw)| (a.as_str(), *m, raw)).collect();
-            let independent = par_map(&inputs, |(account, month, raw)| -> Result<Option<Option<Bill>>, StoreError> {
-                let record = accounts.get(*account);
-                if !months_are_independent(record) {
-                    return Ok(None);
-                }
-                let Some(raw) = raw else { return Ok(Some(None)) };
-                let months = BTreeMap::from([(*month, MonthUsage::decode(raw)?)]);
-                Ok(Some(compute_bills(account, record, &months, rules).pop()))
-            });
-            let mut batch = store.batch();
-            let mut records = Vec::new();
-            for ((((account, month), dirty_partition), prev), computed) in chunk.iter().zip(prevs).zip(independent) {
-                let (account, month, dirty_partition, computed) = (account.as_str(), *month, *dirty_partition, computed?);
-                let partition = if dirty_partition >= 0 { dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
-                let bill = match computed {
-                    Some(bill) => bill,
-                    None => {
-                        if cache.as_ref().is_none_or(|(a, _)| a != account) {
-                            let record = self.accounts.get(account);
-                            let months = store.account_months(account)?;
-                            cache = Some((account.to_string(), compute_bills(account, record, &months, &self.rules)));
-                        }
-                        cache.as_ref().and_then(|(_, bills)| bills.iter().find(|b| b.month == month).cloned())
-                    }
-                };
-                batch.clear_dirty(account, month);
-                let Some(bill) = bill else { continue };
-                let closed = self.month_closed(month, partition, now, force_idle);
-                let last = prev.as_ref().map(|s| Emitted { revision: s.revision, status: s.status, content_hash: &s.content_hash });
-                let Some((revision, status)) = next_record(last, &bill.content_hash, closed) else { continue };
-                let key = format!("{account}/{month}");
-                let out = OutboxRecord {
-                    topic: self.settings.output_topic.clone(),
-                    key: Some(key.clone().into_bytes()),
-                    payload: BillRecord::json_from_content(&bill.content_json, revision, status, &bill.content_hash),
-                    headers: vec![],
-                };
-                match deliver {
-                    Some(_) => records.push((outbox_bill_key(&key), out)),
-                    None => batch.put_outbox(&outbox_bill_key(&key), &out),
-                }
-                batch.put_bill_state(account, month, &BillState { revision, status, content_hash: bill.content_hash, partition });
-                self.metrics.bills_emitted.with_label_values(&[status.as_str()]).inc();
-                emitted += 1;
-            }
-            if let Some(deliver) = deliver.as_mut() {
-                deliver(&records)?;
-            }
-            store.write(batch)?;
-        }
-        Ok(emitted)
-    }
-
-    /// Every record waiting to be produced.
-    pub fn outbox(&self) -> Result<Vec<(Vec<u8>, OutboxRecord)>, StoreError> {
-        let o = self.store.outbox()?;
-        self.metrics.outbox_pending.set(o.len() as i64);
-        Ok(o)
-    }
-
-    /// The one way out of the outbox: hands it to `deliver` a page of
-    /// [`OUTBOX_PAGE`] records at a time, in key order, and acknowledges the
-    /// records `deliver` returns as delivered ([`Pipeline::acknowledge`]).
-    /// Memory stays bounded by a page, however large the outbox. Returns
-    /// the records offered and those not delivered (they stay for a retry).
-    pub async fn drain_outbox<E, F, Fut>(&mut self, mut deliver: F) -> Result<Drained, E>
-    where
-        E: From<StoreError>,
-        F: FnMut(Vec<(Vec<u8>, OutboxRecord)>) -> Fut,
-        Fut: std::future::Future<Output = Result<Vec<(Vec<u8>, OutboxRecord)>, E>>,
-    {
-        let mut after: Option<Vec<u8>> = None;
-        let mut drained = Drained::default();
-        loop {
-            let page = self.store.outbox_page(after.as_deref(), OUTBOX_PAGE)?;
-            let Some((last, _)) = page.last() else { break };
-            after = Some(last.clone());
-            let offered = page.len() as u64;
-            let delivered = deliver(page).await?;
-            drained.offered += offered;
-            drained.failed += offered - delivered.len() as u64;
-            self.acknowledge(&delivered)?;
-            if drained.failed > 0 {
-                // The sink is failing (a broker outage): leave the rest for
-                // the next drain rather than wait out a timeout per page.
-                drained.stopped_early = true;
-                break;
-            }
-        }
-        self.metrics.outbox_pending.set(drained.failed as i64);
-        Ok(drained)
-    }
-
-    /// Deletes delivered outbox records, unless a newer record replaced one
-    /// since it was read (then the newer one is still to be produced).
-    pub fn acknowledge(&mut self, delivered: &[(Vec<u8>, OutboxRecord)]) -> Result<(), StoreError> {
-        if delivered.is_empty() {
-            return Ok(());
-        }
-        let mut batch = self.store.batch();
-        let keys: Vec<&[u8]> = delivered.iter().map(|(k, _)| k.as_slice()).collect();
-        let current = self.store.outbox_raw_many(&keys)?;
-        for ((key, rec), current) in delivered.iter().zip(current) {
-            // A bill's entry may have been replaced by a newer revision since
-            // it was read; dead-letter keys are never reused.
-            if key.first() == Some(&b'b') && current.as_deref().and_then(crate::store::decode_outbox).as_ref() != Some(rec) {
-                continue;
-            }
-            batch.delete_outbox(key);
-        }
-        self.store.write(batch)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::billing::BillRecord;
+    use crate::billing::BillStatus;
+    use std::collections::BTreeMap;
 
     const TOPIC: &str = "events";
 

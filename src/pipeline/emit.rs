@@ -1,0 +1,195 @@
+//! Bill emission: which account-months to recompute (dirty, closed, or
+//! later months of an account with packs), the bills computed in chunks on
+//! every core, and each changed bill's next record with its revision and
+//! status ([`super::policy`]).
+
+use super::batch::par_map;
+use super::policy::{self, effective_watermark, next_record, Emitted, PartitionClock};
+use super::{Deliver, Pipeline};
+use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
+use crate::billing::calendar::Month;
+use crate::billing::entitlements::months_are_independent;
+use crate::billing::usage::MonthUsage;
+use crate::billing::Bill;
+use crate::store::{outbox_bill_key, BillState, OutboxRecord, StoreError};
+use std::collections::BTreeMap;
+
+/// Bills computed and written per atomic batch by [`Pipeline::emit`].
+const EMIT_CHUNK: usize = 1024;
+
+impl Pipeline {
+    /// What is known of a partition for the closing policy.
+    fn clock(&self, partition: i32) -> PartitionClock {
+        PartitionClock {
+            watermark_ms: self.partitions.get(&partition).map(|s| s.watermark_ms),
+            next_offset: self.next_offset(partition).unwrap_or(0),
+            end_offset: self.high_watermarks.get(&partition).copied(),
+            last_input_ms: self.last_input_ms.get(&partition).copied(),
+        }
+    }
+
+    /// Whether a month is closed for a bill whose events come from
+    /// `partition` (-1 when unknown: the most advanced partition decides).
+    fn month_closed(&self, month: Month, partition: i32, now: i64, force_idle: bool) -> bool {
+        let idle_after = self.settings.idle_after_ms;
+        let wm = if partition < 0 {
+            self.partitions.keys().map(|p| effective_watermark(&self.clock(*p), now, idle_after, force_idle)).max().flatten()
+        } else {
+            effective_watermark(&self.clock(partition), now, idle_after, force_idle)
+        };
+        policy::month_closed(self.rules.calendar.month_end(month) * 1000, self.settings.grace_ms, wm)
+    }
+
+    /// The account-months whose bills are to be recomputed, with the
+    /// partition their events come from (-1 when unknown): the dirty ones,
+    /// the provisional ones whose month has closed, and the later months of
+    /// accounts with packs among them.
+    fn bills_to_recompute(&self, now: i64, force_idle: bool) -> Result<BTreeMap<(String, Month), i32>, StoreError> {
+        let mut todo: BTreeMap<(String, Month), i32> = BTreeMap::new();
+        for (a, m, p) in self.store.dirty()? {
+            todo.insert((a, m), p);
+        }
+        for (a, m, s) in self.store.bill_states()? {
+            if s.status == BillStatus::Provisional
+                && !todo.contains_key(&(a.clone(), m))
+                && self.month_closed(m, s.partition, now, force_idle)
+            {
+                todo.insert((a, m), s.partition);
+            }
+        }
+        self.add_later_pack_months(&mut todo)?;
+        Ok(todo)
+    }
+
+    /// A pack's balance runs across months: a change to one month of an
+    /// account with packs can change every later month's deductions. Adds
+    /// those later months to `todo` (to be restated where they change), and
+    /// marks them dirty on disk first, so a stop between emission chunks
+    /// leaves them to the next emission. Accounts without packs bill each
+    /// month on its own: no walk.
+    fn add_later_pack_months(&self, todo: &mut BTreeMap<(String, Month), i32>) -> Result<(), StoreError> {
+        let mut earliest: BTreeMap<&str, Month> = BTreeMap::new();
+        for (a, m) in todo.keys() {
+            if !months_are_independent(self.accounts.get(a)) {
+                let e = earliest.entry(a.as_str()).or_insert(*m);
+                *e = (*e).min(*m);
+            }
+        }
+        let mut later = Vec::new();
+        for (a, from) in earliest {
+            for m in self.store.account_month_list(a)? {
+                if m > from {
+                    later.push((a.to_string(), m));
+                }
+            }
+        }
+        // Marked dirty on disk before any chunk clears the month that caused
+        // them: a stop between chunks leaves them to the next emission.
+        let mut marks = self.store.batch();
+        for key in later {
+            if let std::collections::btree_map::Entry::Vacant(e) = todo.entry(key) {
+                marks.mark_dirty(&e.key().0, e.key().1, -1);
+                e.insert(-1);
+            }
+        }
+        if !marks.is_empty() {
+            self.store.write(marks)?;
+        }
+        Ok(())
+    }
+
+    /// Recomputes every dirty bill, and every provisional bill whose month
+    /// has closed; writes changed records to the outbox with a higher
+    /// revision. Each chunk of up to 1,024 bills is one atomic write of their
+    /// records, bill states and cleared dirty marks. Returns how many records
+    /// were emitted.
+    pub fn emit(&mut self, now: i64, force_idle: bool) -> Result<usize, StoreError> {
+        self.emit_with::<StoreError>(now, force_idle, None)
+    }
+
+    /// [`Pipeline::emit`], handing each chunk's bill records to `deliver`
+    /// instead of the outbox: the bill states are written only after
+    /// `deliver` returned (a crash in between recomputes and delivers the
+    /// same records again, as a crash between producing and acknowledging an
+    /// outbox record would). For sinks that are written synchronously (files).
+    pub fn emit_with<E: From<StoreError>>(
+        &mut self,
+        now: i64,
+        force_idle: bool,
+        mut deliver: Option<&mut Deliver<'_, E>>,
+    ) -> Result<usize, E> {
+        let todo = self.bills_to_recompute(now, force_idle)?;
+        if todo.is_empty() {
+            return Ok(0);
+        }
+        let store = self.store.clone();
+        let mut emitted = 0;
+        // The bills of the last account whose months are billed together
+        // (`todo` is in account order, so one account at a time is enough).
+        let mut cache: Option<(String, Vec<Bill>)> = None;
+        let todo: Vec<((String, Month), i32)> = todo.into_iter().collect();
+        // Bills are independent: each chunk is one atomic write of its bills'
+        // outbox records, bill states and cleared dirty marks.
+        for chunk in todo.chunks(EMIT_CHUNK) {
+            let keys: Vec<(&str, Month)> = chunk.iter().map(|((a, m), _)| (a.as_str(), *m)).collect();
+            let prevs = store.bill_state_many(&keys)?;
+            let raws = store.usage_raw_many(&keys)?;
+            // Months billed on their own are decoded and computed on every
+            // core (pure); accounts whose packs span months are computed below.
+            let accounts = &self.accounts;
+            let rules = &self.rules;
+            let inputs: Vec<(&str, Month, Option<Vec<u8>>)> =
+                chunk.iter().zip(raws).map(|(((a, m), _), raw)| (a.as_str(), *m, raw)).collect();
+            let independent = par_map(&inputs, |(account, month, raw)| -> Result<Option<Option<Bill>>, StoreError> {
+                let record = accounts.get(*account);
+                if !months_are_independent(record) {
+                    return Ok(None);
+                }
+                let Some(raw) = raw else { return Ok(Some(None)) };
+                let months = BTreeMap::from([(*month, MonthUsage::decode(raw)?)]);
+                Ok(Some(compute_bills(account, record, &months, rules).pop()))
+            });
+            let mut batch = store.batch();
+            let mut records = Vec::new();
+            for ((((account, month), dirty_partition), prev), computed) in chunk.iter().zip(prevs).zip(independent) {
+                let (account, month, dirty_partition, computed) = (account.as_str(), *month, *dirty_partition, computed?);
+                let partition = if dirty_partition >= 0 { dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
+                let bill = match computed {
+                    Some(bill) => bill,
+                    None => {
+                        if cache.as_ref().is_none_or(|(a, _)| a != account) {
+                            let record = self.accounts.get(account);
+                            let months = store.account_months(account)?;
+                            cache = Some((account.to_string(), compute_bills(account, record, &months, &self.rules)));
+                        }
+                        cache.as_ref().and_then(|(_, bills)| bills.iter().find(|b| b.month == month).cloned())
+                    }
+                };
+                batch.clear_dirty(account, month);
+                let Some(bill) = bill else { continue };
+                let closed = self.month_closed(month, partition, now, force_idle);
+                let last = prev.as_ref().map(|s| Emitted { revision: s.revision, status: s.status, content_hash: &s.content_hash });
+                let Some((revision, status)) = next_record(last, &bill.content_hash, closed) else { continue };
+                let key = format!("{account}/{month}");
+                let out = OutboxRecord {
+                    topic: self.settings.output_topic.clone(),
+                    key: Some(key.clone().into_bytes()),
+                    payload: BillRecord::json_from_content(&bill.content_json, revision, status, &bill.content_hash),
+                    headers: vec![],
+                };
+                match deliver {
+                    Some(_) => records.push((outbox_bill_key(&key), out)),
+                    None => batch.put_outbox(&outbox_bill_key(&key), &out),
+                }
+                batch.put_bill_state(account, month, &BillState { revision, status, content_hash: bill.content_hash, partition });
+                self.metrics.bills_emitted.with_label_values(&[status.as_str()]).inc();
+                emitted += 1;
+            }
+            if let Some(deliver) = deliver.as_mut() {
+                deliver(&records)?;
+            }
+            store.write(batch)?;
+        }
+        Ok(emitted)
+    }
+}
