@@ -4,13 +4,10 @@
 
 use crate::billing::BillStatus;
 use crate::config::{process_env, Config, Env, KafkaConfig, Overrides};
-use crate::gen::{self, GenSpec};
+use crate::gen::GenSpec;
 use crate::inspect::{self, BillTable, Filter};
-use crate::store::OutboxRecord;
 use crate::worker::{self, Mode, RunOptions};
 use clap::{Args, Parser, Subcommand};
-use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -415,7 +412,10 @@ pub async fn main(cli: Cli) -> Result<()> {
         Command::Inspect(a) => inspect(a, cfg.kafka).await,
         Command::DevBroker(_) => dev_broker(cfg.kafka).await,
         Command::Gen(a) => gen(a, cfg.kafka).await,
-        Command::Demo(a) => demo(a).await,
+        Command::Demo(a) => {
+            init_logging(false);
+            crate::traffic::demo(a.events, a.accounts).await
+        }
         Command::CountTopic(a) => count_topic(a, cfg.kafka),
         Command::Compact(_) => compact(&cfg.worker.state_dir),
     }
@@ -534,21 +534,10 @@ async fn inspect(a: InspectArgs, k: KafkaConfig) -> Result<()> {
     Ok(())
 }
 
-/// The dev broker: librdkafka's mock cluster (one broker) holding the four
-/// topics of `k`, `k.partitions` partitions each. The mock cluster cannot
-/// create topics on request (it has no controller), so they are made here.
-pub fn dev_cluster(k: &KafkaConfig) -> Result<MockCluster<'static, DefaultProducerContext>> {
-    let cluster = MockCluster::new(1)?;
-    for t in [&k.input_topic, &k.accounts_topic, &k.output_topic, &k.dead_letter_topic] {
-        cluster.create_topic(t, k.partitions, 1)?;
-    }
-    Ok(cluster)
-}
-
 /// `gatebill dev-broker`: a mock Kafka cluster until interrupted.
 async fn dev_broker(k: KafkaConfig) -> Result<()> {
     init_logging(false);
-    let cluster = dev_cluster(&k)?;
+    let cluster = crate::traffic::dev_cluster(&k)?;
     println!("bootstrap={}", cluster.bootstrap_servers());
     eprintln!(
         "gatebill dev-broker: librdkafka's mock cluster, topics {}, {}, {}, {} with {} partitions.\n\
@@ -561,76 +550,6 @@ async fn dev_broker(k: KafkaConfig) -> Result<()> {
     shutdown_signal().await;
     drop(cluster);
     Ok(())
-}
-
-/// Writes generated messages to a topic in chunks, at an optional rate.
-async fn write_messages(k: &KafkaConfig, topic: &str, msgs: Vec<gen::GenMessage>, rate: u64) -> Result<()> {
-    let producer = crate::kafka::producer(k)?;
-    let chunk = if rate > 0 { rate.clamp(1, 10_000) as usize } else { 20_000 };
-    let started = std::time::Instant::now();
-    let mut sent = 0u64;
-    for part in msgs.chunks(chunk) {
-        let recs: Vec<(Vec<u8>, OutboxRecord)> = part
-            .iter()
-            .map(|m| {
-                (Vec::new(), OutboxRecord { topic: topic.to_string(), key: m.key.clone(), payload: m.payload.clone(), headers: vec![] })
-            })
-            .collect();
-        let delivered = crate::kafka::produce_all(&producer, &recs).await;
-        if delivered.len() != recs.len() {
-            return Err(format!(
-                "{} of {} messages to {topic} were not delivered; is the broker up at {}?",
-                recs.len() - delivered.len(),
-                recs.len(),
-                k.brokers
-            )
-            .into());
-        }
-        sent += part.len() as u64;
-        if rate > 0 {
-            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Generates and writes traffic; returns the generator's ground truth.
-pub async fn generate(k: &KafkaConfig, spec: &GenSpec, accounts: bool, rate: u64) -> Result<gen::GenTruth> {
-    crate::kafka::ensure_these_topics(k, &[&k.input_topic, &k.accounts_topic]).await?;
-    if accounts {
-        write_messages(k, &k.accounts_topic, gen::accounts(spec.accounts, spec.seed), 0).await?;
-    }
-    let mut msgs = Vec::with_capacity(spec.events as usize);
-    let truth = gen::events(spec, |m| msgs.push(m));
-    write_messages(k, &k.input_topic, msgs, rate).await?;
-    Ok(truth)
-}
-
-/// Writes generated events as NDJSON (gzip for `.gz`).
-pub fn write_file(path: &std::path::Path, spec: &GenSpec) -> Result<gen::GenTruth> {
-    use std::io::Write;
-    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut out: Box<dyn Write> = if path.extension().is_some_and(|e| e == "gz") {
-        Box::new(flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast()))
-    } else {
-        Box::new(std::io::BufWriter::with_capacity(1 << 20, file))
-    };
-    let mut err = None;
-    let truth = gen::events(spec, |m| {
-        // A line must stay one line: payloads with a newline (none are generated) would split.
-        if err.is_none() {
-            err = out.write_all(&m.payload).and_then(|_| out.write_all(b"\n")).err();
-        }
-    });
-    if let Some(e) = err {
-        return Err(e.into());
-    }
-    out.flush()?;
-    drop(out);
-    Ok(truth)
 }
 
 /// `gatebill gen`: writes generated traffic.
@@ -651,7 +570,7 @@ async fn gen(a: GenArgs, k: KafkaConfig) -> Result<()> {
         seed: a.seed,
     };
     if let Some(path) = &a.output_file {
-        let t = write_file(path, &spec)?;
+        let t = crate::traffic::write_file(path, &spec)?;
         println!(
             "wrote {} messages to {}: {} unique events, {} duplicates, {} malformed",
             t.messages,
@@ -662,7 +581,7 @@ async fn gen(a: GenArgs, k: KafkaConfig) -> Result<()> {
         );
         return Ok(());
     }
-    let t = generate(&k, &spec, !a.no_accounts, a.rate).await?;
+    let t = crate::traffic::generate(&k, &spec, !a.no_accounts, a.rate).await?;
     println!(
         "wrote {} messages to {}: {} unique events, {} duplicates, {} malformed; {} account records to {}",
         t.messages,
@@ -694,67 +613,6 @@ fn count_topic(a: CountTopicArgs, k: KafkaConfig) -> Result<()> {
     let secs = started.elapsed().as_secs_f64();
     println!("counted {} of {total} messages in {secs:.2} s: {:.0} msg/s", read.read, read.read as f64 / secs);
     Ok(())
-}
-
-/// `gatebill demo`: everything in one process.
-async fn demo(a: DemoArgs) -> Result<()> {
-    init_logging(false);
-    let state = tempdir_like()?;
-    let mut cfg = Config::default();
-    cfg.kafka.partitions = 4;
-    let cluster = dev_cluster(&cfg.kafka)?;
-    cfg.kafka.brokers = cluster.bootstrap_servers();
-    cfg.worker.state_dir = state.clone();
-    cfg.metrics.address = String::new();
-    println!("1/4 embedded broker at {} (librdkafka mock cluster)", cfg.kafka.brokers);
-    let spec = GenSpec {
-        events: a.events,
-        accounts: a.accounts.max(1),
-        skew: 1.0,
-        start_ms: chrono::DateTime::parse_from_rfc3339("2020-11-01T00:00:00+08:00").expect("valid").timestamp_millis(),
-        days: 30,
-        duplicates: 0.01,
-        malformed: 0.001,
-        seed: 2019,
-    };
-    let t = generate(&cfg.kafka, &spec, true, 0).await?;
-    println!(
-        "2/4 wrote {} account records and {} events of November 2020 ({} duplicates, {} malformed)",
-        spec.accounts, t.messages, t.duplicates, t.malformed
-    );
-    let s = worker::run(&cfg, RunOptions { mode: Mode::Replay { from_ms: None, progress: false }, fault: None }, std::future::pending())
-        .await?;
-    println!(
-        "3/4 worker consumed {} messages: {} billed, {} duplicates dropped, {} dead-lettered, {} bills emitted",
-        s.messages, s.billed, s.duplicates, s.rejected, s.bills_emitted
-    );
-    let (consumer, ends) = inspect::open(&cfg.kafka, &cfg.kafka.output_topic)?;
-    let mut table = BillTable::default();
-    inspect::read_to_end(&consumer, ends, &mut table, Duration::from_secs(30));
-    println!("4/4 bills read back from {}:", cfg.kafka.output_topic);
-    let mut rows: Vec<_> = table.latest.values().collect();
-    rows.sort_by_key(|r| std::cmp::Reverse(r.content.total_amount));
-    let seed = table.latest.values().find(|r| r.content.account_id == gen::SEED_ACCOUNT);
-    let mut shown: Vec<_> = rows.iter().take(10).copied().collect();
-    if let Some(s) = seed {
-        if !shown.iter().any(|r| r.key() == s.key()) {
-            shown.insert(0, s);
-        }
-    }
-    println!("{}", inspect::render_table(shown.iter().copied()));
-    println!("({} of {} bills shown, largest first)", shown.len(), rows.len());
-    if let Some(s) = seed {
-        println!("\nSeed account {} (activated {}), {}:", gen::SEED_ACCOUNT, gen::SEED_ACTIVATION, s.content.month);
-        println!("{}", serde_json::to_string_pretty(s)?);
-    }
-    let _ = std::fs::remove_dir_all(&state);
-    Ok(())
-}
-
-fn tempdir_like() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("gatebill-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
 }
 
 /// Flags over the environment over the file over the defaults, for every

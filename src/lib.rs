@@ -6,7 +6,7 @@
 //! - [`pipeline`]: decode, dedupe, aggregate, emit bills, against the store;
 //! - [`store`]: the RocksDB state, written one atomic batch at a time;
 //! - [`worker`]: the Kafka driver of `run` and `replay`;
-//! - [`kafka`], [`metrics`], [`inspect`], [`gen`], [`config`], [`cli`].
+//! - [`kafka`], [`metrics`], [`inspect`], [`gen`], [`traffic`], [`config`], [`cli`].
 
 pub mod billing;
 pub mod cli;
@@ -18,4 +18,5 @@ pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
 pub mod store;
+pub mod traffic;
 pub mod worker;

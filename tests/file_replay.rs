@@ -24,7 +24,7 @@ async fn file_replay_equals_the_core_and_resumes() {
     };
     for name in ["events.ndjson", "events.ndjson.gz"] {
         let input = dir.path().join(name);
-        let truth = gatebill::cli::write_file(&input, &spec).unwrap();
+        let truth = gatebill::traffic::write_file(&input, &spec).unwrap();
         let mut cfg = Config::default();
         cfg.worker.state_dir = dir.path().join(format!("{name}.state"));
         cfg.worker.batch_size = 1_000;

@@ -90,7 +90,7 @@ pub async fn traffic(
         malformed: 0.01,
         seed,
     };
-    let truth = gatebill::cli::generate(&cfg.kafka, &spec, true, 0).await.unwrap();
+    let truth = gatebill::traffic::generate(&cfg.kafka, &spec, true, 0).await.unwrap();
     // The mock cluster silently deletes old data past ~5 MB per partition.
     let probe = gatebill::kafka::plain_consumer(&cfg.kafka, "probe").unwrap();
     for p in 0..partitions {
