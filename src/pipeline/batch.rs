@@ -10,6 +10,25 @@ use crate::billing::scan::{decode_billable, Billable};
 use crate::billing::usage::{encode_rows, HourRow};
 use crate::billing::Metered;
 use crate::store::{Batch, OutboxRecord, PartitionState, Store, StoreError};
+
+/// Where the dedupe mirror reads what it does not hold yet: the state
+/// store in the pipeline, a map in tests.
+pub trait BucketSource {
+    /// Every stored bucket of a partition: (event hour, last offset, topic hash).
+    fn dedupe_index(&self, partition: i32) -> Result<Vec<(i64, i64, u64)>, StoreError>;
+    /// The request-id hashes of one bucket, 16 bytes each.
+    fn dedupe_bucket(&self, partition: i32, hour: i64) -> Result<Vec<u8>, StoreError>;
+}
+
+impl BucketSource for Store {
+    fn dedupe_index(&self, partition: i32) -> Result<Vec<(i64, i64, u64)>, StoreError> {
+        Store::dedupe_index(self, partition)
+    }
+
+    fn dedupe_bucket(&self, partition: i32, hour: i64) -> Result<Vec<u8>, StoreError> {
+        Store::dedupe_bucket(self, partition, hour)
+    }
+}
 use rustc_hash::FxBuildHasher;
 
 type FxHashMap<K, V> = std::collections::HashMap<K, V, FxBuildHasher>;
@@ -245,7 +264,7 @@ impl DedupeCache {
     /// watermark before the message.
     pub fn insert(
         &mut self,
-        store: &Store,
+        store: &impl BucketSource,
         partition: i32,
         offset: i64,
         watermark_ms: i64,
@@ -326,6 +345,40 @@ impl DedupeCache {
 mod tests {
     use super::*;
     use crate::billing::usage::MonthUsage;
+
+    /// Buckets as stored: (partition, hour) -> (last offset, topic hash, hashes).
+    #[derive(Default)]
+    struct Stored(BTreeMap<(i32, i64), (i64, u64, Vec<u128>)>);
+
+    impl BucketSource for Stored {
+        fn dedupe_index(&self, partition: i32) -> Result<Vec<(i64, i64, u64)>, StoreError> {
+            Ok(self.0.iter().filter(|((p, _), _)| *p == partition).map(|((_, h), (last, topic, _))| (*h, *last, *topic)).collect())
+        }
+        fn dedupe_bucket(&self, partition: i32, hour: i64) -> Result<Vec<u8>, StoreError> {
+            Ok(self.0.get(&(partition, hour)).map(|(_, _, ids)| ids.iter().flat_map(|h| h.to_be_bytes()).collect()).unwrap_or_default())
+        }
+    }
+
+    #[test]
+    fn dedupe_cache_reads_stored_buckets_and_restarts_expired_ones_empty() {
+        let window = DedupeWindow { event_time_secs: 3600, messages: 100 };
+        let topic = topic_hash("events");
+        let mut stored = Stored::default();
+        stored.0.insert((0, 7200), (50, topic, vec![1, 2]));
+        stored.0.insert((0, 10_800), (10, topic, vec![3]));
+        stored.0.insert((0, 14_400), (140, topic_hash("file:old.ndjson"), vec![4]));
+        let mut cache = DedupeCache::new(window, "events");
+        let wm = 100_000 * 1000; // far past every hour: only the message window keeps buckets
+                                 // Hour 7200, last event at offset 50: live at offset 150, so 1 is a repeat.
+        assert!(!cache.insert(&stored, 0, 150, wm, 7200, 1).unwrap());
+        assert!(cache.insert(&stored, 0, 151, wm, 7200, 9).unwrap());
+        // Hour 10800, last event at offset 10: expired at 152, so 3 is new again.
+        assert!(cache.insert(&stored, 0, 152, wm, 10_800, 3).unwrap());
+        // Hour 14400 was last touched by another input: offsets do not compare.
+        assert!(cache.insert(&stored, 0, 153, wm, 14_400, 4).unwrap());
+        // Another partition's buckets are its own.
+        assert!(cache.insert(&stored, 1, 0, wm, 7200, 1).unwrap());
+    }
 
     #[test]
     fn dedupe_window_counts_messages_within_one_topic_only() {

@@ -298,7 +298,7 @@ impl Pipeline {
             if self.settings.dedupe {
                 let h = xxhash_rust::xxh3::xxh3_128(b.request_id.as_bytes());
                 let wm = self.pending.touched.get(&m.partition).expect("touched in pass 1").watermark_ms;
-                if !self.dedupe.insert(&self.store, m.partition, m.offset, wm, hour, h)? {
+                if !self.dedupe.insert(self.store.as_ref(), m.partition, m.offset, wm, hour, h)? {
                     self.pending.stats.duplicates += 1;
                     continue;
                 }
