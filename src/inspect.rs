@@ -82,10 +82,8 @@ pub fn read_to_end(consumer: &BaseConsumer, ends: BTreeMap<i32, i64>, table: &mu
         }
         Ok::<_, std::convert::Infallible>(())
     });
-    match read {
-        Ok(r) => r,
-        Err(never) => match never {},
-    }
+    let Ok(read) = read;
+    read
 }
 
 /// Renders bills as a table.

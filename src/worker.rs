@@ -180,26 +180,30 @@ async fn flush(pipeline: &mut Pipeline, producer: &FutureProducer, metrics: &Met
     Ok(drained.failed)
 }
 
+/// Applies account-topic messages, as read, to the pipeline's account table.
+fn apply_account_messages(pipeline: &mut Pipeline, msgs: &[OwnedMessage]) -> Result<(), StoreError> {
+    if msgs.is_empty() {
+        return Ok(());
+    }
+    let msgs: Vec<InputMessage> = msgs.iter().map(to_input).collect();
+    pipeline.apply_accounts(&msgs)
+}
+
 /// Reads the accounts topic from the stored offsets to its current end.
 fn load_accounts(pipeline: &mut Pipeline, consumer: &BaseConsumer, topic: &str) -> Result<(), WorkerError> {
     let store = pipeline.store().clone();
     let (ends, _) =
         kafka::assign_to_end(consumer, topic, |p, low, _| Ok::<_, WorkerError>(store.partition(topic, p)?.map_or(low, |s| s.next_offset)))?;
     let mut chunk: Vec<OwnedMessage> = Vec::new();
-    let mut apply = |chunk: &mut Vec<OwnedMessage>| -> Result<(), WorkerError> {
-        let msgs: Vec<InputMessage> = chunk.iter().map(to_input).collect();
-        pipeline.apply_accounts(&msgs)?;
-        chunk.clear();
-        Ok(())
-    };
     let read = kafka::read_to_end(consumer, ends, Duration::from_secs(120), |m| {
         chunk.push(m.detach());
         if chunk.len() >= 1000 {
-            apply(&mut chunk)?;
+            apply_account_messages(pipeline, &chunk)?;
+            chunk.clear();
         }
         Ok::<_, WorkerError>(())
     })?;
-    apply(&mut chunk)?;
+    apply_account_messages(pipeline, &chunk)?;
     if !read.unfinished.is_empty() {
         tracing::warn!(partitions = ?read.unfinished, "accounts topic not read to its end: no record for 120 s; continuing, bills will be restated as records arrive");
     }
@@ -492,11 +496,7 @@ impl Worker {
                 None => break,
             }
         }
-        if !updates.is_empty() {
-            let msgs: Vec<InputMessage> = updates.iter().map(to_input).collect();
-            self.pipeline.apply_accounts(&msgs)?;
-        }
-        Ok(())
+        Ok(apply_account_messages(&mut self.pipeline, &updates)?)
     }
 
     /// The clean stop (shutdown asked for, or replay done): bills for

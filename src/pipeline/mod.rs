@@ -38,8 +38,6 @@ pub struct Drained {
     pub offered: u64,
     /// Records the sink did not deliver; they stay in the outbox.
     pub failed: u64,
-    /// A page failed, so the pages after it were not offered this time.
-    pub stopped_early: bool,
 }
 
 /// The pipeline's settings, from the configuration.
@@ -146,9 +144,9 @@ fn dead_letter(settings: &Settings, m: &InputMessage, err: &DecodeError) -> Outb
     }
 }
 
-/// The dedupe window of the settings.
-fn settings_window(s: &Settings) -> DedupeWindow {
-    DedupeWindow { event_time_secs: s.dedupe_window_secs, messages: s.dedupe_window_messages }
+/// An empty dedupe mirror for the settings' window and input topic.
+fn dedupe_cache(s: &Settings) -> DedupeCache {
+    DedupeCache::new(DedupeWindow { event_time_secs: s.dedupe_window_secs, messages: s.dedupe_window_messages }, &s.input_topic)
 }
 
 /// Wall-clock now in epoch ms.
@@ -168,7 +166,7 @@ impl Pipeline {
         let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
         let next_dead_letter = store.next_dead_letter_seq()?;
         let rules_calendar = rules.calendar;
-        let dedupe = DedupeCache::new(settings_window(&settings), &settings.input_topic);
+        let dedupe = dedupe_cache(&settings);
         Ok(Pipeline {
             store,
             rules,
@@ -325,7 +323,7 @@ impl Pipeline {
     /// after a failed step: the next batch starts from what is on disk.
     fn discard_pending(&mut self) {
         self.pending = Pending::default();
-        self.dedupe = DedupeCache::new(settings_window(&self.settings), &self.settings.input_topic);
+        self.dedupe = dedupe_cache(&self.settings);
     }
 
     /// Writes everything pending in one atomic, synced batch: usage deltas,

@@ -37,7 +37,6 @@ impl Pipeline {
             if drained.failed > 0 {
                 // The sink is failing (a broker outage): leave the rest for
                 // the next drain rather than wait out a timeout per page.
-                drained.stopped_early = true;
                 break;
             }
         }
