@@ -1,9 +1,10 @@
 //! The command line: one documented function per subcommand. Flags are
-//! turned into a checked [`Config`] before anything runs: each flag over its
-//! `GATEBILL_*` variable over the file over the default ([`Config::resolve`]).
+//! turned into a [`Checked`] configuration once, before anything runs: each
+//! flag over its `GATEBILL_*` variable over the file over the default
+//! ([`Config::resolve`](crate::config::Config::resolve)).
 
 use crate::billing::BillStatus;
-use crate::config::{process_env, Config, Env, KafkaConfig, Overrides};
+use crate::config::{process_env, Checked, Env, KafkaConfig, Overrides};
 use crate::gen::GenSpec;
 use crate::inspect::{self, BillTable, Filter};
 use crate::worker::{self, Mode, RunOptions};
@@ -111,7 +112,7 @@ pub struct TopicArgs {
 
 /// Flags shared by `run` and `replay`. No flag has a default of its own:
 /// an absent flag leaves the environment's value, else the file's, else
-/// the default of `Config` (see [`Config::resolve`]).
+/// the default of `Config` (see [`Config::resolve`](crate::config::Config::resolve)).
 #[derive(Args, Debug, Clone, Default)]
 pub struct CommonArgs {
     /// Configuration file (TOML); see gatebill.example.toml. [env: GATEBILL_CONFIG]
@@ -142,9 +143,9 @@ pub trait CommonFlags {
     fn flags(&self) -> (Option<&Path>, Overrides);
     /// The configuration to run with: defaults, then the file, then the
     /// `GATEBILL_*` environment, then the flags.
-    fn settle(&self, env: Env) -> Result<Config> {
+    fn settle(&self, env: Env) -> Result<Checked> {
         let (file, flags) = self.flags();
-        Ok(Config::resolve(file, env, flags)?)
+        Ok(crate::config::Config::resolve(file, env, flags)?)
     }
 }
 
@@ -220,7 +221,7 @@ impl CommonFlags for CountTopicArgs {
 impl Command {
     /// The configuration of the subcommand; `None` for `demo`, which sets
     /// up its own.
-    pub fn settle(&self, env: Env) -> Option<Result<Config>> {
+    pub fn settle(&self, env: Env) -> Option<Result<Checked>> {
         Some(match self {
             Command::Run(a) => a.common.settle(env),
             Command::Replay(a) => a.common.settle(env),
@@ -409,14 +410,14 @@ pub async fn main(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(_) => run(cfg).await,
         Command::Replay(a) => replay(a, cfg).await,
-        Command::Inspect(a) => inspect(a, cfg.kafka).await,
-        Command::DevBroker(_) => dev_broker(cfg.kafka).await,
-        Command::Gen(a) => gen(a, cfg.kafka).await,
+        Command::Inspect(a) => inspect(a, cfg.into_config().kafka).await,
+        Command::DevBroker(_) => dev_broker(cfg.into_config().kafka).await,
+        Command::Gen(a) => gen(a, cfg.into_config().kafka).await,
         Command::Demo(a) => {
             init_logging(false);
             crate::traffic::demo(a.events, a.accounts).await
         }
-        Command::CountTopic(a) => count_topic(a, cfg.kafka),
+        Command::CountTopic(a) => count_topic(a, cfg.into_config().kafka),
         Command::Compact(_) => compact(&cfg.worker.state_dir),
     }
 }
@@ -439,7 +440,7 @@ fn compact(state_dir: &Path) -> Result<()> {
 }
 
 /// `gatebill run`: the long-lived worker.
-async fn run(cfg: Config) -> Result<()> {
+async fn run(cfg: Checked) -> Result<()> {
     init_logging(cfg.metrics.json_logs);
     let s = worker::run(&cfg, RunOptions { mode: Mode::Live, fault: None }, shutdown_signal()).await?;
     tracing::info!(
@@ -454,7 +455,7 @@ async fn run(cfg: Config) -> Result<()> {
 }
 
 /// `gatebill replay`: bounded run.
-async fn replay(a: ReplayArgs, cfg: Config) -> Result<()> {
+async fn replay(a: ReplayArgs, cfg: Checked) -> Result<()> {
     init_logging(cfg.metrics.json_logs);
     let from_ms = match &a.from {
         Some(t) => Some(
@@ -620,6 +621,7 @@ fn count_topic(a: CountTopicArgs, k: KafkaConfig) -> Result<()> {
 #[cfg(test)]
 mod config_precedence {
     use super::*;
+    use crate::config::Config;
     use std::collections::HashMap;
 
     /// A file giving every common setting a value of its own.
@@ -640,7 +642,7 @@ mod config_precedence {
     "#;
 
     /// The configuration `gatebill <argv>` runs with in environment `env`.
-    fn settle(argv: &[&str], env: &[(&str, &str)]) -> Result<Config> {
+    fn settle(argv: &[&str], env: &[(&str, &str)]) -> Result<Checked> {
         let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let cli = Cli::try_parse_from(std::iter::once("gatebill").chain(argv.iter().copied()))?;
         cli.command.settle(&|name| env.get(name).cloned()).expect("takes the common flags")

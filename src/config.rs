@@ -168,6 +168,14 @@ impl Config {
         toml::from_str(&text).map_err(|source| ConfigFileError::Parse { path: path.into(), source: Box::new(source) })
     }
 
+    /// Checks every rule and keeps the billing rules they yield: the one
+    /// way to a [`Checked`] configuration, which is what the worker and the
+    /// file replay take, so nothing checks twice.
+    pub fn checked(self) -> Result<Checked, ConfigFileError> {
+        let rules = self.check()?;
+        Ok(Checked { config: self, rules })
+    }
+
     /// Checks every rule; returns the billing rules.
     pub fn check(&self) -> Result<Rules, ConfigFileError> {
         let k = &self.kafka;
@@ -304,7 +312,7 @@ impl Config {
     /// The configuration a subcommand runs with: the defaults, overridden by
     /// the file (`file`, else `GATEBILL_CONFIG`, else none), overridden by
     /// the environment, overridden by `flags`; checked.
-    pub fn resolve(file: Option<&std::path::Path>, env: Env, flags: Overrides) -> Result<Config, ConfigFileError> {
+    pub fn resolve(file: Option<&std::path::Path>, env: Env, flags: Overrides) -> Result<Checked, ConfigFileError> {
         let file = file.map(PathBuf::from).or_else(|| env(CONFIG_VAR).filter(|v| !v.is_empty()).map(PathBuf::from));
         let mut cfg = match &file {
             Some(p) => Config::load(p)?,
@@ -312,8 +320,41 @@ impl Config {
         };
         Overrides::from_env(env)?.apply(&mut cfg);
         flags.apply(&mut cfg);
-        cfg.check()?;
-        Ok(cfg)
+        cfg.checked()
+    }
+}
+
+/// A configuration that passed [`Config::check`], with the billing rules it
+/// yields. Read it as a [`Config`]; change it only by taking the
+/// configuration out ([`Checked::into_config`]) and checking it again.
+#[derive(Clone, Debug)]
+pub struct Checked {
+    config: Config,
+    rules: Rules,
+}
+
+impl Checked {
+    /// The billing rules the configuration yields.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+
+    /// The configuration, to change and check again.
+    pub fn into_config(self) -> Config {
+        self.config
+    }
+}
+
+impl Default for Checked {
+    fn default() -> Checked {
+        Config::default().checked().expect("the defaults pass the checks (tested)")
+    }
+}
+
+impl std::ops::Deref for Checked {
+    type Target = Config;
+    fn deref(&self) -> &Config {
+        &self.config
     }
 }
 

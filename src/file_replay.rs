@@ -7,8 +7,9 @@
 //! replay of the same file into the same state directory resumes after the
 //! last line it wrote.
 
-use crate::config::Config;
+use crate::config::Checked;
 use crate::metrics::Metrics;
+use crate::pipeline::emit::Route;
 use crate::pipeline::{now_ms, InputMessage, Pipeline, Settings};
 use crate::store::{OutboxRecord, Store};
 use crate::worker::{RunSummary, WorkerError};
@@ -124,8 +125,8 @@ fn write_files(out: &Path, records: &[(Vec<u8>, OutboxRecord)], bills_topic: &st
 }
 
 /// Replays a file through the pipeline and emits every bill at the end.
-pub async fn replay_file(cfg: &Config, input: &Path, sink: Sink, progress: bool) -> Result<RunSummary, WorkerError> {
-    let rules = cfg.check()?;
+pub async fn replay_file(cfg: &Checked, input: &Path, sink: Sink, progress: bool) -> Result<RunSummary, WorkerError> {
+    let rules = cfg.rules().clone();
     let store = Arc::new(Store::open(&cfg.worker.state_dir)?);
     let mut settings = Settings::from_config(cfg);
     let canonical = if input == Path::new("-") { PathBuf::from("-") } else { input.canonicalize().unwrap_or_else(|_| input.to_path_buf()) };
@@ -186,11 +187,16 @@ pub async fn replay_file(cfg: &Config, input: &Path, sink: Sink, progress: bool)
     let processed_at = std::time::Instant::now();
     summary.bills_emitted = match &sink {
         Sink::File(out) => {
-            let topic = cfg.kafka.output_topic.clone();
-            let mut write = |records: &[(Vec<u8>, OutboxRecord)]| {
-                write_files(out, records, &topic).map_err(|source| WorkerError::Input { path: out.clone(), source })
-            };
-            pipeline.emit_with(now_ms(), true, Some(&mut write))?
+            // Bills go straight to the file, a chunk at a time; each chunk
+            // is committed after its lines are synced.
+            let mut plan = pipeline.emission(now_ms(), true)?;
+            let mut emitted = 0;
+            while let Some(chunk) = pipeline.next_emission(&mut plan)? {
+                write_files(out, &chunk.records, &cfg.kafka.output_topic)
+                    .map_err(|source| WorkerError::Input { path: out.clone(), source })?;
+                emitted += pipeline.commit_emission(chunk, Route::Delivered)?;
+            }
+            emitted
         }
         Sink::Kafka => pipeline.emit(now_ms(), true)?,
     } as u64;

@@ -1,11 +1,12 @@
-//! Kafka plumbing, in one place: client configuration, topic creation,
-//! producing the outbox, reading a topic to its end.
+//! Kafka plumbing, in one place: client configuration, a worker's clients
+//! ([`worker_clients`]), topic creation, producing the outbox, and the
+//! bounded read ([`assign_to_end`], then [`read_to_end`]).
 
 use crate::config::KafkaConfig;
 use crate::store::OutboxRecord;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -96,6 +97,47 @@ pub fn plain_consumer(k: &KafkaConfig, group: &str) -> Result<BaseConsumer, Kafk
     client_config(k, &[("group.id", group), ("enable.auto.commit", "false"), ("enable.partition.eof", "false"), FETCH_QUEUE_BACKOFF])
         .create()
         .map_err(err("creating a consumer"))
+}
+
+/// The clients of one worker, built together by [`worker_clients`].
+pub struct WorkerClients<C: ConsumerContext + 'static> {
+    /// Bills and dead letters ([`producer`]).
+    pub producer: FutureProducer,
+    /// The input topic, as a member of the consumer group; `context` places
+    /// each assigned partition.
+    pub events: StreamConsumer<C>,
+    /// The accounts topic, read by assignment (every worker reads all of it).
+    pub accounts: BaseConsumer,
+    /// End offsets of the input topic, for lag and idleness, asked from a
+    /// thread of its own.
+    pub lag: BaseConsumer,
+}
+
+/// Everything a worker talks to Kafka with, from the checked configuration
+/// in one call: the four topics made sure of ([`ensure_topics`]), then the
+/// producer and the three consumers.
+pub async fn worker_clients<C: ConsumerContext + 'static>(k: &KafkaConfig, context: C) -> Result<WorkerClients<C>, KafkaSetupError> {
+    ensure_topics(k).await?;
+    let events = client_config(
+        k,
+        &[
+            ("group.id", k.group_id.as_str()),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("enable.partition.eof", "false"),
+            ("fetch.min.bytes", "1"),
+            FETCH_QUEUE_BACKOFF,
+        ],
+    )
+    .create_with_context(context)
+    .map_err(err("creating the event consumer"))?;
+    Ok(WorkerClients {
+        producer: producer(k)?,
+        events,
+        accounts: plain_consumer(k, &format!("{}-accounts", k.group_id))?,
+        lag: plain_consumer(k, &format!("{}-lag", k.group_id))?,
+    })
 }
 
 /// Partition counts of topics, from cluster metadata (absent = no such topic).

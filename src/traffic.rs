@@ -123,6 +123,7 @@ pub async fn demo(events: u64, accounts: u64) -> Result<()> {
         "2/4 wrote {} account records and {} events of November 2020 ({} duplicates, {} malformed)",
         spec.accounts, t.messages, t.duplicates, t.malformed
     );
+    let cfg = cfg.checked()?;
     let s = worker::run(&cfg, RunOptions { mode: Mode::Replay { from_ms: None, progress: false }, fault: None }, std::future::pending())
         .await?;
     println!(

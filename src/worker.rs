@@ -10,8 +10,7 @@
 //!    where to resume);
 //! 5. every `emit_interval_ms`, recompute changed bills into the outbox.
 
-use crate::billing::config::Rules;
-use crate::config::Config;
+use crate::config::Checked;
 use crate::kafka::{self, KafkaSetupError};
 use crate::metrics::Metrics;
 use crate::pipeline::{now_ms, InputMessage, Pipeline, Settings};
@@ -22,9 +21,9 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Why the worker stopped with an error.
@@ -111,12 +110,64 @@ pub struct RunSummary {
     pub crashed: bool,
 }
 
+/// The input partitions this worker owns, as the rebalance callback alone
+/// tells it (never by asking the consumer), and those revoked since the loop
+/// last looked.
+#[derive(Debug, Default)]
+pub struct Ownership {
+    assigned: BTreeSet<i32>,
+    revoked: BTreeSet<i32>,
+    /// Bumped on every change, so the loop looks only when something changed.
+    version: u64,
+}
+
+impl Ownership {
+    /// Partitions given to this worker (added to what it owns).
+    pub fn assign(&mut self, partitions: impl IntoIterator<Item = i32>) {
+        self.assigned.extend(partitions);
+        self.version += 1;
+    }
+
+    /// Partitions taken away (all of them for an eager rebalance).
+    pub fn revoke(&mut self, partitions: impl IntoIterator<Item = i32>) {
+        for p in partitions {
+            self.assigned.remove(&p);
+            self.revoked.insert(p);
+        }
+        self.version += 1;
+    }
+
+    /// The partitions owned now.
+    pub fn assigned(&self) -> Vec<i32> {
+        self.assigned.iter().copied().collect()
+    }
+
+    /// The partitions revoked since the last call.
+    pub fn take_revoked(&mut self) -> BTreeSet<i32> {
+        std::mem::take(&mut self.revoked)
+    }
+}
+
+/// Drops from a batch being gathered the messages of partitions revoked
+/// while it was gathered: the worker no longer owns them, so it must not
+/// write their state or offsets; the partition's next owner (this worker
+/// again, after an eager rebalance) reads them from the stored position.
+/// Messages that arrive after the callback returned belong to the new
+/// assignment and are kept. Returns how many were dropped.
+pub fn drop_revoked<M: Message>(batch: &mut Vec<M>, revoked: &BTreeSet<i32>) -> usize {
+    let before = batch.len();
+    batch.retain(|m| !revoked.contains(&m.partition()));
+    before - batch.len()
+}
+
 /// Consumer context: on assignment, positions each partition at the offset
 /// the state store holds (or the beginning when it holds none), so a group
-/// offset never decides where billing resumes.
+/// offset never decides where billing resumes; records every assignment and
+/// revocation in the shared [`Ownership`].
 pub struct StoreOffsets {
     store: Arc<Store>,
     topic: String,
+    ownership: Arc<Mutex<Ownership>>,
 }
 
 impl ClientContext for StoreOffsets {}
@@ -124,10 +175,10 @@ impl ClientContext for StoreOffsets {}
 impl ConsumerContext for StoreOffsets {
     fn rebalance(&self, base: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let cooperative = matches!(base.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                let parts: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
-                for (topic, p) in parts {
+                for &p in &partitions {
                     let offset = match self.store.partition(&self.topic, p) {
                         Ok(Some(s)) => Offset::Offset(s.next_offset),
                         Ok(None) => Offset::Beginning,
@@ -137,15 +188,17 @@ impl ConsumerContext for StoreOffsets {
                         }
                     };
                     tracing::info!(partition = p, ?offset, "partition assigned; resuming from the state store's offset");
-                    let _ = tpl.set_partition_offset(&topic, p, offset);
+                    let _ = tpl.set_partition_offset(&self.topic, p, offset);
                 }
                 let r = if cooperative { base.incremental_assign(tpl) } else { base.assign(tpl) };
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "assign failed");
+                match r {
+                    Ok(()) => self.ownership.lock().expect("not poisoned").assign(partitions),
+                    Err(e) => tracing::error!(error = %e, "assign failed"),
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                tracing::info!(?partitions, "partitions revoked");
+                self.ownership.lock().expect("not poisoned").revoke(partitions);
                 let r = if cooperative { base.incremental_unassign(tpl) } else { base.unassign() };
                 if let Err(e) = r {
                     tracing::error!(error = %e, "unassign failed");
@@ -153,6 +206,9 @@ impl ConsumerContext for StoreOffsets {
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error; unassigning");
+                let mut ownership = self.ownership.lock().expect("not poisoned");
+                let all = ownership.assigned();
+                ownership.revoke(all);
                 let _ = base.unassign();
             }
         }
@@ -214,7 +270,7 @@ fn load_accounts(pipeline: &mut Pipeline, consumer: &BaseConsumer, topic: &str) 
 /// Runs the worker until `shutdown` resolves (live), the end offsets are
 /// reached (replay), or a fault point (tests). Every exit, errors and fault
 /// points included, goes through [`Worker::teardown`].
-pub async fn run(cfg: &Config, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<RunSummary, WorkerError> {
+pub async fn run(cfg: &Checked, opts: RunOptions, shutdown: impl Future<Output = ()>) -> Result<RunSummary, WorkerError> {
     let mut worker = Worker::start(cfg, opts).await?;
     tokio::pin!(shutdown);
     let result = loop {
@@ -266,6 +322,11 @@ pub struct Worker {
     lag_every: Duration,
     last_sizes: Option<Instant>,
     end_offsets: EndOffsets,
+    /// What the rebalance callback says this worker owns.
+    ownership: Arc<Mutex<Ownership>>,
+    /// The [`Ownership`] version last acted on.
+    ownership_seen: u64,
+    /// The partitions owned, as last handed to the pipeline.
     assigned: Vec<i32>,
 }
 
@@ -274,8 +335,7 @@ impl Worker {
     /// delivers what the last stop left in the outbox, loads the account
     /// table, and joins the group (live) or assigns the partitions to their
     /// ends (replay).
-    pub async fn start(cfg: &Config, opts: RunOptions) -> Result<Worker, WorkerError> {
-        let rules: Rules = cfg.check()?;
+    pub async fn start(cfg: &Checked, opts: RunOptions) -> Result<Worker, WorkerError> {
         let store = Arc::new(Store::open(&cfg.worker.state_dir)?);
         let metrics = Metrics::new();
         let metrics_task = if cfg.metrics.address.is_empty() {
@@ -288,7 +348,7 @@ impl Worker {
             Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone())))
         };
         // A failed start stops the metrics endpoint too.
-        match Worker::connect(cfg, opts, rules, store, metrics).await {
+        match Worker::connect(cfg, opts, store, metrics).await {
             Ok(mut w) => {
                 w.metrics_task = metrics_task;
                 Ok(w)
@@ -303,39 +363,17 @@ impl Worker {
     }
 
     /// The part of [`Worker::start`] after the metrics endpoint.
-    async fn connect(
-        cfg: &Config,
-        opts: RunOptions,
-        rules: Rules,
-        store: Arc<Store>,
-        metrics: Arc<Metrics>,
-    ) -> Result<Worker, WorkerError> {
+    async fn connect(cfg: &Checked, opts: RunOptions, store: Arc<Store>, metrics: Arc<Metrics>) -> Result<Worker, WorkerError> {
         let k = &cfg.kafka;
-        kafka::ensure_topics(k).await?;
-        let mut pipeline = Pipeline::new(store.clone(), rules, Settings::from_config(cfg), metrics.clone())?;
-        let producer = kafka::producer(k)?;
+        let ownership: Arc<Mutex<Ownership>> = Arc::default();
+        let ctx = StoreOffsets { store: store.clone(), topic: k.input_topic.clone(), ownership: ownership.clone() };
+        let clients = kafka::worker_clients(k, ctx).await?;
+        let (producer, consumer, accounts) = (clients.producer, clients.events, clients.accounts);
+        let mut pipeline = Pipeline::new(store.clone(), cfg.rules().clone(), Settings::from_config(cfg), metrics.clone())?;
         let mut summary = RunSummary::default();
         // Anything written but not acknowledged before the last stop goes first.
         summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
-
-        let accounts = kafka::plain_consumer(k, &format!("{}-accounts", k.group_id))?;
         load_accounts(&mut pipeline, &accounts, &k.accounts_topic)?;
-
-        let ctx = StoreOffsets { store: store.clone(), topic: k.input_topic.clone() };
-        let consumer: StreamConsumer<StoreOffsets> = kafka::client_config(
-            k,
-            &[
-                ("group.id", k.group_id.as_str()),
-                ("enable.auto.commit", "false"),
-                ("enable.auto.offset.store", "false"),
-                ("auto.offset.reset", "earliest"),
-                ("enable.partition.eof", "false"),
-                ("fetch.min.bytes", "1"),
-                kafka::FETCH_QUEUE_BACKOFF,
-            ],
-        )
-        .create_with_context(ctx)
-        .map_err(|source| KafkaSetupError::Client { what: "creating the event consumer".into(), source })?;
 
         // Replay: the end offsets seen at start, and the assignment.
         let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
@@ -346,7 +384,9 @@ impl Worker {
                 .map_err(|source| KafkaSetupError::Client { what: format!("subscribing to {}", k.input_topic), source })?,
             Mode::Replay { from_ms, progress: show } => {
                 let topic = k.input_topic.as_str();
+                let mut all = Vec::new();
                 let (replay_ends, total) = kafka::assign_to_end(&consumer, topic, |p, low, high| {
+                    all.push(p);
                     Ok::<_, KafkaSetupError>(match (pipeline.next_offset(p), from_ms) {
                         (Some(next), _) => next,
                         (None, Some(t)) => {
@@ -369,6 +409,8 @@ impl Worker {
                     })
                 })?;
                 ends = replay_ends;
+                // A replay assigns itself every partition: no rebalance callback.
+                ownership.lock().expect("not poisoned").assign(all);
                 if *show {
                     let pb = indicatif::ProgressBar::new(total);
                     pb.set_style(
@@ -383,7 +425,7 @@ impl Worker {
         // every LAG_EVERY, or every idle period if that is shorter; the state
         // size gauges are refreshed as often.
         let lag_every = LAG_EVERY.min(Duration::from_secs(cfg.worker.idle_after_secs.max(1)));
-        let end_offsets = EndOffsets::start(k, lag_every)?;
+        let end_offsets = EndOffsets::start(clients.lag, k.input_topic.clone(), lag_every)?;
         Ok(Worker {
             opts,
             input_topic: k.input_topic.clone(),
@@ -405,6 +447,8 @@ impl Worker {
             lag_every,
             last_sizes: None,
             end_offsets,
+            ownership,
+            ownership_seen: 0,
             assigned: Vec::new(),
         })
     }
@@ -418,13 +462,7 @@ impl Worker {
     /// commit; follow the accounts topic; emit changed bills when due;
     /// refresh lag and state gauges.
     async fn step(&mut self, shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>) -> Result<Step, WorkerError> {
-        if let Ok(tpl) = self.consumer.assignment() {
-            let now: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-            if now != self.assigned {
-                self.pipeline.set_assignment(&now, now_ms());
-                self.assigned = now;
-            }
-        }
+        self.follow_ownership(&mut Vec::new());
         if self.replay() && self.ends.iter().all(|(p, end)| self.pipeline.next_offset(*p).is_some_and(|n| n >= *end)) {
             return Ok(Step::Stop);
         }
@@ -437,7 +475,11 @@ impl Worker {
                 _ = shutdown.as_mut() => { stopping = true; break; }
                 r = tokio::time::timeout_at(deadline, self.consumer.recv()) => match r {
                     Err(_) => break,
-                    Ok(Ok(m)) => batch.push(m.detach()),
+                    Ok(Ok(m)) => {
+                        batch.push(m.detach());
+                        // A rebalance runs its callback inside `recv`.
+                        self.follow_ownership(&mut batch);
+                    }
                     Ok(Err(e)) => { tracing::warn!(error = %e, "consumer error"); break; }
                 },
             }
@@ -459,7 +501,7 @@ impl Worker {
             }
             self.summary.delivery_failures += flush(&mut self.pipeline, &self.producer, &self.metrics).await?;
             if self.opts.mode == Mode::Live {
-                commit(&self.consumer, &self.pipeline, &self.input_topic, CommitMode::Async);
+                commit(&self.consumer, &self.pipeline, &self.assigned, &self.input_topic, CommitMode::Async);
             }
             if self.opts.fault == Some(FaultPoint::AfterCommit(self.summary.batches)) {
                 return Ok(Step::Crash);
@@ -481,6 +523,33 @@ impl Worker {
             }
         }
         Ok(if stopping { Step::Stop } else { Step::Continue })
+    }
+
+    /// Acts on what the rebalance callback recorded since the last look:
+    /// drops the messages of revoked partitions from the batch being
+    /// gathered ([`drop_revoked`]) and hands the pipeline the partitions
+    /// owned now.
+    fn follow_ownership(&mut self, batch: &mut Vec<OwnedMessage>) {
+        let (revoked, now) = {
+            let mut o = self.ownership.lock().expect("not poisoned");
+            if o.version == self.ownership_seen {
+                return;
+            }
+            self.ownership_seen = o.version;
+            (o.take_revoked(), o.assigned())
+        };
+        let dropped = drop_revoked(batch, &revoked);
+        if dropped > 0 {
+            tracing::info!(
+                messages = dropped,
+                partitions = ?revoked,
+                "dropped messages of revoked partitions gathered before the revocation; the partitions' next owner reads them from the stored position"
+            );
+        }
+        if now != self.assigned {
+            self.pipeline.set_assignment(&now, now_ms());
+            self.assigned = now;
+        }
     }
 
     /// Keeps the accounts table current: applies what the accounts topic has now.
@@ -515,7 +584,7 @@ impl Worker {
             tracing::warn!(records = left, "records still in the outbox; they are produced at the next start");
         }
         if self.opts.mode == Mode::Live {
-            commit(&self.consumer, &self.pipeline, &self.input_topic, CommitMode::Sync);
+            commit(&self.consumer, &self.pipeline, &self.assigned, &self.input_topic, CommitMode::Sync);
         }
         Ok(())
     }
@@ -539,16 +608,15 @@ const LAG_EVERY: Duration = Duration::from_secs(15);
 /// thread with its own client, so that the round trips (seconds on a busy
 /// broker with many partitions) never stall the processing loop.
 struct EndOffsets {
-    latest: Arc<std::sync::Mutex<HashMap<i32, i64>>>,
+    latest: Arc<Mutex<HashMap<i32, i64>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EndOffsets {
-    fn start(k: &crate::config::KafkaConfig, every: Duration) -> Result<EndOffsets, KafkaSetupError> {
-        let consumer = crate::kafka::plain_consumer(k, &format!("{}-lag", k.group_id))?;
-        let latest: Arc<std::sync::Mutex<HashMap<i32, i64>>> = Arc::default();
+    fn start(consumer: BaseConsumer, topic: String, every: Duration) -> Result<EndOffsets, KafkaSetupError> {
+        let latest: Arc<Mutex<HashMap<i32, i64>>> = Arc::default();
         let stop: Arc<std::sync::atomic::AtomicBool> = Arc::default();
-        let (topic, l, st) = (k.input_topic.clone(), latest.clone(), stop.clone());
+        let (l, st) = (latest.clone(), stop.clone());
         std::thread::Builder::new()
             .name("gatebill-lag".into())
             .spawn(move || {
@@ -586,17 +654,58 @@ impl Drop for EndOffsets {
     }
 }
 
-fn commit(consumer: &StreamConsumer<StoreOffsets>, pipeline: &Pipeline, topic: &str, mode: CommitMode) {
-    let Ok(assigned) = consumer.assignment() else { return };
+/// Commits the stored next offsets of the partitions owned to the group.
+fn commit(consumer: &StreamConsumer<StoreOffsets>, pipeline: &Pipeline, owned: &[i32], topic: &str, mode: CommitMode) {
     let mut tpl = TopicPartitionList::new();
-    for e in assigned.elements() {
-        if let Some(next) = pipeline.next_offset(e.partition()) {
-            tpl.add_partition_offset(topic, e.partition(), Offset::Offset(next)).expect("valid offset");
+    for &p in owned {
+        if let Some(next) = pipeline.next_offset(p) {
+            tpl.add_partition_offset(topic, p, Offset::Offset(next)).expect("valid offset");
         }
     }
     if tpl.count() > 0 {
         if let Err(e) = consumer.commit(&tpl, mode) {
             tracing::debug!(error = %e, "offset commit to the group failed (informational only; the state store holds the offsets)");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::Timestamp;
+
+    fn msg(partition: i32, offset: i64) -> OwnedMessage {
+        OwnedMessage::new(None, None, "events".into(), Timestamp::NotAvailable, partition, offset, None)
+    }
+
+    #[test]
+    fn ownership_follows_assign_and_revoke_callbacks() {
+        let mut o = Ownership::default();
+        o.assign([2, 0]);
+        assert_eq!((o.assigned(), o.version), (vec![0, 2], 1));
+        // Cooperative: only partition 2 moves away; then 5 arrives.
+        o.revoke([2]);
+        o.assign([5]);
+        assert_eq!((o.assigned(), o.version), (vec![0, 5], 3));
+        assert_eq!(o.take_revoked(), BTreeSet::from([2]));
+        assert!(o.take_revoked().is_empty());
+        // Eager: everything is revoked, then given back.
+        o.revoke(o.assigned());
+        assert!(o.assigned().is_empty());
+        o.assign([0, 5]);
+        assert_eq!(o.take_revoked(), BTreeSet::from([0, 5]));
+        assert_eq!(o.assigned(), vec![0, 5]);
+    }
+
+    #[test]
+    fn messages_gathered_before_a_revocation_are_dropped_later_ones_kept() {
+        let mut batch = vec![msg(0, 10), msg(1, 20), msg(0, 11), msg(2, 30)];
+        assert_eq!(drop_revoked(&mut batch, &BTreeSet::from([0])), 2);
+        // Partition 0 comes back (eager rebalance): it restarts at the stored
+        // offset 10, and what arrives now is kept.
+        batch.push(msg(0, 10));
+        assert_eq!(drop_revoked(&mut batch, &BTreeSet::new()), 0);
+        let left: Vec<(i32, i64)> = batch.iter().map(|m| (m.partition(), m.offset())).collect();
+        assert_eq!(left, [(1, 20), (2, 30), (0, 10)]);
     }
 }

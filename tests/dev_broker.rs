@@ -45,7 +45,7 @@ fn dev_broker(args: &[&str]) -> DevBroker {
 /// The configuration of `gatebill <argv>` with an empty environment.
 fn settle(argv: &[&str]) -> Config {
     let cli = Cli::try_parse_from(std::iter::once("gatebill").chain(argv.iter().copied())).unwrap();
-    cli.command.settle(&|_| None).unwrap().unwrap()
+    cli.command.settle(&|_| None).unwrap().unwrap().into_config()
 }
 
 fn topics(cfg: &Config) -> Vec<String> {
@@ -79,9 +79,7 @@ async fn worker_bills_on_the_dev_brokers_custom_topics() {
     assert_eq!(topics(&cfg), ["acme-accounts", "acme-bills", "acme-events", "acme-rejects"]);
 
     let (truth, expected) = traffic(&cfg, 7, 3_000, 3, 30, 1.0).await;
-    let s = worker::run(&cfg, RunOptions { mode: Mode::Replay { from_ms: None, progress: false }, fault: None }, std::future::pending())
-        .await
-        .unwrap();
+    let s = common::replay(&cfg).await;
     assert_eq!((s.messages, s.billed, s.duplicates, s.rejected), (3_000, truth.unique_events, truth.duplicates, truth.malformed), "{s:?}");
     assert_eq!(truth.unique_events + truth.duplicates + truth.malformed, 3_000);
     assert!(!expected.is_empty());
@@ -99,7 +97,10 @@ async fn worker_with_topics_the_dev_broker_lacks_is_told_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = settle(&["run", "--brokers", &broker.bootstrap, "--output-topic", "bills", "--dead-letter-topic", "rejects"]);
     tune(&mut cfg, dir.path(), "other");
-    let err = worker::run(&cfg, RunOptions { mode: Mode::Live, fault: None }, std::future::pending()).await.unwrap_err().to_string();
+    let err = worker::run(&cfg.clone().checked().unwrap(), RunOptions { mode: Mode::Live, fault: None }, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("did not create the missing topic(s) bills, rejects ("), "{err}");
     assert!(
         err.ends_with(

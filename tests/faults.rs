@@ -22,7 +22,7 @@ where
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let cfg = f.cfg.clone();
     let handle = tokio::spawn(async move {
-        worker::run(&cfg, RunOptions { mode: Mode::Live, fault: None }, async move {
+        worker::run(&cfg.clone().checked().unwrap(), RunOptions { mode: Mode::Live, fault: None }, async move {
             let _ = rx.await;
         })
         .await

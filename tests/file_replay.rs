@@ -29,7 +29,7 @@ async fn file_replay_equals_the_core_and_resumes() {
         cfg.worker.state_dir = dir.path().join(format!("{name}.state"));
         cfg.worker.batch_size = 1_000;
         let out = dir.path().join(format!("{name}.bills"));
-        let s = replay_file(&cfg, &input, Sink::File(out.clone()), false).await.unwrap();
+        let s = replay_file(&cfg.clone().checked().unwrap(), &input, Sink::File(out.clone()), false).await.unwrap();
         assert_eq!((s.billed, s.duplicates, s.rejected), (truth.unique_events, truth.duplicates, truth.malformed));
 
         let rules = Rules::default();
@@ -49,7 +49,7 @@ async fn file_replay_equals_the_core_and_resumes() {
         assert_eq!(dead.lines().count() as u64, truth.malformed);
 
         // A second run over the same file and state resumes after the last line.
-        let again = replay_file(&cfg, &input, Sink::File(out.clone()), false).await.unwrap();
+        let again = replay_file(&cfg.clone().checked().unwrap(), &input, Sink::File(out.clone()), false).await.unwrap();
         assert_eq!((again.messages, again.billed, again.bills_emitted), (0, 0, 0));
     }
 }

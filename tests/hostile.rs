@@ -12,7 +12,6 @@ use gatebill::billing::reference::{aggregate_messages, bills};
 use gatebill::billing::Rules;
 use gatebill::kafka;
 use gatebill::store::OutboxRecord;
-use gatebill::worker::{self, Mode, RunOptions};
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
@@ -89,9 +88,7 @@ async fn hostile_messages_are_dead_lettered_once_and_valid_ones_billed() {
     let producer = kafka::producer(&cfg.kafka).unwrap();
     assert_eq!(kafka::produce_all(&producer, &records).await.len(), records.len());
 
-    let s = worker::run(&cfg, RunOptions { mode: Mode::Replay { from_ms: None, progress: false }, fault: None }, std::future::pending())
-        .await
-        .unwrap();
+    let s = common::replay(&cfg).await;
     assert_eq!(s.billed, 300);
     assert_eq!(s.rejected, bad.len() as u64);
 

@@ -84,10 +84,10 @@ async fn restarts_between_write_and_produce_and_after_commit_lose_and_double_not
     let f = fixture(12, 6_000, 4).await;
     let opts = |fault| RunOptions { mode: Mode::Live, fault: Some(fault) };
     // Crash right after the 2nd batch write, before anything of it is produced.
-    let s = worker::run(&f.cfg, opts(FaultPoint::AfterWrite(2)), std::future::pending()).await.unwrap();
+    let s = worker::run(&f.cfg.clone().checked().unwrap(), opts(FaultPoint::AfterWrite(2)), std::future::pending()).await.unwrap();
     assert!(s.crashed);
     // Restart; crash after the 3rd batch was written, produced and committed.
-    let s = worker::run(&f.cfg, opts(FaultPoint::AfterCommit(3)), std::future::pending()).await.unwrap();
+    let s = worker::run(&f.cfg.clone().checked().unwrap(), opts(FaultPoint::AfterCommit(3)), std::future::pending()).await.unwrap();
     assert!(s.crashed);
     // Restart once more and run to the end.
     run_live_until_done(&f.cfg, &f.expected).await;

@@ -5,7 +5,7 @@
 
 use super::batch::par_map;
 use super::policy::{self, effective_watermark, next_record, Emitted, PartitionClock};
-use super::{Deliver, Pipeline};
+use super::Pipeline;
 use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
 use crate::billing::calendar::Month;
 use crate::billing::entitlements::months_are_independent;
@@ -99,97 +99,159 @@ impl Pipeline {
     }
 
     /// Recomputes every dirty bill, and every provisional bill whose month
-    /// has closed; writes changed records to the outbox with a higher
-    /// revision. Each chunk of up to 1,024 bills is one atomic write of their
-    /// records, bill states and cleared dirty marks. Returns how many records
-    /// were emitted.
+    /// has closed, and writes the changed records to the outbox with a higher
+    /// revision: [`Pipeline::emission`] chunk by chunk, each committed to the
+    /// outbox. Returns how many records were emitted.
     pub fn emit(&mut self, now: i64, force_idle: bool) -> Result<usize, StoreError> {
-        self.emit_with::<StoreError>(now, force_idle, None)
+        let mut plan = self.emission(now, force_idle)?;
+        let mut emitted = 0;
+        while let Some(chunk) = self.next_emission(&mut plan)? {
+            emitted += self.commit_emission(chunk, Route::Outbox)?;
+        }
+        Ok(emitted)
     }
 
-    /// [`Pipeline::emit`], handing each chunk's bill records to `deliver`
-    /// instead of the outbox: the bill states are written only after
-    /// `deliver` returned (a crash in between recomputes and delivers the
-    /// same records again, as a crash between producing and acknowledging an
-    /// outbox record would). For sinks that are written synchronously (files).
-    pub fn emit_with<E: From<StoreError>>(
-        &mut self,
-        now: i64,
-        force_idle: bool,
-        mut deliver: Option<&mut Deliver<'_, E>>,
-    ) -> Result<usize, E> {
-        let todo = self.bills_to_recompute(now, force_idle)?;
-        if todo.is_empty() {
-            return Ok(0);
+    /// What an emission will recompute ([`Pipeline::bills_to_recompute`]),
+    /// to be taken a chunk at a time with [`Pipeline::next_emission`].
+    pub fn emission(&self, now: i64, force_idle: bool) -> Result<EmissionPlan, StoreError> {
+        let todo = self.bills_to_recompute(now, force_idle)?.into_iter().collect();
+        Ok(EmissionPlan { todo, next: 0, now, force_idle, cache: None })
+    }
+
+    /// Computes the next chunk of up to 1,024 bills of `plan`: the records
+    /// of the changed ones, and the bill states and cleared dirty marks to
+    /// write with them. Writes nothing: the caller delivers the records
+    /// where it wants ([`Route`]) and commits the chunk with
+    /// [`Pipeline::commit_emission`]. `None` when the plan is done.
+    pub fn next_emission(&mut self, plan: &mut EmissionPlan) -> Result<Option<Emission>, StoreError> {
+        let (from, to) = (plan.next, (plan.next + EMIT_CHUNK).min(plan.todo.len()));
+        if from >= to {
+            return Ok(None);
         }
+        plan.next = to;
+        let chunk = &plan.todo[from..to];
+        let (now, force_idle) = (plan.now, plan.force_idle);
         let store = self.store.clone();
-        let mut emitted = 0;
-        // The bills of the last account whose months are billed together
-        // (`todo` is in account order, so one account at a time is enough).
-        let mut cache: Option<(String, Vec<Bill>)> = None;
-        let todo: Vec<((String, Month), i32)> = todo.into_iter().collect();
-        // Bills are independent: each chunk is one atomic write of its bills'
-        // outbox records, bill states and cleared dirty marks.
-        for chunk in todo.chunks(EMIT_CHUNK) {
-            let keys: Vec<(&str, Month)> = chunk.iter().map(|((a, m), _)| (a.as_str(), *m)).collect();
-            let prevs = store.bill_state_many(&keys)?;
-            let raws = store.usage_raw_many(&keys)?;
-            // Months billed on their own are decoded and computed on every
-            // core (pure); accounts whose packs span months are computed below.
-            let accounts = &self.accounts;
-            let rules = &self.rules;
-            let inputs: Vec<(&str, Month, Option<Vec<u8>>)> =
-                chunk.iter().zip(raws).map(|(((a, m), _), raw)| (a.as_str(), *m, raw)).collect();
-            let independent = par_map(&inputs, |(account, month, raw)| -> Result<Option<Option<Bill>>, StoreError> {
-                let record = accounts.get(*account);
-                if !months_are_independent(record) {
-                    return Ok(None);
-                }
-                let Some(raw) = raw else { return Ok(Some(None)) };
-                let months = BTreeMap::from([(*month, MonthUsage::decode(raw)?)]);
-                Ok(Some(compute_bills(account, record, &months, rules).pop()))
-            });
-            let mut batch = store.batch();
-            let mut records = Vec::new();
-            for ((((account, month), dirty_partition), prev), computed) in chunk.iter().zip(prevs).zip(independent) {
-                let (account, month, dirty_partition, computed) = (account.as_str(), *month, *dirty_partition, computed?);
-                let partition = if dirty_partition >= 0 { dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
-                let bill = match computed {
-                    Some(bill) => bill,
-                    None => {
-                        if cache.as_ref().is_none_or(|(a, _)| a != account) {
-                            let record = self.accounts.get(account);
-                            let months = store.account_months(account)?;
-                            cache = Some((account.to_string(), compute_bills(account, record, &months, &self.rules)));
-                        }
-                        cache.as_ref().and_then(|(_, bills)| bills.iter().find(|b| b.month == month).cloned())
+        let keys: Vec<(&str, Month)> = chunk.iter().map(|((a, m), _)| (a.as_str(), *m)).collect();
+        let prevs = store.bill_state_many(&keys)?;
+        let raws = store.usage_raw_many(&keys)?;
+        // Months billed on their own are decoded and computed on every
+        // core (pure); accounts whose packs span months are computed below.
+        let accounts = &self.accounts;
+        let rules = &self.rules;
+        let inputs: Vec<(&str, Month, Option<Vec<u8>>)> = chunk.iter().zip(raws).map(|(((a, m), _), raw)| (a.as_str(), *m, raw)).collect();
+        let independent = par_map(&inputs, |(account, month, raw)| -> Result<Option<Option<Bill>>, StoreError> {
+            let record = accounts.get(*account);
+            if !months_are_independent(record) {
+                return Ok(None);
+            }
+            let Some(raw) = raw else { return Ok(Some(None)) };
+            let months = BTreeMap::from([(*month, MonthUsage::decode(raw)?)]);
+            Ok(Some(compute_bills(account, record, &months, rules).pop()))
+        });
+        let mut out = Emission { records: Vec::new(), states: Vec::with_capacity(chunk.len()) };
+        for ((((account, month), dirty_partition), prev), computed) in chunk.iter().zip(prevs).zip(independent) {
+            let (month, dirty_partition, computed) = (*month, *dirty_partition, computed?);
+            let partition = if dirty_partition >= 0 { dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
+            let bill = match computed {
+                Some(bill) => bill,
+                None => {
+                    // The bills of the last account whose months are billed
+                    // together (the plan is in account order, so one
+                    // account at a time is enough).
+                    if plan.cache.as_ref().is_none_or(|(a, _)| a != account) {
+                        let months = store.account_months(account)?;
+                        plan.cache = Some((account.clone(), compute_bills(account, self.accounts.get(account), &months, &self.rules)));
                     }
-                };
-                batch.clear_dirty(account, month);
-                let Some(bill) = bill else { continue };
+                    plan.cache.as_ref().and_then(|(_, bills)| bills.iter().find(|b| b.month == month).cloned())
+                }
+            };
+            let changed = bill.and_then(|bill| {
                 let closed = self.month_closed(month, partition, now, force_idle);
                 let last = prev.as_ref().map(|s| Emitted { revision: s.revision, status: s.status, content_hash: &s.content_hash });
-                let Some((revision, status)) = next_record(last, &bill.content_hash, closed) else { continue };
+                let (revision, status) = next_record(last, &bill.content_hash, closed)?;
                 let key = format!("{account}/{month}");
-                let out = OutboxRecord {
+                let record = OutboxRecord {
                     topic: self.settings.output_topic.clone(),
                     key: Some(key.clone().into_bytes()),
                     payload: BillRecord::json_from_content(&bill.content_json, revision, status, &bill.content_hash),
                     headers: vec![],
                 };
-                match deliver {
-                    Some(_) => records.push((outbox_bill_key(&key), out)),
-                    None => batch.put_outbox(&outbox_bill_key(&key), &out),
-                }
-                batch.put_bill_state(account, month, &BillState { revision, status, content_hash: bill.content_hash, partition });
-                self.metrics.bills_emitted.with_label_values(&[status.as_str()]).inc();
-                emitted += 1;
-            }
-            if let Some(deliver) = deliver.as_mut() {
-                deliver(&records)?;
-            }
-            store.write(batch)?;
+                out.records.push((outbox_bill_key(&key), record));
+                Some(BillState { revision, status, content_hash: bill.content_hash, partition })
+            });
+            out.states.push((account.clone(), month, changed));
         }
-        Ok(emitted)
+        Ok(Some(out))
     }
+
+    /// Writes a chunk of [`Pipeline::next_emission`] in one atomic batch:
+    /// the cleared dirty marks, the new bill states, and (for
+    /// [`Route::Outbox`]) the records. A caller that delivered the records
+    /// itself ([`Route::Delivered`], a file sink) commits only after the
+    /// delivery: a crash in between recomputes and delivers the same records
+    /// again, as a crash between producing and acknowledging an outbox
+    /// record would. Returns how many records the chunk emitted.
+    pub fn commit_emission(&mut self, chunk: Emission, route: Route) -> Result<usize, StoreError> {
+        let mut batch = self.store.batch();
+        if route == Route::Outbox {
+            for (key, record) in &chunk.records {
+                batch.put_outbox(key, record);
+            }
+        }
+        for (account, month, state) in &chunk.states {
+            batch.clear_dirty(account, *month);
+            if let Some(state) = state {
+                batch.put_bill_state(account, *month, state);
+            }
+        }
+        self.store.write(batch)?;
+        for (_, _, state) in &chunk.states {
+            if let Some(state) = state {
+                self.metrics.bills_emitted.with_label_values(&[state.status.as_str()]).inc();
+            }
+        }
+        Ok(chunk.records.len())
+    }
+}
+
+/// The bills one emission recomputes, in account order, taken a chunk at a
+/// time by [`Pipeline::next_emission`].
+pub struct EmissionPlan {
+    todo: Vec<((String, Month), i32)>,
+    next: usize,
+    now: i64,
+    force_idle: bool,
+    /// The bills of the last account whose months are billed together.
+    cache: Option<(String, Vec<Bill>)>,
+}
+
+impl EmissionPlan {
+    /// Account-months the plan recomputes in all.
+    pub fn len(&self) -> usize {
+        self.todo.len()
+    }
+
+    /// Whether there is nothing to recompute.
+    pub fn is_empty(&self) -> bool {
+        self.todo.is_empty()
+    }
+}
+
+/// One chunk of an emission: the bill records to deliver, and the bill
+/// states (`None`: recomputed, unchanged) to write with them.
+#[derive(Debug)]
+pub struct Emission {
+    /// The changed bills' records, keyed as in the outbox.
+    pub records: Vec<(Vec<u8>, OutboxRecord)>,
+    states: Vec<(String, Month, Option<BillState>)>,
+}
+
+/// Where the records of an [`Emission`] go when it is committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Into the outbox, in the same write: produced by a drain.
+    Outbox,
+    /// The caller delivered them already (a file it wrote and synced).
+    Delivered,
 }

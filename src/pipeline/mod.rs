@@ -5,7 +5,7 @@
 
 mod accounts;
 pub mod batch;
-mod emit;
+pub mod emit;
 mod message;
 mod outbox;
 pub mod policy;
@@ -24,9 +24,6 @@ use batch::{decode_all, encode_cells, DedupeCache, DedupeWindow, HourCell, Inter
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Takes a chunk of bill records to a synchronous sink (see [`Pipeline::emit_with`]).
-pub type Deliver<'d, E> = dyn FnMut(&[(Vec<u8>, OutboxRecord)]) -> Result<(), E> + 'd;
 
 /// Outbox records handed to a sink at a time by [`Pipeline::drain_outbox`].
 pub const OUTBOX_PAGE: usize = 4096;

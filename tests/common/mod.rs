@@ -191,9 +191,13 @@ pub fn assert_dead_letters_once(dead: &[(String, String, String)], malformed: u6
 
 /// Runs `gatebill replay` in-process to the end offsets seen at start.
 pub async fn replay(cfg: &Config) -> RunSummary {
-    worker::run(cfg, RunOptions { mode: Mode::Replay { from_ms: None, progress: false }, fault: None }, std::future::pending())
-        .await
-        .unwrap()
+    worker::run(
+        &cfg.clone().checked().unwrap(),
+        RunOptions { mode: Mode::Replay { from_ms: None, progress: false }, fault: None },
+        std::future::pending(),
+    )
+    .await
+    .unwrap()
 }
 
 /// Runs `gatebill run` in-process until the output topic holds every expected
@@ -203,7 +207,7 @@ pub async fn run_live_until_done(cfg: &Config, expected: &BTreeMap<String, Bill>
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let c = cfg.clone();
     let handle = tokio::spawn(async move {
-        worker::run(&c, RunOptions { mode: Mode::Live, fault: None }, async move {
+        worker::run(&c.clone().checked().unwrap(), RunOptions { mode: Mode::Live, fault: None }, async move {
             let _ = rx.await;
         })
         .await
