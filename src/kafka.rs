@@ -92,11 +92,19 @@ pub fn producer(k: &KafkaConfig) -> Result<FutureProducer, KafkaSetupError> {
 /// 1.8 s on the embedded broker). `[kafka.properties]` can override it.
 pub const FETCH_QUEUE_BACKOFF: (&str, &str) = ("fetch.queue.backoff.ms", "10");
 
+/// Every gatebill reader sees only committed transactional data (librdkafka's
+/// default too, set here so no `[kafka.properties]` default elsewhere can
+/// change it unnoticed; a user's explicit setting still wins).
+pub const READ_COMMITTED: (&str, &str) = ("isolation.level", "read_committed");
+
 /// A consumer without group membership, for reading topics by assignment.
 pub fn plain_consumer(k: &KafkaConfig, group: &str) -> Result<BaseConsumer, KafkaSetupError> {
-    client_config(k, &[("group.id", group), ("enable.auto.commit", "false"), ("enable.partition.eof", "false"), FETCH_QUEUE_BACKOFF])
-        .create()
-        .map_err(err("creating a consumer"))
+    client_config(
+        k,
+        &[("group.id", group), ("enable.auto.commit", "false"), ("enable.partition.eof", "false"), READ_COMMITTED, FETCH_QUEUE_BACKOFF],
+    )
+    .create()
+    .map_err(err("creating a consumer"))
 }
 
 /// The clients of one worker, built together by [`worker_clients`].
@@ -127,6 +135,7 @@ pub async fn worker_clients<C: ConsumerContext + 'static>(k: &KafkaConfig, conte
             ("auto.offset.reset", "earliest"),
             ("enable.partition.eof", "false"),
             ("fetch.min.bytes", "1"),
+            READ_COMMITTED,
             FETCH_QUEUE_BACKOFF,
         ],
     )

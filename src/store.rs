@@ -394,6 +394,15 @@ impl Store {
         self.account_months_raw(cf::BILLS, keys)?.into_iter().map(|v| v.map(|v| decode_bill_state(&v)).transpose()).collect()
     }
 
+    /// The dirty marks of account-months (their partitions), one multi-get.
+    pub fn dirty_many(&self, keys: &[(&str, Month)]) -> Result<Vec<Option<i32>>, StoreError> {
+        Ok(self
+            .account_months_raw(cf::DIRTY, keys)?
+            .into_iter()
+            .map(|v| v.map(|v| <[u8; 4]>::try_from(&v[..]).map(i32::from_be_bytes).unwrap_or(-1)))
+            .collect())
+    }
+
     /// Raw values of account-month keys in one column family, one multi-get.
     fn account_months_raw(&self, name: &str, keys: &[(&str, Month)]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let cf = self.cf(name);

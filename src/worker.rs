@@ -379,9 +379,13 @@ impl Worker {
         let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
         let mut progress: Option<indicatif::ProgressBar> = None;
         match &opts.mode {
-            Mode::Live => consumer
-                .subscribe(&[&k.input_topic])
-                .map_err(|source| KafkaSetupError::Client { what: format!("subscribing to {}", k.input_topic), source })?,
+            Mode::Live => {
+                // A group member bills only what the group assigns it.
+                pipeline.set_assignment(&[], now_ms());
+                consumer
+                    .subscribe(&[&k.input_topic])
+                    .map_err(|source| KafkaSetupError::Client { what: format!("subscribing to {}", k.input_topic), source })?
+            }
             Mode::Replay { from_ms, progress: show } => {
                 let topic = k.input_topic.as_str();
                 let mut all = Vec::new();

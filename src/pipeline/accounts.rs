@@ -1,9 +1,11 @@
 //! The account table: account records applied to the store first, then
 //! mirrored in memory; every month of a changed account marked for
-//! recomputation.
+//! recomputation, with the partition its events come from (emission leaves
+//! the months of partitions the worker does not own to their owner).
 
 use super::{InputMessage, Pipeline};
 use crate::billing::account::decode_account_checked;
+use crate::billing::calendar::Month;
 use crate::billing::event::{DecodeError, RejectReason};
 use crate::billing::AccountRecord;
 use crate::store::{PartitionState, StoreError};
@@ -56,8 +58,10 @@ impl Pipeline {
                 continue;
             }
             batch.put_account(&account_id, if decoded.is_some() { m.payload.unwrap_or_default() } else { b"" });
-            for month in self.store.account_month_list(&account_id)? {
-                batch.mark_dirty(&account_id, month, -1);
+            let months = self.store.account_month_list(&account_id)?;
+            let partition = self.account_partition(&account_id, &months)?;
+            for month in months {
+                batch.mark_dirty(&account_id, month, partition);
             }
             changed.insert(account_id, decoded);
         }
@@ -78,5 +82,16 @@ impl Pipeline {
             };
         }
         Ok(())
+    }
+
+    /// The input partition an account's events come from, as its months'
+    /// dirty marks or last bills record it (-1 when none does). Events are
+    /// keyed by account, so an account lives in one partition.
+    fn account_partition(&self, account: &str, months: &[Month]) -> Result<i32, StoreError> {
+        let keys: Vec<(&str, Month)> = months.iter().map(|m| (account, *m)).collect();
+        if let Some(p) = self.store.dirty_many(&keys)?.into_iter().flatten().find(|p| *p >= 0) {
+            return Ok(p);
+        }
+        Ok(self.store.bill_state_many(&keys)?.into_iter().flatten().map(|s| s.partition).find(|p| *p >= 0).unwrap_or(-1))
     }
 }

@@ -43,11 +43,26 @@ impl Pipeline {
     /// The account-months whose bills are to be recomputed, with the
     /// partition their events come from (-1 when unknown): the dirty ones,
     /// the provisional ones whose month has closed, and the later months of
-    /// accounts with packs among them.
+    /// accounts with packs among them; then only those of partitions this
+    /// pipeline owns ([`Pipeline::owns`]): a worker that lost a partition
+    /// leaves its accounts' bills to the new owner, also when an account
+    /// record changed (the dirty marks stay for when it comes back).
     fn bills_to_recompute(&self, now: i64, force_idle: bool) -> Result<BTreeMap<(String, Month), i32>, StoreError> {
         let mut todo: BTreeMap<(String, Month), i32> = BTreeMap::new();
+        let mut unknown: Vec<(String, Month)> = Vec::new();
         for (a, m, p) in self.store.dirty()? {
+            if p < 0 {
+                unknown.push((a.clone(), m));
+            }
             todo.insert((a, m), p);
+        }
+        // Marks without a partition (stores written before marks kept it):
+        // the partition of the month's last bill.
+        let keys: Vec<(&str, Month)> = unknown.iter().map(|(a, m)| (a.as_str(), *m)).collect();
+        for ((a, m), state) in keys.iter().zip(self.store.bill_state_many(&keys)?) {
+            if let Some(s) = state {
+                todo.insert((a.to_string(), *m), s.partition);
+            }
         }
         for (a, m, s) in self.store.bill_states()? {
             if s.status == BillStatus::Provisional
@@ -58,6 +73,11 @@ impl Pipeline {
             }
         }
         self.add_later_pack_months(&mut todo)?;
+        let before = todo.len();
+        todo.retain(|_, p| self.owns(*p));
+        if todo.len() < before {
+            tracing::debug!(bills = before - todo.len(), "bills of partitions this worker does not own are left to their owner");
+        }
         Ok(todo)
     }
 
@@ -68,28 +88,30 @@ impl Pipeline {
     /// leaves them to the next emission. Accounts without packs bill each
     /// month on its own: no walk.
     fn add_later_pack_months(&self, todo: &mut BTreeMap<(String, Month), i32>) -> Result<(), StoreError> {
-        let mut earliest: BTreeMap<&str, Month> = BTreeMap::new();
-        for (a, m) in todo.keys() {
+        // Per account with packs: its earliest month to recompute, and the
+        // partition its events come from.
+        let mut earliest: BTreeMap<&str, (Month, i32)> = BTreeMap::new();
+        for ((a, m), p) in todo.iter() {
             if !months_are_independent(self.accounts.get(a)) {
-                let e = earliest.entry(a.as_str()).or_insert(*m);
-                *e = (*e).min(*m);
+                let e = earliest.entry(a.as_str()).or_insert((*m, *p));
+                *e = ((e.0).min(*m), (e.1).max(*p));
             }
         }
         let mut later = Vec::new();
-        for (a, from) in earliest {
+        for (a, (from, partition)) in earliest {
             for m in self.store.account_month_list(a)? {
                 if m > from {
-                    later.push((a.to_string(), m));
+                    later.push(((a.to_string(), m), partition));
                 }
             }
         }
         // Marked dirty on disk before any chunk clears the month that caused
         // them: a stop between chunks leaves them to the next emission.
         let mut marks = self.store.batch();
-        for key in later {
+        for (key, partition) in later {
             if let std::collections::btree_map::Entry::Vacant(e) = todo.entry(key) {
-                marks.mark_dirty(&e.key().0, e.key().1, -1);
-                e.insert(-1);
+                marks.mark_dirty(&e.key().0, e.key().1, partition);
+                e.insert(partition);
             }
         }
         if !marks.is_empty() {

@@ -101,6 +101,10 @@ pub struct Pipeline {
     /// Last known end offset per partition: a partition with a backlog is
     /// never idle, however long it waits for its turn.
     high_watermarks: HashMap<i32, i64>,
+    /// The input partitions this pipeline bills: `None` (file replay, a
+    /// pipeline without a consumer group) bills every one; a worker sets it
+    /// from its assignment ([`Pipeline::set_assignment`]).
+    owned: Option<std::collections::BTreeSet<i32>>,
     next_dead_letter: u64,
     /// The batch being built since the last flush.
     pending: Pending,
@@ -173,6 +177,7 @@ impl Pipeline {
             partitions,
             last_input_ms: HashMap::new(),
             high_watermarks: HashMap::new(),
+            owned: None,
             next_dead_letter,
             pending: Pending::default(),
             dedupe,
@@ -198,13 +203,23 @@ impl Pipeline {
         self.partitions.get(&partition).map(|s| s.next_offset)
     }
 
-    /// Records the partitions currently assigned; newly assigned ones start
-    /// their idle clock now.
+    /// Records the partitions currently assigned: from now on only their
+    /// accounts' bills are emitted ([`Pipeline::owns`]); newly assigned ones
+    /// start their idle clock now.
     pub fn set_assignment(&mut self, assigned: &[i32], now: i64) {
+        self.owned = Some(assigned.iter().copied().collect());
         self.last_input_ms.retain(|p, _| assigned.contains(p));
         for p in assigned {
             self.last_input_ms.entry(*p).or_insert(now);
         }
+    }
+
+    /// Whether bills of accounts whose events come from `partition` are this
+    /// pipeline's to emit: every partition until an assignment is set, then
+    /// the assigned ones. -1 (an account-month whose partition no mark or
+    /// bill records) stays with whoever holds it.
+    pub fn owns(&self, partition: i32) -> bool {
+        partition < 0 || self.owned.as_ref().is_none_or(|o| o.contains(&partition))
     }
 
     /// Records a partition's end offset as last seen on the broker.
@@ -526,6 +541,46 @@ mod tests {
         // The same record again changes nothing.
         p.apply_accounts(&[InputMessage { offset: 1, ..m }]).unwrap();
         assert_eq!(p.emit(now, false).unwrap(), 0);
+    }
+
+    /// A worker that lost a partition leaves its accounts' bills to the new
+    /// owner, also when their account records change; the marks wait on
+    /// disk, with the partition, for when the partition comes back.
+    #[test]
+    fn account_records_of_partitions_not_owned_emit_no_bill() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open(dir.path());
+        let ea = event("ra", "2021-03-05T10:00:00+08:00");
+        let eb = String::from_utf8(event("rb", "2021-03-05T10:00:00+08:00")).unwrap().replace(r#""account_id":"A""#, r#""account_id":"B""#);
+        let mb = InputMessage { topic: TOPIC, partition: 1, offset: 0, key: Some(b"B"), payload: Some(eb.as_bytes()), headers: vec![] };
+        p.process(&[msg(0, &ea), mb]).unwrap();
+        let now = chrono::DateTime::parse_from_rfc3339("2021-03-20T00:00:00+08:00").unwrap().timestamp_millis();
+        assert_eq!(p.emit(now, false).unwrap(), 2);
+
+        p.set_assignment(&[0], now);
+        let (ra, rb) = (
+            br#"{"account_id":"A","activated_at":"2021-01-01T00:00:00+08:00"}"#,
+            br#"{"account_id":"B","activated_at":"2021-01-01T00:00:00+08:00"}"#,
+        );
+        let record = |offset: i64, key: &'static [u8], payload: &'static [u8]| InputMessage {
+            topic: "accounts",
+            partition: 0,
+            offset,
+            key: Some(key),
+            payload: Some(payload),
+            headers: vec![],
+        };
+        p.apply_accounts(&[record(0, b"A", ra), record(1, b"B", rb)]).unwrap();
+        assert_eq!(p.emit(now, false).unwrap(), 1);
+        let out = bills(&p);
+        assert_eq!((out["A/2021-03"].revision, out["A/2021-03"].content.account_known), (2, true));
+        assert_eq!((out["B/2021-03"].revision, out["B/2021-03"].content.account_known), (1, false));
+        assert_eq!(p.store().dirty().unwrap(), vec![("B".to_string(), Month { year: 2021, month: 3 }, 1)]);
+
+        p.set_assignment(&[0, 1], now);
+        assert_eq!(p.emit(now, false).unwrap(), 1);
+        let b = &bills(&p)["B/2021-03"];
+        assert_eq!((b.revision, b.content.account_known), (2, true));
     }
 
     #[test]

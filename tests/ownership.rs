@@ -1,0 +1,131 @@
+//! Two workers in one consumer group: a worker that lost partitions emits no
+//! bill for their accounts, also when the account records change (issue 11,
+//! "Done when" 4).
+
+mod common;
+
+use common::{config, fixture, wait_for_closed_bills};
+use gatebill::billing::BillRecord;
+use gatebill::config::Config;
+use gatebill::kafka;
+use gatebill::store::Store;
+use gatebill::worker::{self, Mode, RunOptions, RunSummary};
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// End offsets of the output topic now.
+fn output_ends(cfg: &Config) -> BTreeMap<i32, i64> {
+    let probe = kafka::plain_consumer(&cfg.kafka, "probe").unwrap();
+    (0..cfg.kafka.partitions).map(|p| (p, probe.fetch_watermarks(&cfg.kafka.output_topic, p, Duration::from_secs(10)).unwrap().1)).collect()
+}
+
+/// The bill records on the output topic from `from` to its end, in order.
+fn bill_records_since(cfg: &Config, from: &BTreeMap<i32, i64>) -> Vec<BillRecord> {
+    let consumer = kafka::plain_consumer(&cfg.kafka, "probe-read").unwrap();
+    let (ends, _) = kafka::assign_to_end(&consumer, &cfg.kafka.output_topic, |p, low, _| {
+        Ok::<_, kafka::KafkaSetupError>(from.get(&p).copied().unwrap_or(low))
+    })
+    .unwrap();
+    let mut out = Vec::new();
+    kafka::read_to_end(&consumer, ends, Duration::from_secs(30), |m| {
+        out.push(serde_json::from_slice::<BillRecord>(m.payload().unwrap()).unwrap());
+        Ok::<_, std::convert::Infallible>(())
+    })
+    .unwrap();
+    out
+}
+
+/// Waits until the records since `from` stop growing (and are not empty).
+async fn settled_records_since(cfg: &Config, from: &BTreeMap<i32, i64>) -> Vec<BillRecord> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let now = bill_records_since(cfg, from);
+        if !now.is_empty() && now.len() == last {
+            return now;
+        }
+        assert!(std::time::Instant::now() < deadline, "the output never settled: {} records", now.len());
+        last = now.len();
+    }
+}
+
+fn spawn_worker(cfg: &Config) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<RunSummary>) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let checked = cfg.clone().checked().unwrap();
+    let handle = tokio::spawn(async move {
+        worker::run(&checked, RunOptions { mode: Mode::Live, fault: None }, async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap()
+    });
+    (tx, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_lost_partitions_emits_no_bill_for_their_accounts_when_records_change() {
+    let mut f = fixture(11, 3_000, 4).await;
+    f.cfg.kafka.partitions = 4;
+    let w1 = f.cfg.clone();
+    let mut w2 = config(&f.cluster, f.dir.path(), "w2");
+    w2.kafka.group_id = w1.kafka.group_id.clone();
+    w2.kafka.partitions = 4;
+
+    // W1 alone bills everything.
+    let (stop1, h1) = spawn_worker(&w1);
+    wait_for_closed_bills(&w1, &f.expected, Duration::from_secs(90)).await;
+
+    let mut billed_by_w1: BTreeMap<String, u64> = BTreeMap::new();
+    for r in bill_records_since(&w1, &BTreeMap::new()) {
+        billed_by_w1.insert(r.key(), r.revision);
+    }
+
+    // W2 joins with an empty state directory: the group moves half of the
+    // partitions to it, and it bills their accounts from the start (its own
+    // revision 1).
+    let joined = output_ends(&w1);
+    let (stop2, h2) = spawn_worker(&w2);
+    let moved: BTreeSet<String> = settled_records_since(&w1, &joined).await.into_iter().map(|r| r.content.account_id).collect();
+    let all: BTreeSet<String> = f.expected.values().map(|b| b.content.account_id.clone()).collect();
+    assert!(!moved.is_empty() && moved.len() < all.len(), "W2 took {} of {} accounts", moved.len(), all.len());
+
+    // Every account record is deleted: every bill changes (account unknown).
+    let changed = output_ends(&w1);
+    let producer: FutureProducer = kafka::client_config(&w1.kafka, &[]).create().unwrap();
+    for a in &all {
+        let r: FutureRecord<'_, str, [u8]> = FutureRecord::to(&w1.kafka.accounts_topic).key(a.as_str());
+        producer.send(r, Duration::from_secs(10)).await.unwrap();
+    }
+    let after = settled_records_since(&w1, &changed).await;
+    stop1.send(()).unwrap();
+    stop2.send(()).unwrap();
+    h1.await.unwrap();
+    h2.await.unwrap();
+
+    // One record per bill: its owner's. Had W1 also billed W2's accounts,
+    // their keys would appear twice.
+    let mut per_key: BTreeMap<String, Vec<(u64, bool)>> = BTreeMap::new();
+    for r in bill_records_since(&w1, &changed) {
+        per_key.entry(r.key()).or_default().push((r.revision, r.content.account_known));
+    }
+    assert_eq!(after.len(), per_key.len());
+    assert_eq!(per_key.len(), f.expected.len(), "every bill restated once");
+    for (key, records) in &per_key {
+        assert_eq!(records.len(), 1, "{key}: {records:?}");
+        assert!(!records[0].1, "{key}: the account is unknown now");
+    }
+    // W1's store: W2's accounts' bills untouched, their marks left for when
+    // the partitions come back; its own accounts restated.
+    let store = Store::open(&w1.worker.state_dir).unwrap();
+    let dirty: BTreeSet<String> = store.dirty().unwrap().into_iter().map(|(a, _, _)| a).collect();
+    assert_eq!(dirty, moved);
+    for (a, m, s) in store.bill_states().unwrap() {
+        let key = format!("{a}/{m}");
+        let expected_revision = if moved.contains(&a) { billed_by_w1[&key] } else { per_key[&key][0].0 };
+        assert_eq!(s.revision, expected_revision, "{key} in W1's store");
+    }
+}
