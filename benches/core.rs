@@ -34,6 +34,7 @@ fn settings(dedupe: bool) -> Settings {
         grace_ms: 7_200_000,
         idle_after_ms: 300_000,
         require_keys: false,
+        changelog_topic: None,
     }
 }
 

@@ -541,12 +541,12 @@ async fn dev_broker(k: KafkaConfig) -> Result<()> {
     let cluster = crate::traffic::dev_cluster(&k)?;
     println!("bootstrap={}", cluster.bootstrap_servers());
     eprintln!(
-        "gatebill dev-broker: librdkafka's mock cluster, topics {}, {}, {}, {} with {} partitions.\n\
+        "gatebill dev-broker: librdkafka's mock cluster, topics {}, {}, {}, {}, {} with {} partitions.\n\
          It cannot create other topics: give workers the same topic names (the same --config or topic flags).\n\
          LIMIT: it keeps at most about 5 MB (100,000 message sets) per partition and silently deletes\n\
          older data; everything is lost when it stops. Fine for trying gatebill; for more data use a\n\
          real broker (docker compose up) or tansu (see README). Press Ctrl-C to stop.",
-        k.input_topic, k.accounts_topic, k.output_topic, k.dead_letter_topic, k.partitions
+        k.input_topic, k.accounts_topic, k.output_topic, k.dead_letter_topic, k.changelog_topic, k.partitions
     );
     shutdown_signal().await;
     drop(cluster);

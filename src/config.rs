@@ -38,8 +38,22 @@ pub struct KafkaConfig {
     pub output_topic: String,
     /// Rejected messages with their reasons. Default `gateway-dead-letters`.
     pub dead_letter_topic: String,
+    /// The workers' state changelog (compacted, as many partitions as the
+    /// input): a partition that moves to another worker continues from the
+    /// state it had. One per consumer group. Default `gatebill-changelog`.
+    pub changelog_topic: String,
     /// Consumer group of `run`. Default `gatebill`.
     pub group_id: String,
+    /// `run` and `replay` write bills, dead letters, the changelog and the
+    /// input offsets in one Kafka transaction per batch (exactly once for
+    /// `read_committed` readers; needs Kafka >= 2.5 or Redpanda). false:
+    /// an idempotent producer drains the outbox, at least once. Default true.
+    pub transactions: bool,
+    /// The worker's `transactional.id`: stable across its restarts, unique
+    /// among live workers (a second worker with the same id fences the
+    /// first). Empty (default): `<group_id>-<hash of host name and state
+    /// directory>`.
+    pub transactional_id: String,
     /// Create missing topics (true) or stop with an error naming them (false). Default true.
     pub create_topics: bool,
     /// Partitions of topics gatebill creates. Default 6.
@@ -59,7 +73,10 @@ impl Default for KafkaConfig {
             accounts_topic: "gateway-accounts".into(),
             output_topic: "gateway-bills".into(),
             dead_letter_topic: "gateway-dead-letters".into(),
+            changelog_topic: "gatebill-changelog".into(),
             group_id: "gatebill".into(),
+            transactions: true,
+            transactional_id: String::new(),
             create_topics: true,
             partitions: 6,
             replication: 1,
@@ -188,6 +205,7 @@ impl Config {
             ("accounts_topic", &k.accounts_topic),
             ("output_topic", &k.output_topic),
             ("dead_letter_topic", &k.dead_letter_topic),
+            ("changelog_topic", &k.changelog_topic),
         ];
         for (i, (name, t)) in topics.iter().enumerate() {
             if t.is_empty() {

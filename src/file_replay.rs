@@ -132,6 +132,8 @@ pub async fn replay_file(cfg: &Checked, input: &Path, sink: Sink, progress: bool
     let canonical = if input == Path::new("-") { PathBuf::from("-") } else { input.canonicalize().unwrap_or_else(|_| input.to_path_buf()) };
     settings.input_topic = format!("file:{}", canonical.display());
     settings.require_keys = false;
+    // A file has no partitions to move between workers: no changelog.
+    settings.changelog_topic = None;
     let topic = settings.input_topic.clone();
     let metrics = Metrics::new();
     let mut pipeline = Pipeline::new(store, rules, settings, metrics.clone())?;

@@ -9,7 +9,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientConfig;
 use std::collections::BTreeMap;
@@ -28,6 +28,23 @@ pub enum KafkaSetupError {
         what: String,
         /// The client error.
         source: rdkafka::error::KafkaError,
+    },
+    /// The changelog's partitions do not match the input's.
+    #[error(
+        "kafka: the changelog topic {changelog} has {changelog_partitions} partitions and the input topic {input} has \
+         {input_partitions}; they must be equal (input partition p's state lives in changelog partition p). Create the \
+         changelog with {input_partitions} partitions under another name (kafka.changelog_topic) and start from empty \
+         state directories, or give the input its old partition count back"
+    )]
+    ChangelogPartitions {
+        /// Changelog topic.
+        changelog: String,
+        /// Its partitions.
+        changelog_partitions: i32,
+        /// Input topic.
+        input: String,
+        /// Its partitions.
+        input_partitions: i32,
     },
     /// Topics are missing and creation is off.
     #[error("kafka: topic(s) {0} do not exist; create them (see docker-compose.yml) or set kafka.create_topics = true")]
@@ -238,10 +255,82 @@ pub fn read_to_end<E>(
     Ok(ReadToEnd { read, unfinished: ends.into_keys().collect() })
 }
 
-/// Makes sure the four topics exist: creates the missing ones (accounts and
-/// bills compacted) or reports them, as configured.
+/// Reads one partition of `topic` from `from` (never below its log start)
+/// to the end offset seen now, handing each message to `f`; stops early
+/// when no message came for `idle`. Returns the messages read (every one
+/// counted: some brokers report ends early) and whether the end was
+/// reached. The end is judged by the consumer's position too, so a log that
+/// ends in a transaction marker is read to its end.
+pub fn read_partition<E>(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    idle: Duration,
+    mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), E>,
+) -> Result<(u64, bool), E>
+where
+    E: From<KafkaSetupError>,
+{
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .map_err(err(format!("reading the end of {topic}/{partition}")))?;
+    let from = from.max(low);
+    if from >= high {
+        return Ok((0, true));
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(from)).expect("a valid offset");
+    consumer.assign(&tpl).map_err(err(format!("assigning {topic}/{partition}")))?;
+    let mut read = 0u64;
+    let mut last = Instant::now();
+    let reached = |c: &BaseConsumer| {
+        c.position()
+            .ok()
+            .is_some_and(|p| p.find_partition(topic, partition).is_some_and(|e| matches!(e.offset(), Offset::Offset(o) if o >= high)))
+    };
+    let done = loop {
+        if last.elapsed() >= idle {
+            break false;
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                read += 1;
+                last = Instant::now();
+                let end = m.offset() + 1 >= high;
+                f(&m)?;
+                if end {
+                    break true;
+                }
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "error while reading {topic}/{partition}"),
+            None => {
+                if reached(consumer) {
+                    break true;
+                }
+            }
+        }
+    };
+    let _ = consumer.unassign();
+    Ok((read, done))
+}
+
+/// Makes sure the five topics exist: creates the missing ones (accounts,
+/// bills and the changelog compacted) or reports them, as configured; and
+/// that the changelog has as many partitions as the input.
 pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaSetupError> {
-    ensure_these_topics(k, &[&k.input_topic, &k.accounts_topic, &k.output_topic, &k.dead_letter_topic]).await
+    ensure_these_topics(k, &[&k.input_topic, &k.accounts_topic, &k.output_topic, &k.dead_letter_topic, &k.changelog_topic]).await?;
+    let consumer = plain_consumer(k, "gatebill-metadata")?;
+    let counts = partition_counts(&consumer, &[&k.input_topic, &k.changelog_topic])?;
+    match (counts.get(&k.input_topic), counts.get(&k.changelog_topic)) {
+        (Some(i), Some(c)) if i != c => Err(KafkaSetupError::ChangelogPartitions {
+            changelog: k.changelog_topic.clone(),
+            changelog_partitions: *c,
+            input: k.input_topic.clone(),
+            input_partitions: *i,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// How long the broker gets to create missing topics. A real broker takes
@@ -266,7 +355,7 @@ pub async fn ensure_these_topics(k: &KafkaConfig, wanted: &[&str]) -> Result<(),
         .iter()
         .map(|t| {
             let nt = NewTopic::new(t, k.partitions, TopicReplication::Fixed(k.replication));
-            if *t == k.accounts_topic || *t == k.output_topic {
+            if *t == k.accounts_topic || *t == k.output_topic || *t == k.changelog_topic {
                 nt.set("cleanup.policy", "compact")
             } else {
                 nt
@@ -301,6 +390,9 @@ pub async fn produce_all(producer: &FutureProducer, records: &[(Vec<u8>, OutboxR
         let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&rec.topic).payload(&rec.payload[..]).headers(headers);
         if let Some(k) = &rec.key {
             fr = fr.key(&k[..]);
+        }
+        if let Some(p) = rec.partition {
+            fr = fr.partition(p);
         }
         loop {
             match producer.send_result(fr) {
@@ -338,4 +430,168 @@ pub async fn produce_all(producer: &FutureProducer, records: &[(Vec<u8>, OutboxR
 pub fn owned_headers<H: Headers>(h: Option<&H>) -> Vec<(String, Vec<u8>)> {
     let Some(h) = h else { return Vec::new() };
     h.iter().map(|x| (x.key.to_string(), x.value.map(<[u8]>::to_vec).unwrap_or_default())).collect()
+}
+
+/// How long a transactional call may block before it counts as failed.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Commits of one transaction retried when the broker says "retry".
+const TXN_COMMIT_TRIES: u32 = 5;
+
+/// Why a transaction did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    /// Aborted (or never committed): nothing of it becomes visible to
+    /// `read_committed` readers. The caller forgets the staged state and
+    /// reads the input again from its stored positions.
+    #[error("transaction aborted: {0}")]
+    Aborted(String),
+    /// The producer is fenced or failed fatally: nothing it writes can
+    /// commit any more.
+    #[error(
+        "the transactional producer can no longer commit ({0}): another worker with the same transactional.id \
+         started, or the broker ended this producer's epoch. This worker stops; its partitions are \
+         served by the group's other workers. Restart it to rejoin (give each worker its own \
+         kafka.transactional_id, or leave it empty)"
+    )]
+    Fenced(String),
+}
+
+/// What a failed transactional call asks for.
+fn txn_failure(e: &rdkafka::error::KafkaError) -> (bool, bool) {
+    // (fatal, retriable)
+    match e {
+        rdkafka::error::KafkaError::Transaction(r) => (r.is_fatal(), r.is_retriable() && !r.txn_requires_abort()),
+        _ => (false, false),
+    }
+}
+
+/// The transactional producer of one worker: every call that blocks runs
+/// off the async reactor.
+#[derive(Clone)]
+pub struct Transactional {
+    producer: FutureProducer,
+}
+
+/// The `transactional.id` of a worker: the configured one, or the group id
+/// with a hash of the host name and the state directory (stable across a
+/// worker's restarts, distinct for two workers on one host).
+pub fn transactional_id(k: &KafkaConfig, state_dir: &std::path::Path) -> String {
+    if !k.transactional_id.is_empty() {
+        return k.transactional_id.clone();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_default();
+    let dir = state_dir.canonicalize().unwrap_or_else(|_| state_dir.to_path_buf());
+    let digest = xxhash_rust::xxh3::xxh3_64(format!("{}\n{}", host.trim(), dir.display()).as_bytes());
+    format!("{}-{digest:016x}", k.group_id)
+}
+
+impl Transactional {
+    /// A transactional producer (idempotent, acks=all, lz4) registered with
+    /// the broker: `init_transactions` fences any earlier producer with the
+    /// same id and aborts its open transaction.
+    pub async fn start(k: &KafkaConfig, id: &str) -> Result<Transactional, KafkaSetupError> {
+        let producer: FutureProducer = client_config(
+            k,
+            &[
+                ("transactional.id", id),
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("compression.type", "lz4"),
+                ("linger.ms", "5"),
+                ("transaction.timeout.ms", "60000"),
+                ("message.timeout.ms", "30000"),
+            ],
+        )
+        .create()
+        .map_err(err("creating the transactional producer"))?;
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.init_transactions(TXN_TIMEOUT))
+            .await
+            .map_err(|e| KafkaSetupError::Thread(e.to_string()))?
+            .map_err(err(format!("registering transactional.id {id} (the broker needs transactions: Kafka >= 2.5 or Redpanda; or set kafka.transactions = false)")))?;
+        Ok(Transactional { producer })
+    }
+
+    /// The producer, for the outbox of records that are not part of a
+    /// transaction (none while transactions are on).
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
+    /// One transaction: `records`, then (when `offsets` is not empty) the
+    /// consumer group's offsets, committed together. Commit errors the
+    /// broker calls retriable are retried; anything else aborts.
+    pub async fn commit(
+        &self,
+        records: &[OutboxRecord],
+        offsets: TopicPartitionList,
+        group: Option<rdkafka::consumer::ConsumerGroupMetadata>,
+    ) -> Result<(), TxnError> {
+        if let Err(e) = self.producer.begin_transaction() {
+            let (fatal, _) = txn_failure(&e);
+            return Err(if fatal { TxnError::Fenced(e.to_string()) } else { TxnError::Aborted(format!("begin: {e}")) });
+        }
+        let keyed: Vec<(Vec<u8>, OutboxRecord)> = records.iter().map(|r| (Vec::new(), r.clone())).collect();
+        let delivered = produce_all(&self.producer, &keyed).await.len();
+        if delivered < records.len() {
+            return Err(self.abort(format!("{} of {} records not delivered", records.len() - delivered, records.len())).await);
+        }
+        if let (true, Some(group)) = (offsets.count() > 0, group) {
+            let p = self.producer.clone();
+            let sent = tokio::task::spawn_blocking(move || p.send_offsets_to_transaction(&offsets, &group, TXN_TIMEOUT)).await;
+            match sent {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if txn_failure(&e).0 {
+                        return Err(TxnError::Fenced(e.to_string()));
+                    }
+                    return Err(self.abort(format!("the input offsets were not accepted: {e}")).await);
+                }
+                Err(e) => return Err(self.abort(e.to_string()).await),
+            }
+        }
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let p = self.producer.clone();
+            let done = tokio::task::spawn_blocking(move || p.commit_transaction(TXN_TIMEOUT)).await;
+            match done {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    let (fatal, retriable) = txn_failure(&e);
+                    if fatal {
+                        return Err(TxnError::Fenced(e.to_string()));
+                    }
+                    if retriable && tries < TXN_COMMIT_TRIES {
+                        tracing::warn!(error = %e, tries, "committing the transaction failed; retrying");
+                        continue;
+                    }
+                    return Err(self.abort(format!("commit: {e}")).await);
+                }
+                Err(e) => return Err(self.abort(e.to_string()).await),
+            }
+        }
+    }
+
+    /// A fault point for tests: begins a transaction and produces
+    /// `records` without committing it (the process then stops as a crash
+    /// would; the next `init_transactions` with this id aborts it).
+    pub async fn produce_only(&self, records: &[OutboxRecord]) {
+        if self.producer.begin_transaction().is_ok() {
+            let keyed: Vec<(Vec<u8>, OutboxRecord)> = records.iter().map(|r| (Vec::new(), r.clone())).collect();
+            produce_all(&self.producer, &keyed).await;
+        }
+    }
+
+    /// Aborts the open transaction; returns why, as the error to hand up.
+    async fn abort(&self, why: String) -> TxnError {
+        let p = self.producer.clone();
+        match tokio::task::spawn_blocking(move || p.abort_transaction(TXN_TIMEOUT)).await {
+            Ok(Ok(())) => TxnError::Aborted(why),
+            Ok(Err(e)) if txn_failure(&e).0 => TxnError::Fenced(format!("{why}; then abort: {e}")),
+            Ok(Err(e)) => TxnError::Aborted(format!("{why}; then abort: {e}")),
+            Err(e) => TxnError::Aborted(format!("{why}; then abort: {e}")),
+        }
+    }
 }

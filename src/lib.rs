@@ -9,6 +9,7 @@
 //! - [`kafka`], [`metrics`], [`inspect`], [`gen`], [`traffic`], [`config`], [`cli`].
 
 pub mod billing;
+pub mod changelog;
 pub mod cli;
 pub mod config;
 pub mod file_replay;

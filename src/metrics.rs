@@ -32,6 +32,19 @@ pub struct Metrics {
     pub partition_lag: IntGaugeVec,
     /// Estimated live state bytes, by column family.
     pub state_bytes: IntGaugeVec,
+    /// Input messages read again below the partition's stored position
+    /// (skipped as already processed), by partition.
+    pub input_reread: IntCounterVec,
+    /// Changelog records read to restore a partition moved here, by partition.
+    pub restore_records: IntCounterVec,
+    /// Kafka transactions by outcome (`committed`, `aborted`, `fenced`).
+    pub transactions: IntCounterVec,
+    /// Changelog bytes (keys and values) read to restore, by partition.
+    pub restore_bytes: IntCounterVec,
+    /// Seconds the last restore of a partition took, by partition.
+    pub restore_seconds: prometheus::GaugeVec,
+    /// Partitions being restored right now.
+    pub partitions_restoring: IntGauge,
 }
 
 impl Metrics {
@@ -78,6 +91,31 @@ impl Metrics {
             },
             partition_lag: gauge_vec("partition_lag", "Messages behind the partition's end", "partition"),
             state_bytes: gauge_vec("state_bytes", "Estimated live state bytes", "column_family"),
+            input_reread: counter_vec(
+                "input_reread_total",
+                "Input messages read again below the partition's stored position (skipped as already processed)",
+                "partition",
+            ),
+            transactions: counter_vec(
+                "transactions_total",
+                "Kafka transactions (records, changelog and offsets together) by outcome",
+                "outcome",
+            ),
+            restore_records: counter_vec("restore_records_total", "Changelog records read to restore a partition moved here", "partition"),
+            restore_bytes: counter_vec("restore_bytes_total", "Changelog bytes read to restore a partition moved here", "partition"),
+            restore_seconds: {
+                let g =
+                    prometheus::GaugeVec::new(Opts::new("restore_seconds", "Seconds the last restore of a partition took"), &["partition"])
+                        .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            partitions_restoring: {
+                let g =
+                    IntGauge::new("partitions_restoring", "Partitions being restored from the changelog right now").expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             registry,
         };
         for r in crate::billing::RejectReason::ALL {

@@ -121,6 +121,10 @@ pub struct OutboxRecord {
     pub payload: Vec<u8>,
     /// Message headers.
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The partition to produce to; `None`: the producer's partitioner
+    /// decides by key. Changelog records name theirs (input partition p's
+    /// state goes to changelog partition p).
+    pub partition: Option<i32>,
 }
 
 impl OutboxRecord {
@@ -140,6 +144,10 @@ impl OutboxRecord {
             put_bytes(&mut out, k.as_bytes());
             put_bytes(&mut out, v);
         }
+        // A trailing field, absent from records written before it existed.
+        if let Some(p) = self.partition {
+            put_varint(&mut out, u64::from(p as u32) + 1);
+        }
         out
     }
 
@@ -157,7 +165,8 @@ impl OutboxRecord {
             let k = String::from_utf8(r.bytes()?.to_vec()).ok()?;
             headers.push((k, r.bytes()?.to_vec()));
         }
-        Some(OutboxRecord { topic, key, payload, headers })
+        let partition = if r.pos < b.len() { Some((r.varint()?.checked_sub(1)? as u32) as i32) } else { None };
+        Some(OutboxRecord { topic, key, payload, headers, partition })
     }
 }
 
@@ -246,6 +255,14 @@ pub fn outbox_dead_letter_key(seq: u64) -> Vec<u8> {
     k
 }
 
+/// Outbox key of a changelog record: `c` + sequence number, so a drain
+/// produces a partition's changelog in the order it was written.
+pub fn outbox_changelog_key(seq: u64) -> Vec<u8> {
+    let mut k = b"c".to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
 /// The RocksDB-backed state store.
 pub struct Store {
     db: DB,
@@ -258,6 +275,9 @@ pub struct Store {
 pub struct Batch<'a> {
     store: &'a Store,
     wb: WriteBatch,
+    /// Outbox records kept out of the write batch, for a caller that
+    /// delivers them itself before writing ([`Store::capturing_batch`]).
+    captured: Option<Vec<OutboxRecord>>,
 }
 
 impl Store {
@@ -329,7 +349,23 @@ impl Store {
 
     /// Starts a batch.
     pub fn batch(&self) -> Batch<'_> {
-        Batch { store: self, wb: WriteBatch::default() }
+        Batch { store: self, wb: WriteBatch::default(), captured: None }
+    }
+
+    /// A batch whose outbox records are captured instead of written: the
+    /// caller delivers them (in a Kafka transaction) and then writes the
+    /// rest with [`Store::write_staged`].
+    pub fn capturing_batch(&self) -> Batch<'_> {
+        Batch { store: self, wb: WriteBatch::default(), captured: Some(Vec::new()) }
+    }
+
+    /// Writes the state part of a staged batch ([`Batch::into_staged`]),
+    /// atomically and synced, like [`Store::write`].
+    pub fn write_staged(&self, wb: WriteBatch) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(wb, &wo)?;
+        Ok(())
     }
 
     /// Writes a batch atomically and durably (fsync of the WAL).
@@ -345,16 +381,7 @@ impl Store {
     /// Where a partition stands, if this store has processed it.
     pub fn partition(&self, topic: &str, partition: i32) -> Result<Option<PartitionState>, StoreError> {
         let v = self.db.get_cf(self.cf(cf::OFFSETS), offset_key(topic, partition))?;
-        v.map(|v| {
-            if v.len() != 16 {
-                return Err(StoreError::Corrupt { cf: cf::OFFSETS, detail: format!("{} bytes", v.len()) });
-            }
-            Ok(PartitionState {
-                next_offset: i64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
-                watermark_ms: i64::from_be_bytes(v[8..].try_into().expect("8 bytes")),
-            })
-        })
-        .transpose()
+        v.map(|v| decode_partition_state(&v)).transpose()
     }
 
     /// Every partition of `topic` this store has processed.
@@ -550,11 +577,17 @@ impl Store {
 
     /// The next free dead-letter sequence number.
     pub fn next_dead_letter_seq(&self) -> Result<u64, StoreError> {
-        let mut it = self.db.iterator_cf(self.cf(cf::OUTBOX), IteratorMode::From(b"e", rocksdb::Direction::Reverse));
+        self.next_outbox_seq(b'd')
+    }
+
+    /// The next sequence number of outbox records keyed `prefix` + u64
+    /// (dead letters `d`, changelog records `c`), from the last one waiting.
+    pub fn next_outbox_seq(&self, prefix: u8) -> Result<u64, StoreError> {
+        let mut it = self.db.iterator_cf(self.cf(cf::OUTBOX), IteratorMode::From(&[prefix + 1], rocksdb::Direction::Reverse));
         match it.next() {
             Some(item) => {
                 let (k, _) = item?;
-                if k.first() == Some(&b'd') && k.len() == 9 {
+                if k.first() == Some(&prefix) && k.len() == 9 {
                     Ok(u64::from_be_bytes(k[1..].try_into().expect("8 bytes")) + 1)
                 } else {
                     Ok(0)
@@ -610,7 +643,40 @@ fn merge_concat(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeO
     Some(out)
 }
 
-fn decode_bill_state(v: &[u8]) -> Result<BillState, StoreError> {
+/// A bill state as stored (and as the changelog carries it).
+pub fn encode_bill_state(s: &BillState) -> Vec<u8> {
+    let mut v = s.revision.to_be_bytes().to_vec();
+    v.push(match s.status {
+        BillStatus::Provisional => 0,
+        BillStatus::Final => 1,
+        BillStatus::Restated => 2,
+    });
+    v.extend_from_slice(&s.partition.to_be_bytes());
+    v.extend_from_slice(s.content_hash.as_bytes());
+    v
+}
+
+/// A partition state as stored (and as the changelog carries it): next
+/// offset and watermark, 8 bytes each.
+pub fn encode_partition_state(s: &PartitionState) -> Vec<u8> {
+    let mut v = s.next_offset.to_be_bytes().to_vec();
+    v.extend_from_slice(&s.watermark_ms.to_be_bytes());
+    v
+}
+
+/// [`encode_partition_state`] read back.
+pub fn decode_partition_state(v: &[u8]) -> Result<PartitionState, StoreError> {
+    if v.len() != 16 {
+        return Err(StoreError::Corrupt { cf: cf::OFFSETS, detail: format!("{} bytes", v.len()) });
+    }
+    Ok(PartitionState {
+        next_offset: i64::from_be_bytes(v[..8].try_into().expect("8 bytes")),
+        watermark_ms: i64::from_be_bytes(v[8..].try_into().expect("8 bytes")),
+    })
+}
+
+/// [`encode_bill_state`] read back.
+pub fn decode_bill_state(v: &[u8]) -> Result<BillState, StoreError> {
     let bad = || StoreError::Corrupt { cf: cf::BILLS, detail: "bad bill state".into() };
     if v.len() < 9 {
         return Err(bad());
@@ -657,14 +723,27 @@ impl Batch<'_> {
 
     /// Sets where a partition stands.
     pub fn put_partition(&mut self, topic: &str, partition: i32, s: PartitionState) {
-        let mut v = s.next_offset.to_be_bytes().to_vec();
-        v.extend_from_slice(&s.watermark_ms.to_be_bytes());
-        self.wb.put_cf(self.store.cf(cf::OFFSETS), offset_key(topic, partition), v);
+        self.wb.put_cf(self.store.cf(cf::OFFSETS), offset_key(topic, partition), encode_partition_state(&s));
+    }
+
+    /// Replaces an account-month's usage with an absolute, encoded value
+    /// (a changelog restore; the hot path merges deltas instead).
+    pub fn put_usage_encoded(&mut self, account: &str, month: Month, encoded: &[u8]) {
+        self.wb.put_cf(self.store.cf(cf::USAGE), account_month_key(account, month), encoded);
     }
 
     /// Queues a record for production.
     pub fn put_outbox(&mut self, key: &[u8], r: &OutboxRecord) {
-        self.wb.put_cf(self.store.cf(cf::OUTBOX), key, r.encode());
+        match &mut self.captured {
+            Some(captured) => captured.push(r.clone()),
+            None => self.wb.put_cf(self.store.cf(cf::OUTBOX), key, r.encode()),
+        }
+    }
+
+    /// The batch's writes and its captured outbox records (empty for a
+    /// batch that writes them), to deliver and then write separately.
+    pub fn into_staged(self) -> (WriteBatch, Vec<OutboxRecord>) {
+        (self.wb, self.captured.unwrap_or_default())
     }
 
     /// Removes a delivered record.
@@ -674,15 +753,7 @@ impl Batch<'_> {
 
     /// Records the last emitted bill of a key.
     pub fn put_bill_state(&mut self, account: &str, month: Month, s: &BillState) {
-        let mut v = s.revision.to_be_bytes().to_vec();
-        v.push(match s.status {
-            BillStatus::Provisional => 0,
-            BillStatus::Final => 1,
-            BillStatus::Restated => 2,
-        });
-        v.extend_from_slice(&s.partition.to_be_bytes());
-        v.extend_from_slice(s.content_hash.as_bytes());
-        self.wb.put_cf(self.store.cf(cf::BILLS), account_month_key(account, month), v);
+        self.wb.put_cf(self.store.cf(cf::BILLS), account_month_key(account, month), encode_bill_state(s));
     }
 
     /// Marks an account-month for recomputation.
@@ -747,7 +818,13 @@ mod tests {
         b.append_dedupe(0, 7200, &[2; 16]);
         b.append_dedupe(1, 0, &[3; 16]);
         b.put_partition("in", 0, PartitionState { next_offset: 42, watermark_ms: 7 });
-        let rec = OutboxRecord { topic: "t".into(), key: None, payload: vec![0xff, 0], headers: vec![("h".into(), b"v".to_vec())] };
+        let rec = OutboxRecord {
+            topic: "t".into(),
+            key: None,
+            payload: vec![0xff, 0],
+            headers: vec![("h".into(), b"v".to_vec())],
+            partition: None,
+        };
         b.put_outbox(&outbox_dead_letter_key(5), &rec);
         s.write(b).unwrap();
         u.merge(&delta);

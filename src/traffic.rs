@@ -20,7 +20,7 @@ pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + S
 /// create topics on request (it has no controller), so they are made here.
 pub fn dev_cluster(k: &KafkaConfig) -> Result<MockCluster<'static, DefaultProducerContext>> {
     let cluster = MockCluster::new(1)?;
-    for t in [&k.input_topic, &k.accounts_topic, &k.output_topic, &k.dead_letter_topic] {
+    for t in [&k.input_topic, &k.accounts_topic, &k.output_topic, &k.dead_letter_topic, &k.changelog_topic] {
         cluster.create_topic(t, k.partitions, 1)?;
     }
     Ok(cluster)
@@ -36,7 +36,16 @@ async fn write_messages(k: &KafkaConfig, topic: &str, msgs: Vec<gen::GenMessage>
         let recs: Vec<(Vec<u8>, OutboxRecord)> = part
             .iter()
             .map(|m| {
-                (Vec::new(), OutboxRecord { topic: topic.to_string(), key: m.key.clone(), payload: m.payload.clone(), headers: vec![] })
+                (
+                    Vec::new(),
+                    OutboxRecord {
+                        topic: topic.to_string(),
+                        key: m.key.clone(),
+                        payload: m.payload.clone(),
+                        headers: vec![],
+                        partition: None,
+                    },
+                )
             })
             .collect();
         let delivered = crate::kafka::produce_all(&producer, &recs).await;

@@ -16,7 +16,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{now_ms, InputMessage, Pipeline, Settings};
 use crate::store::{Store, StoreError};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -38,6 +38,9 @@ pub enum WorkerError {
     /// Kafka setup problem.
     #[error(transparent)]
     Kafka(#[from] KafkaSetupError),
+    /// The transactional producer was fenced.
+    #[error(transparent)]
+    Transaction(#[from] kafka::TxnError),
     /// An input or output file cannot be read or written.
     #[error("{path}: {source}")]
     Input {
@@ -78,6 +81,14 @@ pub enum FaultPoint {
     AfterWrite(u64),
     /// Return right after the n-th batch was written, produced and committed.
     AfterCommit(u64),
+    /// Stop cleanly (as on shutdown) after the n-th batch was committed.
+    StopAfter(u64),
+    /// With transactions: return after the n-th batch's records were
+    /// produced in its transaction, before the commit.
+    BeforeTxnCommit(u64),
+    /// With transactions: return after the n-th batch's transaction
+    /// committed, before its state was written to the store.
+    AfterTxnCommit(u64),
 }
 
 /// Options of one worker run.
@@ -102,8 +113,13 @@ pub struct RunSummary {
     pub rejected: u64,
     /// Duplicates dropped.
     pub duplicates: u64,
+    /// Input messages read again below a partition's stored position
+    /// (skipped as already processed).
+    pub reread: u64,
     /// Bill records emitted.
     pub bills_emitted: u64,
+    /// Transactions aborted (their batches forgotten and read again).
+    pub aborted: u64,
     /// Outbox records whose delivery failed and stayed in the outbox for a retry.
     pub delivery_failures: u64,
     /// Whether the run stopped at a fault point.
@@ -168,6 +184,120 @@ pub struct StoreOffsets {
     store: Arc<Store>,
     topic: String,
     ownership: Arc<Mutex<Ownership>>,
+    restorer: Restorer,
+}
+
+/// Brings a partition assigned to this worker up to the state its last
+/// owner left in the changelog ([`crate::changelog`]).
+pub struct Restorer {
+    /// Reads changelog partitions by assignment.
+    changelog: BaseConsumer,
+    /// A client of the worker's group that never joins it: asks for the
+    /// group's committed offsets.
+    group: BaseConsumer,
+    topic: String,
+    metrics: Arc<Metrics>,
+    /// Workers write the changelog in transactions with the offsets: a
+    /// record past the committed offset (none committed: 0) never committed.
+    transactions: bool,
+    /// The last run of this store did not stop cleanly (with transactions):
+    /// every partition is restored at its first assignment, whatever its
+    /// stored position, since a crash between a transaction's commit and
+    /// the state write leaves committed changes (bill revisions, which do
+    /// not move the position) only in the changelog.
+    unclean: bool,
+    /// Partitions restored since this worker started.
+    restored: Mutex<BTreeSet<i32>>,
+}
+
+impl Restorer {
+    /// Restores `partition` when another worker moved it past what this
+    /// store holds: the store has no position for it, or the group's
+    /// committed offset is ahead of the stored one. Reads the partition's
+    /// changelog from its start and writes the result in one batch. Returns
+    /// the records read, or `None` when nothing needed restoring or the
+    /// read did not reach the end (then the stored state, consistent in
+    /// itself, is kept).
+    fn restore(&self, store: &Store, input_topic: &str, partition: i32) -> Result<Option<u64>, WorkerError> {
+        let local = store.partition(input_topic, partition)?.map(|s| s.next_offset);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(input_topic, partition);
+        let committed = match self.group.committed_offsets(tpl, Duration::from_secs(10)) {
+            Ok(c) => c.find_partition(input_topic, partition).and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, partition, "cannot read the group's committed offset; restoring from the changelog");
+                None
+            }
+        };
+        let first_since_unclean_stop = self.unclean && self.restored.lock().expect("not poisoned").insert(partition);
+        match (local, committed) {
+            _ if first_since_unclean_stop => {}
+            (Some(l), Some(c)) if c <= l => return Ok(None),
+            (Some(_), None) => return Ok(None),
+            _ => {}
+        }
+        let started = Instant::now();
+        self.metrics.partitions_restoring.inc();
+        let label = partition.to_string();
+        // With transactions, whatever committed carries its offsets: records
+        // past them (from 0 when none are committed) are of transactions
+        // that did not commit, which some brokers deliver anyway.
+        // The stored position counts as committed too: with transactions it
+        // is written only after its transaction committed (a broker that
+        // does not store transactional offset commits, like the mock
+        // cluster, shows only the plain commit that follows, later).
+        let known = match (committed, local) {
+            (Some(c), Some(l)) => Some(c.max(l)),
+            (c, l) => c.or(l),
+        };
+        let cut = if self.transactions { Some(known.unwrap_or(0)) } else { committed };
+        let mut restore = crate::changelog::Restore::up_to(cut);
+        let read = kafka::read_partition(&self.changelog, &self.topic, partition, 0, Duration::from_secs(30), |m| {
+            let next_offset = m
+                .headers()
+                .and_then(|h| h.iter().find(|x| x.key == crate::changelog::NEXT_OFFSET))
+                .and_then(|x| std::str::from_utf8(x.value?).ok()?.parse::<i64>().ok());
+            let (Some(next_offset), Some(key), Some(value)) = (next_offset, m.key(), m.payload()) else {
+                tracing::warn!(partition, offset = m.offset(), "changelog record without key, value or next-offset header; skipped");
+                return Ok::<_, WorkerError>(());
+            };
+            match crate::changelog::Change::decode(key, value) {
+                Ok(change) => restore.offer(next_offset, change, key.len() + value.len()),
+                Err(e) => tracing::warn!(error = %e, partition, offset = m.offset(), "unreadable changelog record; skipped"),
+            }
+            Ok(())
+        });
+        self.metrics.partitions_restoring.dec();
+        let (_, reached) = read?;
+        let (records, bytes) = (restore.records, restore.bytes);
+        self.metrics.restore_records.with_label_values(&[&label]).inc_by(records);
+        self.metrics.restore_bytes.with_label_values(&[&label]).inc_by(bytes);
+        if !reached {
+            tracing::warn!(partition, records, "the changelog partition was not read to its end (no record for 30 s); keeping the stored state, the partition resumes from it");
+            return Ok(None);
+        }
+        let restored = restore.finish();
+        let position = restored.position.map(|p| p.next_offset);
+        restored.write(store, input_topic, partition, first_since_unclean_stop)?;
+        let seconds = started.elapsed().as_secs_f64();
+        self.metrics.restore_seconds.with_label_values(&[&label]).set(seconds);
+        tracing::info!(
+            partition,
+            records,
+            bytes,
+            seconds,
+            account_months = restored.usage.len(),
+            bills = restored.bills.len(),
+            ?position,
+            stored_before = ?local,
+            ?committed,
+            "partition restored from the changelog"
+        );
+        Ok(Some(records))
+    }
 }
 
 impl ClientContext for StoreOffsets {}
@@ -179,6 +309,11 @@ impl ConsumerContext for StoreOffsets {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 for &p in &partitions {
+                    // Here, before the partition is read: its state, if another
+                    // worker moved it on (see `Restorer::restore`).
+                    if let Err(e) = self.restorer.restore(&self.store, &self.topic, p) {
+                        tracing::error!(error = %e, partition = p, "restoring from the changelog failed; the partition resumes from the stored state");
+                    }
                     let offset = match self.store.partition(&self.topic, p) {
                         Ok(Some(s)) => Offset::Offset(s.next_offset),
                         Ok(None) => Offset::Beginning,
@@ -233,6 +368,32 @@ async fn flush(pipeline: &mut Pipeline, producer: &FutureProducer, metrics: &Met
     if drained.offered > 0 {
         metrics.produce_seconds.observe(t.elapsed().as_secs_f64());
     }
+    Ok(drained.failed)
+}
+
+/// Drains the outbox: with the idempotent producer ([`flush`]), or, with
+/// transactions, one transaction per page (records that a worker without
+/// transactions left there).
+async fn flush_outbox(
+    pipeline: &mut Pipeline,
+    producer: &FutureProducer,
+    txn: Option<&kafka::Transactional>,
+    metrics: &Metrics,
+) -> Result<u64, WorkerError> {
+    let Some(txn) = txn else { return Ok(flush(pipeline, producer, metrics).await?) };
+    let drained = pipeline
+        .drain_outbox(|page| async move {
+            let records: Vec<crate::store::OutboxRecord> = page.iter().map(|(_, r)| r.clone()).collect();
+            match txn.commit(&records, TopicPartitionList::new(), None).await {
+                Ok(()) => Ok(page),
+                Err(kafka::TxnError::Aborted(why)) => {
+                    tracing::warn!(%why, "outbox transaction aborted; the records stay in the outbox");
+                    Ok(Vec::new())
+                }
+                Err(e) => Err(WorkerError::from(e)),
+            }
+        })
+        .await?;
     Ok(drained.failed)
 }
 
@@ -303,11 +464,18 @@ enum Step {
 pub struct Worker {
     opts: RunOptions,
     input_topic: String,
+    state_dir: std::path::PathBuf,
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
     pipeline: Pipeline,
     producer: FutureProducer,
+    /// The transactional producer (`kafka.transactions`); `None`: the
+    /// outbox is drained by `producer`.
+    txn: Option<kafka::Transactional>,
+    /// Replay: where each partition started, to rewind to before anything
+    /// of it is stored.
+    starts: BTreeMap<i32, i64>,
     accounts: BaseConsumer,
     consumer: StreamConsumer<StoreOffsets>,
     /// Replay: the end offsets seen at start.
@@ -365,15 +533,39 @@ impl Worker {
     /// The part of [`Worker::start`] after the metrics endpoint.
     async fn connect(cfg: &Checked, opts: RunOptions, store: Arc<Store>, metrics: Arc<Metrics>) -> Result<Worker, WorkerError> {
         let k = &cfg.kafka;
+        // Present while a worker runs on this store; removed by a clean stop.
+        let running = cfg.worker.state_dir.join(RUNNING_MARKER);
+        let unclean = running.exists();
+        if unclean && k.transactions {
+            tracing::warn!("the last run on this state directory did not stop cleanly: partitions are restored from the changelog as they are assigned");
+        }
+        std::fs::write(&running, b"").map_err(|source| WorkerError::Input { path: running.clone(), source })?;
         let ownership: Arc<Mutex<Ownership>> = Arc::default();
-        let ctx = StoreOffsets { store: store.clone(), topic: k.input_topic.clone(), ownership: ownership.clone() };
+        let restorer = Restorer {
+            changelog: kafka::plain_consumer(k, &format!("{}-changelog", k.group_id))?,
+            group: kafka::plain_consumer(k, &k.group_id)?,
+            topic: k.changelog_topic.clone(),
+            metrics: metrics.clone(),
+            transactions: k.transactions,
+            unclean: k.transactions && unclean,
+            restored: Mutex::default(),
+        };
+        let ctx = StoreOffsets { store: store.clone(), topic: k.input_topic.clone(), ownership: ownership.clone(), restorer };
         let clients = kafka::worker_clients(k, ctx).await?;
         let (producer, consumer, accounts) = (clients.producer, clients.events, clients.accounts);
         let mut pipeline = Pipeline::new(store.clone(), cfg.rules().clone(), Settings::from_config(cfg), metrics.clone())?;
+        let txn = if k.transactions {
+            let id = kafka::transactional_id(k, &cfg.worker.state_dir);
+            tracing::info!(transactional_id = %id, "transactions on: bills, dead letters, changelog and offsets commit together");
+            Some(kafka::Transactional::start(k, &id).await?)
+        } else {
+            None
+        };
         let mut summary = RunSummary::default();
         // Anything written but not acknowledged before the last stop goes first.
-        summary.delivery_failures += flush(&mut pipeline, &producer, &metrics).await?;
+        summary.delivery_failures += flush_outbox(&mut pipeline, &producer, txn.as_ref(), &metrics).await?;
         load_accounts(&mut pipeline, &accounts, &k.accounts_topic)?;
+        let mut starts: BTreeMap<i32, i64> = BTreeMap::new();
 
         // Replay: the end offsets seen at start, and the assignment.
         let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
@@ -391,7 +583,7 @@ impl Worker {
                 let mut all = Vec::new();
                 let (replay_ends, total) = kafka::assign_to_end(&consumer, topic, |p, low, high| {
                     all.push(p);
-                    Ok::<_, KafkaSetupError>(match (pipeline.next_offset(p), from_ms) {
+                    let start = match (pipeline.next_offset(p), from_ms) {
                         (Some(next), _) => next,
                         (None, Some(t)) => {
                             let mut q = TopicPartitionList::new();
@@ -410,7 +602,9 @@ impl Worker {
                             }
                             low
                         }
-                    })
+                    };
+                    starts.insert(p, start);
+                    Ok::<_, KafkaSetupError>(start)
                 })?;
                 ends = replay_ends;
                 // A replay assigns itself every partition: no rebalance callback.
@@ -433,11 +627,14 @@ impl Worker {
         Ok(Worker {
             opts,
             input_topic: k.input_topic.clone(),
+            state_dir: cfg.worker.state_dir.clone(),
             store,
             metrics,
             metrics_task: None,
             pipeline,
             producer,
+            txn,
+            starts,
             accounts,
             consumer,
             ends,
@@ -466,7 +663,7 @@ impl Worker {
     /// commit; follow the accounts topic; emit changed bills when due;
     /// refresh lag and state gauges.
     async fn step(&mut self, shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>) -> Result<Step, WorkerError> {
-        self.follow_ownership(&mut Vec::new());
+        self.follow_ownership(&mut Vec::new())?;
         if self.replay() && self.ends.iter().all(|(p, end)| self.pipeline.next_offset(*p).is_some_and(|n| n >= *end)) {
             return Ok(Step::Stop);
         }
@@ -482,7 +679,7 @@ impl Worker {
                     Ok(Ok(m)) => {
                         batch.push(m.detach());
                         // A rebalance runs its callback inside `recv`.
-                        self.follow_ownership(&mut batch);
+                        self.follow_ownership(&mut batch)?;
                     }
                     Ok(Err(e)) => { tracing::warn!(error = %e, "consumer error"); break; }
                 },
@@ -490,33 +687,64 @@ impl Worker {
         }
         if !batch.is_empty() {
             let msgs: Vec<InputMessage> = batch.iter().map(to_input).collect();
-            let stats = self.pipeline.process(&msgs)?;
+            let stats = if self.txn.is_some() {
+                // Write after commit: the batch is staged, its records and
+                // the offsets commit in one transaction, and only then is
+                // the state written. A crash in between leaves the store
+                // behind the group's offsets: the partition is restored
+                // from the changelog (`Restorer`).
+                self.pipeline.ingest(&msgs)?;
+                let mut staged = self.pipeline.stage()?;
+                let n = self.summary.batches + 1;
+                let (records, positions) = (std::mem::take(&mut staged.records), staged.positions.clone());
+                let committed = self.deliver(&records, &positions, self.opts.fault == Some(FaultPoint::BeforeTxnCommit(n))).await?;
+                if self.opts.fault == Some(FaultPoint::BeforeTxnCommit(n)) || self.opts.fault == Some(FaultPoint::AfterTxnCommit(n)) {
+                    self.pipeline.abandon(staged);
+                    return Ok(Step::Crash);
+                }
+                if !committed {
+                    self.pipeline.abandon(staged);
+                    self.rewind();
+                    return Ok(if stopping { Step::Stop } else { Step::Continue });
+                }
+                self.pipeline.apply(staged)?
+            } else {
+                self.pipeline.process(&msgs)?
+            };
             let summary = &mut self.summary;
             summary.batches += 1;
             summary.messages += msgs.len() as u64;
             summary.billed += stats.billed;
             summary.rejected += stats.rejected;
             summary.duplicates += stats.duplicates;
+            summary.reread += stats.already_processed;
             if let Some(pb) = &self.progress {
                 pb.inc(msgs.len() as u64);
             }
             if self.opts.fault == Some(FaultPoint::AfterWrite(self.summary.batches)) {
                 return Ok(Step::Crash);
             }
-            self.summary.delivery_failures += flush(&mut self.pipeline, &self.producer, &self.metrics).await?;
+            if self.txn.is_none() {
+                self.summary.delivery_failures += flush(&mut self.pipeline, &self.producer, &self.metrics).await?;
+            }
             if self.opts.mode == Mode::Live {
+                // With transactions the offsets are committed already; this
+                // plain commit of the same offsets only helps brokers that
+                // do not store transactional offset commits (the mock).
                 commit(&self.consumer, &self.pipeline, &self.assigned, &self.input_topic, CommitMode::Async);
             }
             if self.opts.fault == Some(FaultPoint::AfterCommit(self.summary.batches)) {
                 return Ok(Step::Crash);
+            }
+            if self.opts.fault == Some(FaultPoint::StopAfter(self.summary.batches)) {
+                stopping = true;
             }
         }
         self.follow_accounts()?;
         // A replay computes each bill once, at the end: provisional bills of
         // a half-read history would only be restated moments later.
         if !self.replay() && self.last_emit.elapsed() >= self.emit_every {
-            self.summary.bills_emitted += self.pipeline.emit(now_ms(), false)? as u64;
-            self.summary.delivery_failures += flush(&mut self.pipeline, &self.producer, &self.metrics).await?;
+            self.emit(now_ms(), false).await?;
             self.last_emit = Instant::now();
         }
         self.end_offsets.report(&mut self.pipeline, &self.metrics);
@@ -533,11 +761,11 @@ impl Worker {
     /// drops the messages of revoked partitions from the batch being
     /// gathered ([`drop_revoked`]) and hands the pipeline the partitions
     /// owned now.
-    fn follow_ownership(&mut self, batch: &mut Vec<OwnedMessage>) {
+    fn follow_ownership(&mut self, batch: &mut Vec<OwnedMessage>) -> Result<(), StoreError> {
         let (revoked, now) = {
             let mut o = self.ownership.lock().expect("not poisoned");
             if o.version == self.ownership_seen {
-                return;
+                return Ok(());
             }
             self.ownership_seen = o.version;
             (o.take_revoked(), o.assigned())
@@ -550,10 +778,15 @@ impl Worker {
                 "dropped messages of revoked partitions gathered before the revocation; the partitions' next owner reads them from the stored position"
             );
         }
+        // Partitions (re)assigned since the last look may have been restored
+        // on disk by the callback: the pipeline reads their state again.
+        let added: Vec<i32> = now.iter().copied().filter(|p| !self.assigned.contains(p) || revoked.contains(p)).collect();
+        self.pipeline.reload_partitions(&added)?;
         if now != self.assigned {
             self.pipeline.set_assignment(&now, now_ms());
             self.assigned = now;
         }
+        Ok(())
     }
 
     /// Keeps the accounts table current: applies what the accounts topic has now.
@@ -578,10 +811,10 @@ impl Worker {
         tracing::info!(seconds = self.started.elapsed().as_secs_f64(), messages = self.summary.messages, "input read");
         let t = Instant::now();
         let replay = self.replay();
-        self.summary.bills_emitted += self.pipeline.emit(now_ms(), replay)? as u64;
-        tracing::info!(seconds = t.elapsed().as_secs_f64(), bills = self.summary.bills_emitted, "bills computed");
+        self.emit(now_ms(), replay).await?;
+        tracing::info!(seconds = t.elapsed().as_secs_f64(), bills = self.summary.bills_emitted, "bills computed and produced");
         let t = Instant::now();
-        let left = flush(&mut self.pipeline, &self.producer, &self.metrics).await?;
+        let left = flush_outbox(&mut self.pipeline, &self.producer, self.txn.as_ref(), &self.metrics).await?;
         self.summary.delivery_failures += left;
         tracing::info!(seconds = t.elapsed().as_secs_f64(), "outbox produced");
         if left > 0 {
@@ -590,7 +823,94 @@ impl Worker {
         if self.opts.mode == Mode::Live {
             commit(&self.consumer, &self.pipeline, &self.assigned, &self.input_topic, CommitMode::Sync);
         }
+        if left == 0 {
+            let _ = std::fs::remove_file(self.state_dir.join(RUNNING_MARKER));
+        }
         Ok(())
+    }
+
+    /// Emits the bills due: through the outbox, or (transactions) one
+    /// transaction per chunk with the owned partitions' offsets, so that a
+    /// worker that lost them is fenced rather than heard.
+    async fn emit(&mut self, now: i64, force_idle: bool) -> Result<(), WorkerError> {
+        if self.txn.is_none() {
+            self.summary.bills_emitted += self.pipeline.emit(now, force_idle)? as u64;
+            self.summary.delivery_failures += flush(&mut self.pipeline, &self.producer, &self.metrics).await?;
+            return Ok(());
+        }
+        let mut plan = self.pipeline.emission(now, force_idle)?;
+        while let Some(chunk) = self.pipeline.next_emission(&mut plan)? {
+            let bills = chunk.records.len() as u64;
+            let mut staged = self.pipeline.stage_emission(chunk)?;
+            let records = std::mem::take(&mut staged.records);
+            if records.is_empty() || self.deliver(&records, &BTreeMap::new(), false).await? {
+                self.pipeline.apply(staged)?;
+                self.summary.bills_emitted += bills;
+            } else {
+                // The marks stay: the next emission tries again.
+                self.pipeline.abandon(staged);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Produces a staged batch's records in one transaction with the group
+    /// offsets of every partition owned (live), and commits it, unless
+    /// `crash_before_commit` (a fault point). `Ok(false)`: aborted, nothing
+    /// of it visible; the caller forgets the staged state.
+    async fn deliver(
+        &mut self,
+        records: &[crate::store::OutboxRecord],
+        positions: &BTreeMap<i32, i64>,
+        crash_before_commit: bool,
+    ) -> Result<bool, WorkerError> {
+        let txn = self.txn.clone().expect("transactions on");
+        let mut offsets = TopicPartitionList::new();
+        let group = if self.opts.mode == Mode::Live { self.consumer.group_metadata() } else { None };
+        if group.is_some() {
+            for &p in &self.assigned {
+                if let Some(next) = positions.get(&p).copied().or_else(|| self.pipeline.next_offset(p)) {
+                    offsets.add_partition_offset(&self.input_topic, p, Offset::Offset(next)).expect("valid offset");
+                }
+            }
+        }
+        if crash_before_commit {
+            txn.produce_only(records).await;
+            return Ok(false);
+        }
+        let t = Instant::now();
+        match txn.commit(records, offsets, group).await {
+            Ok(()) => {
+                self.metrics.produce_seconds.observe(t.elapsed().as_secs_f64());
+                self.metrics.transactions.with_label_values(&["committed"]).inc();
+                Ok(true)
+            }
+            Err(kafka::TxnError::Aborted(why)) => {
+                self.metrics.transactions.with_label_values(&["aborted"]).inc();
+                self.summary.aborted += 1;
+                tracing::warn!(%why, records = records.len(), "transaction aborted: nothing of it is visible; its state is forgotten and its input read again");
+                Ok(false)
+            }
+            Err(e) => {
+                self.metrics.transactions.with_label_values(&["fenced"]).inc();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// After an aborted transaction: every partition owned is read again
+    /// from its stored position (or where it started).
+    fn rewind(&mut self) {
+        for &p in &self.assigned {
+            let offset = match self.pipeline.next_offset(p).or_else(|| self.starts.get(&p).copied()) {
+                Some(o) => Offset::Offset(o),
+                None => Offset::Beginning,
+            };
+            if let Err(e) = self.consumer.seek(&self.input_topic, p, offset, Duration::from_secs(10)) {
+                tracing::warn!(error = %e, partition = p, "cannot rewind the partition after an aborted transaction");
+            }
+        }
     }
 
     /// What every exit does: the progress bar cleared, the metrics endpoint
@@ -604,6 +924,9 @@ impl Worker {
         }
     }
 }
+
+/// A file in the state directory while a worker runs on it.
+const RUNNING_MARKER: &str = "RUNNING.gatebill";
 
 /// How often partition lag is measured.
 const LAG_EVERY: Duration = Duration::from_secs(15);

@@ -56,9 +56,7 @@ async fn hostile_messages_are_dead_lettered_once_and_valid_ones_billed() {
     let cluster = MockCluster::new(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&cluster, dir.path(), "hostile");
-    for t in [&cfg.kafka.input_topic, &cfg.kafka.accounts_topic, &cfg.kafka.output_topic, &cfg.kafka.dead_letter_topic] {
-        cluster.create_topic(t, 2, 1).unwrap();
-    }
+    common::create_topics(&cluster, &cfg, 2, &[]);
     // Valid and hostile messages interleaved.
     let bad = hostile();
     let mut records = Vec::new();
@@ -69,7 +67,13 @@ async fn hostile_messages_are_dead_lettered_once_and_valid_ones_billed() {
         let key = format!("acct-{}", i % 3);
         records.push((
             Vec::new(),
-            OutboxRecord { topic: cfg.kafka.input_topic.clone(), key: Some(key.into_bytes()), payload: p.into_bytes(), headers: vec![] },
+            OutboxRecord {
+                topic: cfg.kafka.input_topic.clone(),
+                key: Some(key.into_bytes()),
+                payload: p.into_bytes(),
+                headers: vec![],
+                partition: None,
+            },
         ));
         if let Some((key, payload, _)) = bad.get(i / 20) {
             if i % 20 == 7 {
@@ -80,6 +84,7 @@ async fn hostile_messages_are_dead_lettered_once_and_valid_ones_billed() {
                         key: key.clone(),
                         payload: payload.clone(),
                         headers: vec![("trace".into(), b"t1".to_vec())],
+                        partition: None,
                     },
                 ));
             }

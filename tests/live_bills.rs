@@ -407,9 +407,7 @@ async fn duplicates_in_random_time_order_through_replay_and_run_equal_the_refere
     cfg.billing.free_tier.calls_per_month = 12;
     cfg.billing.free_tier.public_out_bytes_per_month = 30_000;
     let rules = cfg.check().unwrap();
-    for t in [&cfg.kafka.input_topic, &cfg.kafka.accounts_topic, &cfg.kafka.output_topic, &cfg.kafka.dead_letter_topic, "replayed-bills"] {
-        cluster.create_topic(t, 2, 1).unwrap();
-    }
+    common::create_topics(&cluster, &cfg, 2, &["replayed-bills"]);
     let mut rng = SmallRng::seed_from_u64(7);
     let h = history(&mut rng, 300);
     let expected = reference(&h, &rules);
@@ -419,7 +417,16 @@ async fn duplicates_in_random_time_order_through_replay_and_run_equal_the_refere
         let recs: Vec<(Vec<u8>, OutboxRecord)> = msgs
             .iter()
             .map(|(k, p)| {
-                (Vec::new(), OutboxRecord { topic: topic.clone(), key: Some(k.clone().into_bytes()), payload: p.clone(), headers: vec![] })
+                (
+                    Vec::new(),
+                    OutboxRecord {
+                        topic: topic.clone(),
+                        key: Some(k.clone().into_bytes()),
+                        payload: p.clone(),
+                        headers: vec![],
+                        partition: None,
+                    },
+                )
             })
             .collect();
         assert_eq!(gatebill::kafka::produce_all(&producer, &recs).await.len(), recs.len());

@@ -9,6 +9,7 @@ use crate::billing::event::{truncate, DecodeError, RejectReason};
 use crate::billing::scan::{decode_billable, Billable};
 use crate::billing::usage::{encode_rows, HourRow};
 use crate::billing::Metered;
+use crate::changelog::Change;
 use crate::store::{Batch, OutboxRecord, PartitionState, Store, StoreError};
 
 /// Where the dedupe mirror reads what it does not hold yet: the state
@@ -308,20 +309,29 @@ impl DedupeCache {
     /// Adds what changed since the last call to a write batch: per touched
     /// bucket, its new hashes (replacing the stored ones after a reset) and
     /// its last offset.
-    pub fn write_changes(&mut self, batch: &mut Batch<'_>) {
+    pub fn write_changes(&mut self, batch: &mut Batch<'_>, mut changed: Option<&mut Vec<(i32, Change)>>) {
         for (p, buckets) in &mut self.partitions {
             for (hour, b) in buckets.iter_mut().filter(|(_, b)| b.touched) {
                 if b.reset {
                     batch.delete_dedupe(*p, *hour);
                 }
-                if !b.new.is_empty() {
-                    batch.append_dedupe(*p, *hour, &b.new.drain(..).flat_map(u128::to_be_bytes).collect::<Vec<u8>>());
+                let hashes: Vec<u8> = b.new.drain(..).flat_map(u128::to_be_bytes).collect();
+                if !hashes.is_empty() {
+                    batch.append_dedupe(*p, *hour, &hashes);
                 }
                 batch.put_dedupe_index(*p, *hour, b.last_offset, b.topic);
+                if let Some(out) = changed.as_mut() {
+                    out.push((*p, Change::Dedupe { hour: *hour, last_offset: b.last_offset, reset: b.reset, topic: b.topic, hashes }));
+                }
                 b.reset = false;
                 b.touched = false;
             }
         }
+    }
+
+    /// Forgets a partition's buckets (its state was replaced by a restore).
+    pub fn forget(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
     }
 
     /// Deletes (from memory and, in the batch, from the store) a partition's

@@ -5,12 +5,13 @@
 
 use super::batch::par_map;
 use super::policy::{self, effective_watermark, next_record, Emitted, PartitionClock};
-use super::Pipeline;
+use super::{After, Pipeline, Staged};
 use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
 use crate::billing::calendar::Month;
 use crate::billing::entitlements::months_are_independent;
 use crate::billing::usage::MonthUsage;
 use crate::billing::Bill;
+use crate::changelog::Change;
 use crate::store::{outbox_bill_key, BillState, OutboxRecord, StoreError};
 use std::collections::BTreeMap;
 
@@ -198,6 +199,7 @@ impl Pipeline {
                     key: Some(key.clone().into_bytes()),
                     payload: BillRecord::json_from_content(&bill.content_json, revision, status, &bill.content_hash),
                     headers: vec![],
+                    partition: None,
                 };
                 out.records.push((outbox_bill_key(&key), record));
                 Some(BillState { revision, status, content_hash: bill.content_hash, partition })
@@ -215,25 +217,45 @@ impl Pipeline {
     /// again, as a crash between producing and acknowledging an outbox
     /// record would. Returns how many records the chunk emitted.
     pub fn commit_emission(&mut self, chunk: Emission, route: Route) -> Result<usize, StoreError> {
-        let mut batch = self.store.batch();
+        let emitted = chunk.records.len();
+        let staged = self.stage_emission_as(chunk, route, false)?;
+        self.apply(staged)?;
+        Ok(emitted)
+    }
+
+    /// Like [`Pipeline::commit_emission`], for a caller that delivers the
+    /// bill records and their changelog records itself (in a Kafka
+    /// transaction) before the chunk is written: computes the write and
+    /// captures every record; then [`Pipeline::apply`] or
+    /// [`Pipeline::abandon`].
+    pub fn stage_emission(&mut self, chunk: Emission) -> Result<Staged, StoreError> {
+        self.stage_emission_as(chunk, Route::Outbox, true)
+    }
+
+    fn stage_emission_as(&mut self, chunk: Emission, route: Route, capture: bool) -> Result<Staged, StoreError> {
+        let store = self.store.clone();
+        let mut batch = if capture { store.capturing_batch() } else { store.batch() };
         if route == Route::Outbox {
             for (key, record) in &chunk.records {
                 batch.put_outbox(key, record);
             }
         }
+        let mut statuses = Vec::new();
         for (account, month, state) in &chunk.states {
             batch.clear_dirty(account, *month);
             if let Some(state) = state {
                 batch.put_bill_state(account, *month, state);
+                statuses.push(state.status);
+                // The next owner of the partition continues the revisions.
+                if state.partition >= 0 {
+                    let change = Change::Bill { account: account.clone(), month: *month, state: state.clone() };
+                    let next_offset = self.next_offset(state.partition).unwrap_or(0);
+                    self.put_change(&mut batch, state.partition, next_offset, &change);
+                }
             }
         }
-        self.store.write(batch)?;
-        for (_, _, state) in &chunk.states {
-            if let Some(state) = state {
-                self.metrics.bills_emitted.with_label_values(&[state.status.as_str()]).inc();
-            }
-        }
-        Ok(chunk.records.len())
+        let (wb, records) = batch.into_staged();
+        Ok(Staged { wb, records, positions: BTreeMap::new(), after: After::Emission { statuses } })
     }
 }
 

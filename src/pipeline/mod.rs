@@ -17,11 +17,13 @@ use crate::billing::calendar::{Month, PlaceCache};
 use crate::billing::config::Rules;
 use crate::billing::event::{DecodeError, RejectReason};
 use crate::billing::scan::Billable;
+use crate::billing::usage::merge_encoded;
 use crate::billing::AccountRecord;
+use crate::changelog::Change;
 use crate::metrics::Metrics;
 use crate::store::{outbox_dead_letter_key, OutboxRecord, PartitionState, Store, StoreError};
 use batch::{decode_all, encode_cells, DedupeCache, DedupeWindow, HourCell, Interner, Pending};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -64,6 +66,9 @@ pub struct Settings {
     /// Require the message key to be the event's account_id (Kafka input);
     /// false for files, whose lines have no key.
     pub require_keys: bool,
+    /// Where each batch's state changes also go ([`crate::changelog`]),
+    /// through the outbox; `None` (file replay): nowhere.
+    pub changelog_topic: Option<String>,
 }
 
 impl Settings {
@@ -81,6 +86,7 @@ impl Settings {
             grace_ms: cfg.worker.grace_period_secs as i64 * 1000,
             idle_after_ms: cfg.worker.idle_after_secs as i64 * 1000,
             require_keys: true,
+            changelog_topic: Some(cfg.kafka.changelog_topic.clone()),
         }
     }
 }
@@ -106,6 +112,8 @@ pub struct Pipeline {
     /// from its assignment ([`Pipeline::set_assignment`]).
     owned: Option<std::collections::BTreeSet<i32>>,
     next_dead_letter: u64,
+    /// Next sequence number of changelog records in the outbox.
+    next_changelog: u64,
     /// The batch being built since the last flush.
     pending: Pending,
     /// Request ids seen in the dedupe window, mirrored from the store.
@@ -142,6 +150,7 @@ fn dead_letter(settings: &Settings, m: &InputMessage, err: &DecodeError) -> Outb
         key: m.key.map(<[u8]>::to_vec),
         payload: m.payload.map(<[u8]>::to_vec).unwrap_or_default(),
         headers: h,
+        partition: None,
     }
 }
 
@@ -166,6 +175,7 @@ impl Pipeline {
         }
         let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
         let next_dead_letter = store.next_dead_letter_seq()?;
+        let next_changelog = store.next_outbox_seq(b'c')?;
         let rules_calendar = rules.calendar;
         let dedupe = dedupe_cache(&settings);
         Ok(Pipeline {
@@ -179,6 +189,7 @@ impl Pipeline {
             high_watermarks: HashMap::new(),
             owned: None,
             next_dead_letter,
+            next_changelog,
             pending: Pending::default(),
             dedupe,
             place: PlaceCache::new(rules_calendar),
@@ -212,6 +223,20 @@ impl Pipeline {
         for p in assigned {
             self.last_input_ms.entry(*p).or_insert(now);
         }
+    }
+
+    /// Reads the partitions' positions from the store again and forgets their
+    /// dedupe buckets in memory: their state on disk was replaced (a restore
+    /// from the changelog when they were assigned).
+    pub fn reload_partitions(&mut self, partitions: &[i32]) -> Result<(), StoreError> {
+        for &p in partitions {
+            match self.store.partition(&self.settings.input_topic, p)? {
+                Some(s) => self.partitions.insert(p, s),
+                None => self.partitions.remove(&p),
+            };
+            self.dedupe.forget(p);
+        }
+        Ok(())
     }
 
     /// Whether bills of accounts whose events come from `partition` are this
@@ -265,6 +290,7 @@ impl Pipeline {
             let state = self.pending.touched.entry(m.partition).or_insert_with(|| stored.get(&m.partition).copied().unwrap_or_default());
             if m.offset < state.next_offset {
                 self.pending.stats.already_processed += 1;
+                self.metrics.input_reread.with_label_values(&[&m.partition.to_string()]).inc();
                 continue;
             }
             state.next_offset = m.offset + 1;
@@ -339,19 +365,68 @@ impl Pipeline {
     }
 
     /// Writes everything pending in one atomic, synced batch: usage deltas,
-    /// dedupe keys, offsets and watermarks, dirty marks, dead letters.
+    /// dedupe keys, offsets and watermarks, dirty marks, dead letters (and
+    /// changelog records) in the outbox.
     pub fn flush(&mut self) -> Result<BatchStats, StoreError> {
-        let result = self.write_pending();
+        let result = self.stage_pending(false).and_then(|staged| self.apply(staged));
         if result.is_err() {
             self.discard_pending();
         }
         result
     }
 
-    fn write_pending(&mut self) -> Result<BatchStats, StoreError> {
+    /// Computes the write of everything pending without writing it, the
+    /// dead letters and changelog records captured for the caller to
+    /// deliver first (in a Kafka transaction); then [`Pipeline::apply`], or
+    /// [`Pipeline::abandon`] when the delivery failed. Nothing in memory
+    /// leads the store in between: what staging changed is reset by
+    /// `abandon`.
+    pub fn stage(&mut self) -> Result<Staged, StoreError> {
+        let result = self.stage_pending(true);
+        if result.is_err() {
+            self.discard_pending();
+        }
+        result
+    }
+
+    /// Forgets a staged batch that was not delivered (and everything
+    /// pending): the next batch starts from what is on disk, and the input
+    /// must be read again from [`Pipeline::next_offset`].
+    pub fn abandon(&mut self, staged: Staged) {
+        drop(staged);
+        self.discard_pending();
+    }
+
+    /// Writes a staged batch and brings memory in line with it.
+    pub fn apply(&mut self, staged: Staged) -> Result<BatchStats, StoreError> {
+        let t = Instant::now();
+        self.store.write_staged(staged.wb)?;
+        match staged.after {
+            After::Input { stats, touched } => {
+                self.metrics.batch_write_seconds.observe(t.elapsed().as_secs_f64());
+                self.metrics.events_billed.inc_by(stats.billed);
+                self.metrics.duplicates.inc_by(stats.duplicates);
+                self.partitions.extend(touched);
+                // Interned ids only need to live as long as a batch: a
+                // long-running worker keeps the table bounded.
+                if self.ids.len() > 1_000_000 {
+                    self.ids = Interner::default();
+                }
+                Ok(stats)
+            }
+            After::Emission { statuses } => {
+                for status in statuses {
+                    self.metrics.bills_emitted.with_label_values(&[status.as_str()]).inc();
+                }
+                Ok(BatchStats::default())
+            }
+        }
+    }
+
+    fn stage_pending(&mut self, capture: bool) -> Result<Staged, StoreError> {
         let pending = std::mem::take(&mut self.pending);
         let store = self.store.clone();
-        let mut batch = store.batch();
+        let mut batch = if capture { store.capturing_batch() } else { store.batch() };
         // Usage: one merge operand per account-month, its hours in order,
         // written in key order (RocksDB's memtable inserts sorted keys fastest).
         let mut cells: Vec<((u32, i64, u32), HourCell)> = pending.hours.into_iter().collect();
@@ -368,8 +443,9 @@ impl Pipeline {
             i = j;
         }
         groups.sort_unstable_by(|a, b| (a.0.len(), a.0, a.1).cmp(&(b.0.len(), b.0, b.1)));
-        for (name, month, _, range) in &groups {
-            batch.merge_usage_encoded(name, *month, &encode_cells(&cells[range.clone()], &self.regions));
+        let deltas: Vec<Vec<u8>> = groups.iter().map(|(_, _, _, range)| encode_cells(&cells[range.clone()], &self.regions)).collect();
+        for ((name, month, _, _), delta) in groups.iter().zip(&deltas) {
+            batch.merge_usage_encoded(name, *month, delta);
         }
         for (name, month, partition, _) in &groups {
             batch.mark_dirty(name, *month, *partition);
@@ -377,31 +453,88 @@ impl Pipeline {
         for (key, record) in &pending.dead_letters {
             batch.put_outbox(key, record);
         }
-        self.dedupe.write_changes(&mut batch);
+        let mut changes: Option<Vec<(i32, Change)>> = self.settings.changelog_topic.as_ref().map(|_| Vec::new());
+        if let Some(changes) = changes.as_mut() {
+            // The changelog carries each month's usage absolute: what is on
+            // disk plus this batch's delta.
+            let keys: Vec<(&str, Month)> = groups.iter().map(|(a, m, _, _)| (*a, *m)).collect();
+            for (((name, month, partition, _), delta), current) in groups.iter().zip(&deltas).zip(store.usage_raw_many(&keys)?) {
+                let usage = match current {
+                    Some(c) => merge_encoded([c.as_slice(), delta.as_slice()])?,
+                    None => delta.clone(),
+                };
+                changes.push((*partition, Change::Usage { account: name.to_string(), month: *month, usage }));
+            }
+        }
+        self.dedupe.write_changes(&mut batch, changes.as_mut());
         for (p, s) in &pending.touched {
             batch.put_partition(&self.settings.input_topic, *p, *s);
             if self.settings.dedupe {
                 self.dedupe.prune(&mut batch, *p, s.next_offset - 1, s.watermark_ms);
             }
+            if let Some(changes) = changes.as_mut() {
+                changes.push((*p, Change::Position(*s)));
+            }
         }
-        let t = Instant::now();
-        self.store.write(batch)?;
-        self.metrics.batch_write_seconds.observe(t.elapsed().as_secs_f64());
-        self.metrics.events_billed.inc_by(pending.stats.billed);
-        self.metrics.duplicates.inc_by(pending.stats.duplicates);
-        self.partitions.extend(pending.touched);
-        // Interned ids only need to live as long as a batch: a long-running
-        // worker keeps the table bounded.
-        if self.ids.len() > 1_000_000 {
-            self.ids = Interner::default();
+        if let Some(changes) = changes {
+            let next: HashMap<i32, i64> = pending.touched.iter().map(|(p, s)| (*p, s.next_offset)).collect();
+            for (p, change) in changes {
+                let next_offset = next.get(&p).copied().unwrap_or_else(|| self.next_offset(p).unwrap_or(0));
+                self.put_change(&mut batch, p, next_offset, &change);
+            }
         }
-        Ok(pending.stats)
+        let positions = pending.touched.iter().map(|(p, s)| (*p, s.next_offset)).collect();
+        let (wb, records) = batch.into_staged();
+        Ok(Staged { wb, records, positions, after: After::Input { stats: pending.stats, touched: pending.touched } })
+    }
+
+    /// Queues a changelog record for input partition `partition` in `batch`
+    /// (nothing without a changelog topic).
+    pub(crate) fn put_change(&mut self, batch: &mut crate::store::Batch<'_>, partition: i32, next_offset: i64, change: &Change) {
+        let Some(topic) = &self.settings.changelog_topic else { return };
+        let (key, payload) = change.encode();
+        let record = OutboxRecord {
+            topic: topic.clone(),
+            key: Some(key),
+            payload,
+            headers: vec![(crate::changelog::NEXT_OFFSET.into(), next_offset.to_string().into_bytes())],
+            partition: Some(partition),
+        };
+        batch.put_outbox(&crate::store::outbox_changelog_key(self.next_changelog), &record);
+        self.next_changelog += 1;
     }
 
     /// Messages ingested since the last flush (offsets already processed included).
     pub fn pending_messages(&self) -> u64 {
         let s = &self.pending.stats;
         s.billed + s.rejected + s.duplicates + s.already_processed
+    }
+}
+
+/// State changes computed and not yet written, with the records to
+/// deliver before they are ([`Pipeline::stage`],
+/// [`Pipeline::stage_emission`]): written by [`Pipeline::apply`] once the
+/// records are delivered, or forgotten by [`Pipeline::abandon`].
+pub struct Staged {
+    wb: rocksdb::WriteBatch,
+    /// Records to deliver before the state is written: dead letters,
+    /// changelog records, bills.
+    pub records: Vec<OutboxRecord>,
+    /// The next input offset of each partition this batch read, once
+    /// written (empty for an emission).
+    pub positions: BTreeMap<i32, i64>,
+    after: After,
+}
+
+/// What [`Pipeline::apply`] brings memory up to after the write.
+enum After {
+    Input { stats: BatchStats, touched: BTreeMap<i32, PartitionState> },
+    Emission { statuses: Vec<crate::billing::BillStatus> },
+}
+
+impl std::fmt::Debug for Staged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Staged").field("records", &self.records.len()).field("positions", &self.positions).finish_non_exhaustive()
     }
 }
 
@@ -427,6 +560,7 @@ mod tests {
             grace_ms: 2 * 3600 * 1000,
             idle_after_ms: 300_000,
             require_keys: true,
+            changelog_topic: None,
         }
     }
 

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use gatebill::billing::reference::{aggregate_messages, bills};
-use gatebill::billing::{decode_account, Bill, BillStatus, Rules};
+use gatebill::billing::{decode_account, Bill, BillRecord, BillStatus, Rules};
 use gatebill::config::Config;
 use gatebill::gen::{self, GenSpec, GenTruth};
 use gatebill::inspect::{self, BillTable};
@@ -63,9 +63,7 @@ pub async fn fixture_with(seed: u64, events: u64, partitions: i32, accounts: u64
     let cluster = MockCluster::new(1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&cluster, dir.path(), "live");
-    for t in [&cfg.kafka.input_topic, &cfg.kafka.accounts_topic, &cfg.kafka.output_topic, &cfg.kafka.dead_letter_topic, "replayed-bills"] {
-        cluster.create_topic(t, partitions, 1).unwrap();
-    }
+    create_topics(&cluster, &cfg, partitions, &["replayed-bills"]);
     let (truth, expected) = traffic(&cfg, seed, events, partitions, accounts, skew).await;
     Fixture { cluster, cfg, truth, expected, dir }
 }
@@ -215,4 +213,88 @@ pub async fn run_live_until_done(cfg: &Config, expected: &BTreeMap<String, Bill>
     wait_for_closed_bills(cfg, expected, Duration::from_secs(90)).await;
     tx.send(()).unwrap();
     handle.await.unwrap().unwrap()
+}
+
+/// Messages the group has committed, summed over the input's partitions.
+pub fn committed(cfg: &Config) -> i64 {
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let c = gatebill::kafka::plain_consumer(&cfg.kafka, &cfg.kafka.group_id).unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..cfg.kafka.partitions {
+        tpl.add_partition(&cfg.kafka.input_topic, p);
+    }
+    let Ok(done) = c.committed_offsets(tpl, Duration::from_secs(5)) else { return 0 };
+    done.elements().iter().map(|e| if let Offset::Offset(o) = e.offset() { o } else { 0 }).sum()
+}
+
+/// A `gatebill run` child process with `cfg` (written next to its state
+/// directory), its log (at `RUST_LOG=level`) in `<state_dir>.log`.
+pub fn spawn_worker(cfg: &Config, level: &str) -> std::process::Child {
+    let dir = cfg.worker.state_dir.parent().unwrap();
+    let name = cfg.worker.state_dir.file_name().unwrap().to_string_lossy().into_owned();
+    let config_path = dir.join(format!("{name}.toml"));
+    std::fs::write(&config_path, toml::to_string(cfg).unwrap()).unwrap();
+    let log = dir.join(format!("{name}.log"));
+    std::process::Command::new(env!("CARGO_BIN_EXE_gatebill"))
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .env("RUST_LOG", level)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Sends SIGTERM (a clean stop) to a child and waits for it.
+pub fn stop_worker(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    child.wait().unwrap()
+}
+
+/// Asserts that, on the output topic, every key's revisions increase in the
+/// order they were produced (a key lives in one partition); the one allowed
+/// equal revision is an exact repeat (output is at least once).
+pub fn assert_revisions_increase(cfg: &Config) -> usize {
+    let consumer = gatebill::kafka::plain_consumer(&cfg.kafka, "probe-revisions").unwrap();
+    let (ends, _) =
+        gatebill::kafka::assign_to_end(&consumer, &cfg.kafka.output_topic, |_, low, _| Ok::<_, gatebill::kafka::KafkaSetupError>(low))
+            .unwrap();
+    let mut last: BTreeMap<String, (u64, String)> = BTreeMap::new();
+    let mut records = 0;
+    gatebill::kafka::read_to_end(&consumer, ends, Duration::from_secs(30), |m| {
+        let r: BillRecord = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        if let Some((rev, hash)) = last.insert(r.key(), (r.revision, r.content_hash.clone())) {
+            assert!(
+                r.revision > rev || (r.revision == rev && r.content_hash == hash),
+                "{}: revision {} after {rev} (content {} after {hash})",
+                r.key(),
+                r.revision,
+                r.content_hash
+            );
+        }
+        records += 1;
+        Ok::<_, std::convert::Infallible>(())
+    })
+    .unwrap();
+    records
+}
+
+/// Creates the five topics of `cfg`, and `extra`, with `partitions` each.
+pub fn create_topics(cluster: &MockCluster<'static, DefaultProducerContext>, cfg: &Config, partitions: i32, extra: &[&str]) {
+    let k = &cfg.kafka;
+    for t in [&k.input_topic, &k.accounts_topic, &k.output_topic, &k.dead_letter_topic, &k.changelog_topic]
+        .into_iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+    {
+        cluster.create_topic(t, partitions, 1).unwrap();
+    }
+}
+
+/// Asserts that every malformed message has a dead letter (repeats allowed:
+/// output is at least once where a worker was killed).
+pub fn assert_every_malformed_dead_lettered(cfg: &Config, malformed: u64) {
+    let dead = read_dead_letters(cfg);
+    let sources: std::collections::BTreeSet<_> = dead.iter().map(|(_, p, o)| (p.clone(), o.clone())).collect();
+    assert_eq!(sources.len() as u64, malformed, "every malformed message dead-lettered");
 }

@@ -1,0 +1,354 @@
+//! The state changelog: what a worker writes to Kafka so that another worker
+//! can take over a partition with its state, and what that worker reads back
+//! ([`Restore`]). Pure: records to bytes and back, and the rule that decides
+//! which records a restore applies. The worker produces the records through
+//! the outbox and reads them with the bounded read (`worker.rs`).
+//!
+//! One compacted topic with as many partitions as the input: input
+//! partition p's state goes to changelog partition p. Keys (first byte the
+//! kind):
+//!
+//! | key | value | a restore keeps |
+//! | --- | --- | --- |
+//! | `u` + account-month | the month's usage, absolute (encoded `MonthUsage`) | the record with the highest `next_offset` header |
+//! | `d` + hour + batch offset | reset flag, last offset, topic hash, the hashes the batch added | every one, in order (a reset empties the bucket first) |
+//! | `b` + account-month | the last emitted bill state | the highest revision |
+//! | `o` | next offset and watermark of the input partition | the highest next offset |
+//!
+//! Every record carries the header [`NEXT_OFFSET`]: the input partition's
+//! next offset after the batch that wrote it. A batch's records are written
+//! in one state write and produced in order, `o` last; a restore applies
+//! only records whose header is at most the last `o` it read, so a batch
+//! whose records were only partly produced (the writer died while
+//! producing) is not applied, and the new owner reads that batch's input
+//! again.
+
+use crate::billing::calendar::Month;
+use crate::store::{account_month_key, decode_bill_state, decode_partition_state, encode_bill_state, encode_partition_state};
+use crate::store::{parse_account_month_key, BillState, PartitionState, Store, StoreError};
+use std::collections::BTreeMap;
+
+/// Header: the input partition's next offset after the batch that wrote
+/// the record (decimal).
+pub const NEXT_OFFSET: &str = "gatebill.next_offset";
+
+/// One change of a partition's state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// An account-month's usage, absolute.
+    Usage {
+        /// Account.
+        account: String,
+        /// Month.
+        month: Month,
+        /// Encoded `MonthUsage`.
+        usage: Vec<u8>,
+    },
+    /// Request-id hashes a batch added to an hour's dedupe bucket.
+    Dedupe {
+        /// Event hour (epoch hours).
+        hour: i64,
+        /// The offset of the batch's last message in the bucket (keys the record).
+        last_offset: i64,
+        /// The bucket restarted empty (expired) before these hashes.
+        reset: bool,
+        /// Hash of the input topic.
+        topic: u64,
+        /// 16-byte hashes.
+        hashes: Vec<u8>,
+    },
+    /// The last emitted bill of an account-month.
+    Bill {
+        /// Account.
+        account: String,
+        /// Month.
+        month: Month,
+        /// Its state.
+        state: BillState,
+    },
+    /// Where the input partition stands.
+    Position(PartitionState),
+}
+
+impl Change {
+    /// The record's key and value.
+    pub fn encode(&self) -> (Vec<u8>, Vec<u8>) {
+        match self {
+            Change::Usage { account, month, usage } => (kind(b'u', &account_month_key(account, *month)), usage.clone()),
+            Change::Dedupe { hour, last_offset, reset, topic, hashes } => {
+                let mut k = vec![b'd'];
+                k.extend_from_slice(&hour.to_be_bytes());
+                k.extend_from_slice(&last_offset.to_be_bytes());
+                let mut v = vec![u8::from(*reset)];
+                v.extend_from_slice(&last_offset.to_be_bytes());
+                v.extend_from_slice(&topic.to_be_bytes());
+                v.extend_from_slice(hashes);
+                (k, v)
+            }
+            Change::Bill { account, month, state } => (kind(b'b', &account_month_key(account, *month)), encode_bill_state(state)),
+            Change::Position(s) => (vec![b'o'], encode_partition_state(s)),
+        }
+    }
+
+    /// A record read back.
+    pub fn decode(key: &[u8], value: &[u8]) -> Result<Change, StoreError> {
+        let bad = |detail: &str| StoreError::Corrupt { cf: "changelog", detail: detail.into() };
+        let account_month = || parse_account_month_key(&key[1..]).ok_or_else(|| bad("bad account-month key"));
+        match key.first() {
+            Some(b'u') => {
+                let (account, month) = account_month()?;
+                Ok(Change::Usage { account, month, usage: value.to_vec() })
+            }
+            Some(b'd') if key.len() == 17 && value.len() >= 17 && (value.len() - 17).is_multiple_of(16) => Ok(Change::Dedupe {
+                hour: i64::from_be_bytes(key[1..9].try_into().expect("8 bytes")),
+                last_offset: i64::from_be_bytes(value[1..9].try_into().expect("8 bytes")),
+                reset: value[0] == 1,
+                topic: u64::from_be_bytes(value[9..17].try_into().expect("8 bytes")),
+                hashes: value[17..].to_vec(),
+            }),
+            Some(b'b') => {
+                let (account, month) = account_month()?;
+                Ok(Change::Bill { account, month, state: decode_bill_state(value)? })
+            }
+            Some(b'o') => Ok(Change::Position(decode_partition_state(value)?)),
+            _ => Err(bad("unknown record kind")),
+        }
+    }
+}
+
+fn kind(k: u8, rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rest.len() + 1);
+    out.push(k);
+    out.extend_from_slice(rest);
+    out
+}
+
+/// A partition's state as read from its changelog, by the rules in the
+/// module doc.
+#[derive(Debug, Default)]
+pub struct Restore {
+    /// Per account-month, its absolute usage by the batch (next offset) that wrote it.
+    usage: BTreeMap<(String, Month), BTreeMap<i64, Vec<u8>>>,
+    dedupe: Vec<(i64, Change)>,
+    bills: BTreeMap<(String, Month), BillState>,
+    position: Option<PartitionState>,
+    /// Records of batches past this input offset are ignored (see
+    /// [`Restore::up_to`]).
+    cut: Option<i64>,
+    /// Records read.
+    pub records: u64,
+    /// Bytes of keys and values read.
+    pub bytes: u64,
+}
+
+/// What a restore writes into the state store.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Where the input partition continues.
+    pub position: Option<PartitionState>,
+    /// Account-months with their absolute usage.
+    pub usage: Vec<(String, Month, Vec<u8>)>,
+    /// Dedupe changes to apply in order.
+    pub dedupe: Vec<Change>,
+    /// The last bill per account-month.
+    pub bills: Vec<(String, Month, BillState)>,
+}
+
+impl Restore {
+    /// A restore that ignores records of batches ending past `committed`,
+    /// the consumer group's committed offset: with transactions, those are
+    /// records of transactions that did not commit, which a broker that
+    /// delivers aborted data (tansu 0.6, the mock cluster) shows anyway.
+    pub fn up_to(committed: Option<i64>) -> Restore {
+        Restore { cut: committed, ..Restore::default() }
+    }
+
+    /// Takes the next record of the partition's changelog, in log order.
+    pub fn offer(&mut self, next_offset: i64, change: Change, bytes: usize) {
+        self.records += 1;
+        self.bytes += bytes as u64;
+        // Bill states are exempt: they only raise revisions, and a bill
+        // record a broker delivered from an uncommitted transaction was
+        // seen by readers too, so the next revision must be above it.
+        if self.cut.is_some_and(|c| next_offset > c) && !matches!(change, Change::Bill { .. }) {
+            return;
+        }
+        match change {
+            Change::Usage { account, month, usage } => {
+                // A later record of the same batch (a retry) replaces it.
+                self.usage.entry((account, month)).or_default().insert(next_offset, usage);
+            }
+            Change::Dedupe { .. } => self.dedupe.push((next_offset, change)),
+            Change::Bill { account, month, state } => {
+                let slot = self.bills.entry((account, month)).or_insert_with(|| state.clone());
+                if state.revision > slot.revision {
+                    *slot = state;
+                }
+            }
+            Change::Position(s) => {
+                if self.position.is_none_or(|p| s.next_offset >= p.next_offset) {
+                    self.position = Some(s);
+                }
+            }
+        }
+    }
+
+    /// The state to write: records of batches that ended at or before the
+    /// last position read (bill states whatever their batch: they only
+    /// raise revisions). Nothing at all when no position was read.
+    pub fn finish(self) -> Restored {
+        let Some(position) = self.position else {
+            return Restored { bills: self.bills.into_iter().map(|((a, m), s)| (a, m, s)).collect(), ..Restored::default() };
+        };
+        let upto = position.next_offset;
+        Restored {
+            position: Some(position),
+            // Each month's usage as of the last batch at or before the position.
+            usage: self
+                .usage
+                .into_iter()
+                .filter_map(|((a, m), mut by_batch)| {
+                    let last = by_batch.range(..=upto).next_back().map(|(o, _)| *o)?;
+                    by_batch.remove(&last).map(|u| (a, m, u))
+                })
+                .collect(),
+            dedupe: self.dedupe.into_iter().filter(|(o, _)| *o <= upto).map(|(_, c)| c).collect(),
+            bills: self.bills.into_iter().map(|((a, m), s)| (a, m, s)).collect(),
+        }
+    }
+}
+
+impl Restored {
+    /// Writes a partition's state restored from the changelog in one atomic
+    /// batch: absolute usage (every restored month marked dirty, so its bill
+    /// is recomputed and emitted only if it changed), dedupe buckets, bill
+    /// states that raise the revision held, and the position, when it is
+    /// ahead of the one held. Atomic because usage and position must agree:
+    /// usage ahead of its position would be counted twice.
+    ///
+    /// `replace`: the partition's dedupe buckets held are dropped first (the
+    /// store may hold state the changelog does not, after an unclean stop);
+    /// usage the changelog has is overwritten either way.
+    pub fn write(&self, store: &Store, input_topic: &str, partition: i32, replace: bool) -> Result<(), StoreError> {
+        let r = self;
+        let mut b = store.batch();
+        if replace {
+            for (hour, _, _) in store.dedupe_index(partition)? {
+                b.delete_dedupe(partition, hour);
+            }
+        }
+        for (a, m, u) in &r.usage {
+            b.put_usage_encoded(a, *m, u);
+            b.mark_dirty(a, *m, partition);
+        }
+        for c in &r.dedupe {
+            if let Change::Dedupe { hour, last_offset, reset, topic, hashes } = c {
+                if *reset {
+                    b.delete_dedupe(partition, *hour);
+                }
+                if !hashes.is_empty() {
+                    b.append_dedupe(partition, *hour, hashes);
+                }
+                b.put_dedupe_index(partition, *hour, *last_offset, *topic);
+            }
+        }
+        let keys: Vec<(&str, Month)> = r.bills.iter().map(|(a, m, _)| (a.as_str(), *m)).collect();
+        for ((a, m, s), held) in r.bills.iter().zip(store.bill_state_many(&keys)?) {
+            if held.is_none_or(|h| h.revision < s.revision) {
+                b.put_bill_state(a, *m, s);
+            }
+        }
+        if let Some(pos) = r.position {
+            if store.partition(input_topic, partition)?.is_none_or(|held| held.next_offset < pos.next_offset) {
+                b.put_partition(input_topic, partition, pos);
+            }
+        }
+        store.write(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::billing::BillStatus;
+
+    const MARCH: Month = Month { year: 2021, month: 3 };
+
+    fn bill(revision: u64) -> BillState {
+        BillState { revision, status: BillStatus::Final, content_hash: format!("h{revision}"), partition: 2 }
+    }
+
+    #[test]
+    fn every_kind_of_record_reads_back_as_written() {
+        for c in [
+            Change::Usage { account: "A".into(), month: MARCH, usage: vec![1, 2, 3] },
+            Change::Dedupe { hour: -5, last_offset: 77, reset: true, topic: 9, hashes: vec![7; 32] },
+            Change::Bill { account: "B".into(), month: MARCH, state: bill(4) },
+            Change::Position(PartitionState { next_offset: 10, watermark_ms: 1_000 }),
+        ] {
+            let (k, v) = c.encode();
+            assert_eq!(Change::decode(&k, &v).unwrap(), c);
+        }
+        assert!(Change::decode(b"x", b"").is_err());
+    }
+
+    /// A writer died while producing its last batch (offsets 10..20): the
+    /// usage it wrote for that batch is not applied, the position stays at
+    /// the last complete batch, and the new owner reads the batch again.
+    #[test]
+    fn a_partly_produced_batch_is_not_applied() {
+        let usage = |v: u8| Change::Usage { account: "A".into(), month: MARCH, usage: vec![v] };
+        let at = |o: i64| Change::Position(PartitionState { next_offset: o, watermark_ms: o * 100 });
+        let mut r = Restore::default();
+        r.offer(10, usage(1), 1);
+        r.offer(10, Change::Dedupe { hour: 1, last_offset: 9, reset: false, topic: 1, hashes: vec![1; 16] }, 1);
+        r.offer(10, at(10), 1);
+        r.offer(20, usage(2), 1);
+        r.offer(20, Change::Dedupe { hour: 1, last_offset: 19, reset: false, topic: 1, hashes: vec![2; 16] }, 1);
+        // A record delivered twice (an outbox retry) changes nothing.
+        r.offer(10, usage(1), 1);
+        r.offer(10, Change::Bill { account: "A".into(), month: MARCH, state: bill(3) }, 1);
+        r.offer(10, Change::Bill { account: "A".into(), month: MARCH, state: bill(2) }, 1);
+        assert_eq!(r.records, 8);
+        let done = r.finish();
+        assert_eq!(done.position, Some(PartitionState { next_offset: 10, watermark_ms: 1_000 }));
+        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![1])]);
+        assert_eq!(done.dedupe.len(), 1);
+        assert_eq!(done.bills, vec![("A".to_string(), MARCH, bill(3))]);
+    }
+
+    #[test]
+    fn later_batches_replace_usage_and_positions_only_move_forward() {
+        let mut r = Restore::default();
+        r.offer(10, Change::Usage { account: "A".into(), month: MARCH, usage: vec![1] }, 1);
+        r.offer(10, Change::Position(PartitionState { next_offset: 10, watermark_ms: 0 }), 1);
+        r.offer(30, Change::Usage { account: "A".into(), month: MARCH, usage: vec![3] }, 1);
+        r.offer(30, Change::Position(PartitionState { next_offset: 30, watermark_ms: 0 }), 1);
+        // A stale record produced late (a restarted old owner's outbox).
+        r.offer(20, Change::Usage { account: "A".into(), month: MARCH, usage: vec![2] }, 1);
+        r.offer(20, Change::Position(PartitionState { next_offset: 20, watermark_ms: 0 }), 1);
+        let done = r.finish();
+        assert_eq!(done.position.unwrap().next_offset, 30);
+        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![3])]);
+    }
+
+    /// A transaction that wrote offsets 20..30 did not commit (the group's
+    /// offset is 20), and its records are delivered anyway: they are ignored.
+    #[test]
+    fn records_past_the_committed_offset_are_ignored() {
+        let usage = |v: u8| Change::Usage { account: "A".into(), month: MARCH, usage: vec![v] };
+        let at = |o: i64| Change::Position(PartitionState { next_offset: o, watermark_ms: o * 100 });
+        let mut r = Restore::up_to(Some(20));
+        r.offer(20, usage(1), 1);
+        r.offer(20, at(20), 1);
+        r.offer(30, usage(2), 1);
+        r.offer(30, Change::Dedupe { hour: 1, last_offset: 29, reset: false, topic: 1, hashes: vec![2; 16] }, 1);
+        r.offer(30, at(30), 1);
+        r.offer(30, Change::Bill { account: "A".into(), month: MARCH, state: bill(5) }, 1);
+        let done = r.finish();
+        assert_eq!(done.position.unwrap().next_offset, 20);
+        assert_eq!(done.bills, vec![("A".to_string(), MARCH, bill(5))], "revisions only rise");
+        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![1])]);
+        assert!(done.dedupe.is_empty());
+    }
+}

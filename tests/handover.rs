@@ -1,0 +1,113 @@
+//! Handover through the changelog (issue 11, "Done when" 1 and 7): a worker
+//! processes part of a stream and stops; a second worker with an empty state
+//! directory restores the partitions from the changelog and finishes the
+//! stream without reading any input message below the first one's position.
+
+mod common;
+
+use common::{
+    assert_bills_match, assert_dead_letters_once, assert_revisions_increase, committed, config, fixture, read_bills, read_dead_letters,
+    run_live_until_done,
+};
+use gatebill::billing::reference::aggregate_messages;
+use gatebill::billing::Rules;
+use gatebill::kafka;
+use gatebill::store::{OutboxRecord, Store};
+use gatebill::worker::{self, FaultPoint, Mode, RunOptions};
+use rdkafka::message::Message;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_with_an_empty_state_directory_finishes_the_stream_from_the_changelog() {
+    let mut f = fixture(21, 3_000, 4).await;
+    f.cfg.kafka.partitions = 4;
+    let w1 = f.cfg.clone();
+    let total = f.truth.messages;
+
+    // W1 stops cleanly after three batches: part of the stream billed,
+    // its state in the changelog.
+    let opts = RunOptions { mode: Mode::Live, fault: Some(FaultPoint::StopAfter(3)) };
+    let s1 = worker::run(&w1.clone().checked().unwrap(), opts, std::future::pending()).await.unwrap();
+    assert!(s1.messages > 0 && s1.messages < total, "W1 read {} of {total}", s1.messages);
+
+    // A message W1 billed arrives again after the move: the dedupe state
+    // went with the partition, so it is dropped.
+    let store = Store::open(&w1.worker.state_dir).unwrap();
+    let (p, next) =
+        (0..4).map(|p| (p, store.partition(&w1.kafka.input_topic, p).unwrap().map_or(0, |s| s.next_offset))).max_by_key(|x| x.1).unwrap();
+    drop(store);
+    assert!(next > 0);
+    let reader = kafka::plain_consumer(&w1.kafka, "probe-input").unwrap();
+    let mut repeat = None;
+    kafka::read_partition(&reader, &w1.kafka.input_topic, p, 0, Duration::from_secs(10), |m| {
+        let payload = m.payload().unwrap_or_default();
+        if repeat.is_none() && m.offset() < next && aggregate_messages([payload], &Rules::default()).rejected.is_empty() {
+            repeat = Some(OutboxRecord {
+                topic: w1.kafka.input_topic.clone(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: payload.to_vec(),
+                headers: vec![],
+                partition: Some(p),
+            });
+        }
+        Ok::<_, kafka::KafkaSetupError>(())
+    })
+    .unwrap();
+    let producer = kafka::producer(&w1.kafka).unwrap();
+    assert_eq!(kafka::produce_all(&producer, &[(Vec::new(), repeat.expect("a valid event W1 billed"))]).await.len(), 1);
+
+    // W2: same group, empty state directory.
+    let mut w2 = config(&f.cluster, f.dir.path(), "second");
+    w2.kafka.group_id = w1.kafka.group_id.clone();
+    w2.kafka.partitions = 4;
+    let s2 = run_live_until_done(&w2, &f.expected).await;
+    assert_eq!(s2.reread, 0, "W2 read input below W1's position");
+    assert_eq!(s1.messages + s2.messages, total + 1, "every message read once, the repeat included");
+    assert_eq!(s1.duplicates + s2.duplicates, f.truth.duplicates + 1, "the repeat after the move is dropped");
+
+    let table = read_bills(&w2, &w2.kafka.output_topic);
+    assert_bills_match(&table, &f.expected);
+    let calls: u64 = table.latest.values().map(|r| r.content.usage.calls).sum();
+    assert_eq!(calls, f.truth.unique_events);
+    assert!(assert_revisions_increase(&w2) >= f.expected.len());
+    assert_dead_letters_once(&read_dead_letters(&w2), f.truth.malformed);
+}
+
+/// The first worker is a `gatebill run` process, SIGKILLed mid-stream; the
+/// second, with an empty state directory, finishes from the changelog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_finishes_the_stream_after_the_first_is_sigkilled() {
+    let mut f = fixture(22, 6_000, 4).await;
+    f.cfg.kafka.partitions = 4;
+    f.cfg.worker.batch_size = 300;
+    f.cfg.worker.batch_wait_ms = 100;
+    let total = f.truth.messages as i64;
+    let mut first = f.cfg.clone();
+    first.worker.state_dir = f.dir.path().join("first");
+    let log = f.dir.path().join("first.log");
+    let mut child = common::spawn_worker(&first, "warn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while committed(&f.cfg) < total / 3 {
+        assert!(std::time::Instant::now() < deadline, "the first worker made no progress; see {}", log.display());
+        assert!(child.try_wait().unwrap().is_none(), "the first worker exited; see {}", log.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = committed(&f.cfg);
+    assert!(at_kill < total, "the first worker finished before it was killed ({at_kill} of {total})");
+
+    let mut w2 = config(&f.cluster, f.dir.path(), "second");
+    w2.kafka.group_id = f.cfg.kafka.group_id.clone();
+    w2.kafka.partitions = 4;
+    let s2 = run_live_until_done(&w2, &f.expected).await;
+    assert_eq!(s2.reread, 0, "W2 read input below its restored position");
+    assert!(s2.messages as i64 <= total - at_kill, "W2 read {} messages; {} were committed by W1 of {total}", s2.messages, at_kill);
+
+    let table = read_bills(&w2, &w2.kafka.output_topic);
+    assert_bills_match(&table, &f.expected);
+    let calls: u64 = table.latest.values().map(|r| r.content.usage.calls).sum();
+    assert_eq!(calls, f.truth.unique_events, "events lost or counted twice");
+    assert!(assert_revisions_increase(&w2) >= f.expected.len());
+    common::assert_every_malformed_dead_lettered(&w2, f.truth.malformed);
+}
