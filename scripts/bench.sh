@@ -107,6 +107,27 @@ measure "floor: read and count (embedded broker)" "$BROKER_EVENTS" "" "$BIN" cou
 FLOOR_ROW="${ROWS[-1]}"
 measure "end to end: replay (embedded broker)" "$BROKER_EVENTS" "$WORK/s-e2e" "$BIN" replay --config "$WORK/broker.toml" --state-dir "$WORK/s-e2e" --metrics-address ""
 E2E_ROW="${ROWS[-1]}"
+# What the transactional run wrote to the changelog, per input event.
+"$BIN" count-topic --topic gatebill-changelog >"$WORK/changelog.txt"
+CHANGELOG_BYTES=$(grep -o '([0-9]* bytes' "$WORK/changelog.txt" | tr -dc 0-9)
+CHANGELOG_RECORDS=$(awk '{ print $2 }' "$WORK/changelog.txt")
+# The same replay without transactions (the outbox and an idempotent producer).
+printf '[kafka]\ntransactions = false\n[worker]\nbatch_size = 50000\n' >"$WORK/broker-notx.toml"
+measure "end to end: replay, no transactions (embedded broker)" "$BROKER_EVENTS" "$WORK/s-e2e-notx" "$BIN" replay --config "$WORK/broker-notx.toml" --state-dir "$WORK/s-e2e-notx" --metrics-address ""
+E2E_NOTX_ROW="${ROWS[-1]}"
+# Restore rate: a `run` worker bills the topic and stops cleanly (SIGTERM
+# after RESTORE_WAIT s); a second one with an empty state directory in the
+# same group restores every partition from the changelog.
+RESTORE_WAIT="${RESTORE_WAIT:-30}"
+"$BIN" run --config "$WORK/broker.toml" --state-dir "$WORK/s-run1" --group-id bench-restore --metrics-address "" 2>"$WORK/run1.log" &
+RUN_PID=$!; sleep "$RESTORE_WAIT"; kill -TERM $RUN_PID; wait $RUN_PID || true
+"$BIN" run --config "$WORK/broker.toml" --state-dir "$WORK/s-run2" --group-id bench-restore --metrics-address "" 2>"$WORK/run2.log" &
+RUN_PID=$!; sleep "$RESTORE_WAIT"; kill -TERM $RUN_PID; wait $RUN_PID || true
+RESTORE_LINE=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/run2.log" | awk '/partition restored from the changelog/ {
+    for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == "account_months") m += kv[2]; if (kv[1] == "seconds") s += kv[2]; if (kv[1] == "records") r += kv[2]; if (kv[1] == "bytes") b += kv[2] }
+    n++ }
+  END { if (n == 0 || s == 0) print "no partition was restored (see run2.log)"; else printf "%d partitions restored: %d changelog records (%d bytes), %d account-months in %.2f s of restore = %.0f account-months/s", n, r, b, m, s, m / s }')
+echo "restore: $RESTORE_LINE"
 kill $BROKER_PID; BROKER_PID=""
 unset GATEBILL_BROKERS
 
@@ -149,6 +170,8 @@ RATIO=$(awk -v f="$(field "$FLOOR_ROW" 3)" -v e="$(field "$E2E_ROW" 3)" 'BEGIN {
   printf '%s\n' "${ROWS[@]}"
   echo
   echo "End to end / floor (embedded broker): $RATIO. $PEER_LINE"
+  echo
+  echo "Transactions (kafka.transactions, the default) against none, same topic: $(field "$E2E_ROW" 3) vs $(field "$E2E_NOTX_ROW" 3) events/s, $(field "$E2E_ROW" 4) vs $(field "$E2E_NOTX_ROW" 4) CPU-s per million events. Changelog written by the transactional replay: $CHANGELOG_RECORDS records, $CHANGELOG_BYTES bytes of keys and values = $(awk -v b="$CHANGELOG_BYTES" -v n="$BROKER_EVENTS" 'BEGIN { printf "%.1f", b / n }') bytes per event. Restore (a \`run\` worker with an empty state directory after another stopped): $RESTORE_LINE."
   echo
   echo "Compacted state without dedupe keys, dedupe-on runs (\`gatebill compact\`; the table's last column is the directory as the run left it, with dedupe hashes awaiting compaction and the WAL): $SCALING."
   echo

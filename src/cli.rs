@@ -607,12 +607,20 @@ fn count_topic(a: CountTopicArgs, k: KafkaConfig) -> Result<()> {
         Ok(low)
     })?;
     let started = std::time::Instant::now();
-    let read = crate::kafka::read_to_end(&consumer, ends, Duration::from_secs(10), |_| Ok::<_, CliError>(()))?;
+    let mut bytes = 0u64;
+    let read = crate::kafka::read_to_end(&consumer, ends, Duration::from_secs(10), |m| {
+        bytes += (rdkafka::Message::key(m).map_or(0, <[u8]>::len) + rdkafka::Message::payload(m).map_or(0, <[u8]>::len)) as u64;
+        Ok::<_, CliError>(())
+    })?;
     if !read.unfinished.is_empty() {
         return Err(format!("no message for 10 s before the end offsets of partitions {:?}", read.unfinished).into());
     }
     let secs = started.elapsed().as_secs_f64();
-    println!("counted {} of {total} messages in {secs:.2} s: {:.0} msg/s", read.read, read.read as f64 / secs);
+    println!(
+        "counted {} of {total} messages ({bytes} bytes of keys and values) in {secs:.2} s: {:.0} msg/s",
+        read.read,
+        read.read as f64 / secs
+    );
     Ok(())
 }
 
