@@ -119,9 +119,12 @@ E2E_NOTX_ROW="${ROWS[-1]}"
 # after RESTORE_WAIT s); a second one with an empty state directory in the
 # same group restores every partition from the changelog.
 RESTORE_WAIT="${RESTORE_WAIT:-30}"
-"$BIN" run --config "$WORK/broker.toml" --state-dir "$WORK/s-run1" --group-id bench-restore --metrics-address "" 2>"$WORK/run1.log" &
+# A short session timeout: the second worker is assigned the partitions soon
+# after the first leaves (the mock cluster waits out the session otherwise).
+printf '[kafka.properties]\n"session.timeout.ms" = "6000"\n"heartbeat.interval.ms" = "500"\n[worker]\nbatch_size = 50000\n' >"$WORK/run.toml"
+"$BIN" run --config "$WORK/run.toml" --state-dir "$WORK/s-run1" --group-id bench-restore --metrics-address "" 2>"$WORK/run1.log" &
 RUN_PID=$!; sleep "$RESTORE_WAIT"; kill -TERM $RUN_PID; wait $RUN_PID || true
-"$BIN" run --config "$WORK/broker.toml" --state-dir "$WORK/s-run2" --group-id bench-restore --metrics-address "" 2>"$WORK/run2.log" &
+"$BIN" run --config "$WORK/run.toml" --state-dir "$WORK/s-run2" --group-id bench-restore --metrics-address "" 2>"$WORK/run2.log" &
 RUN_PID=$!; sleep "$RESTORE_WAIT"; kill -TERM $RUN_PID; wait $RUN_PID || true
 RESTORE_LINE=$(sed 's/\x1b\[[0-9;]*m//g' "$WORK/run2.log" | awk '/partition restored from the changelog/ {
     for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == "account_months") m += kv[2]; if (kv[1] == "seconds") s += kv[2]; if (kv[1] == "records") r += kv[2]; if (kv[1] == "bytes") b += kv[2] }

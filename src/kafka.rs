@@ -124,6 +124,27 @@ pub fn plain_consumer(k: &KafkaConfig, group: &str) -> Result<BaseConsumer, Kafk
     .map_err(err("creating a consumer"))
 }
 
+/// A consumer for reading changelog partitions to their ends: like
+/// [`plain_consumer`], but the broker answers a fetch at once when it has
+/// nothing more (`fetch.wait.max.ms` 10 instead of 500), so that finding a
+/// partition's end (often behind a transaction marker, which is never
+/// delivered as a message) costs milliseconds, not half a second.
+pub fn restore_consumer(k: &KafkaConfig, group: &str) -> Result<BaseConsumer, KafkaSetupError> {
+    client_config(
+        k,
+        &[
+            ("group.id", group),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "false"),
+            ("fetch.wait.max.ms", "10"),
+            READ_COMMITTED,
+            FETCH_QUEUE_BACKOFF,
+        ],
+    )
+    .create()
+    .map_err(err("creating the changelog consumer"))
+}
+
 /// The clients of one worker, built together by [`worker_clients`].
 pub struct WorkerClients<C: ConsumerContext + 'static> {
     /// Bills and dead letters ([`producer`]).

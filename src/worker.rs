@@ -542,7 +542,7 @@ impl Worker {
         std::fs::write(&running, b"").map_err(|source| WorkerError::Input { path: running.clone(), source })?;
         let ownership: Arc<Mutex<Ownership>> = Arc::default();
         let restorer = Restorer {
-            changelog: kafka::plain_consumer(k, &format!("{}-changelog", k.group_id))?,
+            changelog: kafka::restore_consumer(k, &format!("{}-changelog", k.group_id))?,
             group: kafka::plain_consumer(k, &k.group_id)?,
             topic: k.changelog_topic.clone(),
             metrics: metrics.clone(),
