@@ -1,8 +1,10 @@
 //! The state changelog: what a worker writes to Kafka so that another worker
 //! can take over a partition with its state, and what that worker reads back
-//! ([`Restore`]). Pure: records to bytes and back, and the rule that decides
-//! which records a restore applies. The worker produces the records through
-//! the outbox and reads them with the bounded read (`worker.rs`).
+//! ([`Restore`]). Records to bytes and back and the rule that decides which
+//! records a restore applies are pure; `Restored::write` applies the result
+//! to the store in one batch. The worker produces the records in its Kafka
+//! transactions (or through the outbox without them) and reads them back
+//! with `kafka::read_partition` (`worker.rs`, `Restorer`).
 //!
 //! One compacted topic with as many partitions as the input: input
 //! partition p's state goes to changelog partition p. Keys (first byte the
@@ -10,7 +12,7 @@
 //!
 //! | key | value | a restore keeps |
 //! | --- | --- | --- |
-//! | `u` + account-month | the month's usage, absolute (encoded `MonthUsage`) | the record with the highest `next_offset` header |
+//! | `u` + account-month | the month's usage, absolute (encoded `MonthUsage`) | the record with the highest `next_offset` header at most the last `o` |
 //! | `d` + hour + batch offset | reset flag, last offset, topic hash, the hashes the batch added | every one, in order (a reset empties the bucket first) |
 //! | `b` + account-month | the last emitted bill state | the highest revision |
 //! | `o` | next offset and watermark of the input partition | the highest next offset |
@@ -21,7 +23,10 @@
 //! only records whose header is at most the last `o` it read, so a batch
 //! whose records were only partly produced (the writer died while
 //! producing) is not applied, and the new owner reads that batch's input
-//! again.
+//! again. With transactions, records whose header is past the group's
+//! committed offset (transactions that did not commit, which brokers that
+//! deliver aborted data show) are ignored too, except bill states
+//! ([`Restore::up_to`]).
 
 use crate::billing::calendar::Month;
 use crate::store::{account_month_key, decode_bill_state, decode_partition_state, encode_bill_state, encode_partition_state};
