@@ -86,20 +86,13 @@ fn err(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> Ka
     move |source| KafkaSetupError::Client { what, source }
 }
 
-/// The producer for bills and dead letters: idempotent, acks=all, lz4.
+/// Settings of every gatebill producer: idempotent, acks=all, lz4.
+const PRODUCER: [(&str, &str); 5] =
+    [("enable.idempotence", "true"), ("acks", "all"), ("compression.type", "lz4"), ("linger.ms", "5"), ("message.timeout.ms", "30000")];
+
+/// The producer for bills and dead letters ([`PRODUCER`] settings).
 pub fn producer(k: &KafkaConfig) -> Result<FutureProducer, KafkaSetupError> {
-    client_config(
-        k,
-        &[
-            ("enable.idempotence", "true"),
-            ("acks", "all"),
-            ("compression.type", "lz4"),
-            ("linger.ms", "5"),
-            ("message.timeout.ms", "30000"),
-        ],
-    )
-    .create()
-    .map_err(err("creating the producer"))
+    client_config(k, &PRODUCER).create().map_err(err("creating the producer"))
 }
 
 /// How long librdkafka waits before fetching again for a partition whose
@@ -116,12 +109,15 @@ pub const READ_COMMITTED: (&str, &str) = ("isolation.level", "read_committed");
 
 /// A consumer without group membership, for reading topics by assignment.
 pub fn plain_consumer(k: &KafkaConfig, group: &str) -> Result<BaseConsumer, KafkaSetupError> {
-    client_config(
-        k,
-        &[("group.id", group), ("enable.auto.commit", "false"), ("enable.partition.eof", "false"), READ_COMMITTED, FETCH_QUEUE_BACKOFF],
-    )
-    .create()
-    .map_err(err("creating a consumer"))
+    assigning_consumer(k, group, None).map_err(err("creating a consumer"))
+}
+
+/// [`plain_consumer`]'s settings, plus `extra`.
+fn assigning_consumer(k: &KafkaConfig, group: &str, extra: Option<(&str, &str)>) -> Result<BaseConsumer, rdkafka::error::KafkaError> {
+    let mut own =
+        vec![("group.id", group), ("enable.auto.commit", "false"), ("enable.partition.eof", "false"), READ_COMMITTED, FETCH_QUEUE_BACKOFF];
+    own.extend(extra);
+    client_config(k, &own).create()
 }
 
 /// A consumer for reading changelog partitions to their ends: like
@@ -130,19 +126,7 @@ pub fn plain_consumer(k: &KafkaConfig, group: &str) -> Result<BaseConsumer, Kafk
 /// partition's end (often behind a transaction marker, which is never
 /// delivered as a message) costs milliseconds, not half a second.
 pub fn restore_consumer(k: &KafkaConfig, group: &str) -> Result<BaseConsumer, KafkaSetupError> {
-    client_config(
-        k,
-        &[
-            ("group.id", group),
-            ("enable.auto.commit", "false"),
-            ("enable.partition.eof", "false"),
-            ("fetch.wait.max.ms", "10"),
-            READ_COMMITTED,
-            FETCH_QUEUE_BACKOFF,
-        ],
-    )
-    .create()
-    .map_err(err("creating the changelog consumer"))
+    assigning_consumer(k, group, Some(("fetch.wait.max.ms", "10"))).map_err(err("creating the changelog consumer"))
 }
 
 /// The clients of one worker, built together by [`worker_clients`].
@@ -508,36 +492,19 @@ pub fn transactional_id(k: &KafkaConfig, state_dir: &std::path::Path) -> String 
 }
 
 impl Transactional {
-    /// A transactional producer (idempotent, acks=all, lz4) registered with
+    /// A transactional producer ([`PRODUCER`] settings) registered with
     /// the broker: `init_transactions` fences any earlier producer with the
     /// same id and aborts its open transaction.
     pub async fn start(k: &KafkaConfig, id: &str) -> Result<Transactional, KafkaSetupError> {
-        let producer: FutureProducer = client_config(
-            k,
-            &[
-                ("transactional.id", id),
-                ("enable.idempotence", "true"),
-                ("acks", "all"),
-                ("compression.type", "lz4"),
-                ("linger.ms", "5"),
-                ("transaction.timeout.ms", "60000"),
-                ("message.timeout.ms", "30000"),
-            ],
-        )
-        .create()
-        .map_err(err("creating the transactional producer"))?;
+        let mut own = vec![("transactional.id", id), ("transaction.timeout.ms", "60000")];
+        own.extend(PRODUCER);
+        let producer: FutureProducer = client_config(k, &own).create().map_err(err("creating the transactional producer"))?;
         let p = producer.clone();
         tokio::task::spawn_blocking(move || p.init_transactions(TXN_TIMEOUT))
             .await
             .map_err(|e| KafkaSetupError::Thread(e.to_string()))?
             .map_err(err(format!("registering transactional.id {id} (the broker needs transactions: Kafka >= 2.5 or Redpanda; or set kafka.transactions = false)")))?;
         Ok(Transactional { producer })
-    }
-
-    /// The producer, for the outbox of records that are not part of a
-    /// transaction (none while transactions are on).
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
     }
 
     /// One transaction: `records`, then (when `offsets` is not empty) the
@@ -553,8 +520,7 @@ impl Transactional {
             let (fatal, _) = txn_failure(&e);
             return Err(if fatal { TxnError::Fenced(e.to_string()) } else { TxnError::Aborted(format!("begin: {e}")) });
         }
-        let keyed: Vec<(Vec<u8>, OutboxRecord)> = records.iter().map(|r| (Vec::new(), r.clone())).collect();
-        let delivered = produce_all(&self.producer, &keyed).await.len();
+        let delivered = self.produce(records).await;
         if delivered < records.len() {
             return Err(self.abort(format!("{} of {} records not delivered", records.len() - delivered, records.len())).await);
         }
@@ -600,9 +566,15 @@ impl Transactional {
     /// would; the next `init_transactions` with this id aborts it).
     pub async fn produce_only(&self, records: &[OutboxRecord]) {
         if self.producer.begin_transaction().is_ok() {
-            let keyed: Vec<(Vec<u8>, OutboxRecord)> = records.iter().map(|r| (Vec::new(), r.clone())).collect();
-            produce_all(&self.producer, &keyed).await;
+            self.produce(records).await;
         }
+    }
+
+    /// Produces `records` into the open transaction; returns how many were
+    /// delivered.
+    async fn produce(&self, records: &[OutboxRecord]) -> usize {
+        let keyed: Vec<(Vec<u8>, OutboxRecord)> = records.iter().map(|r| (Vec::new(), r.clone())).collect();
+        produce_all(&self.producer, &keyed).await.len()
     }
 
     /// Aborts the open transaction; returns why, as the error to hand up.

@@ -697,8 +697,13 @@ impl Worker {
                 let mut staged = self.pipeline.stage()?;
                 let n = self.summary.batches + 1;
                 let (records, positions) = (std::mem::take(&mut staged.records), staged.positions.clone());
-                let committed = self.deliver(&records, &positions, self.opts.fault == Some(FaultPoint::BeforeTxnCommit(n))).await?;
-                if self.opts.fault == Some(FaultPoint::BeforeTxnCommit(n)) || self.opts.fault == Some(FaultPoint::AfterTxnCommit(n)) {
+                if self.opts.fault == Some(FaultPoint::BeforeTxnCommit(n)) {
+                    self.txn.as_ref().expect("transactions on").produce_only(&records).await;
+                    self.pipeline.abandon(staged);
+                    return Ok(Step::Crash);
+                }
+                let committed = self.deliver(&records, &positions).await?;
+                if self.opts.fault == Some(FaultPoint::AfterTxnCommit(n)) {
                     self.pipeline.abandon(staged);
                     return Ok(Step::Crash);
                 }
@@ -843,7 +848,7 @@ impl Worker {
             let bills = chunk.records.len() as u64;
             let mut staged = self.pipeline.stage_emission(chunk)?;
             let records = std::mem::take(&mut staged.records);
-            if records.is_empty() || self.deliver(&records, &BTreeMap::new(), false).await? {
+            if records.is_empty() || self.deliver(&records, &BTreeMap::new()).await? {
                 self.pipeline.apply(staged)?;
                 self.summary.bills_emitted += bills;
             } else {
@@ -856,29 +861,17 @@ impl Worker {
     }
 
     /// Produces a staged batch's records in one transaction with the group
-    /// offsets of every partition owned (live), and commits it, unless
-    /// `crash_before_commit` (a fault point). `Ok(false)`: aborted, nothing
-    /// of it visible; the caller forgets the staged state.
-    async fn deliver(
-        &mut self,
-        records: &[crate::store::OutboxRecord],
-        positions: &BTreeMap<i32, i64>,
-        crash_before_commit: bool,
-    ) -> Result<bool, WorkerError> {
+    /// offsets of every partition owned (live; `positions` ahead of the
+    /// stored ones), and commits it. `Ok(false)`: aborted, nothing of it
+    /// visible; the caller forgets the staged state.
+    async fn deliver(&mut self, records: &[crate::store::OutboxRecord], positions: &BTreeMap<i32, i64>) -> Result<bool, WorkerError> {
         let txn = self.txn.clone().expect("transactions on");
-        let mut offsets = TopicPartitionList::new();
         let group = if self.opts.mode == Mode::Live { self.consumer.group_metadata() } else { None };
-        if group.is_some() {
-            for &p in &self.assigned {
-                if let Some(next) = positions.get(&p).copied().or_else(|| self.pipeline.next_offset(p)) {
-                    offsets.add_partition_offset(&self.input_topic, p, Offset::Offset(next)).expect("valid offset");
-                }
-            }
-        }
-        if crash_before_commit {
-            txn.produce_only(records).await;
-            return Ok(false);
-        }
+        let offsets = if group.is_some() {
+            owned_offsets(&self.pipeline, &self.assigned, &self.input_topic, positions)
+        } else {
+            TopicPartitionList::new()
+        };
         let t = Instant::now();
         match txn.commit(records, offsets, group).await {
             Ok(()) => {
@@ -981,14 +974,21 @@ impl Drop for EndOffsets {
     }
 }
 
-/// Commits the stored next offsets of the partitions owned to the group.
-fn commit(consumer: &StreamConsumer<StoreOffsets>, pipeline: &Pipeline, owned: &[i32], topic: &str, mode: CommitMode) {
+/// The next offset of each partition owned: from `positions` (a staged
+/// batch's), else the stored one; partitions with neither are left out.
+fn owned_offsets(pipeline: &Pipeline, owned: &[i32], topic: &str, positions: &BTreeMap<i32, i64>) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for &p in owned {
-        if let Some(next) = pipeline.next_offset(p) {
+        if let Some(next) = positions.get(&p).copied().or_else(|| pipeline.next_offset(p)) {
             tpl.add_partition_offset(topic, p, Offset::Offset(next)).expect("valid offset");
         }
     }
+    tpl
+}
+
+/// Commits the stored next offsets of the partitions owned to the group.
+fn commit(consumer: &StreamConsumer<StoreOffsets>, pipeline: &Pipeline, owned: &[i32], topic: &str, mode: CommitMode) {
+    let tpl = owned_offsets(pipeline, owned, topic, &BTreeMap::new());
     if tpl.count() > 0 {
         if let Err(e) = consumer.commit(&tpl, mode) {
             tracing::debug!(error = %e, "offset commit to the group failed (informational only; the state store holds the offsets)");

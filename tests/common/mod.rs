@@ -298,3 +298,16 @@ pub fn assert_every_malformed_dead_lettered(cfg: &Config, malformed: u64) {
     let sources: std::collections::BTreeSet<_> = dead.iter().map(|(_, p, o)| (p.clone(), o.clone())).collect();
     assert_eq!(sources.len() as u64, malformed, "every malformed message dead-lettered");
 }
+
+/// The checks after workers handed partitions to each other mid-stream: the
+/// latest bills equal the core's, the summed calls equal the generator's
+/// unique events, revisions never fall, every malformed message has a dead
+/// letter.
+pub fn assert_exact_after_moves(cfg: &Config, expected: &BTreeMap<String, Bill>, truth: &GenTruth) {
+    let table = read_bills(cfg, &cfg.kafka.output_topic);
+    assert_bills_match(&table, expected);
+    let calls: u64 = table.latest.values().map(|r| r.content.usage.calls).sum();
+    assert_eq!(calls, truth.unique_events, "events lost or counted twice");
+    assert!(assert_revisions_increase(cfg) >= expected.len());
+    assert_every_malformed_dead_lettered(cfg, truth.malformed);
+}
