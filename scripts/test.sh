@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command a newcomer runs: installs what a fresh Debian/Ubuntu machine
 # lacks for building gatebill (C/C++ toolchain, libclang for RocksDB's
-# bindings, cmake), then checks formatting, lints, and runs every default test.
+# bindings, cmake; tansu, a broker with transactions), then checks formatting,
+# lints, and runs every default test and the tansu test (tests/zombie.rs).
 #
 #   scripts/test.sh            # install if needed, fmt, clippy, tests
 #   SKIP_INSTALL=1 scripts/test.sh
@@ -22,4 +23,6 @@ echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --locked --all-targets
+echo "==> cargo test --test zombie -- --ignored (needs tansu, which setup.sh installs)"
+cargo test --locked --test zombie -- --ignored
 echo "==> all checks passed"

@@ -460,6 +460,15 @@ pub enum TxnError {
          kafka.transactional_id, or leave it empty)"
     )]
     Fenced(String),
+    /// Aborting failed: the producer's state is unknown. On Kafka a fenced
+    /// producer's abort fails fatally (then it is [`TxnError::Fenced`]);
+    /// some brokers time out or drop the connection instead.
+    #[error(
+        "the transactional producer could not abort its transaction ({0}), so its state is unknown. This \
+         worker stops without writing the batch; its partitions are served by the group's other workers. \
+         Restart it: the new producer's registration aborts whatever this one left open"
+    )]
+    Unusable(String),
 }
 
 /// What a failed transactional call asks for.
@@ -583,8 +592,10 @@ impl Transactional {
         match tokio::task::spawn_blocking(move || p.abort_transaction(TXN_TIMEOUT)).await {
             Ok(Ok(())) => TxnError::Aborted(why),
             Ok(Err(e)) if txn_failure(&e).0 => TxnError::Fenced(format!("{why}; then abort: {e}")),
-            Ok(Err(e)) => TxnError::Aborted(format!("{why}; then abort: {e}")),
-            Err(e) => TxnError::Aborted(format!("{why}; then abort: {e}")),
+            // A producer whose abort failed cannot be trusted with the next
+            // transaction (tansu, for one, drops a fenced producer's abort).
+            Ok(Err(e)) => TxnError::Unusable(format!("{why}; then abort: {e}")),
+            Err(e) => TxnError::Unusable(format!("{why}; then abort: {e}")),
         }
     }
 }

