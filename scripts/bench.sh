@@ -64,9 +64,9 @@ gen_file "$EVENTS" "$WORK/events.ndjson"
 printf '[worker]\ndedupe = false\nbatch_size = %s\n' "$BATCH" >"$WORK/nodedupe.toml"
 printf '[worker]\nbatch_size = %s\n' "$BATCH" >"$WORK/dedupe.toml"
 printf '[worker]\nbatch_size = 50000\n' >"$WORK/broker.toml"
-measure "core path, dedupe off" "$EVENTS" "$WORK/s-off" "$BIN" replay --config "$WORK/nodedupe.toml" --input-file "$WORK/events.ndjson" --output-file "$WORK/b-off.ndjson" --state-dir "$WORK/s-off"
+measure "core path, dedupe off" "$EVENTS" "$WORK/s-off" "$BIN" replay --config "$WORK/nodedupe.toml" --input-file "$WORK/events.ndjson" --accounts-file "$WORK/events.accounts.ndjson" --output-file "$WORK/b-off.ndjson" --state-dir "$WORK/s-off"
 CORE_OFF="${ROWS[-1]}"
-measure "core path, dedupe on" "$EVENTS" "$WORK/s-on" "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/events.ndjson" --output-file "$WORK/b-on.ndjson" --state-dir "$WORK/s-on"
+measure "core path, dedupe on" "$EVENTS" "$WORK/s-on" "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/events.ndjson" --accounts-file "$WORK/events.accounts.ndjson" --output-file "$WORK/b-on.ndjson" --state-dir "$WORK/s-on"
 CORE_ON="${ROWS[-1]}"
 ACCOUNT_HOURS=$(python3 - "$WORK/events.ndjson" <<'PY'
 import json, sys
@@ -92,7 +92,7 @@ rm -rf "$WORK/s-off" "$WORK/s-on" "$WORK"/b-*.ndjson*
 for mult in 2 4; do
   n=$((EVENTS * mult))
   gen_file "$n" "$WORK/events-$mult.ndjson"
-  measure "scaling ${mult}x, dedupe on" "$n" "$WORK/s-$mult" "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/events-$mult.ndjson" --output-file "$WORK/b-$mult.ndjson" --state-dir "$WORK/s-$mult"
+  measure "scaling ${mult}x, dedupe on" "$n" "$WORK/s-$mult" "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/events-$mult.ndjson" --accounts-file "$WORK/events-$mult.accounts.ndjson" --output-file "$WORK/b-$mult.ndjson" --state-dir "$WORK/s-$mult"
   SCALING="$SCALING, ${mult}x: $(compacted_bytes "$WORK/s-$mult") bytes"
   rm -rf "$WORK/events-$mult.ndjson" "$WORK/s-$mult" "$WORK"/b-*.ndjson*
 done

@@ -46,6 +46,17 @@ pub enum Command {
     Replay(ReplayArgs),
     /// Show the latest revision of every bill on the output topic.
     Inspect(InspectArgs),
+    /// Explain one account-month's bill: hour by hour (billing time zone),
+    /// the calls and public bytes per region, what the free tier, each pack
+    /// and each trial took, where each price tier began, and each charge
+    /// line's arithmetic.
+    ///
+    /// Reads the state directory of the worker that owns the account's
+    /// partition, read-only (a RocksDB secondary open, no lock): the worker
+    /// may be running (it is not disturbed; what it wrote up to now is
+    /// shown) or stopped. Uses the configuration's billing rules, which must
+    /// be the worker's.
+    Explain(ExplainArgs),
     /// Start an embedded Kafka-protocol broker for local use (no Docker).
     ///
     /// librdkafka's mock cluster: it speaks the real Kafka protocol to any
@@ -77,6 +88,24 @@ pub struct CompactArgs {
     /// RocksDB state directory. [env: GATEBILL_STATE_DIR]
     #[arg(long)]
     state_dir: Option<PathBuf>,
+}
+
+/// `gatebill explain`
+#[derive(Args, Debug)]
+pub struct ExplainArgs {
+    /// Account id.
+    account: String,
+    /// Month, YYYY-MM (calendar month in the billing time zone).
+    month: crate::billing::Month,
+    /// Configuration file (TOML), for worker.state_dir and the billing rules. [env: GATEBILL_CONFIG]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// RocksDB state directory of the worker. [env: GATEBILL_STATE_DIR]
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Print JSON (one object) instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 /// `gatebill count-topic` (benchmarks)
@@ -212,6 +241,12 @@ impl CommonFlags for CompactArgs {
     }
 }
 
+impl CommonFlags for ExplainArgs {
+    fn flags(&self) -> (Option<&Path>, Overrides) {
+        (self.config.as_deref(), Overrides { state_dir: self.state_dir.clone(), ..Overrides::default() })
+    }
+}
+
 impl CommonFlags for CountTopicArgs {
     fn flags(&self) -> (Option<&Path>, Overrides) {
         (self.config.as_deref(), Overrides { brokers: self.brokers.clone(), ..Overrides::default() })
@@ -229,6 +264,7 @@ impl Command {
             Command::DevBroker(a) => a.settle(env),
             Command::Gen(a) => a.settle(env),
             Command::Compact(a) => a.settle(env),
+            Command::Explain(a) => a.settle(env),
             Command::CountTopic(a) => a.settle(env),
             Command::Demo(_) => return None,
         })
@@ -263,7 +299,23 @@ pub struct ReplayArgs {
     /// FILE.dead-letters) instead of the output topic.
     #[arg(long, requires = "input_file")]
     output_file: Option<PathBuf>,
+    /// With --input-file: account records, one JSON object per line, in the
+    /// accounts topic's format (plain or gzip); a later line for an account
+    /// replaces an earlier one, bad lines are dead-lettered. Without it the
+    /// accounts topic is read when brokers are given (--brokers, a
+    /// configuration file, or bills going to the output topic).
+    #[arg(long, requires = "input_file", conflicts_with = "no_accounts")]
+    accounts_file: Option<PathBuf>,
+    /// With --input-file: bill every account as unknown (no free tier, no
+    /// packs) on purpose, reading no account records.
+    #[arg(long, requires = "input_file")]
+    no_accounts: bool,
 }
+
+/// The error of `replay --input-file` given no account records.
+const NO_ACCOUNTS: &str = "replay --input-file needs the account records, or it bills every account as unknown (no free tier, \
+no packs). Pass --accounts-file FILE (account records, one JSON object per line, plain or gzip; `gatebill gen --output-file` \
+writes one beside the events), or --brokers to read the accounts topic, or --no-accounts to bill every account as unknown on purpose";
 
 /// `gatebill inspect`
 #[derive(Args, Debug)]
@@ -419,6 +471,15 @@ pub async fn main(cli: Cli) -> Result<()> {
         }
         Command::CountTopic(a) => count_topic(a, cfg.into_config().kafka),
         Command::Compact(_) => compact(&cfg.worker.state_dir),
+        Command::Explain(a) => {
+            let x = crate::explain::from_state_dir(&cfg.worker.state_dir, &a.account, a.month, cfg.rules())?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&x)?);
+            } else {
+                print!("{}", crate::explain::render(&x));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -473,7 +534,18 @@ async fn replay(a: ReplayArgs, cfg: Checked) -> Result<()> {
                 Some(out) => crate::file_replay::Sink::File(out.clone()),
                 None => crate::file_replay::Sink::Kafka,
             };
-            crate::file_replay::replay_file(&cfg, input, sink, progress).await?
+            let brokers_given = a.common.brokers.is_some()
+                || a.common.config.is_some()
+                || process_env("GATEBILL_BROKERS").is_some()
+                || process_env(crate::config::CONFIG_VAR).is_some()
+                || a.output_file.is_none();
+            let accounts = match (&a.accounts_file, a.no_accounts) {
+                (Some(f), _) => crate::file_replay::Accounts::File(f.clone()),
+                (None, true) => crate::file_replay::Accounts::None,
+                (None, false) if brokers_given => crate::file_replay::Accounts::Topic,
+                (None, false) => return Err(NO_ACCOUNTS.into()),
+            };
+            crate::file_replay::replay_file(&cfg, input, accounts, sink, progress).await?
         }
         None => worker::run(&cfg, RunOptions { mode: Mode::Replay { from_ms, progress }, fault: None }, shutdown_signal()).await?,
     };
@@ -580,6 +652,16 @@ async fn gen(a: GenArgs, k: KafkaConfig) -> Result<()> {
             t.duplicates,
             t.malformed
         );
+        if !a.no_accounts {
+            let accounts = crate::traffic::accounts_file_for(path);
+            crate::traffic::write_accounts_file(&accounts, &spec)?;
+            println!(
+                "wrote {} account records to {} (replay them with --accounts-file {})",
+                spec.accounts,
+                accounts.display(),
+                accounts.display()
+            );
+        }
         return Ok(());
     }
     let t = crate::traffic::generate(&k, &spec, !a.no_accounts, a.rate).await?;

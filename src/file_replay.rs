@@ -28,6 +28,18 @@ pub enum Sink {
     File(PathBuf),
 }
 
+/// Where the account records come from.
+pub enum Accounts {
+    /// Newline-delimited account records (plain or gzip). Offsets are line
+    /// numbers stored under `file:<path>`: a resumed replay applies only
+    /// the lines after the last one applied.
+    File(PathBuf),
+    /// The configured accounts topic, from the stored offsets to its end.
+    Topic,
+    /// None: every account is billed as unknown.
+    None,
+}
+
 /// Opens the input: `-` is stdin; gzip is recognised by its magic bytes.
 fn open_input(path: &Path) -> std::io::Result<Box<dyn BufRead + Send>> {
     let raw: Box<dyn Read + Send> = if path == Path::new("-") { Box::new(std::io::stdin()) } else { Box::new(std::fs::File::open(path)?) };
@@ -45,6 +57,23 @@ struct Chunk {
     last_line: i64,
     /// The input ended with this chunk.
     done: bool,
+}
+
+impl Chunk {
+    /// The chunk's lines as messages of partition 0, offset = line number - 1.
+    fn messages<'a>(&'a self, topic: &'a str) -> Vec<InputMessage<'a>> {
+        self.spans
+            .iter()
+            .map(|(from, to, line)| InputMessage {
+                topic,
+                partition: 0,
+                offset: line - 1,
+                key: None,
+                payload: Some(&self.buf[*from..*to]),
+                headers: vec![],
+            })
+            .collect()
+    }
 }
 
 /// Reads the input on a thread, `chunk_lines` lines per chunk, skipping
@@ -124,8 +153,29 @@ fn write_files(out: &Path, records: &[(Vec<u8>, OutboxRecord)], bills_topic: &st
     Ok(())
 }
 
+/// Applies an accounts file's lines after the last one applied before.
+fn load_accounts_file(pipeline: &mut Pipeline, path: &Path) -> Result<(), WorkerError> {
+    let input = |source| WorkerError::Input { path: path.to_path_buf(), source };
+    let reader = open_input(path).map_err(input)?;
+    let topic = pipeline.settings().accounts_topic.clone();
+    let start = pipeline.store().partition(&topic, 0)?.map_or(0, |s| s.next_offset);
+    let (chunks, _recycle) = read_chunks(reader, 1_000, start);
+    let mut applied = 0usize;
+    for chunk in chunks.iter() {
+        let chunk = chunk.map_err(input)?;
+        let msgs = chunk.messages(&topic);
+        applied += msgs.len();
+        pipeline.apply_accounts(&msgs)?;
+        if chunk.done {
+            break;
+        }
+    }
+    tracing::info!(file = %path.display(), records = applied, after_line = start, "account records loaded");
+    Ok(())
+}
+
 /// Replays a file through the pipeline and emits every bill at the end.
-pub async fn replay_file(cfg: &Checked, input: &Path, sink: Sink, progress: bool) -> Result<RunSummary, WorkerError> {
+pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: Sink, progress: bool) -> Result<RunSummary, WorkerError> {
     let rules = cfg.rules().clone();
     let store = Arc::new(Store::open(&cfg.worker.state_dir)?);
     let mut settings = Settings::from_config(cfg);
@@ -134,9 +184,23 @@ pub async fn replay_file(cfg: &Checked, input: &Path, sink: Sink, progress: bool
     settings.require_keys = false;
     // A file has no partitions to move between workers: no changelog.
     settings.changelog_topic = None;
+    if let Accounts::File(f) = &accounts {
+        settings.accounts_topic = format!("file:{}", f.canonicalize().unwrap_or_else(|_| f.clone()).display());
+    }
     let topic = settings.input_topic.clone();
     let metrics = Metrics::new();
     let mut pipeline = Pipeline::new(store, rules, settings, metrics.clone())?;
+    // The account records first: events are billed with them from the start.
+    match &accounts {
+        Accounts::File(f) => load_accounts_file(&mut pipeline, f)?,
+        Accounts::Topic => {
+            let consumer = crate::kafka::plain_consumer(&cfg.kafka, &format!("{}-accounts", cfg.kafka.group_id))?;
+            crate::worker::load_accounts(&mut pipeline, &consumer, &cfg.kafka.accounts_topic)?;
+        }
+        Accounts::None => {
+            tracing::warn!("no account records (--no-accounts): every account is billed as unknown, without free tier or packs")
+        }
+    }
     let reader = open_input(input).map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
     let start = pipeline.next_offset(0).unwrap_or(0);
     let pb = progress.then(|| {
@@ -154,18 +218,7 @@ pub async fn replay_file(cfg: &Checked, input: &Path, sink: Sink, progress: bool
     let started = std::time::Instant::now();
     for chunk in chunks.iter() {
         let chunk = chunk.map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
-        let msgs: Vec<InputMessage> = chunk
-            .spans
-            .iter()
-            .map(|(from, to, line)| InputMessage {
-                topic: &topic,
-                partition: 0,
-                offset: line - 1,
-                key: None,
-                payload: Some(&chunk.buf[*from..*to]),
-                headers: vec![],
-            })
-            .collect();
+        let msgs = chunk.messages(&topic);
         pipeline.ingest(&msgs)?;
         if let Some(pb) = &pb {
             pb.set_position(chunk.last_line as u64);

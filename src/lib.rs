@@ -6,12 +6,14 @@
 //! - [`pipeline`]: decode, dedupe, aggregate, emit bills, against the store;
 //! - [`store`]: the RocksDB state, written one atomic batch at a time;
 //! - [`worker`]: the Kafka driver of `run` and `replay`;
+//! - [`explain`]: why a bill is what it is, from a state directory;
 //! - [`kafka`], [`metrics`], [`inspect`], [`gen`], [`traffic`], [`config`], [`cli`].
 
 pub mod billing;
 pub mod changelog;
 pub mod cli;
 pub mod config;
+pub mod explain;
 pub mod file_replay;
 pub mod gen;
 pub mod inspect;

@@ -267,8 +267,19 @@ pub fn outbox_changelog_key(seq: u64) -> Vec<u8> {
 pub struct Store {
     db: DB,
     dir: PathBuf,
-    /// Held for the store's lifetime: a second process cannot open the directory.
-    _lock: File,
+    /// Held for the store's lifetime: a second process cannot open the
+    /// directory for writing. `None` for a secondary (read-only) open.
+    _lock: Option<File>,
+    /// A secondary open's own directory (its info log), removed on drop.
+    scratch: Option<PathBuf>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(s) = &self.scratch {
+            let _ = std::fs::remove_dir_all(s);
+        }
+    }
 }
 
 /// Everything one step changes, applied atomically by [`Store::write`].
@@ -294,37 +305,9 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        opts.increase_parallelism(2);
-        // Point lookups (dedupe keys, usage of an account-month) are mostly
-        // misses or hits on recent data: bloom filters answer misses without
-        // reading blocks, and a shared block cache keeps hot blocks.
-        let cache = rocksdb::Cache::new_lru_cache(64 << 20);
-        let cfs = cf::ALL.iter().map(|name| {
-            let mut block = rocksdb::BlockBasedOptions::default();
-            block.set_bloom_filter(10.0, false);
-            block.set_block_cache(&cache);
-            block.set_cache_index_and_filter_blocks(true);
-            let mut o = Options::default();
-            o.set_block_based_table_factory(&block);
-            o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            if *name == cf::USAGE || *name == cf::DEDUPE {
-                o.set_write_buffer_size(32 << 20);
-            }
-            if *name == cf::DEDUPE {
-                // A batch appends the hashes it saw to its hours' buckets.
-                o.set_merge_operator_associative("gatebill_dedupe_concat_v1", merge_concat);
-            }
-            if *name == cf::USAGE {
-                // Usage is written as deltas and summed by RocksDB (the merge
-                // is commutative and associative), so a batch never reads,
-                // decodes and rewrites a whole month to add an hour.
-                o.set_merge_operator_associative("gatebill_usage_sum_v1", merge_usage);
-            }
-            ColumnFamilyDescriptor::new(*name, o)
-        });
+        let cfs = column_families(&mut opts);
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
-        let store = Store { db, dir: dir.to_path_buf(), _lock: lock };
+        let store = Store { db, dir: dir.to_path_buf(), _lock: Some(lock), scratch: None };
         let meta = store.cf(cf::META);
         match store.db.get_cf(meta, META_VERSION_KEY)? {
             Some(v) => {
@@ -338,6 +321,80 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens the store in `dir` for reading only, as a RocksDB secondary
+    /// instance: no lock is taken, so it works beside a running worker
+    /// (reading what the worker had written when it was opened) and on a
+    /// stopped worker's directory. Writes nothing there; its own info log
+    /// goes to a scratch directory removed on drop.
+    pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
+        if !dir.join("CURRENT").is_file() {
+            return Err(StoreError::Io {
+                dir: dir.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no gatebill state store here (give the worker's worker.state_dir)",
+                ),
+            });
+        }
+        let scratch = std::env::temp_dir().join(format!(
+            "gatebill-secondary-{}-{}",
+            std::process::id(),
+            xxhash_rust::xxh3::xxh3_64(dir.as_os_str().as_encoded_bytes())
+        ));
+        let mut opts = Options::default();
+        opts.set_max_open_files(-1);
+        let cfs = column_families(&mut opts);
+        let db = DB::open_cf_descriptors_as_secondary(&opts, dir, &scratch, cfs)?;
+        db.try_catch_up_with_primary()?;
+        let store = Store { db, dir: dir.to_path_buf(), _lock: None, scratch: Some(scratch) };
+        let found = store
+            .db
+            .get_cf(store.cf(cf::META), META_VERSION_KEY)?
+            .map(|v| v.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(u32::MAX));
+        if found != Some(STORE_FORMAT_VERSION) {
+            return Err(StoreError::Version { dir: dir.to_path_buf(), found: found.unwrap_or(0) });
+        }
+        Ok(store)
+    }
+}
+
+/// The column families with their options (merge operators included: usage
+/// and dedupe values are merge operands until compaction, so every open,
+/// a read-only one too, needs them), and the database-wide options.
+fn column_families(opts: &mut Options) -> Vec<ColumnFamilyDescriptor> {
+    opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+    opts.increase_parallelism(2);
+    // Point lookups (dedupe keys, usage of an account-month) are mostly
+    // misses or hits on recent data: bloom filters answer misses without
+    // reading blocks, and a shared block cache keeps hot blocks.
+    let cache = rocksdb::Cache::new_lru_cache(64 << 20);
+    let cfs = cf::ALL.iter().map(|name| {
+        let mut block = rocksdb::BlockBasedOptions::default();
+        block.set_bloom_filter(10.0, false);
+        block.set_block_cache(&cache);
+        block.set_cache_index_and_filter_blocks(true);
+        let mut o = Options::default();
+        o.set_block_based_table_factory(&block);
+        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        if *name == cf::USAGE || *name == cf::DEDUPE {
+            o.set_write_buffer_size(32 << 20);
+        }
+        if *name == cf::DEDUPE {
+            // A batch appends the hashes it saw to its hours' buckets.
+            o.set_merge_operator_associative("gatebill_dedupe_concat_v1", merge_concat);
+        }
+        if *name == cf::USAGE {
+            // Usage is written as deltas and summed by RocksDB (the merge
+            // is commutative and associative), so a batch never reads,
+            // decodes and rewrites a whole month to add an hour.
+            o.set_merge_operator_associative("gatebill_usage_sum_v1", merge_usage);
+        }
+        ColumnFamilyDescriptor::new(*name, o)
+    });
+    cfs.collect()
+}
+
+impl Store {
     /// The directory the store lives in.
     pub fn dir(&self) -> &Path {
         &self.dir

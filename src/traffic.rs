@@ -81,15 +81,49 @@ pub async fn generate(k: &KafkaConfig, spec: &GenSpec, accounts: bool, rate: u64
     Ok(truth)
 }
 
-/// Writes generated events as NDJSON (gzip for `.gz`).
-pub fn write_file(path: &std::path::Path, spec: &GenSpec) -> Result<gen::GenTruth> {
-    use std::io::Write;
+/// The accounts file `gen --output-file` writes beside `events`:
+/// `x.ndjson` -> `x.accounts.ndjson`, `x.ndjson.gz` -> `x.accounts.ndjson.gz`,
+/// `x` -> `x.accounts.ndjson`.
+pub fn accounts_file_for(events: &std::path::Path) -> std::path::PathBuf {
+    let name = events.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let (stem, gz) = match name.strip_suffix(".gz") {
+        Some(s) => (s, ".gz"),
+        None => (name.as_str(), ""),
+    };
+    let stem = stem.strip_suffix(".ndjson").or_else(|| stem.strip_suffix(".jsonl")).or_else(|| stem.strip_suffix(".json")).unwrap_or(stem);
+    events.with_file_name(format!("{stem}.accounts.ndjson{gz}"))
+}
+
+/// Writes the generated account records as NDJSON (gzip for `.gz`).
+pub fn write_accounts_file(path: &std::path::Path, spec: &GenSpec) -> Result<()> {
+    write_lines(path, gen::accounts(spec.accounts, spec.seed).iter().map(|m| m.payload.as_slice()))
+}
+
+/// Creates an NDJSON file, gzip-compressed when its name ends in `.gz`.
+fn create_ndjson(path: &std::path::Path) -> Result<Box<dyn std::io::Write>> {
     let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut out: Box<dyn Write> = if path.extension().is_some_and(|e| e == "gz") {
+    Ok(if path.extension().is_some_and(|e| e == "gz") {
         Box::new(flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast()))
     } else {
         Box::new(std::io::BufWriter::with_capacity(1 << 20, file))
-    };
+    })
+}
+
+/// Writes lines as NDJSON (gzip for `.gz`).
+fn write_lines<'a>(path: &std::path::Path, lines: impl Iterator<Item = &'a [u8]>) -> Result<()> {
+    use std::io::Write;
+    let mut out = create_ndjson(path)?;
+    for l in lines {
+        out.write_all(l)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Writes generated events as NDJSON (gzip for `.gz`).
+pub fn write_file(path: &std::path::Path, spec: &GenSpec) -> Result<gen::GenTruth> {
+    let mut out = create_ndjson(path)?;
     let mut err = None;
     let truth = gen::events(spec, |m| {
         // A line must stay one line: payloads with a newline (none are generated) would split.

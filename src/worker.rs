@@ -407,7 +407,7 @@ fn apply_account_messages(pipeline: &mut Pipeline, msgs: &[OwnedMessage]) -> Res
 }
 
 /// Reads the accounts topic from the stored offsets to its current end.
-fn load_accounts(pipeline: &mut Pipeline, consumer: &BaseConsumer, topic: &str) -> Result<(), WorkerError> {
+pub(crate) fn load_accounts(pipeline: &mut Pipeline, consumer: &BaseConsumer, topic: &str) -> Result<(), WorkerError> {
     let store = pipeline.store().clone();
     let (ends, _) =
         kafka::assign_to_end(consumer, topic, |p, low, _| Ok::<_, WorkerError>(store.partition(topic, p)?.map_or(low, |s| s.next_offset)))?;

@@ -1,11 +1,15 @@
 //! `replay --input-file`: the pipeline fed from an NDJSON archive (plain or
-//! gzip) gives the pure core's bills, dead-letters the malformed lines, and
-//! resumes after the last line on a second run.
+//! gzip) with its accounts file gives the pure core's bills, dead-letters
+//! the malformed lines, and resumes after the last line on a second run; it
+//! bills like a topic replay with the accounts topic; without account
+//! records it refuses to run unless told `--no-accounts`.
+
+mod common;
 
 use gatebill::billing::reference::{aggregate_messages, bills};
-use gatebill::billing::{BillRecord, Rules};
+use gatebill::billing::{decode_account, BillRecord, Rules};
 use gatebill::config::Config;
-use gatebill::file_replay::{replay_file, Sink};
+use gatebill::file_replay::{replay_file, Accounts, Sink};
 use gatebill::gen::{self, GenSpec};
 use std::collections::BTreeMap;
 
@@ -25,17 +29,26 @@ async fn file_replay_equals_the_core_and_resumes() {
     for name in ["events.ndjson", "events.ndjson.gz"] {
         let input = dir.path().join(name);
         let truth = gatebill::traffic::write_file(&input, &spec).unwrap();
+        let accounts = gatebill::traffic::accounts_file_for(&input);
+        gatebill::traffic::write_accounts_file(&accounts, &spec).unwrap();
         let mut cfg = Config::default();
         cfg.worker.state_dir = dir.path().join(format!("{name}.state"));
         cfg.worker.batch_size = 1_000;
         let out = dir.path().join(format!("{name}.bills"));
-        let s = replay_file(&cfg.clone().checked().unwrap(), &input, Sink::File(out.clone()), false).await.unwrap();
+        let s = replay_file(&cfg.clone().checked().unwrap(), &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false)
+            .await
+            .unwrap();
         assert_eq!((s.billed, s.duplicates, s.rejected), (truth.unique_events, truth.duplicates, truth.malformed));
 
         let rules = Rules::default();
         let mut msgs = Vec::new();
         gen::events(&spec, |m| msgs.push(m.payload));
-        let expected = bills(&aggregate_messages(msgs.iter().map(Vec::as_slice), &rules).ledger, &BTreeMap::new(), &rules);
+        let table: BTreeMap<_, _> = gen::accounts(spec.accounts, spec.seed)
+            .iter()
+            .map(|m| decode_account(&m.payload).unwrap())
+            .map(|a| (a.account_id.clone(), a))
+            .collect();
+        let expected = bills(&aggregate_messages(msgs.iter().map(Vec::as_slice), &rules).ledger, &table, &rules);
         let got: BTreeMap<String, String> = std::fs::read_to_string(&out)
             .unwrap()
             .lines()
@@ -49,7 +62,109 @@ async fn file_replay_equals_the_core_and_resumes() {
         assert_eq!(dead.lines().count() as u64, truth.malformed);
 
         // A second run over the same file and state resumes after the last line.
-        let again = replay_file(&cfg.clone().checked().unwrap(), &input, Sink::File(out.clone()), false).await.unwrap();
+        let again = replay_file(&cfg.clone().checked().unwrap(), &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false)
+            .await
+            .unwrap();
         assert_eq!((again.messages, again.billed, again.bills_emitted), (0, 0, 0));
     }
+}
+
+/// The bills of an NDJSON file, key -> content hash.
+fn hashes(path: &std::path::Path) -> BTreeMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<BillRecord>(l).unwrap())
+        .map(|r| (r.key(), r.content_hash))
+        .collect()
+}
+
+/// One generated history, as a topic with the accounts topic (the mock
+/// cluster) and as files written by `gen --output-file`: a backfill with
+/// the accounts file bills exactly as the topic replay; one without account
+/// records differs (every account unknown).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_with_its_accounts_file_bills_as_the_topic_replay_with_the_accounts_topic() {
+    let f = common::fixture(9, 4_000, 4).await;
+    let mut topic_cfg = f.cfg.clone();
+    topic_cfg.kafka.partitions = 4;
+    common::replay(&topic_cfg).await;
+    let topic: BTreeMap<String, String> =
+        common::read_bills(&topic_cfg, &topic_cfg.kafka.output_topic).latest.into_iter().map(|(k, r)| (k, r.content_hash)).collect();
+    assert_eq!(topic.len(), f.expected.len());
+
+    // The same history through the command line, as the README shows it.
+    let dir = f.dir.path();
+    let bin = env!("CARGO_BIN_EXE_gatebill");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).env_remove("GATEBILL_BROKERS").env_remove("GATEBILL_CONFIG").output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let events = dir.join("history.ndjson.gz");
+    let (ok, said) = run(&[
+        "gen",
+        "--events",
+        "4000",
+        "--accounts",
+        "40",
+        "--seed",
+        "9",
+        "--start",
+        "2020-10-20T00:00:00+08:00",
+        "--days",
+        "45",
+        "--duplicates",
+        "0.02",
+        "--malformed",
+        "0.01",
+        "--output-file",
+        events.to_str().unwrap(),
+    ]);
+    assert!(ok, "{said}");
+    let accounts = dir.join("history.accounts.ndjson.gz");
+    assert!(said.contains(&format!("40 account records to {}", accounts.display())), "{said}");
+    let state = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let bills = dir.join("backfill.ndjson");
+    let (ok, said) = run(&[
+        "replay",
+        "--input-file",
+        events.to_str().unwrap(),
+        "--accounts-file",
+        accounts.to_str().unwrap(),
+        "--output-file",
+        bills.to_str().unwrap(),
+        "--state-dir",
+        &state("s-file"),
+    ]);
+    assert!(ok, "{said}");
+    assert_eq!(hashes(&bills), topic, "the backfill's bills differ from the topic replay's");
+
+    // Without account records: refused, saying how to give them.
+    let unknown = dir.join("unknown.ndjson");
+    let (ok, said) = run(&[
+        "replay",
+        "--input-file",
+        events.to_str().unwrap(),
+        "--output-file",
+        unknown.to_str().unwrap(),
+        "--state-dir",
+        &state("s-none"),
+    ]);
+    assert!(!ok && said.contains("--accounts-file") && said.contains("--no-accounts"), "{said}");
+    assert!(!unknown.exists());
+    // On purpose: every account unknown, so the bills differ.
+    let (ok, said) = run(&[
+        "replay",
+        "--input-file",
+        events.to_str().unwrap(),
+        "--no-accounts",
+        "--output-file",
+        unknown.to_str().unwrap(),
+        "--state-dir",
+        &state("s-none"),
+    ]);
+    assert!(ok, "{said}");
+    let unknown = hashes(&unknown);
+    assert_eq!(unknown.len(), topic.len());
+    assert!(unknown.iter().filter(|(k, h)| topic.get(*k) != Some(*h)).count() > 0, "bills without accounts equal those with them");
 }

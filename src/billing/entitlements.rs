@@ -68,8 +68,54 @@ struct Pack {
     balance: u64,
 }
 
-/// Takes `want` from the eligible packs in order, recording what each gave.
-fn draw(packs: &mut [Pack], hour: i64, mut want: u64, taken: &mut BTreeMap<usize, u64>) -> u64 {
+/// What one pack gave in one hour (see [`deduct_traced`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Take {
+    /// `free-tier/YYYY-MM` for the free tier, else the pack's id.
+    pub pack_id: String,
+    /// Free tier or purchase.
+    pub source: PackSource,
+    /// Calls or bytes taken.
+    pub quantity: u64,
+}
+
+/// One region's public outbound bytes in one hour (see [`HourTrace`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RegionTrace {
+    /// The gateway region.
+    pub region: String,
+    /// Public outbound bytes in the hour.
+    pub bytes: u64,
+    /// What each pack took, in deduction order.
+    pub taken: Vec<Take>,
+    /// Bytes left to pay for.
+    pub chargeable: u64,
+}
+
+/// The deduction walk of one hour, as [`deduct_traced`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HourTrace {
+    /// The month the hour is billed in.
+    pub month: Month,
+    /// The hour's start, UTC epoch seconds.
+    pub hour: i64,
+    /// Inside a trial period: nothing is drawn or charged.
+    pub trial: bool,
+    /// Calls in the hour, frontend errors included.
+    pub calls: u64,
+    /// Calls that failed in the gateway frontend (never billed).
+    pub frontend_error_calls: u64,
+    /// What each pack took of the billable calls, in deduction order.
+    pub calls_taken: Vec<Take>,
+    /// Calls left to pay for.
+    pub chargeable_calls: u64,
+    /// Public outbound bytes per region, in region order.
+    pub regions: Vec<RegionTrace>,
+}
+
+/// Takes `want` from the eligible packs in order, recording what each gave
+/// (and, with `log`, each take in order).
+fn draw(packs: &mut [Pack], hour: i64, mut want: u64, taken: &mut BTreeMap<usize, u64>, mut log: Option<&mut Vec<Take>>) -> u64 {
     for (i, p) in packs.iter_mut().enumerate() {
         if want == 0 {
             break;
@@ -81,6 +127,9 @@ fn draw(packs: &mut [Pack], hour: i64, mut want: u64, taken: &mut BTreeMap<usize
         p.balance -= t;
         want -= t;
         *taken.entry(i).or_insert(0) += t;
+        if let Some(log) = log.as_deref_mut() {
+            log.push(Take { pack_id: p.id.clone(), source: p.source, quantity: t });
+        }
     }
     want
 }
@@ -94,6 +143,17 @@ pub fn months_are_independent(account: Option<&AccountRecord>) -> bool {
 /// Applies trial periods, the free tier and packs to every month, in
 /// chronological order of months, hours, and (within an hour) regions.
 pub fn deduct(account: Option<&AccountRecord>, usages: &BTreeMap<Month, MonthUsage>, rules: &Rules) -> BTreeMap<Month, MonthDeduction> {
+    deduct_traced(account, usages, rules, None)
+}
+
+/// [`deduct`], reporting every hour's walk to `trace` (in the same order)
+/// when given: what `gatebill explain` prints. The results are the same.
+pub fn deduct_traced(
+    account: Option<&AccountRecord>,
+    usages: &BTreeMap<Month, MonthUsage>,
+    rules: &Rules,
+    mut trace: Option<&mut dyn FnMut(HourTrace)>,
+) -> BTreeMap<Month, MonthDeduction> {
     let cal = &rules.calendar;
     let free_window = match (account, &rules.free_tier) {
         (Some(a), Some(ft)) => Some((free_tier_window(a.activated_at, ft.months, rules), ft)),
@@ -140,17 +200,45 @@ pub fn deduct(account: Option<&AccountRecord>, usages: &BTreeMap<Month, MonthUsa
         let mut taken: [BTreeMap<usize, u64>; 4] = Default::default();
         for (&hour, h) in &usage.hours {
             let billable = h.calls.saturating_sub(h.frontend_error_calls);
+            let mut t = trace.is_some().then(|| HourTrace {
+                month: *month,
+                hour,
+                trial: false,
+                calls: h.calls,
+                frontend_error_calls: h.frontend_error_calls,
+                calls_taken: Vec::new(),
+                chargeable_calls: 0,
+                regions: Vec::new(),
+            });
             if rules.in_trial(hour) {
                 d.trial_calls += billable;
                 d.trial_public_out_bytes += h.public_out_total();
+                if let (Some(f), Some(mut t)) = (trace.as_deref_mut(), t) {
+                    t.trial = true;
+                    t.regions = h
+                        .public_out_bytes
+                        .iter()
+                        .map(|(r, &bytes)| RegionTrace { region: r.to_string(), bytes, taken: Vec::new(), chargeable: 0 })
+                        .collect();
+                    f(t);
+                }
                 continue;
             }
             let [free_calls_taken, free_bytes_taken, bought_calls_taken, bought_bytes_taken] = &mut taken;
-            let left = draw(&mut free_calls, hour, billable, free_calls_taken);
-            d.chargeable_calls += draw(&mut bought_calls, hour, left, bought_calls_taken);
+            let left = draw(&mut free_calls, hour, billable, free_calls_taken, t.as_mut().map(|t| &mut t.calls_taken));
+            let chargeable = draw(&mut bought_calls, hour, left, bought_calls_taken, t.as_mut().map(|t| &mut t.calls_taken));
+            d.chargeable_calls += chargeable;
+            if let Some(t) = t.as_mut() {
+                t.chargeable_calls = chargeable;
+            }
             for (region, &bytes) in &h.public_out_bytes {
-                let left = draw(&mut free_bytes, hour, bytes, free_bytes_taken);
-                let left = draw(&mut bought_bytes, hour, left, bought_bytes_taken);
+                let mut r = t.as_ref().map(|_| RegionTrace { region: region.to_string(), bytes, taken: Vec::new(), chargeable: 0 });
+                let left = draw(&mut free_bytes, hour, bytes, free_bytes_taken, r.as_mut().map(|r| &mut r.taken));
+                let left = draw(&mut bought_bytes, hour, left, bought_bytes_taken, r.as_mut().map(|r| &mut r.taken));
+                if let (Some(t), Some(mut r)) = (t.as_mut(), r) {
+                    r.chargeable = left;
+                    t.regions.push(r);
+                }
                 if left > 0 {
                     match d.chargeable_bytes.get_mut(region.as_ref()) {
                         Some(v) => *v += left,
@@ -159,6 +247,9 @@ pub fn deduct(account: Option<&AccountRecord>, usages: &BTreeMap<Month, MonthUsa
                         }
                     }
                 }
+            }
+            if let (Some(f), Some(t)) = (trace.as_deref_mut(), t) {
+                f(t);
             }
         }
         let packs = [

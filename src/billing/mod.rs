@@ -13,6 +13,7 @@ pub mod config;
 
 pub mod entitlements;
 pub mod event;
+pub mod explain;
 pub mod money;
 pub mod reference;
 pub mod scan;

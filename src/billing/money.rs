@@ -31,6 +31,34 @@ pub fn line_amount(quantity: u64, unit_price: Decimal, unit_size: u64) -> Decima
     Decimal::from_i128_with_scale(cents, 2)
 }
 
+/// `quantity / unit_size x unit_price` exactly, as a decimal string with
+/// every digit (the expansion ends: the divisor is `10^scale x unit_size`,
+/// and unit sizes are 10,000 and 2^30), before [`line_amount`] rounds it.
+pub fn exact_amount(quantity: u64, unit_price: Decimal, unit_size: u64) -> String {
+    assert!(unit_size > 0, "unit_size is positive");
+    let num = i128::from(quantity) * unit_price.mantissa().abs();
+    let den = 10i128.pow(unit_price.scale()) * i128::from(unit_size);
+    let mut out = (num / den).to_string();
+    let mut rem = num % den;
+    if rem != 0 {
+        out.push('.');
+        // At most 64 digits: enough for any divisor of the form 2^a 5^b
+        // that configuration allows; a longer expansion is cut, marked "...".
+        for _ in 0..64 {
+            if rem == 0 {
+                break;
+            }
+            rem *= 10;
+            out.push(char::from(b'0' + (rem / den) as u8));
+            rem %= den;
+        }
+        if rem != 0 {
+            out.push_str("...");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -43,6 +71,16 @@ mod tests {
         // 0.005 exactly rounds up to 0.01.
         assert_eq!(line_amount(5_000, dec!(0.01), 10_000), dec!(0.01));
         assert_eq!(line_amount(4_999, dec!(0.01), 10_000), dec!(0.00));
+    }
+
+    #[test]
+    fn exact_amounts_have_every_digit() {
+        assert_eq!(exact_amount(12_500, dec!(0.01), 10_000), "0.0125");
+        assert_eq!(exact_amount(600_000, dec!(0.06), 10_000), "3.6");
+        assert_eq!(exact_amount(0, dec!(0.80), GB), "0");
+        // 1 byte at 0.80 per GB: 0.8 / 2^30, 32 decimal places.
+        assert_eq!(exact_amount(1, dec!(0.80), GB), "0.0000000007450580596923828125");
+        assert_eq!(exact_amount(2_684_354_560, dec!(0.80), GB), "2");
     }
 
     #[test]
