@@ -3,6 +3,8 @@
 //! the deduction order inside an hour, and is read from a state directory
 //! that a replay wrote.
 
+mod common;
+
 use gatebill::billing::explain::{explain, Explanation};
 use gatebill::billing::{decode_account, BillingConfig, Month, MonthUsage, PackItem, PackSource, Rules};
 use gatebill::config::Config;
@@ -184,4 +186,26 @@ async fn explain_reads_a_state_directory_written_by_a_replay() {
     // No usage: an error that says what to check.
     let err = gatebill::explain::from_state_dir(&cfg.worker.state_dir, "A", "2020-12".parse().unwrap(), checked.rules()).unwrap_err();
     assert!(err.to_string().contains("no usage of account A in 2020-12"), "{err}");
+}
+
+/// Beside a running `gatebill run` process (its state directory locked):
+/// the read-only open explains a bill it emitted, equal to the record on
+/// the output topic, and the worker goes on (it stops cleanly afterwards).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_works_beside_a_running_worker() {
+    let f = common::fixture(13, 2_000, 2).await;
+    let mut cfg = f.cfg.clone();
+    cfg.kafka.partitions = 2;
+    let mut w = common::spawn_worker(&cfg, "info");
+    common::wait_for_closed_bills(&cfg, &f.expected, std::time::Duration::from_secs(90)).await;
+    let seed = gatebill::gen::account_id(0);
+    let on_topic = common::read_bills(&cfg, &cfg.kafka.output_topic);
+    let (key, record) = on_topic.latest.iter().find(|(_, r)| r.content.account_id == seed).expect("a bill of the seed account");
+    let month: Month = record.content.month.parse().unwrap();
+    let x = gatebill::explain::from_state_dir(&cfg.worker.state_dir, &seed, month, cfg.clone().checked().unwrap().rules()).unwrap();
+    assert_eq!(x.explanation.content_hash, record.content_hash, "{key}");
+    assert_eq!(x.emitted.as_ref().map(|e| e.revision), Some(record.revision));
+    assert_sums_to_the_bill(&x.explanation);
+    assert!(w.try_wait().unwrap().is_none(), "the worker stopped");
+    assert!(common::stop_worker(&mut w).success());
 }
