@@ -485,6 +485,8 @@ fn txn_failure(e: &rdkafka::error::KafkaError) -> (bool, bool) {
 #[derive(Clone)]
 pub struct Transactional {
     producer: FutureProducer,
+    /// Produced and acknowledged first in a transaction (see [`Transactional::commit`]).
+    changelog_topic: String,
 }
 
 /// The `transactional.id` of a worker: the configured one, or the group id
@@ -513,12 +515,18 @@ impl Transactional {
             .await
             .map_err(|e| KafkaSetupError::Thread(e.to_string()))?
             .map_err(err(format!("registering transactional.id {id} (the broker needs transactions: Kafka >= 2.5 or Redpanda; or set kafka.transactions = false)")))?;
-        Ok(Transactional { producer })
+        Ok(Transactional { producer, changelog_topic: k.changelog_topic.clone() })
     }
 
     /// One transaction: `records`, then (when `offsets` is not empty) the
     /// consumer group's offsets, committed together. Commit errors the
     /// broker calls retriable are retried; anything else aborts.
+    ///
+    /// The changelog records are produced and acknowledged before the
+    /// others: on a broker that shows records of aborted transactions
+    /// (the mock cluster, tansu), a bill a reader may have seen then always
+    /// has its state in the changelog too, so the next owner of the
+    /// partition continues the revisions above it.
     pub async fn commit(
         &self,
         records: &[OutboxRecord],
@@ -529,7 +537,11 @@ impl Transactional {
             let (fatal, _) = txn_failure(&e);
             return Err(if fatal { TxnError::Fenced(e.to_string()) } else { TxnError::Aborted(format!("begin: {e}")) });
         }
-        let delivered = self.produce(records).await;
+        let (first, then): (Vec<&OutboxRecord>, Vec<&OutboxRecord>) = records.iter().partition(|r| r.topic == self.changelog_topic);
+        let mut delivered = self.produce(&first).await;
+        if delivered == first.len() {
+            delivered += self.produce(&then).await;
+        }
         if delivered < records.len() {
             return Err(self.abort(format!("{} of {} records not delivered", records.len() - delivered, records.len())).await);
         }
@@ -575,14 +587,17 @@ impl Transactional {
     /// would; the next `init_transactions` with this id aborts it).
     pub async fn produce_only(&self, records: &[OutboxRecord]) {
         if self.producer.begin_transaction().is_ok() {
-            self.produce(records).await;
+            self.produce(&records.iter().collect::<Vec<_>>()).await;
         }
     }
 
     /// Produces `records` into the open transaction; returns how many were
     /// delivered.
-    async fn produce(&self, records: &[OutboxRecord]) -> usize {
-        let keyed: Vec<(Vec<u8>, OutboxRecord)> = records.iter().map(|r| (Vec::new(), r.clone())).collect();
+    async fn produce(&self, records: &[&OutboxRecord]) -> usize {
+        if records.is_empty() {
+            return 0;
+        }
+        let keyed: Vec<(Vec<u8>, OutboxRecord)> = records.iter().map(|r| (Vec::new(), (*r).clone())).collect();
         produce_all(&self.producer, &keyed).await.len()
     }
 
