@@ -35,6 +35,7 @@ fn settings(dedupe: bool) -> Settings {
         idle_after_ms: 300_000,
         require_keys: false,
         changelog_topic: None,
+        provisional_interval_ms: 0,
     }
 }
 

@@ -136,7 +136,7 @@ unset GATEBILL_BROKERS
 
 PEER_LINE="Peer rows skipped (PEER=0)."
 if [ "$PEER" = 1 ]; then
-  TANSU="$(command -v tansu || echo "$HOME/.cache/tansu/bin/tansu")"
+  TANSU="${GATEBILL_TANSU:-$(command -v tansu || echo "$HOME/.cache/tansu/bin/tansu")}"
   if [ ! -x "$TANSU" ]; then
     echo "installing tansu (a Kafka-compatible broker; about 12 minutes) ..."
     cargo install tansu --locked --features dynostore --root "$HOME/.cache/tansu" --quiet

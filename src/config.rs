@@ -97,6 +97,10 @@ pub struct WorkerConfig {
     pub batch_wait_ms: u64,
     /// Changed bills are recomputed and emitted at most this often, milliseconds. Default 5,000.
     pub emit_interval_ms: u64,
+    /// A key's provisional bill is produced at most once per this many
+    /// seconds; its first revision and every `final` and `restated` one go
+    /// out at the next emission. 0: every emission. Default 60.
+    pub provisional_interval_secs: u64,
     /// A month is final once the partition's event-time watermark passes its
     /// end plus this grace, seconds. Default 7,200 (2 h).
     pub grace_period_secs: u64,
@@ -125,6 +129,7 @@ impl Default for WorkerConfig {
             batch_size: 10_000,
             batch_wait_ms: 200,
             emit_interval_ms: 5_000,
+            provisional_interval_secs: 60,
             grace_period_secs: 7_200,
             idle_after_secs: 300,
             dedupe: true,

@@ -88,6 +88,9 @@ fn n(v: u64) -> String {
 }
 
 fn takes(t: &[crate::billing::entitlements::Take]) -> String {
+    if t.is_empty() {
+        return "-".into();
+    }
     t.iter().map(|t| format!("{} {}", t.pack_id, n(t.quantity))).collect::<Vec<_>>().join("; ")
 }
 

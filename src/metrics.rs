@@ -39,6 +39,9 @@ pub struct Metrics {
     pub restore_records: IntCounterVec,
     /// Kafka transactions by outcome (`committed`, `aborted`, `fenced`).
     pub transactions: IntCounterVec,
+    /// Records produced and acknowledged (committed, with transactions), by
+    /// topic: the output rate `worker.provisional_interval_secs` bounds.
+    pub records_produced: IntCounterVec,
     /// Changelog bytes (keys and values) read to restore, by partition.
     pub restore_bytes: IntCounterVec,
     /// Seconds the last restore of a partition took, by partition.
@@ -100,6 +103,11 @@ impl Metrics {
                 "transactions_total",
                 "Kafka transactions (records, changelog and offsets together) by outcome",
                 "outcome",
+            ),
+            records_produced: counter_vec(
+                "records_produced_total",
+                "Records produced and acknowledged (committed, with transactions), by topic",
+                "topic",
             ),
             restore_records: counter_vec("restore_records_total", "Changelog records read to restore a partition moved here", "partition"),
             restore_bytes: counter_vec("restore_bytes_total", "Changelog bytes read to restore a partition moved here", "partition"),

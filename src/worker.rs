@@ -361,10 +361,27 @@ fn to_input(m: &OwnedMessage) -> InputMessage<'_> {
     }
 }
 
+/// Counts acknowledged (committed) records by topic.
+fn count_produced<'a>(metrics: &Metrics, records: impl Iterator<Item = &'a crate::store::OutboxRecord>) {
+    let mut by_topic: BTreeMap<&str, u64> = BTreeMap::new();
+    for r in records {
+        *by_topic.entry(r.topic.as_str()).or_default() += 1;
+    }
+    for (topic, n) in by_topic {
+        metrics.records_produced.with_label_values(&[topic]).inc_by(n);
+    }
+}
+
 /// Produces the outbox; returns how many records failed and stay in it.
 async fn flush(pipeline: &mut Pipeline, producer: &FutureProducer, metrics: &Metrics) -> Result<u64, StoreError> {
     let t = Instant::now();
-    let drained = pipeline.drain_outbox(|page| async move { Ok::<_, StoreError>(kafka::produce_all(producer, &page).await) }).await?;
+    let drained = pipeline
+        .drain_outbox(|page| async move {
+            let delivered = kafka::produce_all(producer, &page).await;
+            count_produced(metrics, delivered.iter().map(|(_, r)| r));
+            Ok::<_, StoreError>(delivered)
+        })
+        .await?;
     if drained.offered > 0 {
         metrics.produce_seconds.observe(t.elapsed().as_secs_f64());
     }
@@ -385,7 +402,10 @@ async fn flush_outbox(
         .drain_outbox(|page| async move {
             let records: Vec<crate::store::OutboxRecord> = page.iter().map(|(_, r)| r.clone()).collect();
             match txn.commit(&records, TopicPartitionList::new(), None).await {
-                Ok(()) => Ok(page),
+                Ok(()) => {
+                    count_produced(metrics, records.iter());
+                    Ok(page)
+                }
                 Err(kafka::TxnError::Aborted(why)) => {
                     tracing::warn!(%why, "outbox transaction aborted; the records stay in the outbox");
                     Ok(Vec::new())
@@ -877,6 +897,7 @@ impl Worker {
             Ok(()) => {
                 self.metrics.produce_seconds.observe(t.elapsed().as_secs_f64());
                 self.metrics.transactions.with_label_values(&["committed"]).inc();
+                count_produced(&self.metrics, records.iter());
                 Ok(true)
             }
             Err(kafka::TxnError::Aborted(why)) => {

@@ -73,6 +73,15 @@ impl Pipeline {
                 todo.insert((a, m), s.partition);
             }
         }
+        // A provisional bill sent less than the interval ago waits (its
+        // dirty mark stays), unless its month has closed since.
+        let interval = self.settings.provisional_interval_ms;
+        if interval > 0 && !self.provisional_sent.is_empty() {
+            todo.retain(|(a, m), p| {
+                let recent = self.provisional_sent.get(&bill_key_hash(a, *m)).is_some_and(|&at| now - at < interval);
+                !recent || self.month_closed(*m, *p, now, force_idle)
+            });
+        }
         self.add_later_pack_months(&mut todo)?;
         let before = todo.len();
         todo.retain(|_, p| self.owns(*p));
@@ -172,7 +181,7 @@ impl Pipeline {
             let months = BTreeMap::from([(*month, MonthUsage::decode(raw)?)]);
             Ok(Some(compute_bills(account, record, &months, rules).pop()))
         });
-        let mut out = Emission { records: Vec::new(), states: Vec::with_capacity(chunk.len()) };
+        let mut out = Emission { records: Vec::new(), states: Vec::with_capacity(chunk.len()), now };
         for ((((account, month), dirty_partition), prev), computed) in chunk.iter().zip(prevs).zip(independent) {
             let (month, dirty_partition, computed) = (*month, *dirty_partition, computed?);
             let partition = if dirty_partition >= 0 { dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
@@ -241,11 +250,14 @@ impl Pipeline {
             }
         }
         let mut statuses = Vec::new();
+        let mut sent = Vec::new();
         for (account, month, state) in &chunk.states {
             batch.clear_dirty(account, *month);
             if let Some(state) = state {
                 batch.put_bill_state(account, *month, state);
                 statuses.push(state.status);
+                let at = (state.status == BillStatus::Provisional).then_some(chunk.now);
+                sent.push((bill_key_hash(account, *month), at));
                 // The next owner of the partition continues the revisions.
                 if state.partition >= 0 {
                     let change = Change::Bill { account: account.clone(), month: *month, state: state.clone() };
@@ -255,7 +267,7 @@ impl Pipeline {
             }
         }
         let (wb, records) = batch.into_staged();
-        Ok(Staged { wb, records, positions: BTreeMap::new(), after: After::Emission { statuses } })
+        Ok(Staged { wb, records, positions: BTreeMap::new(), after: After::Emission { statuses, sent } })
     }
 }
 
@@ -289,6 +301,13 @@ pub struct Emission {
     /// The changed bills' records, keyed as in the outbox.
     pub records: Vec<(Vec<u8>, OutboxRecord)>,
     states: Vec<(String, Month, Option<BillState>)>,
+    /// The emission's time (when provisional records count as sent).
+    now: i64,
+}
+
+/// The key of a bill in [`Pipeline`]'s provisional-emission times.
+fn bill_key_hash(account: &str, month: Month) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(account.as_bytes(), u64::from(month.ordinal()))
 }
 
 /// Where the records of an [`Emission`] go when it is committed.

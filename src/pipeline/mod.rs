@@ -69,6 +69,9 @@ pub struct Settings {
     /// Where each batch's state changes also go ([`crate::changelog`]),
     /// through the outbox; `None` (file replay): nowhere.
     pub changelog_topic: Option<String>,
+    /// A key's provisional bill goes out at most once per this long,
+    /// milliseconds (0: at every emission).
+    pub provisional_interval_ms: i64,
 }
 
 impl Settings {
@@ -87,6 +90,7 @@ impl Settings {
             idle_after_ms: cfg.worker.idle_after_secs as i64 * 1000,
             require_keys: true,
             changelog_topic: Some(cfg.kafka.changelog_topic.clone()),
+            provisional_interval_ms: i64::try_from(cfg.worker.provisional_interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
         }
     }
 }
@@ -104,6 +108,11 @@ pub struct Pipeline {
     /// assigned partition: a partition is idle only while it is assigned and
     /// quiet, never merely because a rebalance or restart paused reading.
     last_input_ms: HashMap<i32, i64>,
+    /// When each key (a hash of account and month) whose last record is
+    /// provisional was emitted, wall-clock ms: the next provisional one
+    /// waits `provisional_interval_ms`. In memory only: after a restart a
+    /// key's next provisional bill goes out at the first emission.
+    provisional_sent: HashMap<u64, i64>,
     /// Last known end offset per partition: a partition with a backlog is
     /// never idle, however long it waits for its turn.
     high_watermarks: HashMap<i32, i64>,
@@ -186,6 +195,7 @@ impl Pipeline {
             accounts,
             partitions,
             last_input_ms: HashMap::new(),
+            provisional_sent: HashMap::new(),
             high_watermarks: HashMap::new(),
             owned: None,
             next_dead_letter,
@@ -414,9 +424,15 @@ impl Pipeline {
                 }
                 Ok(stats)
             }
-            After::Emission { statuses } => {
+            After::Emission { statuses, sent } => {
                 for status in statuses {
                     self.metrics.bills_emitted.with_label_values(&[status.as_str()]).inc();
+                }
+                for (key, at) in sent {
+                    match at {
+                        Some(at) => self.provisional_sent.insert(key, at),
+                        None => self.provisional_sent.remove(&key),
+                    };
                 }
                 Ok(BatchStats::default())
             }
@@ -529,7 +545,7 @@ pub struct Staged {
 /// What [`Pipeline::apply`] brings memory up to after the write.
 enum After {
     Input { stats: BatchStats, touched: BTreeMap<i32, PartitionState> },
-    Emission { statuses: Vec<crate::billing::BillStatus> },
+    Emission { statuses: Vec<crate::billing::BillStatus>, sent: Vec<(u64, Option<i64>)> },
 }
 
 impl std::fmt::Debug for Staged {
@@ -561,6 +577,7 @@ mod tests {
             idle_after_ms: 300_000,
             require_keys: true,
             changelog_topic: None,
+            provisional_interval_ms: 0,
         }
     }
 
@@ -625,6 +642,36 @@ mod tests {
         assert_eq!(reasons, vec![&b"malformed_json"[..], &b"key_mismatch"[..]]);
         assert_eq!(dead[0].payload, b"{not json");
         assert_eq!(p.next_offset(0), Some(3));
+    }
+
+    /// With a provisional interval, a key's changed provisional bill waits
+    /// until the interval has passed since its last one (its dirty mark
+    /// stays); the first revision and a final one go out at once.
+    #[test]
+    fn provisional_bills_of_a_key_go_out_at_most_once_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let mut p =
+            Pipeline::new(store, Rules::default(), Settings { provisional_interval_ms: 60_000, ..settings() }, Metrics::new()).unwrap();
+        let t0 = chrono::DateTime::parse_from_rfc3339("2021-03-20T00:00:00+08:00").unwrap().timestamp_millis();
+        let events: Vec<Vec<u8>> = (0..4).map(|i| event(&format!("r{i}"), "2021-03-05T10:00:00+08:00")).collect();
+        let revision = |p: &Pipeline| {
+            let b = &bills(p)["A/2021-03"];
+            (b.revision, b.status, b.content.usage.calls)
+        };
+        p.process(&[msg(0, &events[0])]).unwrap();
+        assert_eq!(p.emit(t0, false).unwrap(), 1, "the first revision goes out at once");
+        p.process(&[msg(1, &events[1])]).unwrap();
+        assert_eq!(p.emit(t0 + 5_000, false).unwrap(), 0, "5 s later: waits");
+        p.process(&[msg(2, &events[2])]).unwrap();
+        assert_eq!(p.emit(t0 + 59_999, false).unwrap(), 0, "still within the interval");
+        assert_eq!(p.emit(t0 + 60_000, false).unwrap(), 1, "the interval has passed: the waiting change goes out");
+        assert_eq!(revision(&p), (2, BillStatus::Provisional, 3));
+        // The month closes (an April event moves the watermark past March's
+        // end plus grace): the final bill does not wait.
+        p.process(&[msg(3, &events[3]), msg(4, &event("r9", "2021-04-01T03:00:00+08:00"))]).unwrap();
+        assert_eq!(p.emit(t0 + 61_000, false).unwrap(), 2, "March final, April's first revision");
+        assert_eq!(revision(&p), (3, BillStatus::Final, 4));
     }
 
     #[test]
