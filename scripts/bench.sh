@@ -7,12 +7,19 @@
 #   BROKER_EVENTS=500000 (default)        # preloaded into the embedded broker
 #   PEER_EVENTS=500000 (default)          # preloaded into tansu for the peer rows
 #   PEER=0 scripts/bench.sh               # skip tansu and Quix Streams
+#   BIG=0 scripts/bench.sh                # skip the 1,000,000-account row
+#   BIG_EVENTS=20000000 BIG_ACCOUNTS=1000000 (defaults of that row)
 #
 # Rows:
 #   core path    replay --input-file over a generated NDJSON file (skewed, 30
 #                days, 1% duplicates), dedupe off and on: events/s, CPU s per
 #                million events (user+sys of the process), peak RSS, state
 #   scaling      core path (dedupe on) at 2x and 4x the events
+#   cores        core path (dedupe on) pinned to 1 core and to 2 (taskset),
+#                so the table says what a second core buys
+#   big          BIG_ACCOUNTS account records (an accounts file) plus
+#                BIG_EVENTS events: the accounts table, interner and bill
+#                states in memory, peak RSS
 #   floor        `gatebill count-topic`: a consumer with the worker's client
 #                settings that only reads and counts a preloaded topic (log
 #                start offsets checked to be 0, else it refuses to count)
@@ -35,6 +42,9 @@ BROKER_EVENTS="${BROKER_EVENTS:-500000}"
 PEER_EVENTS="${PEER_EVENTS:-500000}"
 PARTITIONS="${PARTITIONS:-64}"
 PEER="${PEER:-1}"
+BIG="${BIG:-1}"
+BIG_EVENTS="${BIG_EVENTS:-20000000}"
+BIG_ACCOUNTS="${BIG_ACCOUNTS:-1000000}"
 BATCH="${BATCH:-500000}"
 cargo build --locked --release --quiet --bin gatebill
 BIN="$CARGO_TARGET_DIR/release/gatebill"
@@ -86,6 +96,16 @@ compacted_bytes() {
   "$BIN" compact --state-dir "$1" >"$WORK/compact.txt"
   awk -F'|' '/\| [a-z]/ && $2 !~ /column family|dedupe/ { gsub(/ /, "", $3); s += $3 } END { print s }' "$WORK/compact.txt"
 }
+# What cores buy: the same run pinned to one core, then to two.
+CORES_LINE="Cores: taskset not found, rows skipped."
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  measure "core path, dedupe on, 1 core (taskset -c 0)" "$EVENTS" "$WORK/s-c1" taskset -c 0 "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/events.ndjson" --accounts-file "$WORK/events.accounts.ndjson" --output-file "$WORK/b-c1.ndjson" --state-dir "$WORK/s-c1"
+  ONE_CORE="${ROWS[-1]}"
+  measure "core path, dedupe on, 2 cores (taskset -c 0,1)" "$EVENTS" "$WORK/s-c2" taskset -c 0,1 "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/events.ndjson" --accounts-file "$WORK/events.accounts.ndjson" --output-file "$WORK/b-c2.ndjson" --state-dir "$WORK/s-c2"
+  TWO_CORES="${ROWS[-1]}"
+  CORES_LINE=$(awk -v a="$(field "$ONE_CORE" 3)" -v b="$(field "$TWO_CORES" 3)" 'BEGIN { printf "Cores: 2 cores run the core path at %.2fx the events/s of 1 core.", b / a }')
+  rm -rf "$WORK/s-c1" "$WORK/s-c2" "$WORK"/b-c*.ndjson*
+fi
 STATE_BYTES=$(compacted_bytes "$WORK/s-off")
 SCALING="1x: $(compacted_bytes "$WORK/s-on") bytes"
 rm -rf "$WORK/s-off" "$WORK/s-on" "$WORK"/b-*.ndjson*
@@ -96,6 +116,16 @@ for mult in 2 4; do
   SCALING="$SCALING, ${mult}x: $(compacted_bytes "$WORK/s-$mult") bytes"
   rm -rf "$WORK/events-$mult.ndjson" "$WORK/s-$mult" "$WORK"/b-*.ndjson*
 done
+
+BIG_LINE="Large row skipped (BIG=0)."
+if [ "$BIG" = 1 ]; then
+  echo "generating $BIG_EVENTS events over $BIG_ACCOUNTS accounts ..."
+  "$BIN" gen --events "$BIG_EVENTS" --accounts "$BIG_ACCOUNTS" --skew 0.5 --days 30 --duplicates 0.01 --malformed 0 --output-file "$WORK/big.ndjson" >/dev/null
+  measure "$BIG_ACCOUNTS accounts + $BIG_EVENTS events, dedupe on" "$BIG_EVENTS" "$WORK/s-big" "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/big.ndjson" --accounts-file "$WORK/big.accounts.ndjson" --output-file "$WORK/b-big.ndjson" --state-dir "$WORK/s-big"
+  BIG_ROW="${ROWS[-1]}"
+  BIG_LINE="$BIG_ACCOUNTS accounts + $BIG_EVENTS events (skew 0.5): $(wc -l <"$WORK/b-big.ndjson") bills, peak RSS $(field "$BIG_ROW" 5) (target <= 1 GB)."
+  rm -rf "$WORK/big.ndjson" "$WORK/big.accounts.ndjson" "$WORK/s-big" "$WORK"/b-big.ndjson*
+fi
 
 echo "preloading $BROKER_EVENTS events into the embedded broker ($PARTITIONS partitions) ..."
 "$BIN" dev-broker --partitions "$PARTITIONS" >"$WORK/broker.out" 2>/dev/null &
@@ -164,7 +194,7 @@ RATIO=$(awk -v f="$(field "$FLOOR_ROW" 3)" -v e="$(field "$E2E_ROW" 3)" 'BEGIN {
 {
   echo "# Benchmarks"
   echo
-  echo "Command: \`EVENTS=$EVENTS ACCOUNTS=$ACCOUNTS BROKER_EVENTS=$BROKER_EVENTS PEER_EVENTS=$PEER_EVENTS PARTITIONS=$PARTITIONS BATCH=$BATCH scripts/bench.sh\`, $(date -u +%Y-%m-%d)"
+  echo "Command: \`EVENTS=$EVENTS ACCOUNTS=$ACCOUNTS BROKER_EVENTS=$BROKER_EVENTS PEER_EVENTS=$PEER_EVENTS PARTITIONS=$PARTITIONS BATCH=$BATCH PEER=$PEER BIG=$BIG BIG_EVENTS=$BIG_EVENTS BIG_ACCOUNTS=$BIG_ACCOUNTS scripts/bench.sh\`, $(date -u +%Y-%m-%d)"
   echo
   echo "Machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -sr); $(rustc --version); gatebill $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   echo
@@ -173,6 +203,8 @@ RATIO=$(awk -v f="$(field "$FLOOR_ROW" 3)" -v e="$(field "$E2E_ROW" 3)" 'BEGIN {
   printf '%s\n' "${ROWS[@]}"
   echo
   echo "End to end / floor (embedded broker): $RATIO. $PEER_LINE"
+  echo
+  echo "$CORES_LINE $BIG_LINE"
   echo
   echo "Transactions (kafka.transactions, the default) against none, same topic: $(field "$E2E_ROW" 3) vs $(field "$E2E_NOTX_ROW" 3) events/s, $(field "$E2E_ROW" 4) vs $(field "$E2E_NOTX_ROW" 4) CPU-s per million events. Changelog written by the transactional replay: $CHANGELOG_RECORDS records, $CHANGELOG_BYTES bytes of keys and values = $(awk -v b="$CHANGELOG_BYTES" -v n="$BROKER_EVENTS" 'BEGIN { printf "%.1f", b / n }') bytes per event. Restore (a \`run\` worker with an empty state directory after another stopped): $RESTORE_LINE."
   echo
