@@ -72,7 +72,7 @@ equal = sum(1 for k, h in ref.items() if k in latest and latest[k]["content_hash
 samples = []
 for line in open(samples_path):
     parts = line.split()
-    if len(parts) >= 4 and parts[1].isdigit():
+    if len(parts) == 5 and parts[1].isdigit():
         samples.append((int(parts[0]), int(parts[1]) // 1024, int(float(parts[2] or 0)), int(float(parts[3] or 0)), parts[4]))
 load = [s for s in samples if s[4] == "load"]
 warm = [s for s in load if s[0] >= duration / 4]
