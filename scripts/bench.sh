@@ -58,6 +58,15 @@ measure() {
   local name="$1" n="$2" state="$3"; shift 3
   /usr/bin/time -f "%e %U %S %M" -o "$WORK/time" "$@" >"$WORK/out" 2>"$WORK/err" || { cat "$WORK/err"; exit 1; }
   read -r wall user sys rss_kb <"$WORK/time"
+  # Rates come from what the command says it read ("counted N of", "replayed
+  # N messages"), not from what was offered: tansu's end offsets stop short.
+  local read_n
+  read_n="$(grep -oE '^(counted|replayed) [0-9]+' "$WORK/out" | grep -oE '[0-9]+' | head -1 || true)"
+  if [ -n "$read_n" ] && [ "$read_n" != "$n" ]; then
+    echo "  note: $name read $read_n of $n messages; its rates use $read_n" >&2
+    name="$name (read $read_n of $n)"
+    n="$read_n"
+  fi
   local size="-"
   [ -n "$state" ] && [ -d "$state" ] && size="$(du -sm "$state" | cut -f1) MB"
   ROWS+=("$(awk -v n="$n" -v w="$wall" -v u="$user" -v s="$sys" -v r="$rss_kb" -v name="$name" -v size="$size" \
