@@ -302,8 +302,9 @@ pub struct ReplayArgs {
     /// With --input-file: account records, one JSON object per line, in the
     /// accounts topic's format (plain or gzip); a later line for an account
     /// replaces an earlier one, bad lines are dead-lettered. Without it the
-    /// accounts topic is read when brokers are given (--brokers, a
-    /// configuration file, or bills going to the output topic).
+    /// accounts topic is read when brokers are given (--brokers,
+    /// GATEBILL_BROKERS, kafka.brokers in the configuration file, or bills
+    /// going to the output topic); an empty accounts topic is an error.
     #[arg(long, requires = "input_file", conflicts_with = "no_accounts")]
     accounts_file: Option<PathBuf>,
     /// With --input-file: bill every account as unknown (no free tier, no
@@ -534,10 +535,11 @@ async fn replay(a: ReplayArgs, cfg: Checked) -> Result<()> {
                 Some(out) => crate::file_replay::Sink::File(out.clone()),
                 None => crate::file_replay::Sink::Kafka,
             };
+            // Brokers named anywhere (flag, environment, configuration
+            // file), or bills going to the output topic anyway.
             let brokers_given = a.common.brokers.is_some()
-                || a.common.config.is_some()
                 || process_env("GATEBILL_BROKERS").is_some()
-                || process_env(crate::config::CONFIG_VAR).is_some()
+                || cfg.kafka.brokers != crate::config::KafkaConfig::default().brokers
                 || a.output_file.is_none();
             let accounts = match (&a.accounts_file, a.no_accounts) {
                 (Some(f), _) => crate::file_replay::Accounts::File(f.clone()),

@@ -171,7 +171,8 @@ pub fn render(x: &Explained) -> String {
         Some(b) => {
             let _ = writeln!(
                 out,
-                "The worker's last emitted revision {} ({:?}) has content hash {}: usage arrived since; the next emission carries this one.",
+                "The worker's last emitted revision {} ({:?}) has content hash {}: the bill changed since (usage or the account record); \
+                 the next emission carries this one (a provisional bill within worker.provisional_interval_secs).",
                 b.revision, b.status, b.content_hash
             );
         }

@@ -196,6 +196,9 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
         Accounts::Topic => {
             let consumer = crate::kafka::plain_consumer(&cfg.kafka, &format!("{}-accounts", cfg.kafka.group_id))?;
             crate::worker::load_accounts(&mut pipeline, &consumer, &cfg.kafka.accounts_topic)?;
+            if pipeline.accounts_known() == 0 {
+                return Err(WorkerError::NoAccounts { topic: cfg.kafka.accounts_topic.clone(), brokers: cfg.kafka.brokers.clone() });
+            }
         }
         Accounts::None => {
             tracing::warn!("no account records (--no-accounts): every account is billed as unknown, without free tier or packs")

@@ -443,6 +443,12 @@ const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Commits of one transaction retried when the broker says "retry".
 const TXN_COMMIT_TRIES: u32 = 5;
 
+/// Aborts of one transaction tried when the broker says "retry", and how
+/// long each may block: a worker whose abort keeps failing stops after
+/// about 30 s ([`TxnError::Unusable`]).
+const TXN_ABORT_TRIES: u32 = 3;
+const TXN_ABORT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why a transaction did not commit.
 #[derive(Debug, thiserror::Error)]
 pub enum TxnError {
@@ -602,15 +608,24 @@ impl Transactional {
     }
 
     /// Aborts the open transaction; returns why, as the error to hand up.
+    /// An abort the broker calls retriable (a timeout, a coordinator
+    /// moving) is tried [`TXN_ABORT_TRIES`] times.
     async fn abort(&self, why: String) -> TxnError {
-        let p = self.producer.clone();
-        match tokio::task::spawn_blocking(move || p.abort_transaction(TXN_TIMEOUT)).await {
-            Ok(Ok(())) => TxnError::Aborted(why),
-            Ok(Err(e)) if txn_failure(&e).0 => TxnError::Fenced(format!("{why}; then abort: {e}")),
-            // A producer whose abort failed cannot be trusted with the next
-            // transaction (tansu, for one, drops a fenced producer's abort).
-            Ok(Err(e)) => TxnError::Unusable(format!("{why}; then abort: {e}")),
-            Err(e) => TxnError::Unusable(format!("{why}; then abort: {e}")),
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let p = self.producer.clone();
+            match tokio::task::spawn_blocking(move || p.abort_transaction(TXN_ABORT_TIMEOUT)).await {
+                Ok(Ok(())) => return TxnError::Aborted(why),
+                Ok(Err(e)) if txn_failure(&e).0 => return TxnError::Fenced(format!("{why}; then abort: {e}")),
+                Ok(Err(e)) if tries < TXN_ABORT_TRIES && matches!(&e, rdkafka::error::KafkaError::Transaction(r) if r.is_retriable()) => {
+                    tracing::warn!(error = %e, tries, "aborting the transaction failed; retrying");
+                }
+                // A producer whose abort failed cannot be trusted with the next
+                // transaction (tansu, for one, drops a fenced producer's abort).
+                Ok(Err(e)) => return TxnError::Unusable(format!("{why}; then abort ({tries} tries): {e}")),
+                Err(e) => return TxnError::Unusable(format!("{why}; then abort: {e}")),
+            }
         }
     }
 }

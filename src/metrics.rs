@@ -37,7 +37,8 @@ pub struct Metrics {
     pub input_reread: IntCounterVec,
     /// Changelog records read to restore a partition moved here, by partition.
     pub restore_records: IntCounterVec,
-    /// Kafka transactions by outcome (`committed`, `aborted`, `fenced`).
+    /// Kafka transactions by outcome (`committed`, `aborted`, `fenced`,
+    /// `unusable`: the abort failed).
     pub transactions: IntCounterVec,
     /// Records produced and acknowledged (committed, with transactions), by
     /// topic: the output rate `worker.provisional_interval_secs` bounds.

@@ -344,8 +344,15 @@ impl Store {
         let mut opts = Options::default();
         opts.set_max_open_files(-1);
         let cfs = column_families(&mut opts);
-        let db = DB::open_cf_descriptors_as_secondary(&opts, dir, &scratch, cfs)?;
-        db.try_catch_up_with_primary()?;
+        let opened =
+            DB::open_cf_descriptors_as_secondary(&opts, dir, &scratch, cfs).and_then(|db| db.try_catch_up_with_primary().map(|()| db));
+        let db = match opened {
+            Ok(db) => db,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&scratch);
+                return Err(e.into());
+            }
+        };
         let store = Store { db, dir: dir.to_path_buf(), _lock: None, scratch: Some(scratch) };
         let found = store
             .db

@@ -49,6 +49,17 @@ pub enum WorkerError {
         /// Why.
         source: std::io::Error,
     },
+    /// A backfill was to read the accounts topic, which holds no record.
+    #[error(
+        "the accounts topic {topic} at {brokers} holds no account record, so every account would be billed as unknown \
+         (no free tier, no packs): pass --accounts-file FILE, or --no-accounts to bill every account as unknown on purpose"
+    )]
+    NoAccounts {
+        /// The accounts topic.
+        topic: String,
+        /// Bootstrap servers.
+        brokers: String,
+    },
     /// The metrics address cannot be bound.
     #[error("cannot listen for metrics on {address}: {source}; pass --metrics-address with a free port, or \"\" to disable")]
     Metrics {
@@ -836,6 +847,9 @@ impl Worker {
         tracing::info!(seconds = self.started.elapsed().as_secs_f64(), messages = self.summary.messages, "input read");
         let t = Instant::now();
         let replay = self.replay();
+        // A clean stop emits every change, provisional ones held back by
+        // worker.provisional_interval_secs included.
+        self.pipeline.release_provisional_holds();
         self.emit(now_ms(), replay).await?;
         tracing::info!(seconds = t.elapsed().as_secs_f64(), bills = self.summary.bills_emitted, "bills computed and produced");
         let t = Instant::now();
@@ -907,7 +921,8 @@ impl Worker {
                 Ok(false)
             }
             Err(e) => {
-                self.metrics.transactions.with_label_values(&["fenced"]).inc();
+                let outcome = if matches!(e, kafka::TxnError::Unusable(_)) { "unusable" } else { "fenced" };
+                self.metrics.transactions.with_label_values(&[outcome]).inc();
                 Err(e.into())
             }
         }

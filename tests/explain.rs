@@ -61,10 +61,17 @@ fn assert_sums_to_the_bill(e: &Explanation) {
     }
     let deducted: BTreeMap<(String, PackItem), u64> = b.deductions.iter().map(|d| ((d.pack_id.clone(), d.item), d.quantity)).collect();
     assert_eq!(took, deducted, "deductions");
-    for (region, (all, chargeable)) in &bytes {
-        assert_eq!(Some(all), b.usage.public_out_bytes_by_region.get(region), "{region} bytes");
-        assert_eq!(*chargeable, b.chargeable.public_out_bytes_by_region.get(region).copied().unwrap_or(0), "{region} chargeable");
+    let all: BTreeMap<String, u64> = bytes.iter().map(|(r, (a, _))| (r.clone(), *a)).collect();
+    assert_eq!(all, b.usage.public_out_bytes_by_region, "bytes per region");
+    let chargeable: BTreeMap<String, u64> = bytes.iter().filter(|(_, (_, c))| *c > 0).map(|(r, (_, c))| (r.clone(), *c)).collect();
+    assert_eq!(chargeable, b.chargeable.public_out_bytes_by_region, "chargeable bytes per region");
+    let trial_bytes: u64 = e.hours.iter().filter(|h| h.trial).flat_map(|h| &h.regions).map(|r| r.walk.bytes).sum();
+    assert_eq!(trial_bytes, b.usage.trial_public_out_bytes, "trial bytes");
+    let mut lines: BTreeMap<String, u64> = BTreeMap::new();
+    for c in e.charges.iter().filter(|c| c.item == PackItem::PublicOutBytes) {
+        *lines.entry(c.region.clone().unwrap_or_default()).or_default() += c.quantity;
     }
+    assert_eq!(lines, b.chargeable.public_out_bytes_by_region, "byte lines");
     // The lines: quantities are the chargeable ones, each amount is its
     // exact product rounded, and they add up to the total.
     let calls_lines: u64 = e.charges.iter().filter(|c| c.item == PackItem::Calls).map(|c| c.quantity).sum();
@@ -139,6 +146,25 @@ fn two_packs_and_the_free_tier_in_one_hour_show_the_deduction_order() {
     assert_eq!(taken.iter().sum::<u64>(), free_bytes.min(5 * gb), "the free tier's bytes, first region first");
     assert_eq!(h.regions[0].walk.region, "ap-beijing");
     assert_eq!(e.bill.chargeable.calls, 50_000);
+}
+
+/// A trial period: its hours are shown as trial, nothing drawn or charged,
+/// and they sum to the bill's trial calls and bytes (the default trial ends
+/// 2020-02-14 00:00 Asia/Shanghai).
+#[test]
+fn trial_hours_are_explained_as_trial() {
+    let rules = BillingConfig::default().validate().unwrap();
+    let a = decode_account(br#"{"account_id": "A", "activated_at": "2019-11-10T17:13:14+08:00"}"#).unwrap();
+    let mut m = BTreeMap::new();
+    put(&rules, &mut m, "2020-02-13T23:00:00+08:00", 2_000_000, &[("ap-guangzhou", 5 << 30)]);
+    put(&rules, &mut m, "2020-02-14T00:00:00+08:00", 1_500_000, &[("ap-guangzhou", 1 << 30)]);
+    let e = explain("A", Some(&a), &m, "2020-02".parse().unwrap(), &rules).unwrap();
+    assert_sums_to_the_bill(&e);
+    assert_eq!(e.hours.iter().map(|h| h.trial).collect::<Vec<_>>(), [true, false]);
+    assert!(e.hours[0].calls_taken.is_empty() && e.hours[0].chargeable_calls == 0);
+    assert_eq!((e.bill.usage.trial_calls, e.bill.usage.trial_public_out_bytes), (2_000_000, 5 << 30));
+    // After the trial: the free tier's 1,000,000 calls, then 500,000 charged.
+    assert_eq!(e.hours[1].chargeable_calls, 500_000);
 }
 
 /// Through a replay into a state directory with an accounts file, read

@@ -167,4 +167,14 @@ async fn a_backfill_with_its_accounts_file_bills_as_the_topic_replay_with_the_ac
     let unknown = hashes(&unknown);
     assert_eq!(unknown.len(), topic.len());
     assert!(unknown.iter().filter(|(k, h)| topic.get(*k) != Some(*h)).count() > 0, "bills without accounts equal those with them");
+
+    // The accounts topic, empty: refused too, naming the topic.
+    f.cluster.create_topic("no-accounts", 4, 1).unwrap();
+    let mut empty = topic_cfg.clone();
+    empty.kafka.accounts_topic = "no-accounts".into();
+    empty.worker.state_dir = dir.join("s-empty");
+    let err = replay_file(&empty.clone().checked().unwrap(), &events, Accounts::Topic, Sink::File(dir.join("empty.ndjson")), false)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("the accounts topic no-accounts") && err.to_string().contains("--accounts-file"), "{err}");
 }

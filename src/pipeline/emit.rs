@@ -73,8 +73,9 @@ impl Pipeline {
                 todo.insert((a, m), s.partition);
             }
         }
+        self.add_later_pack_months(&mut todo)?;
         // A provisional bill sent less than the interval ago waits (its
-        // dirty mark stays), unless its month has closed since.
+        // dirty mark stays on disk), unless its month has closed since.
         let interval = self.settings.provisional_interval_ms;
         if interval > 0 && !self.provisional_sent.is_empty() {
             todo.retain(|(a, m), p| {
@@ -82,7 +83,6 @@ impl Pipeline {
                 !recent || self.month_closed(*m, *p, now, force_idle)
             });
         }
-        self.add_later_pack_months(&mut todo)?;
         let before = todo.len();
         todo.retain(|_, p| self.owns(*p));
         if todo.len() < before {
@@ -128,6 +128,12 @@ impl Pipeline {
             self.store.write(marks)?;
         }
         Ok(())
+    }
+
+    /// Forgets when provisional bills were sent: the next emission sends
+    /// every change (a clean stop's last emission).
+    pub fn release_provisional_holds(&mut self) {
+        self.provisional_sent.clear();
     }
 
     /// Recomputes every dirty bill, and every provisional bill whose month

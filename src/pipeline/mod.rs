@@ -214,6 +214,11 @@ impl Pipeline {
         &self.store
     }
 
+    /// Accounts with a record in the account table.
+    pub fn accounts_known(&self) -> usize {
+        self.accounts.len()
+    }
+
     /// The settings.
     pub fn settings(&self) -> &Settings {
         &self.settings
@@ -672,6 +677,11 @@ mod tests {
         p.process(&[msg(3, &events[3]), msg(4, &event("r9", "2021-04-01T03:00:00+08:00"))]).unwrap();
         assert_eq!(p.emit(t0 + 61_000, false).unwrap(), 2, "March final, April's first revision");
         assert_eq!(revision(&p), (3, BillStatus::Final, 4));
+        // A clean stop releases what is held back.
+        p.process(&[msg(5, &event("r10", "2021-04-01T04:00:00+08:00"))]).unwrap();
+        assert_eq!(p.emit(t0 + 62_000, false).unwrap(), 0, "April's change waits");
+        p.release_provisional_holds();
+        assert_eq!(p.emit(t0 + 62_000, false).unwrap(), 1, "released at the stop");
     }
 
     #[test]
