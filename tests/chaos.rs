@@ -14,17 +14,13 @@
 
 mod common;
 
-use common::{assert_bills_match, fixture_with, read_bills, read_dead_letters, wait_for_closed_bills};
+use common::{assert_bills_match, env_or, fixture_with, read_bills, read_dead_letters, wait_for_closed_bills};
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::Consumer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 fn spawn_worker(config: &std::path::Path, log: &std::path::Path) -> Child {
     let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();

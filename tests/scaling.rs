@@ -10,40 +10,13 @@
 
 mod common;
 
-use common::{committed, config, fixture_with, spawn_worker, stop_worker};
-use gatebill::config::Config;
+use common::{committed, config, env_or, fixture_with, spawn_worker, stop_worker, wait_until};
 use gatebill::store::Store;
 use std::time::{Duration, Instant};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// How long a step may take: 90 s, plus a second per 2,000 messages.
 fn patience(total: i64) -> Duration {
     Duration::from_secs(90 + total as u64 / 2_000)
-}
-
-/// Waits until the group committed at least `at_least` messages, with every
-/// child still running.
-async fn wait_committed(cfg: &Config, at_least: i64, total: i64, children: &mut [&mut std::process::Child]) {
-    let deadline = Instant::now() + patience(total);
-    while committed(cfg) < at_least {
-        assert!(
-            Instant::now() < deadline,
-            "the workers committed {} of {at_least}; see the logs under {}",
-            committed(cfg),
-            cfg.worker.state_dir.parent().unwrap().display()
-        );
-        for c in children.iter_mut() {
-            assert!(
-                c.try_wait().unwrap().is_none(),
-                "a worker exited; see the logs under {}",
-                cfg.worker.state_dir.parent().unwrap().display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,10 +41,10 @@ async fn one_then_three_then_two_workers_with_a_kill_bill_exactly() {
     f.cfg = c1.clone();
 
     let mut w1 = spawn_worker(&c1, "info");
-    wait_committed(&c1, total / 6, total, &mut [&mut w1]).await;
+    wait_until("the workers commit a sixth", &c1, patience(total), || committed(&c1) >= total / 6, &mut [&mut w1]).await;
     let mut w2 = spawn_worker(&c2, "info");
     let mut w3 = spawn_worker(&c3, "info");
-    wait_committed(&c1, total / 2, total, &mut [&mut w1, &mut w2, &mut w3]).await;
+    wait_until("the workers commit half", &c1, patience(total), || committed(&c1) >= total / 2, &mut [&mut w1, &mut w2, &mut w3]).await;
     w2.kill().unwrap(); // SIGKILL
     w2.wait().unwrap();
     let at_kill = committed(&c1);

@@ -25,7 +25,7 @@
 
 mod common;
 
-use common::{tune, Tansu};
+use common::{committed, committed_by_partition, env_or, signal, tune, wait_until, Tansu};
 use gatebill::billing::BillRecord;
 use gatebill::config::Config;
 use gatebill::inspect::BillTable;
@@ -35,12 +35,7 @@ use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Child;
 use std::time::{Duration, Instant};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// One record as read back.
 struct Rec {
@@ -80,43 +75,6 @@ fn read_all(cfg: &Config, topic: &str) -> Vec<Rec> {
     out
 }
 
-/// The group's committed offset per input partition.
-fn committed(cfg: &Config) -> BTreeMap<i32, i64> {
-    let c = kafka::plain_consumer(&cfg.kafka, &cfg.kafka.group_id).unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..cfg.kafka.partitions {
-        tpl.add_partition(&cfg.kafka.input_topic, p);
-    }
-    let Ok(done) = c.committed_offsets(tpl, Duration::from_secs(5)) else { return BTreeMap::new() };
-    done.elements().iter().filter_map(|e| if let Offset::Offset(o) = e.offset() { Some((e.partition(), o)) } else { None }).collect()
-}
-
-/// Waits for `done` (120 s, plus a second per 2,000 events), with every
-/// child in `running` still running.
-async fn wait_until(what: &str, cfg: &Config, mut done: impl FnMut() -> bool, running: &mut [&mut Child]) {
-    let patience = Duration::from_secs(120 + env_or("GATEBILL_ZOMBIE_EVENTS", 0) / 2_000);
-    let deadline = Instant::now() + patience;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not after {patience:?}; see the logs under {}",
-            cfg.worker.state_dir.parent().unwrap().display()
-        );
-        for c in running.iter_mut() {
-            assert!(
-                c.try_wait().unwrap().is_none(),
-                "a worker exited while {what}; see the logs under {}",
-                cfg.worker.state_dir.parent().unwrap().display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    assert!(std::process::Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap().success());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs tansu (scripts/setup.sh installs it); scripts/test.sh runs it with --ignored"]
 async fn a_paused_worker_is_fenced_after_a_takeover_and_nothing_it_writes_lands() {
@@ -142,23 +100,25 @@ async fn a_paused_worker_is_fenced_after_a_takeover_and_nothing_it_writes_lands(
     kafka::ensure_topics(&c1.kafka).await.unwrap();
     let (truth, expected) = common::traffic(&c1, 51, events, partitions, 60, 1.0).await;
     let total = truth.messages as i64;
-    let sum = |c: &BTreeMap<i32, i64>| c.values().sum::<i64>();
+    // The long run (GATEBILL_ZOMBIE_EVENTS) gets a second more per 2,000 events.
+    let patience = Duration::from_secs(120 + env_or("GATEBILL_ZOMBIE_EVENTS", 0) / 2_000);
 
     // W1 bills part of the stream and is paused while it owns everything.
     let mut w1 = common::spawn_worker(&c1, "info");
-    wait_until("W1 commits a quarter", &c1, || sum(&committed(&c1)) >= total / 4, &mut [&mut w1]).await;
+    wait_until("W1 commits a quarter", &c1, patience, || committed(&c1) >= total / 4, &mut [&mut w1]).await;
     signal(&w1, "STOP");
-    let paused_at = sum(&committed(&c1));
+    let paused_at = committed(&c1);
     assert!(paused_at < total, "W1 was done ({paused_at} of {total}) before the pause: lengthen the stream");
 
     // W2 registers the same transactional.id (fencing W1), gets every
     // partition once W1's session expires, and finishes the stream.
     let mut w2 = common::spawn_worker(&c2, "info");
-    wait_until("W2 finishes the stream", &c2, || sum(&committed(&c2)) == total, &mut [&mut w2]).await;
+    wait_until("W2 finishes the stream", &c2, patience, || committed(&c2) == total, &mut [&mut w2]).await;
     // And has emitted every bill, closed (months long past; idle partitions follow the clock).
     wait_until(
         "W2 emits every bill",
         &c2,
+        patience,
         || {
             let mut t = BillTable::default();
             for r in read_all(&c2, &c2.kafka.output_topic) {
@@ -169,7 +129,7 @@ async fn a_paused_worker_is_fenced_after_a_takeover_and_nothing_it_writes_lands(
         &mut [&mut w2],
     )
     .await;
-    let at_takeover = committed(&c2);
+    let at_takeover = committed_by_partition(&c2);
     let bills_before = read_all(&c2, &c2.kafka.output_topic).len();
     let dead_before: BTreeSet<(i32, i64)> = read_all(&c2, &c2.kafka.dead_letter_topic).iter().map(|r| (r.partition, r.offset)).collect();
     let changelog_before: BTreeSet<(i32, i64)> = read_all(&c2, &c2.kafka.changelog_topic).iter().map(|r| (r.partition, r.offset)).collect();
@@ -215,7 +175,7 @@ async fn a_paused_worker_is_fenced_after_a_takeover_and_nothing_it_writes_lands(
     );
 
     // W2 reads the late messages.
-    wait_until("W2 reads the late messages", &c2, || sum(&committed(&c2)) == total + late_total, &mut [&mut w2]).await;
+    wait_until("W2 reads the late messages", &c2, patience, || committed(&c2) == total + late_total, &mut [&mut w2]).await;
     assert!(common::stop_worker(&mut w2).success());
 
     // No bill after the takeover: W2 had none to write, W1's were rejected.

@@ -217,14 +217,51 @@ pub async fn run_live_until_done(cfg: &Config, expected: &BTreeMap<String, Bill>
 
 /// Messages the group has committed, summed over the input's partitions.
 pub fn committed(cfg: &Config) -> i64 {
+    committed_by_partition(cfg).values().sum()
+}
+
+/// The group's committed offset per input partition (partitions without
+/// one are absent).
+pub fn committed_by_partition(cfg: &Config) -> BTreeMap<i32, i64> {
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
     let c = gatebill::kafka::plain_consumer(&cfg.kafka, &cfg.kafka.group_id).unwrap();
     let mut tpl = TopicPartitionList::new();
     for p in 0..cfg.kafka.partitions {
         tpl.add_partition(&cfg.kafka.input_topic, p);
     }
-    let Ok(done) = c.committed_offsets(tpl, Duration::from_secs(5)) else { return 0 };
-    done.elements().iter().map(|e| if let Offset::Offset(o) = e.offset() { o } else { 0 }).sum()
+    let Ok(done) = c.committed_offsets(tpl, Duration::from_secs(5)) else { return BTreeMap::new() };
+    done.elements().iter().filter_map(|e| if let Offset::Offset(o) = e.offset() { Some((e.partition(), o)) } else { None }).collect()
+}
+
+/// A size from the environment (the long runs of scripts/chaos.sh), else `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Waits until `done`, for at most `patience`, with every child in
+/// `running` still running; a failure names `what` and the logs next to
+/// `cfg`'s state directory.
+pub async fn wait_until(
+    what: &str,
+    cfg: &Config,
+    patience: Duration,
+    mut done: impl FnMut() -> bool,
+    running: &mut [&mut std::process::Child],
+) {
+    let deadline = std::time::Instant::now() + patience;
+    let logs = cfg.worker.state_dir.parent().unwrap().display().to_string();
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}: not after {patience:?}; see the logs under {logs}");
+        for c in running.iter_mut() {
+            assert!(c.try_wait().unwrap().is_none(), "a worker exited while {what}; see the logs under {logs}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends a signal (`TERM`, `STOP`, `CONT`, ...) to a child.
+pub fn signal(child: &std::process::Child, sig: &str) {
+    assert!(std::process::Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status().unwrap().success());
 }
 
 /// A `gatebill run` child process with `cfg` (written next to its state
@@ -247,7 +284,7 @@ pub fn spawn_worker(cfg: &Config, level: &str) -> std::process::Child {
 
 /// Sends SIGTERM (a clean stop) to a child and waits for it.
 pub fn stop_worker(child: &mut std::process::Child) -> std::process::ExitStatus {
-    let _ = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    signal(child, "TERM");
     child.wait().unwrap()
 }
 
