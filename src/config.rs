@@ -120,6 +120,11 @@ pub struct WorkerConfig {
     /// Events stamped more than this many seconds ahead of the wall clock
     /// are dead-lettered (`future_time`) and move no watermark. Default 3,600.
     pub max_future_secs: u64,
+    /// `replay --input-file`: threads it runs on, and how many shards a new
+    /// replay splits its accounts into (by a hash of the account id; kept
+    /// with the replay's positions, so a resumed replay keeps its count).
+    /// 0: one per core this process may use. Default 0.
+    pub threads: usize,
 }
 
 impl Default for WorkerConfig {
@@ -136,6 +141,7 @@ impl Default for WorkerConfig {
             dedupe_window_hours: 72,
             dedupe_window_messages: 1_000_000,
             max_future_secs: 3_600,
+            threads: 0,
         }
     }
 }
@@ -237,6 +243,9 @@ impl Config {
         }
         if w.dedupe && w.dedupe_window_messages == 0 {
             return bad("worker.dedupe_window_messages must be at least 1 when dedupe is on".into());
+        }
+        if w.threads > 256 {
+            return bad(format!("worker.threads = {} is more than 256; use 0 (one per core) or at most 256", w.threads));
         }
         if w.max_future_secs > i64::MAX as u64 / 1000 {
             return bad("worker.max_future_secs is too large; use at most 9223372036854775".into());

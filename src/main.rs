@@ -2,6 +2,12 @@
 
 use clap::Parser;
 
+/// mimalloc instead of the system allocator: bills and batches allocate
+/// and free on many threads, where glibc's malloc spent a quarter of the
+/// emission's CPU (BENCHMARKS.md, performance round 3).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let cli = gatebill::cli::Cli::parse();

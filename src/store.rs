@@ -442,6 +442,19 @@ impl Store {
         Ok(())
     }
 
+    /// A value of the meta column family (format version, shard counts).
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(cf::META), key.as_bytes())?)
+    }
+
+    /// Writes a value of the meta column family, synced.
+    pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.put_cf_opt(self.cf(cf::META), key.as_bytes(), value, &wo)?;
+        Ok(())
+    }
+
     /// Where a partition stands, if this store has processed it.
     pub fn partition(&self, topic: &str, partition: i32) -> Result<Option<PartitionState>, StoreError> {
         let v = self.db.get_cf(self.cf(cf::OFFSETS), offset_key(topic, partition))?;

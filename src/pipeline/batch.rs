@@ -149,7 +149,7 @@ pub fn encode_cells(cells: &[((u32, i64, u32), HourCell)], regions: &Interner) -
 }
 
 /// Decodes, classifies and checks the key of one input message.
-fn decode<'m>(m: &InputMessage<'m>, require_keys: bool) -> Result<Billable<'m>, DecodeError> {
+pub fn decode_message<'m>(m: &InputMessage<'m>, require_keys: bool) -> Result<Billable<'m>, DecodeError> {
     let b = decode_billable(m.payload.unwrap_or_default())?;
     if !require_keys || m.key == Some(b.account_id.as_bytes()) {
         return Ok(b);
@@ -171,15 +171,22 @@ const PARALLEL_MIN: usize = 1024;
 /// Maps a pure function over items, in order, split over the machine's cores
 /// for large inputs (the result is the same as on one thread).
 pub fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    par_slices(items, PARALLEL_MIN, |slice| slice.iter().map(&f).collect())
+}
+
+/// Maps a function over contiguous slices of items, in order, one slice per
+/// core when there are at least `min` items (else one slice); `f` returns
+/// one result per item of its slice.
+pub fn par_slices<T: Sync, R: Send>(items: &[T], min: usize, f: impl Fn(&[T]) -> Vec<R> + Sync) -> Vec<R> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    if threads < 2 || items.len() < PARALLEL_MIN {
-        return items.iter().map(&f).collect();
+    if threads < 2 || items.len() < min.max(2) {
+        return f(items);
     }
     let chunk = items.len().div_ceil(threads);
     let f = &f;
     std::thread::scope(|s| {
-        let handles: Vec<_> = items.chunks(chunk).skip(1).map(|c| s.spawn(move || c.iter().map(f).collect::<Vec<R>>())).collect();
-        let mut out: Vec<R> = items[..chunk].iter().map(f).collect();
+        let handles: Vec<_> = items.chunks(chunk).skip(1).map(|c| s.spawn(move || f(c))).collect();
+        let mut out: Vec<R> = f(&items[..chunk]);
         for h in handles {
             out.extend(h.join().expect("the mapped function does not panic"));
         }
@@ -189,7 +196,7 @@ pub fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec
 
 /// Decodes messages in order, on every core for large batches (decoding is pure).
 pub fn decode_all<'m>(msgs: &[&'m InputMessage<'m>], require_keys: bool) -> Vec<Result<Billable<'m>, DecodeError>> {
-    par_map(msgs, |m| decode(m, require_keys))
+    par_map(msgs, |m| decode_message(m, require_keys))
 }
 
 /// One partition-hour of request-id hashes, as stored plus what the pending

@@ -3,7 +3,7 @@
 //! every core, and each changed bill's next record with its revision and
 //! status ([`super::policy`]).
 
-use super::batch::par_map;
+use super::batch::par_slices;
 use super::policy::{self, effective_watermark, next_record, Emitted, PartitionClock};
 use super::{After, Pipeline, Staged};
 use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
@@ -169,31 +169,47 @@ impl Pipeline {
         plan.next = to;
         let chunk = &plan.todo[from..to];
         let (now, force_idle) = (plan.now, plan.force_idle);
-        let store = self.store.clone();
-        let keys: Vec<(&str, Month)> = chunk.iter().map(|((a, m), _)| (a.as_str(), *m)).collect();
-        let prevs = store.bill_state_many(&keys)?;
-        let raws = store.usage_raw_many(&keys)?;
-        // Months billed on their own are decoded and computed on every
-        // core (pure); accounts whose packs span months are computed below.
-        let accounts = &self.accounts;
-        let rules = &self.rules;
-        let inputs: Vec<(&str, Month, Option<Vec<u8>>)> = chunk.iter().zip(raws).map(|(((a, m), _), raw)| (a.as_str(), *m, raw)).collect();
-        let independent = par_map(&inputs, |(account, month, raw)| -> Result<Option<Option<Bill>>, StoreError> {
-            let record = accounts.get(*account);
-            if !months_are_independent(record) {
-                return Ok(None);
-            }
-            let Some(raw) = raw else { return Ok(Some(None)) };
-            let months = BTreeMap::from([(*month, MonthUsage::decode(raw)?)]);
-            Ok(Some(compute_bills(account, record, &months, rules).pop()))
+        // Months billed on their own are read, computed and turned into
+        // records on every core (each slice's reads one multi-get);
+        // accounts whose packs span months are computed below.
+        let this = &*self;
+        let computed = par_slices(chunk, 64, |slice| -> Vec<Result<Computed, StoreError>> {
+            let keys: Vec<(&str, Month)> = slice.iter().map(|((a, m), _)| (a.as_str(), *m)).collect();
+            let (prevs, raws) = match (this.store.bill_state_many(&keys), this.store.usage_raw_many(&keys)) {
+                (Ok(p), Ok(r)) => (p, r),
+                (Err(e), _) | (_, Err(e)) => return vec![Err(e)],
+            };
+            slice
+                .iter()
+                .zip(prevs.into_iter().zip(raws))
+                .map(|(((account, month), dirty_partition), (prev, raw))| {
+                    let partition = if *dirty_partition >= 0 { *dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
+                    let record = this.accounts.get(account);
+                    if !months_are_independent(record) {
+                        return Ok(Computed::Dependent { prev, partition });
+                    }
+                    let bill = match raw {
+                        Some(raw) => {
+                            let months = BTreeMap::from([(*month, MonthUsage::decode(&raw)?)]);
+                            compute_bills(account, record, &months, &this.rules).pop()
+                        }
+                        None => None,
+                    };
+                    Ok(Computed::Done(this.bill_change(account, *month, partition, prev.as_ref(), bill, now, force_idle)))
+                })
+                .collect()
         });
+        if computed.len() != chunk.len() {
+            // A slice's read failed: its one error is in the results.
+            return Err(computed.into_iter().find_map(Result::err).expect("a failed read leaves its error"));
+        }
+        let store = self.store.clone();
         let mut out = Emission { records: Vec::new(), states: Vec::with_capacity(chunk.len()), now };
-        for ((((account, month), dirty_partition), prev), computed) in chunk.iter().zip(prevs).zip(independent) {
-            let (month, dirty_partition, computed) = (*month, *dirty_partition, computed?);
-            let partition = if dirty_partition >= 0 { dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
-            let bill = match computed {
-                Some(bill) => bill,
-                None => {
+        for (((account, month), _), computed) in chunk.iter().zip(computed) {
+            let month = *month;
+            let change = match computed? {
+                Computed::Done(change) => change,
+                Computed::Dependent { prev, partition } => {
                     // The bills of the last account whose months are billed
                     // together (the plan is in account order, so one
                     // account at a time is enough).
@@ -201,27 +217,45 @@ impl Pipeline {
                         let months = store.account_months(account)?;
                         plan.cache = Some((account.clone(), compute_bills(account, self.accounts.get(account), &months, &self.rules)));
                     }
-                    plan.cache.as_ref().and_then(|(_, bills)| bills.iter().find(|b| b.month == month).cloned())
+                    let bill = plan.cache.as_ref().and_then(|(_, bills)| bills.iter().find(|b| b.month == month).cloned());
+                    self.bill_change(account, month, partition, prev.as_ref(), bill, now, force_idle)
                 }
             };
-            let changed = bill.and_then(|bill| {
-                let closed = self.month_closed(month, partition, now, force_idle);
-                let last = prev.as_ref().map(|s| Emitted { revision: s.revision, status: s.status, content_hash: &s.content_hash });
-                let (revision, status) = next_record(last, &bill.content_hash, closed)?;
-                let key = format!("{account}/{month}");
-                let record = OutboxRecord {
-                    topic: self.settings.output_topic.clone(),
-                    key: Some(key.clone().into_bytes()),
-                    payload: BillRecord::json_from_content(&bill.content_json, revision, status, &bill.content_hash),
-                    headers: vec![],
-                    partition: None,
-                };
-                out.records.push((outbox_bill_key(&key), record));
-                Some(BillState { revision, status, content_hash: bill.content_hash, partition })
+            let state = change.map(|(record, state)| {
+                out.records.push(record);
+                state
             });
-            out.states.push((account.clone(), month, changed));
+            out.states.push((account.clone(), month, state));
         }
         Ok(Some(out))
+    }
+
+    /// A recomputed bill's next record (keyed as in the outbox) and state,
+    /// `None` when it has not changed since the last record (`prev`).
+    #[allow(clippy::too_many_arguments)]
+    fn bill_change(
+        &self,
+        account: &str,
+        month: Month,
+        partition: i32,
+        prev: Option<&BillState>,
+        bill: Option<Bill>,
+        now: i64,
+        force_idle: bool,
+    ) -> Option<((Vec<u8>, OutboxRecord), BillState)> {
+        let bill = bill?;
+        let closed = self.month_closed(month, partition, now, force_idle);
+        let last = prev.map(|s| Emitted { revision: s.revision, status: s.status, content_hash: &s.content_hash });
+        let (revision, status) = next_record(last, &bill.content_hash, closed)?;
+        let key = format!("{account}/{month}");
+        let record = OutboxRecord {
+            topic: self.settings.output_topic.clone(),
+            key: Some(key.clone().into_bytes()),
+            payload: BillRecord::json_from_content(&bill.content_json, revision, status, &bill.content_hash),
+            headers: vec![],
+            partition: None,
+        };
+        Some(((outbox_bill_key(&key), record), BillState { revision, status, content_hash: bill.content_hash, partition }))
     }
 
     /// Writes a chunk of [`Pipeline::next_emission`] in one atomic batch:
@@ -314,6 +348,14 @@ pub struct Emission {
 /// The key of a bill in [`Pipeline`]'s provisional-emission times.
 fn bill_key_hash(account: &str, month: Month) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(account.as_bytes(), u64::from(month.ordinal()))
+}
+
+/// One bill of an emission chunk as computed on a core.
+enum Computed {
+    /// Its next record and state (`None`: unchanged).
+    Done(Option<((Vec<u8>, OutboxRecord), BillState)>),
+    /// An account whose packs span months: computed with its other months.
+    Dependent { prev: Option<BillState>, partition: i32 },
 }
 
 /// Where the records of an [`Emission`] go when it is committed.

@@ -121,6 +121,9 @@ pub struct Pipeline {
     /// from its assignment ([`Pipeline::set_assignment`]).
     owned: Option<std::collections::BTreeSet<i32>>,
     next_dead_letter: u64,
+    /// What the dead-letter sequence advances by: the shard count of a
+    /// sharded pipeline ([`Pipeline::new_shard`]), else 1.
+    dead_letter_step: u64,
     /// Next sequence number of changelog records in the outbox.
     next_changelog: u64,
     /// The batch being built since the last flush.
@@ -173,6 +176,32 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// One of several pipelines over one store that split the accounts between
+/// them by a hash of the account id ([`shard_of`]; [`Pipeline::split`]): a
+/// file replay runs one per shard, on every core, each shard's events
+/// being its partition (see `file_replay.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// This pipeline's shard, below `count`.
+    pub index: u32,
+    /// How many shards split the accounts.
+    pub count: u32,
+}
+
+impl Shard {
+    /// Whether an account is this shard's.
+    pub fn holds(&self, account: &str) -> bool {
+        shard_of(account, self.count) == self.index
+    }
+}
+
+/// The shard of an account among `count`: a hash of its id, the same on
+/// every machine and in every version (it places the events of a sharded
+/// file replay, whose positions are kept per shard).
+pub fn shard_of(account: &str, count: u32) -> u32 {
+    (xxhash_rust::xxh3::xxh3_64(account.as_bytes()) % u64::from(count.max(1))) as u32
+}
+
 impl Pipeline {
     /// A pipeline over an opened store; loads account records and offsets.
     pub fn new(store: Arc<Store>, rules: Rules, settings: Settings, metrics: Arc<Metrics>) -> Result<Pipeline, StoreError> {
@@ -182,8 +211,64 @@ impl Pipeline {
                 accounts.insert(id, a);
             }
         }
+        Pipeline::with_accounts(store, rules, settings, metrics, accounts, None)
+    }
+
+    /// Splits this pipeline into `count` pipelines over the same store and
+    /// input, shard `i` of them ([`Shard`]) holding the account records of
+    /// its accounts (moved out of this one) and numbering its dead letters
+    /// `i` modulo `count`, apart from the others. The caller feeds each only
+    /// its accounts' events, as partition `i`; then [`Pipeline::join`].
+    /// Nothing may be pending here.
+    pub fn split(&mut self, count: u32) -> Result<Vec<Pipeline>, StoreError> {
+        let count = count.max(1);
+        let mut parts: Vec<HashMap<String, AccountRecord>> = (0..count).map(|_| HashMap::new()).collect();
+        for (id, a) in self.accounts.drain() {
+            parts[shard_of(&id, count) as usize].insert(id, a);
+        }
+        parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, accounts)| {
+                let shard = Shard { index: i as u32, count };
+                Pipeline::with_accounts(
+                    self.store.clone(),
+                    self.rules.clone(),
+                    self.settings.clone(),
+                    self.metrics.clone(),
+                    accounts,
+                    Some(shard),
+                )
+            })
+            .collect()
+    }
+
+    /// Takes back the account records of pipelines made by
+    /// [`Pipeline::split`] (whose pending batches must be flushed) and
+    /// reads the positions they wrote.
+    pub fn join(&mut self, shards: Vec<Pipeline>) -> Result<(), StoreError> {
+        let mut written = Vec::new();
+        for mut shard in shards {
+            self.accounts.extend(shard.accounts.drain());
+            written.extend(shard.partitions.keys().copied());
+        }
+        self.reload_partitions(&written)
+    }
+
+    fn with_accounts(
+        store: Arc<Store>,
+        rules: Rules,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        accounts: HashMap<String, AccountRecord>,
+        shard: Option<Shard>,
+    ) -> Result<Pipeline, StoreError> {
         let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
-        let next_dead_letter = store.next_dead_letter_seq()?;
+        let mut next_dead_letter = store.next_dead_letter_seq()?;
+        let dead_letter_step = shard.map_or(1, |s| u64::from(s.count));
+        if let Some(s) = shard {
+            next_dead_letter += (u64::from(s.index) + dead_letter_step - next_dead_letter % dead_letter_step) % dead_letter_step;
+        }
         let next_changelog = store.next_outbox_seq(b'c')?;
         let rules_calendar = rules.calendar;
         let dedupe = dedupe_cache(&settings);
@@ -199,6 +284,7 @@ impl Pipeline {
             high_watermarks: HashMap::new(),
             owned: None,
             next_dead_letter,
+            dead_letter_step,
             next_changelog,
             pending: Pending::default(),
             dedupe,
@@ -270,7 +356,7 @@ impl Pipeline {
     /// A dead letter for a message, with its outbox key.
     fn dead_letter(&mut self, m: &InputMessage, err: &DecodeError) -> (Vec<u8>, OutboxRecord) {
         let key = outbox_dead_letter_key(self.next_dead_letter);
-        self.next_dead_letter += 1;
+        self.next_dead_letter += self.dead_letter_step;
         self.metrics.rejected.with_label_values(&[err.reason.code()]).inc();
         (key, dead_letter(&self.settings, m, err))
     }
@@ -299,40 +385,84 @@ impl Pipeline {
     /// the partitions' last input and bounds trusted event times.
     pub fn ingest_at(&mut self, msgs: &[InputMessage], now: i64) -> Result<(), StoreError> {
         // 1. Skip what was processed before; advance offsets.
-        let mut todo = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            let stored = &self.partitions;
-            let state = self.pending.touched.entry(m.partition).or_insert_with(|| stored.get(&m.partition).copied().unwrap_or_default());
-            if m.offset < state.next_offset {
-                self.pending.stats.already_processed += 1;
-                self.metrics.input_reread.with_label_values(&[&m.partition.to_string()]).inc();
-                continue;
-            }
-            state.next_offset = m.offset + 1;
-            if let Some(t) = self.last_input_ms.get_mut(&m.partition) {
-                *t = now;
-            }
-            todo.push(m);
-        }
+        let todo: Vec<&InputMessage> = msgs.iter().filter(|m| self.admit(m, now)).collect();
         self.metrics.events_consumed.inc_by(todo.len() as u64);
         // 2. Decode and classify, on every core for large batches.
         let decoded = decode_all(&todo, self.settings.require_keys);
         // 3. In order: reject, drop duplicates, aggregate.
-        let result = self.aggregate(&todo, decoded, now);
+        self.aggregate_or_discard(todo.into_iter().zip(decoded), false, now)
+    }
+
+    /// [`Pipeline::ingest_at`] for messages the caller decoded already
+    /// (with [`batch::decode_message`]; a sharded file replay decodes on
+    /// every core before it knows each event's shard), taken by value or
+    /// by reference.
+    pub fn ingest_decoded<'m, M: std::borrow::Borrow<InputMessage<'m>>>(
+        &mut self,
+        items: impl IntoIterator<Item = (M, Result<Billable<'m>, DecodeError>)>,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.aggregate_or_discard(items.into_iter(), true, now)
+    }
+
+    /// Moves a partition's position in the pending batch to at least
+    /// `next_offset`: a sharded file replay advances every shard past each
+    /// chunk, also one that had no line in it, so that a resumed replay
+    /// starts after the chunk.
+    pub fn advance_to(&mut self, partition: i32, next_offset: i64) {
+        let stored = &self.partitions;
+        let state = self.pending.touched.entry(partition).or_insert_with(|| stored.get(&partition).copied().unwrap_or_default());
+        state.next_offset = state.next_offset.max(next_offset);
+    }
+
+    /// Whether a message is new to the pending batch (its offset not
+    /// processed before); advances its partition's offset if so.
+    fn admit(&mut self, m: &InputMessage, now: i64) -> bool {
+        let stored = &self.partitions;
+        let state = self.pending.touched.entry(m.partition).or_insert_with(|| stored.get(&m.partition).copied().unwrap_or_default());
+        if m.offset < state.next_offset {
+            self.pending.stats.already_processed += 1;
+            self.metrics.input_reread.with_label_values(&[&m.partition.to_string()]).inc();
+            return false;
+        }
+        state.next_offset = m.offset + 1;
+        if let Some(t) = self.last_input_ms.get_mut(&m.partition) {
+            *t = now;
+        }
+        true
+    }
+
+    fn aggregate_or_discard<'m, M: std::borrow::Borrow<InputMessage<'m>>>(
+        &mut self,
+        items: impl Iterator<Item = (M, Result<Billable<'m>, DecodeError>)>,
+        admit: bool,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let result = self.aggregate(items, admit, now);
         if result.is_err() {
             self.discard_pending();
         }
         result
     }
 
-    fn aggregate<'m>(
+    /// In input order: skips messages processed before (when `admit`; else
+    /// the caller did), rejects, drops duplicates, aggregates.
+    fn aggregate<'m, M: std::borrow::Borrow<InputMessage<'m>>>(
         &mut self,
-        todo: &[&'m InputMessage<'m>],
-        decoded: Vec<Result<Billable<'m>, DecodeError>>,
+        items: impl Iterator<Item = (M, Result<Billable<'m>, DecodeError>)>,
+        admit: bool,
         now: i64,
     ) -> Result<(), StoreError> {
         let latest_trusted = now.saturating_add(self.settings.max_future_ms);
-        for (m, d) in todo.iter().zip(decoded) {
+        let mut consumed = 0u64;
+        for (m, d) in items {
+            let m = m.borrow();
+            if admit {
+                if !self.admit(m, now) {
+                    continue;
+                }
+                consumed += 1;
+            }
             let b = match d {
                 Ok(b) if b.time_ms > latest_trusted => {
                     let err = future_time(b.time_ms, now, self.settings.max_future_ms);
@@ -369,6 +499,7 @@ impl Pipeline {
             cell.add(&b.metered);
             self.pending.stats.billed += 1;
         }
+        self.metrics.events_consumed.inc_by(consumed);
         Ok(())
     }
 
