@@ -73,9 +73,14 @@ STARTED=$(date +%s)
 metrics() { curl -s "127.0.0.1:$METRICS_PORT/metrics" || true; }
 lag() { metrics | awk '/^gatebill_partition_lag\{/ { s += $2 } END { print s + 0 }'; }
 produced() { metrics | awk '/^gatebill_records_produced_total\{topic="gateway-bills"\}/ { print $2 }' | tail -1; }
-sample() { # t rss_kb lag bills_produced phase
+# RocksDB's memory by kind, MB: memtables block_cache table_readers.
+rocksdb_mb() {
+  metrics | awk '/^gatebill_rocksdb_memory_bytes\{/ { split($1, a, "\""); m[a[2]] = $2 }
+    END { printf "%d %d %d", m["memtables"] / 1048576, m["block_cache"] / 1048576, m["table_readers"] / 1048576 }'
+}
+sample() { # t rss_kb lag bills_produced phase memtables_mb block_cache_mb table_readers_mb
   local p; p="$(produced)"
-  echo "$(($(date +%s) - STARTED)) $(ps -o rss= -p "$WORKER_PID" | tr -d ' ') $(lag) ${p:-0} $1" >>"$WORK/samples.txt"
+  echo "$(($(date +%s) - STARTED)) $(ps -o rss= -p "$WORKER_PID" | tr -d ' ') $(lag) ${p:-0} $1 $(rocksdb_mb)" >>"$WORK/samples.txt"
 }
 while kill -0 "$GEN_PID" 2>/dev/null; do
   kill -0 "$WORKER_PID" || { echo "the worker exited:"; tail -20 "$WORK/worker.log"; exit 1; }

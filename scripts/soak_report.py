@@ -72,8 +72,9 @@ equal = sum(1 for k, h in ref.items() if k in latest and latest[k]["content_hash
 samples = []
 for line in open(samples_path):
     parts = line.split()
-    if len(parts) == 5 and parts[1].isdigit():
-        samples.append((int(parts[0]), int(parts[1]) // 1024, int(float(parts[2] or 0)), int(float(parts[3] or 0)), parts[4]))
+    if len(parts) >= 5 and parts[1].isdigit():
+        rocks = tuple(int(x) for x in parts[5:8]) if len(parts) >= 8 else (0, 0, 0)
+        samples.append((int(parts[0]), int(parts[1]) // 1024, int(float(parts[2] or 0)), int(float(parts[3] or 0)), parts[4], rocks))
 load = [s for s in samples if s[4] == "load"]
 warm = [s for s in load if s[0] >= duration / 4]
 drift = (max(s[1] for s in warm) - min(s[1] for s in warm)) / min(s[1] for s in warm) * 100 if warm else float("nan")
@@ -99,5 +100,9 @@ print(f"| event-to-bill latency | p50 {pct(50):.1f} s, p99 {pct(99):.1f} s, max 
 print(f"| latest bill per key = reference (file replay with accounts) | {equal} of {len(ref)} keys{'' if equal == len(ref) == len(latest) else ' -- MISMATCH'} |")
 print()
 print("RSS (MB) and lag over time (s: rss lag):", " ".join(f"{s[0]}:{s[1]}/{s[2]}" for s in samples[:: max(1, len(samples) // 30)]))
+print(
+    "RocksDB memory over time, MB (s: memtables/block cache/table readers):",
+    " ".join(f"{s[0]}:{s[5][0]}/{s[5][1]}/{s[5][2]}" for s in samples[:: max(1, len(samples) // 30)]),
+)
 ok = equal == len(ref) == len(latest) and never == 0
 sys.exit(0 if ok else 1)

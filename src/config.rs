@@ -120,10 +120,9 @@ pub struct WorkerConfig {
     /// Events stamped more than this many seconds ahead of the wall clock
     /// are dead-lettered (`future_time`) and move no watermark. Default 3,600.
     pub max_future_secs: u64,
-    /// `replay --input-file`: threads it runs on, and how many shards a new
-    /// replay splits its accounts into (by a hash of the account id; kept
-    /// with the replay's positions, so a resumed replay keeps its count).
-    /// 0: one per core this process may use. Default 0.
+    /// `replay --input-file`: threads its shards run on (they are 16 for
+    /// every replay, whatever the threads). 0: one per core this process
+    /// may use. Default 0.
     pub threads: usize,
 }
 

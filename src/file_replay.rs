@@ -23,15 +23,19 @@ use std::sync::Arc;
 /// Lines decoded together (the write batch is `worker.batch_size` lines).
 const CHUNK_LINES: usize = 32_768;
 
-/// Most shards a file replay splits its accounts into.
-pub const MAX_SHARDS: usize = 256;
+/// Shards a new file replay splits its accounts into ([`Pipeline::split`]),
+/// whatever the machine: dedupe windows are measured per shard (its
+/// watermark), so the count is fixed for the same archive to give the same
+/// bills everywhere; `worker.threads` only says how many threads run them.
+pub const FILE_SHARDS: u32 = 16;
 
 /// The shard count of the replay of `topic` into `store`: as recorded when
-/// the replay started (in the meta column family: the positions are kept
-/// per shard, so a resumed replay, on whatever machine, keeps its count); 1
-/// for a replay that began before replays were sharded (a position without
-/// a recorded count); else `wanted`, recorded now.
-fn shard_count(store: &Store, topic: &str, wanted: u32) -> Result<u32, StoreError> {
+/// the replay started (in the meta column family: positions are kept per
+/// shard and a line's shard must never change, so a resumed replay keeps
+/// its count); 1 for a replay that began before replays were sharded (a
+/// position without a recorded count); else `new`, recorded now, before
+/// any shard writes.
+fn shard_count(store: &Store, topic: &str, new: u32) -> Result<u32, StoreError> {
     let key = format!("shards:{topic}");
     if let Some(v) = store.meta(&key)? {
         if let Ok(b) = <[u8; 4]>::try_from(v.as_slice()) {
@@ -41,8 +45,8 @@ fn shard_count(store: &Store, topic: &str, wanted: u32) -> Result<u32, StoreErro
     if !store.partitions(topic)?.is_empty() {
         return Ok(1);
     }
-    store.put_meta(&key, &wanted.to_be_bytes())?;
-    Ok(wanted)
+    store.put_meta(&key, &new.to_be_bytes())?;
+    Ok(new)
 }
 
 /// Runs `f` on each shard with its work item, on up to `threads` threads
@@ -306,10 +310,11 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
     // The events are split by account over shards, each a pipeline with its
     // own batch, dedupe buckets and position (its partition), run on every
     // core; each shard's write is atomic for its own lines.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let wanted = if cfg.worker.threads == 0 { cores } else { cfg.worker.threads };
-    let count = shard_count(pipeline.store(), &topic, wanted.clamp(1, MAX_SHARDS) as u32)?;
-    let threads = wanted.clamp(1, count as usize);
+    let threads = match cfg.worker.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let count = shard_count(pipeline.store(), &topic, FILE_SHARDS)?;
     tracing::info!(shards = count, threads, "input split by account");
     let mut shards = pipeline.split(count)?;
     let start = (0..count as i32).zip(&shards).map(|(p, s)| s.next_offset(p).unwrap_or(0)).min().unwrap_or(0);
@@ -336,7 +341,7 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
             p.advance_to(shard, last_line);
             Ok::<_, StoreError>(())
         };
-        for r in on_shards(&mut shards, (0..).zip(by_shard).collect(), threads, ingest) {
+        for r in on_shards(&mut shards, (0..).zip(by_shard).collect(), threads.min(count as usize), ingest) {
             r?;
         }
         if let Some(pb) = &pb {
@@ -346,7 +351,7 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
         let pending: u64 = shards.iter().map(Pipeline::pending_messages).sum();
         if pending >= batch_size || (done && pending > 0) {
             let mut s = BatchStats::default();
-            for r in on_shards(&mut shards, vec![(); count as usize], threads, |p, ()| p.flush()) {
+            for r in on_shards(&mut shards, vec![(); count as usize], threads.min(count as usize), |p, ()| p.flush()) {
                 let r = r?;
                 s.billed += r.billed;
                 s.rejected += r.rejected;
@@ -422,11 +427,41 @@ mod tests {
             .collect()
     }
 
-    /// A sharded replay stopped after some shards wrote their first batch
-    /// and others did not (as a crash between the shards' writes leaves
-    /// it) resumes each shard from its own position: the bills equal those
-    /// of an uninterrupted replay, and so do those of replays split into 1
-    /// and 5 shards.
+    /// The bills of the pure core for a generated history (dedupe on or off).
+    fn core_bills(spec: &GenSpec, dedupe: bool) -> BTreeMap<String, String> {
+        use crate::billing::reference::{aggregate_messages, bills};
+        let rules = crate::billing::Rules::default();
+        let mut msgs = Vec::new();
+        crate::gen::events(spec, |m| msgs.push(m.payload));
+        let table: BTreeMap<_, _> = crate::gen::accounts(spec.accounts, spec.seed)
+            .iter()
+            .map(|m| crate::billing::decode_account(&m.payload).unwrap())
+            .map(|a| (a.account_id.clone(), a))
+            .collect();
+        let ledger = if dedupe {
+            aggregate_messages(msgs.iter().map(Vec::as_slice), &rules).ledger
+        } else {
+            // Without dedupe every repeat is billed.
+            let mut ledger = crate::billing::reference::Ledger::new();
+            for (e, m) in msgs.iter().filter_map(|m| crate::billing::reference::decode_and_classify(m).ok()) {
+                crate::billing::reference::ingest(&mut ledger, &e, &m, &rules);
+            }
+            ledger
+        };
+        bills(&ledger, &table, &rules)
+            .into_iter()
+            .map(|b| (format!("{}/{}", b.content.account_id, b.content.month), b.content_hash))
+            .collect()
+    }
+
+    /// Every replay has 16 shards whatever its threads, and gives the
+    /// core's bills; one stopped after some shards wrote their first batch
+    /// and others did not (as a crash between the shards' writes leaves it)
+    /// resumes each shard from its own position, on another thread count:
+    /// every line counted once (dedupe off, so a line read twice would be
+    /// billed twice), every malformed line dead-lettered once, the core's
+    /// bills; a state directory from before replays were sharded (a
+    /// partition-0 position, no recorded count) goes on with one shard.
     #[tokio::test]
     async fn a_sharded_replay_resumes_each_shard_from_its_own_position() {
         let dir = tempfile::tempdir().unwrap();
@@ -444,36 +479,38 @@ mod tests {
         let truth = crate::traffic::write_file(&input, &spec).unwrap();
         let accounts = crate::traffic::accounts_file_for(&input);
         crate::traffic::write_accounts_file(&accounts, &spec).unwrap();
-        let config = |state: &str, threads: usize| {
+        let config = |state: &str, threads: usize, dedupe: bool| {
             let mut cfg = Config::default();
             cfg.worker.state_dir = dir.path().join(state);
             cfg.worker.batch_size = 1_000;
             cfg.worker.threads = threads;
+            cfg.worker.dedupe = dedupe;
             cfg.checked().unwrap()
         };
-        let mut reference = None;
-        for threads in [1, 3, 5] {
+        let with_dedupe = core_bills(&spec, true);
+        for threads in [1, 3] {
             let out = dir.path().join(format!("bills-{threads}.ndjson"));
-            let cfg = config(&format!("clean-{threads}"), threads);
+            let cfg = config(&format!("clean-{threads}"), threads, true);
             let s = replay_file(&cfg, &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false).await.unwrap();
             assert_eq!((s.billed, s.duplicates, s.rejected), (truth.unique_events, truth.duplicates, truth.malformed));
             let store = Store::open(&cfg.worker.state_dir).unwrap();
             let topic = file_settings(&cfg, &input, &Accounts::File(accounts.clone())).input_topic;
-            assert_eq!(store.partitions(&topic).unwrap().len(), threads, "one position per shard");
-            let got = bills(&out);
-            assert!(got.len() > 40);
-            assert_eq!(reference.get_or_insert_with(|| got.clone()), &got, "{threads} shards");
+            let positions = store.partitions(&topic).unwrap();
+            assert_eq!(positions.len(), FILE_SHARDS as usize, "one position per shard, {threads} threads");
+            assert!(positions.values().all(|p| p.next_offset == truth.messages as i64), "every shard past the last line");
+            assert_eq!(bills(&out), with_dedupe, "{threads} threads");
         }
 
-        // The first chunk ingested by 3 shards; shards 0 and 2 write it, shard 1 does not.
-        let cfg = config("crashed", 3);
-        {
+        // Dedupe off: the first chunk ingested by every shard; the even
+        // shards write it, the odd ones do not.
+        let cfg = config("crashed", 2, false);
+        let (written, chunk_lines) = {
             let store = Arc::new(Store::open(&cfg.worker.state_dir).unwrap());
             let settings = file_settings(&cfg, &input, &Accounts::File(accounts.clone()));
             let topic = settings.input_topic.clone();
             let mut pipeline = Pipeline::new(store.clone(), cfg.rules().clone(), settings, Metrics::new()).unwrap();
             load_accounts_file(&mut pipeline, &accounts).unwrap();
-            let count = shard_count(&store, &topic, 3).unwrap();
+            let count = shard_count(&store, &topic, FILE_SHARDS).unwrap();
             let mut shards = pipeline.split(count).unwrap();
             let (chunks, _recycle) = read_chunks(open_input(&input).unwrap(), 1_000, 0);
             let chunk = chunks.recv().unwrap().unwrap();
@@ -481,15 +518,43 @@ mod tests {
                 shards[i].ingest_decoded(slices.into_iter().flatten(), now_ms()).unwrap();
                 shards[i].advance_to(i as i32, chunk.last_line);
             }
-            let written: u64 = [0, 2].iter().map(|&i| shards[i].flush().unwrap().billed).sum();
-            assert!(written > 0);
+            let mut written = BatchStats::default();
+            for i in (0..count as usize).step_by(2) {
+                let s = shards[i].flush().unwrap();
+                written.billed += s.billed;
+                written.rejected += s.rejected;
+            }
             let positions = store.partitions(&topic).unwrap();
-            assert_eq!(positions.keys().copied().collect::<Vec<_>>(), vec![0, 2]);
+            assert_eq!(positions.keys().copied().collect::<Vec<_>>(), (0..count as i32).step_by(2).collect::<Vec<_>>());
             assert!(positions.values().all(|p| p.next_offset == chunk.last_line));
-        }
+            (written, chunk.last_line)
+        };
+        assert!(written.billed > 0 && written.billed < chunk_lines as u64);
         let out = dir.path().join("bills-crashed.ndjson");
+        // Resumed on 5 threads: the count stays 16.
+        let cfg = config("crashed", 5, false);
         let s = replay_file(&cfg, &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false).await.unwrap();
-        assert!(s.billed < truth.unique_events, "the resumed run skips what shards 0 and 2 wrote");
-        assert_eq!(&bills(&out), reference.as_ref().unwrap());
+        let lines = truth.unique_events + truth.duplicates;
+        assert_eq!((written.billed + s.billed, s.duplicates, written.rejected + s.rejected), (lines, 0, truth.malformed));
+        assert_eq!(bills(&out), core_bills(&spec, false));
+        let dead = std::fs::read_to_string(format!("{}.dead-letters", out.display())).unwrap();
+        assert_eq!(dead.lines().count() as u64, truth.malformed, "each malformed line dead-lettered once");
+        let topic = file_settings(&cfg, &input, &Accounts::File(accounts.clone())).input_topic;
+        assert_eq!(Store::open(&cfg.worker.state_dir).unwrap().partitions(&topic).unwrap().len(), FILE_SHARDS as usize);
+
+        // A directory from before sharding: partition 0 only, no count.
+        let cfg = config("legacy", 3, true);
+        let topic = file_settings(&cfg, &input, &Accounts::File(accounts.clone())).input_topic;
+        {
+            let store = Store::open(&cfg.worker.state_dir).unwrap();
+            let mut batch = store.batch();
+            batch.put_partition(&topic, 0, crate::store::PartitionState::default());
+            store.write(batch).unwrap();
+        }
+        let out = dir.path().join("bills-legacy.ndjson");
+        let s = replay_file(&cfg, &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false).await.unwrap();
+        assert_eq!(s.billed, truth.unique_events);
+        assert_eq!(bills(&out), with_dedupe);
+        assert_eq!(Store::open(&cfg.worker.state_dir).unwrap().partitions(&topic).unwrap().keys().copied().collect::<Vec<_>>(), vec![0]);
     }
 }

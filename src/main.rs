@@ -3,8 +3,8 @@
 use clap::Parser;
 
 /// mimalloc instead of the system allocator: bills and batches allocate
-/// and free on many threads, where glibc's malloc spent a quarter of the
-/// emission's CPU (BENCHMARKS.md, performance round 3).
+/// and free on many threads; glibc's malloc and free were about a quarter
+/// of the CPU samples while bills were computed (`perf`, BENCHMARKS.md).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -32,6 +32,9 @@ pub struct Metrics {
     pub partition_lag: IntGaugeVec,
     /// Estimated live state bytes, by column family.
     pub state_bytes: IntGaugeVec,
+    /// Memory RocksDB holds, by kind (`memtables`, `block_cache`,
+    /// `table_readers`).
+    pub rocksdb_memory: IntGaugeVec,
     /// Input messages read again below the partition's stored position
     /// (skipped as already processed), by partition.
     pub input_reread: IntCounterVec,
@@ -95,6 +98,11 @@ impl Metrics {
             },
             partition_lag: gauge_vec("partition_lag", "Messages behind the partition's end", "partition"),
             state_bytes: gauge_vec("state_bytes", "Estimated live state bytes", "column_family"),
+            rocksdb_memory: gauge_vec(
+                "rocksdb_memory_bytes",
+                "Memory RocksDB holds: memtables (all column families, at most 128 MB together), the shared block cache, table readers",
+                "kind",
+            ),
             input_reread: counter_vec(
                 "input_reread_total",
                 "Input messages read again below the partition's stored position (skipped as already processed)",

@@ -368,9 +368,16 @@ impl Store {
 /// The column families with their options (merge operators included: usage
 /// and dedupe values are merge operands until compaction, so every open,
 /// a read-only one too, needs them), and the database-wide options.
+/// Bytes all memtables of a store may hold together.
+pub const MEMTABLE_BUDGET: usize = 128 << 20;
+
 fn column_families(opts: &mut Options) -> Vec<ColumnFamilyDescriptor> {
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.increase_parallelism(2);
+    // Every column family's memtables together stay under one bound (the
+    // defaults allow 2 x 64 MB per column family, nine of them): the
+    // largest one is flushed when the total passes it.
+    opts.set_write_buffer_manager(&rocksdb::WriteBufferManager::new_write_buffer_manager(MEMTABLE_BUDGET, false));
     // Point lookups (dedupe keys, usage of an account-month) are mostly
     // misses or hits on recent data: bloom filters answer misses without
     // reading blocks, and a shared block cache keeps hot blocks.
@@ -689,6 +696,21 @@ impl Store {
             out.push((name, self.db.property_int_value_cf(cf, "rocksdb.total-sst-files-size")?.unwrap_or(0)));
         }
         Ok(out)
+    }
+
+    /// Memory RocksDB holds, by kind: `memtables` (every column family's,
+    /// flushing ones included), `block_cache` (shared) and `table_readers`
+    /// (index and filter blocks outside the cache).
+    pub fn memory(&self) -> Vec<(&'static str, u64)> {
+        let sum = |property: &str| -> u64 {
+            cf::ALL.iter().map(|name| self.db.property_int_value_cf(self.cf(name), property).ok().flatten().unwrap_or(0)).sum()
+        };
+        let cache = self.db.property_int_value_cf(self.cf(cf::USAGE), "rocksdb.block-cache-usage").ok().flatten().unwrap_or(0);
+        vec![
+            ("memtables", sum("rocksdb.size-all-mem-tables")),
+            ("block_cache", cache),
+            ("table_readers", sum("rocksdb.estimate-table-readers-mem")),
+        ]
     }
 
     /// Approximate live data size in bytes per column family.

@@ -789,6 +789,9 @@ impl Worker {
             for (cf, bytes) in self.store.sizes() {
                 self.metrics.state_bytes.with_label_values(&[cf]).set(bytes as i64);
             }
+            for (kind, bytes) in self.store.memory() {
+                self.metrics.rocksdb_memory.with_label_values(&[kind]).set(bytes as i64);
+            }
         }
         Ok(if stopping { Step::Stop } else { Step::Continue })
     }

@@ -153,7 +153,7 @@ impl Pipeline {
     /// to be taken a chunk at a time with [`Pipeline::next_emission`].
     pub fn emission(&self, now: i64, force_idle: bool) -> Result<EmissionPlan, StoreError> {
         let todo = self.bills_to_recompute(now, force_idle)?.into_iter().collect();
-        Ok(EmissionPlan { todo, next: 0, now, force_idle, cache: None })
+        Ok(EmissionPlan { todo, next: 0, now, force_idle })
     }
 
     /// Computes the next chunk of up to 1,024 bills of `plan`: the records
@@ -169,33 +169,41 @@ impl Pipeline {
         plan.next = to;
         let chunk = &plan.todo[from..to];
         let (now, force_idle) = (plan.now, plan.force_idle);
-        // Months billed on their own are read, computed and turned into
-        // records on every core (each slice's reads one multi-get);
-        // accounts whose packs span months are computed below.
+        // Bills are read, computed and turned into records on every core,
+        // each slice reading its bill states and usage in one multi-get. An
+        // account whose packs span months is computed with all its months
+        // (the plan is in account order: the slice keeps the last such
+        // account's bills; one split between two slices is computed twice).
         let this = &*self;
-        let computed = par_slices(chunk, 64, |slice| -> Vec<Result<Computed, StoreError>> {
+        let computed = par_slices(chunk, 64, |slice| -> Vec<Result<BillChange, StoreError>> {
             let keys: Vec<(&str, Month)> = slice.iter().map(|((a, m), _)| (a.as_str(), *m)).collect();
             let (prevs, raws) = match (this.store.bill_state_many(&keys), this.store.usage_raw_many(&keys)) {
                 (Ok(p), Ok(r)) => (p, r),
                 (Err(e), _) | (_, Err(e)) => return vec![Err(e)],
             };
+            let mut together: Option<(&str, Vec<Bill>)> = None;
             slice
                 .iter()
                 .zip(prevs.into_iter().zip(raws))
                 .map(|(((account, month), dirty_partition), (prev, raw))| {
                     let partition = if *dirty_partition >= 0 { *dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
                     let record = this.accounts.get(account);
-                    if !months_are_independent(record) {
-                        return Ok(Computed::Dependent { prev, partition });
-                    }
-                    let bill = match raw {
-                        Some(raw) => {
-                            let months = BTreeMap::from([(*month, MonthUsage::decode(&raw)?)]);
-                            compute_bills(account, record, &months, &this.rules).pop()
+                    let bill = if months_are_independent(record) {
+                        match raw {
+                            Some(raw) => {
+                                let months = BTreeMap::from([(*month, MonthUsage::decode(&raw)?)]);
+                                compute_bills(account, record, &months, &this.rules).pop()
+                            }
+                            None => None,
                         }
-                        None => None,
+                    } else {
+                        if together.as_ref().is_none_or(|(a, _)| a != account) {
+                            let months = this.store.account_months(account)?;
+                            together = Some((account.as_str(), compute_bills(account, record, &months, &this.rules)));
+                        }
+                        together.as_ref().and_then(|(_, bills)| bills.iter().find(|b| b.month == *month).cloned())
                     };
-                    Ok(Computed::Done(this.bill_change(account, *month, partition, prev.as_ref(), bill, now, force_idle)))
+                    Ok(this.bill_change(account, *month, partition, prev.as_ref(), bill, now, force_idle))
                 })
                 .collect()
         });
@@ -203,29 +211,13 @@ impl Pipeline {
             // A slice's read failed: its one error is in the results.
             return Err(computed.into_iter().find_map(Result::err).expect("a failed read leaves its error"));
         }
-        let store = self.store.clone();
         let mut out = Emission { records: Vec::new(), states: Vec::with_capacity(chunk.len()), now };
-        for (((account, month), _), computed) in chunk.iter().zip(computed) {
-            let month = *month;
-            let change = match computed? {
-                Computed::Done(change) => change,
-                Computed::Dependent { prev, partition } => {
-                    // The bills of the last account whose months are billed
-                    // together (the plan is in account order, so one
-                    // account at a time is enough).
-                    if plan.cache.as_ref().is_none_or(|(a, _)| a != account) {
-                        let months = store.account_months(account)?;
-                        plan.cache = Some((account.clone(), compute_bills(account, self.accounts.get(account), &months, &self.rules)));
-                    }
-                    let bill = plan.cache.as_ref().and_then(|(_, bills)| bills.iter().find(|b| b.month == month).cloned());
-                    self.bill_change(account, month, partition, prev.as_ref(), bill, now, force_idle)
-                }
-            };
-            let state = change.map(|(record, state)| {
+        for (((account, month), _), change) in chunk.iter().zip(computed) {
+            let state = change?.map(|(record, state)| {
                 out.records.push(record);
                 state
             });
-            out.states.push((account.clone(), month, state));
+            out.states.push((account.clone(), *month, state));
         }
         Ok(Some(out))
     }
@@ -242,7 +234,7 @@ impl Pipeline {
         bill: Option<Bill>,
         now: i64,
         force_idle: bool,
-    ) -> Option<((Vec<u8>, OutboxRecord), BillState)> {
+    ) -> BillChange {
         let bill = bill?;
         let closed = self.month_closed(month, partition, now, force_idle);
         let last = prev.map(|s| Emitted { revision: s.revision, status: s.status, content_hash: &s.content_hash });
@@ -318,8 +310,6 @@ pub struct EmissionPlan {
     next: usize,
     now: i64,
     force_idle: bool,
-    /// The bills of the last account whose months are billed together.
-    cache: Option<(String, Vec<Bill>)>,
 }
 
 impl EmissionPlan {
@@ -350,13 +340,9 @@ fn bill_key_hash(account: &str, month: Month) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(account.as_bytes(), u64::from(month.ordinal()))
 }
 
-/// One bill of an emission chunk as computed on a core.
-enum Computed {
-    /// Its next record and state (`None`: unchanged).
-    Done(Option<((Vec<u8>, OutboxRecord), BillState)>),
-    /// An account whose packs span months: computed with its other months.
-    Dependent { prev: Option<BillState>, partition: i32 },
-}
+/// A recomputed bill's next record (keyed as in the outbox) and state;
+/// `None`: unchanged since its last record.
+type BillChange = Option<((Vec<u8>, OutboxRecord), BillState)>;
 
 /// Where the records of an [`Emission`] go when it is committed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -122,8 +122,11 @@ pub struct Pipeline {
     owned: Option<std::collections::BTreeSet<i32>>,
     next_dead_letter: u64,
     /// What the dead-letter sequence advances by: the shard count of a
-    /// sharded pipeline ([`Pipeline::new_shard`]), else 1.
+    /// sharded pipeline ([`Pipeline::split`]), else 1.
     dead_letter_step: u64,
+    /// The accounts this pipeline is fed, when it is one of several
+    /// ([`Pipeline::split`]).
+    shard: Option<Shard>,
     /// Next sequence number of changelog records in the outbox.
     next_changelog: u64,
     /// The batch being built since the last flush.
@@ -223,7 +226,8 @@ impl Pipeline {
     pub fn split(&mut self, count: u32) -> Result<Vec<Pipeline>, StoreError> {
         let count = count.max(1);
         let mut parts: Vec<HashMap<String, AccountRecord>> = (0..count).map(|_| HashMap::new()).collect();
-        for (id, a) in self.accounts.drain() {
+        // Taken, not drained: the table's memory goes with it.
+        for (id, a) in std::mem::take(&mut self.accounts) {
             parts[shard_of(&id, count) as usize].insert(id, a);
         }
         parts
@@ -248,10 +252,15 @@ impl Pipeline {
     /// reads the positions they wrote.
     pub fn join(&mut self, shards: Vec<Pipeline>) -> Result<(), StoreError> {
         let mut written = Vec::new();
-        for mut shard in shards {
-            self.accounts.extend(shard.accounts.drain());
+        self.accounts.reserve(shards.iter().map(|s| s.accounts.len()).sum());
+        for shard in shards {
             written.extend(shard.partitions.keys().copied());
+            self.accounts.extend(shard.accounts);
         }
+        // The shards numbered dead letters apart; this one goes on after them.
+        self.next_dead_letter = self.store.next_dead_letter_seq()?;
+        self.dead_letter_step = 1;
+        self.shard = None;
         self.reload_partitions(&written)
     }
 
@@ -285,6 +294,7 @@ impl Pipeline {
             owned: None,
             next_dead_letter,
             dead_letter_step,
+            shard,
             next_changelog,
             pending: Pending::default(),
             dedupe,
@@ -475,6 +485,7 @@ impl Pipeline {
                     continue;
                 }
             };
+            debug_assert!(self.shard.is_none_or(|s| s.holds(&b.account_id)), "an event of another shard's account");
             let (month, hour) = self.place.place(b.time_ms);
             if self.settings.dedupe {
                 let h = xxhash_rust::xxh3::xxh3_128(b.request_id.as_bytes());
