@@ -121,11 +121,9 @@ pub struct Pipeline {
     /// from its assignment ([`Pipeline::set_assignment`]).
     owned: Option<std::collections::BTreeSet<i32>>,
     next_dead_letter: u64,
-    /// What the dead-letter sequence advances by: the shard count of a
-    /// sharded pipeline ([`Pipeline::split`]), else 1.
-    dead_letter_step: u64,
     /// The accounts this pipeline is fed, when it is one of several
-    /// ([`Pipeline::split`]).
+    /// ([`Pipeline::split`]); its dead-letter numbers advance by the shard
+    /// count.
     shard: Option<Shard>,
     /// Next sequence number of changelog records in the outbox.
     next_changelog: u64,
@@ -177,6 +175,11 @@ fn dedupe_cache(s: &Settings) -> DedupeCache {
 /// Wall-clock now in epoch ms.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// A partition's state in the pending batch: first touched, what is stored.
+fn pending_position<'p>(pending: &'p mut Pending, stored: &HashMap<i32, PartitionState>, partition: i32) -> &'p mut PartitionState {
+    pending.touched.entry(partition).or_insert_with(|| stored.get(&partition).copied().unwrap_or_default())
 }
 
 /// One of several pipelines over one store that split the accounts between
@@ -259,7 +262,6 @@ impl Pipeline {
         }
         // The shards numbered dead letters apart; this one goes on after them.
         self.next_dead_letter = self.store.next_dead_letter_seq()?;
-        self.dead_letter_step = 1;
         self.shard = None;
         self.reload_partitions(&written)
     }
@@ -274,9 +276,9 @@ impl Pipeline {
     ) -> Result<Pipeline, StoreError> {
         let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
         let mut next_dead_letter = store.next_dead_letter_seq()?;
-        let dead_letter_step = shard.map_or(1, |s| u64::from(s.count));
         if let Some(s) = shard {
-            next_dead_letter += (u64::from(s.index) + dead_letter_step - next_dead_letter % dead_letter_step) % dead_letter_step;
+            let (index, count) = (u64::from(s.index), u64::from(s.count));
+            next_dead_letter += (index + count - next_dead_letter % count) % count;
         }
         let next_changelog = store.next_outbox_seq(b'c')?;
         let rules_calendar = rules.calendar;
@@ -293,7 +295,6 @@ impl Pipeline {
             high_watermarks: HashMap::new(),
             owned: None,
             next_dead_letter,
-            dead_letter_step,
             shard,
             next_changelog,
             pending: Pending::default(),
@@ -366,7 +367,7 @@ impl Pipeline {
     /// A dead letter for a message, with its outbox key.
     fn dead_letter(&mut self, m: &InputMessage, err: &DecodeError) -> (Vec<u8>, OutboxRecord) {
         let key = outbox_dead_letter_key(self.next_dead_letter);
-        self.next_dead_letter += self.dead_letter_step;
+        self.next_dead_letter += self.shard.map_or(1, |s| u64::from(s.count));
         self.metrics.rejected.with_label_values(&[err.reason.code()]).inc();
         (key, dead_letter(&self.settings, m, err))
     }
@@ -420,16 +421,14 @@ impl Pipeline {
     /// chunk, also one that had no line in it, so that a resumed replay
     /// starts after the chunk.
     pub fn advance_to(&mut self, partition: i32, next_offset: i64) {
-        let stored = &self.partitions;
-        let state = self.pending.touched.entry(partition).or_insert_with(|| stored.get(&partition).copied().unwrap_or_default());
+        let state = pending_position(&mut self.pending, &self.partitions, partition);
         state.next_offset = state.next_offset.max(next_offset);
     }
 
     /// Whether a message is new to the pending batch (its offset not
     /// processed before); advances its partition's offset if so.
     fn admit(&mut self, m: &InputMessage, now: i64) -> bool {
-        let stored = &self.partitions;
-        let state = self.pending.touched.entry(m.partition).or_insert_with(|| stored.get(&m.partition).copied().unwrap_or_default());
+        let state = pending_position(&mut self.pending, &self.partitions, m.partition);
         if m.offset < state.next_offset {
             self.pending.stats.already_processed += 1;
             self.metrics.input_reread.with_label_values(&[&m.partition.to_string()]).inc();
