@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod explain;
 pub mod file_replay;
+pub mod gathered;
 pub mod gen;
 pub mod inspect;
 pub mod kafka;

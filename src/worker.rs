@@ -11,10 +11,12 @@
 //! 5. every `emit_interval_ms`, recompute changed bills into the outbox.
 
 use crate::config::Checked;
+use crate::gathered::Gathered;
 use crate::kafka::{self, KafkaSetupError};
 use crate::metrics::Metrics;
 use crate::pipeline::{now_ms, InputMessage, Pipeline, Settings};
 use crate::store::{Store, StoreError};
+use futures_util::StreamExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
@@ -173,18 +175,6 @@ impl Ownership {
     pub fn take_revoked(&mut self) -> BTreeSet<i32> {
         std::mem::take(&mut self.revoked)
     }
-}
-
-/// Drops from a batch being gathered the messages of partitions revoked
-/// while it was gathered: the worker no longer owns them, so it must not
-/// write their state or offsets; the partition's next owner (this worker
-/// again, after an eager rebalance) reads them from the stored position.
-/// Messages that arrive after the callback returned belong to the new
-/// assignment and are kept. Returns how many were dropped.
-pub fn drop_revoked<M: Message>(batch: &mut Vec<M>, revoked: &BTreeSet<i32>) -> usize {
-    let before = batch.len();
-    batch.retain(|m| !revoked.contains(&m.partition()));
-    before - batch.len()
 }
 
 /// Consumer context: on assignment, positions each partition at the offset
@@ -361,7 +351,7 @@ impl ConsumerContext for StoreOffsets {
     }
 }
 
-fn to_input(m: &OwnedMessage) -> InputMessage<'_> {
+fn to_input<M: Message>(m: &M) -> InputMessage<'_> {
     InputMessage {
         topic: m.topic(),
         partition: m.partition(),
@@ -369,6 +359,19 @@ fn to_input(m: &OwnedMessage) -> InputMessage<'_> {
         key: m.key(),
         payload: m.payload(),
         headers: kafka::owned_headers(m.headers()),
+    }
+}
+
+/// How often (in messages) gathering a batch from librdkafka's queue looks
+/// at the batch deadline and at a stop request.
+const CHECK_EVERY: usize = 1024;
+
+/// Polls a future once, without waiting: its output if it is ready.
+fn poll_now<F: Future>(fut: F) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(fut).poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
     }
 }
 
@@ -508,7 +511,9 @@ pub struct Worker {
     /// of it is stored.
     starts: BTreeMap<i32, i64>,
     accounts: BaseConsumer,
-    consumer: StreamConsumer<StoreOffsets>,
+    /// Shared so that a batch of messages borrowed from it (no copy per
+    /// message) can be gathered while the worker itself is borrowed mutably.
+    consumer: Arc<StreamConsumer<StoreOffsets>>,
     /// Replay: the end offsets seen at start.
     ends: BTreeMap<i32, i64>,
     progress: Option<indicatif::ProgressBar>,
@@ -527,6 +532,8 @@ pub struct Worker {
     ownership_seen: u64,
     /// The partitions owned, as last handed to the pipeline.
     assigned: Vec<i32>,
+    /// The buffer batches are gathered in, kept for its capacity.
+    gathered: Gathered,
 }
 
 impl Worker {
@@ -667,7 +674,7 @@ impl Worker {
             txn,
             starts,
             accounts,
-            consumer,
+            consumer: Arc::new(consumer),
             ends,
             progress,
             summary,
@@ -682,6 +689,7 @@ impl Worker {
             ownership,
             ownership_seen: 0,
             assigned: Vec::new(),
+            gathered: Gathered::default(),
         })
     }
 
@@ -694,30 +702,56 @@ impl Worker {
     /// commit; follow the accounts topic; emit changed bills when due;
     /// refresh lag and state gauges.
     async fn step(&mut self, shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>) -> Result<Step, WorkerError> {
-        self.follow_ownership(&mut Vec::new())?;
+        self.follow_ownership(&mut Gathered::default())?;
         if self.replay() && self.ends.iter().all(|(p, end)| self.pipeline.next_offset(*p).is_some_and(|n| n >= *end)) {
             return Ok(Step::Stop);
         }
         let mut stopping = false;
-        let mut batch: Vec<OwnedMessage> = Vec::with_capacity(self.batch_size.min(100_000));
+        // One stream for the whole batch (`recv` registers a waker per
+        // call); each message is copied into one buffer ([`Gathered`]),
+        // kept from batch to batch.
+        let consumer = Arc::clone(&self.consumer);
+        let mut stream = consumer.stream();
+        let mut batch = std::mem::take(&mut self.gathered);
+        batch.clear();
         let deadline = tokio::time::Instant::now() + self.batch_wait;
         while batch.len() < self.batch_size {
+            // What librdkafka has queued is taken without a timer or a
+            // wake-up per message; the deadline and a stop request are
+            // looked at every `CHECK_EVERY` messages and whenever the queue
+            // runs dry.
+            if batch.len() % CHECK_EVERY != CHECK_EVERY - 1 {
+                if let Some(r) = poll_now(stream.next()) {
+                    match r {
+                        Some(Ok(m)) => {
+                            batch.push(&m);
+                            // A rebalance runs its callback inside the poll.
+                            self.follow_ownership(&mut batch)?;
+                            continue;
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "consumer error");
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.as_mut() => { stopping = true; break; }
-                r = tokio::time::timeout_at(deadline, self.consumer.recv()) => match r {
-                    Err(_) => break,
-                    Ok(Ok(m)) => {
-                        batch.push(m.detach());
-                        // A rebalance runs its callback inside `recv`.
+                r = tokio::time::timeout_at(deadline, stream.next()) => match r {
+                    Err(_) | Ok(None) => break,
+                    Ok(Some(Ok(m))) => {
+                        batch.push(&m);
                         self.follow_ownership(&mut batch)?;
                     }
-                    Ok(Err(e)) => { tracing::warn!(error = %e, "consumer error"); break; }
+                    Ok(Some(Err(e))) => { tracing::warn!(error = %e, "consumer error"); break; }
                 },
             }
         }
         if !batch.is_empty() {
-            let msgs: Vec<InputMessage> = batch.iter().map(to_input).collect();
+            let msgs: Vec<InputMessage> = batch.inputs();
             let stats = if self.txn.is_some() {
                 // Write after commit: the batch is staged, its records and
                 // the offsets commit in one transaction, and only then is
@@ -776,6 +810,7 @@ impl Worker {
                 stopping = true;
             }
         }
+        self.gathered = batch;
         self.follow_accounts()?;
         // A replay computes each bill once, at the end: provisional bills of
         // a half-read history would only be restated moments later.
@@ -798,9 +833,12 @@ impl Worker {
 
     /// Acts on what the rebalance callback recorded since the last look:
     /// drops the messages of revoked partitions from the batch being
-    /// gathered ([`drop_revoked`]) and hands the pipeline the partitions
+    /// gathered ([`Gathered::drop_partitions`]: the worker no longer owns
+    /// them, so it must not write their state or offsets; the partitions' next
+    /// owner, this worker again after an eager rebalance, reads them from the
+    /// stored position) and hands the pipeline the partitions
     /// owned now.
-    fn follow_ownership(&mut self, batch: &mut Vec<OwnedMessage>) -> Result<(), StoreError> {
+    fn follow_ownership(&mut self, batch: &mut Gathered) -> Result<(), StoreError> {
         let (revoked, now) = {
             let mut o = self.ownership.lock().expect("not poisoned");
             if o.version == self.ownership_seen {
@@ -809,7 +847,7 @@ impl Worker {
             self.ownership_seen = o.version;
             (o.take_revoked(), o.assigned())
         };
-        let dropped = drop_revoked(batch, &revoked);
+        let dropped = batch.drop_partitions(&revoked);
         if dropped > 0 {
             tracing::info!(
                 messages = dropped,
@@ -1038,11 +1076,6 @@ fn commit(consumer: &StreamConsumer<StoreOffsets>, pipeline: &Pipeline, owned: &
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::Timestamp;
-
-    fn msg(partition: i32, offset: i64) -> OwnedMessage {
-        OwnedMessage::new(None, None, "events".into(), Timestamp::NotAvailable, partition, offset, None)
-    }
 
     #[test]
     fn ownership_follows_assign_and_revoke_callbacks() {
@@ -1061,17 +1094,5 @@ mod tests {
         o.assign([0, 5]);
         assert_eq!(o.take_revoked(), BTreeSet::from([0, 5]));
         assert_eq!(o.assigned(), vec![0, 5]);
-    }
-
-    #[test]
-    fn messages_gathered_before_a_revocation_are_dropped_later_ones_kept() {
-        let mut batch = vec![msg(0, 10), msg(1, 20), msg(0, 11), msg(2, 30)];
-        assert_eq!(drop_revoked(&mut batch, &BTreeSet::from([0])), 2);
-        // Partition 0 comes back (eager rebalance): it restarts at the stored
-        // offset 10, and what arrives now is kept.
-        batch.push(msg(0, 10));
-        assert_eq!(drop_revoked(&mut batch, &BTreeSet::new()), 0);
-        let left: Vec<(i32, i64)> = batch.iter().map(|m| (m.partition(), m.offset())).collect();
-        assert_eq!(left, [(1, 20), (2, 30), (0, 10)]);
     }
 }
