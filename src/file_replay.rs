@@ -16,6 +16,7 @@ use crate::pipeline::emit::Route;
 use crate::pipeline::{now_ms, shard_of, BatchStats, InputMessage, Pipeline, Settings};
 use crate::store::{OutboxRecord, Store, StoreError};
 use crate::worker::{RunSummary, WorkerError};
+use rayon::prelude::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,60 +50,49 @@ fn shard_count(store: &Store, topic: &str, new: u32) -> Result<u32, StoreError> 
     Ok(new)
 }
 
-/// Runs `f` on each shard with its work item, on up to `threads` threads
-/// (shards split into contiguous groups); results in shard order.
-fn on_shards<W: Send, R: Send>(shards: &mut [Pipeline], work: Vec<W>, threads: usize, f: impl Fn(&mut Pipeline, W) -> R + Sync) -> Vec<R> {
-    let per = shards.len().div_ceil(threads.max(1)).max(1);
-    let f = &f;
-    let mut work = work.into_iter();
-    let groups: Vec<(&mut [Pipeline], Vec<W>)> = shards
-        .chunks_mut(per)
-        .map(|g| {
-            let w = work.by_ref().take(g.len()).collect();
-            (g, w)
-        })
-        .collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> =
-            groups.into_iter().map(|(g, w)| s.spawn(move || g.iter_mut().zip(w).map(|(p, w)| f(p, w)).collect::<Vec<R>>())).collect();
-        handles.into_iter().flat_map(|h| h.join().expect("a shard's work does not panic")).collect()
-    })
+/// Runs `f` on each shard with its work item on the pool's threads (each
+/// shard a task, so a thread that finishes early takes the next shard);
+/// results in shard order.
+fn on_shards<W: Send, R: Send>(
+    pool: &rayon::ThreadPool,
+    shards: &mut [Pipeline],
+    work: Vec<W>,
+    f: impl Fn(&mut Pipeline, W) -> R + Sync,
+) -> Vec<R> {
+    pool.install(|| shards.par_iter_mut().zip(work).map(|(p, w)| f(p, w)).collect())
 }
 
 /// One line decoded, as a message of its shard's partition.
 type Decoded<'a> = (InputMessage<'a>, Result<Billable<'a>, DecodeError>);
 
-/// Decodes a chunk's lines on every thread and sorts them by shard (an
-/// event by its account's, a line that does not decode to shard 0), each
-/// shard's in line order.
-fn decode_by_shard<'a>(chunk: &'a Chunk, topic: &'a str, count: u32, threads: usize) -> Vec<Vec<Vec<Decoded<'a>>>> {
-    let per = chunk.spans.len().div_ceil(threads.max(1)).max(1);
-    let slices: Vec<Vec<Vec<Decoded<'a>>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = chunk
+/// Decodes a chunk's lines on the pool's threads (one slice each) and sorts
+/// them by shard (an event by its account's, a line that does not decode to
+/// shard 0), each shard's in line order.
+fn decode_by_shard<'a>(pool: &rayon::ThreadPool, chunk: &'a Chunk, topic: &'a str, count: u32) -> Vec<Vec<Vec<Decoded<'a>>>> {
+    let per = chunk.spans.len().div_ceil(pool.current_num_threads()).max(1);
+    let slices: Vec<Vec<Vec<Decoded<'a>>>> = pool.install(|| {
+        chunk
             .spans
-            .chunks(per)
+            .par_chunks(per)
             .map(|slice| {
-                s.spawn(move || {
-                    let mut out: Vec<Vec<Decoded<'a>>> = (0..count).map(|_| Vec::with_capacity(slice.len() / count as usize + 1)).collect();
-                    for (from, to, line) in slice {
-                        let mut m = InputMessage {
-                            topic,
-                            partition: 0,
-                            offset: line - 1,
-                            key: None,
-                            payload: Some(&chunk.buf[*from..*to]),
-                            headers: vec![],
-                        };
-                        let d = decode_message(&m, false);
-                        let shard = d.as_ref().map_or(0, |b| shard_of(&b.account_id, count));
-                        m.partition = shard as i32;
-                        out[shard as usize].push((m, d));
-                    }
-                    out
-                })
+                let mut out: Vec<Vec<Decoded<'a>>> = (0..count).map(|_| Vec::with_capacity(slice.len() / count as usize + 1)).collect();
+                for (from, to, line) in slice {
+                    let mut m = InputMessage {
+                        topic,
+                        partition: 0,
+                        offset: line - 1,
+                        key: None,
+                        payload: Some(&chunk.buf[*from..*to]),
+                        headers: vec![],
+                    };
+                    let d = decode_message(&m, false);
+                    let shard = d.as_ref().map_or(0, |b| shard_of(&b.account_id, count));
+                    m.partition = shard as i32;
+                    out[shard as usize].push((m, d));
+                }
+                out
             })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("decoding does not panic")).collect()
+            .collect()
     });
     // Per shard, its lines of each slice, slices in order.
     let mut by_shard: Vec<Vec<Vec<Decoded<'a>>>> = (0..count).map(|_| Vec::with_capacity(slices.len())).collect();
@@ -316,6 +306,14 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
     };
     let count = shard_count(pipeline.store(), &topic, FILE_SHARDS)?;
     tracing::info!(shards = count, threads, "input split by account");
+    // Threads kept for the whole replay (a thread's allocator heap with
+    // them: threads started per chunk left their memory to be faulted in
+    // afresh every chunk).
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("gatebill-shard-{i}"))
+        .build()
+        .map_err(|source| WorkerError::Threads { threads, source })?;
     let mut shards = pipeline.split(count)?;
     let start = (0..count as i32).zip(&shards).map(|(p, s)| s.next_offset(p).unwrap_or(0)).min().unwrap_or(0);
     let pb = progress.then(|| {
@@ -333,7 +331,7 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
     let started = std::time::Instant::now();
     for chunk in chunks.iter() {
         let chunk = chunk.map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
-        let by_shard = decode_by_shard(&chunk, &topic, count, threads);
+        let by_shard = decode_by_shard(&pool, &chunk, &topic, count);
         let now = now_ms();
         let last_line = chunk.last_line;
         let ingest = |p: &mut Pipeline, (shard, slices): (i32, Vec<Vec<Decoded>>)| {
@@ -341,7 +339,7 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
             p.advance_to(shard, last_line);
             Ok::<_, StoreError>(())
         };
-        for r in on_shards(&mut shards, (0..).zip(by_shard).collect(), threads.min(count as usize), ingest) {
+        for r in on_shards(&pool, &mut shards, (0..).zip(by_shard).collect(), ingest) {
             r?;
         }
         if let Some(pb) = &pb {
@@ -351,7 +349,7 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
         let pending: u64 = shards.iter().map(Pipeline::pending_messages).sum();
         if pending >= batch_size || (done && pending > 0) {
             let mut s = BatchStats::default();
-            for r in on_shards(&mut shards, vec![(); count as usize], threads.min(count as usize), |p, ()| p.flush()) {
+            for r in on_shards(&pool, &mut shards, vec![(); count as usize], |p, ()| p.flush()) {
                 let r = r?;
                 s.billed += r.billed;
                 s.rejected += r.rejected;
@@ -514,7 +512,8 @@ mod tests {
             let mut shards = pipeline.split(count).unwrap();
             let (chunks, _recycle) = read_chunks(open_input(&input).unwrap(), 1_000, 0);
             let chunk = chunks.recv().unwrap().unwrap();
-            for (i, slices) in decode_by_shard(&chunk, &topic, count, 2).into_iter().enumerate() {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+            for (i, slices) in decode_by_shard(&pool, &chunk, &topic, count).into_iter().enumerate() {
                 shards[i].ingest_decoded(slices.into_iter().flatten(), now_ms()).unwrap();
                 shards[i].advance_to(i as i32, chunk.last_line);
             }

@@ -62,6 +62,14 @@ pub enum WorkerError {
         /// Bootstrap servers.
         brokers: String,
     },
+    /// The threads that run a file replay's shards cannot be started.
+    #[error("cannot start {threads} threads for the shards: {source}; set worker.threads lower (0 = one per core)")]
+    Threads {
+        /// Threads asked for.
+        threads: usize,
+        /// Why.
+        source: rayon::ThreadPoolBuildError,
+    },
     /// The metrics address cannot be bound.
     #[error("cannot listen for metrics on {address}: {source}; pass --metrics-address with a free port, or \"\" to disable")]
     Metrics {

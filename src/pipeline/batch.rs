@@ -11,6 +11,7 @@ use crate::billing::usage::{encode_rows, HourRow};
 use crate::billing::Metered;
 use crate::changelog::Change;
 use crate::store::{Batch, OutboxRecord, PartitionState, Store, StoreError};
+use rayon::prelude::*;
 
 /// Where the dedupe mirror reads what it does not hold yet: the state
 /// store in the pipeline, a map in tests.
@@ -178,20 +179,19 @@ pub fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec
 /// core when there are at least `min` items (else one slice); `f` returns
 /// one result per item of its slice.
 pub fn par_slices<T: Sync, R: Send>(items: &[T], min: usize, f: impl Fn(&[T]) -> Vec<R> + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+    // Rayon's pool: the threads (and their allocator heaps) live for the
+    // whole process instead of being started per batch.
+    let threads = rayon::current_num_threads().min(8);
     if threads < 2 || items.len() < min.max(2) {
         return f(items);
     }
     let chunk = items.len().div_ceil(threads);
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items.chunks(chunk).skip(1).map(|c| s.spawn(move || f(c))).collect();
-        let mut out: Vec<R> = f(&items[..chunk]);
-        for h in handles {
-            out.extend(h.join().expect("the mapped function does not panic"));
-        }
-        out
-    })
+    let parts: Vec<Vec<R>> = items.par_chunks(chunk).map(&f).collect();
+    let mut out = Vec::with_capacity(items.len());
+    for part in parts {
+        out.extend(part);
+    }
+    out
 }
 
 /// Decodes messages in order, on every core for large batches (decoding is pure).
