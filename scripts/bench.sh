@@ -73,6 +73,12 @@ measure() {
     'BEGIN { printf "| %s | %d | %.0f | %.2f | %.0f MB | %s |", name, n, n / w, (u + s) / (n / 1e6), r / 1024, size }')")
   echo "${ROWS[-1]}"
 }
+# bill_cpu: the CPU per bill the last measured command logged (every thread,
+# from the end of its input to its last bill written or acknowledged).
+bill_cpu() {
+  sed 's/\x1b\[[0-9;]*m//g' "$WORK/err" | grep -oE 'bills=[0-9]+ cpu_us_per_bill=[0-9.]+' | tail -1 |
+    awk -F'[= ]' '{ printf "%.1f us per bill (%d bills)", $4, $2 }'
+}
 # field ROW N: the Nth column of a table row.
 field() { awk -F'|' -v n="$2" '{ gsub(/ /, "", $(n + 1)); print $(n + 1) }' <<<"$1"; }
 
@@ -86,6 +92,7 @@ printf '[worker]\nbatch_size = 50000\n' >"$WORK/broker.toml"
 measure "core path, dedupe off" "$EVENTS" "$WORK/s-off" "$BIN" replay --config "$WORK/nodedupe.toml" --input-file "$WORK/events.ndjson" --accounts-file "$WORK/events.accounts.ndjson" --output-file "$WORK/b-off.ndjson" --state-dir "$WORK/s-off"
 CORE_OFF="${ROWS[-1]}"
 measure "core path, dedupe on" "$EVENTS" "$WORK/s-on" "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/events.ndjson" --accounts-file "$WORK/events.accounts.ndjson" --output-file "$WORK/b-on.ndjson" --state-dir "$WORK/s-on"
+CORE_BILL="$(bill_cpu)"
 CORE_ON="${ROWS[-1]}"
 ACCOUNT_HOURS=$(python3 - "$WORK/events.ndjson" <<'PY'
 import json, sys
@@ -146,6 +153,7 @@ measure "floor: read and count (embedded broker)" "$BROKER_EVENTS" "" "$BIN" cou
 FLOOR_ROW="${ROWS[-1]}"
 measure "end to end: replay (embedded broker)" "$BROKER_EVENTS" "$WORK/s-e2e" "$BIN" replay --config "$WORK/broker.toml" --state-dir "$WORK/s-e2e" --metrics-address ""
 E2E_ROW="${ROWS[-1]}"
+E2E_BILL="$(bill_cpu)"
 # What the transactional run wrote to the changelog, per input event.
 "$BIN" count-topic --topic gatebill-changelog >"$WORK/changelog.txt"
 CHANGELOG_BYTES=$(grep -o '([0-9]* bytes' "$WORK/changelog.txt" | tr -dc 0-9)
@@ -154,6 +162,7 @@ CHANGELOG_RECORDS=$(awk '{ print $2 }' "$WORK/changelog.txt")
 printf '[kafka]\ntransactions = false\n[worker]\nbatch_size = 50000\n' >"$WORK/broker-notx.toml"
 measure "end to end: replay, no transactions (embedded broker)" "$BROKER_EVENTS" "$WORK/s-e2e-notx" "$BIN" replay --config "$WORK/broker-notx.toml" --state-dir "$WORK/s-e2e-notx" --metrics-address ""
 E2E_NOTX_ROW="${ROWS[-1]}"
+NOTX_BILL="$(bill_cpu)"
 # Restore rate: a `run` worker bills the topic and stops cleanly (SIGTERM
 # after RESTORE_WAIT s); a second one with an empty state directory in the
 # same group restores every partition from the changelog.
@@ -214,6 +223,8 @@ RATIO=$(awk -v f="$(field "$FLOOR_ROW" 3)" -v e="$(field "$E2E_ROW" 3)" 'BEGIN {
   echo "End to end / floor (embedded broker): $RATIO. $PEER_LINE"
   echo
   echo "$CORES_LINE $BIG_LINE"
+  echo
+  echo "CPU per bill emitted (every thread, from the end of the input to the last bill acknowledged; the replay logs it as cpu_us_per_bill): Kafka replay with transactions $E2E_BILL; without transactions (outbox) $NOTX_BILL; core path, dedupe on (bills written to the NDJSON file) $CORE_BILL."
   echo
   echo "Transactions (kafka.transactions, the default) against none, same topic: $(field "$E2E_ROW" 3) vs $(field "$E2E_NOTX_ROW" 3) events/s, $(field "$E2E_ROW" 4) vs $(field "$E2E_NOTX_ROW" 4) CPU-s per million events. Changelog written by the transactional replay: $CHANGELOG_RECORDS records, $CHANGELOG_BYTES bytes of keys and values = $(awk -v b="$CHANGELOG_BYTES" -v n="$BROKER_EVENTS" 'BEGIN { printf "%.1f", b / n }') bytes per event. Restore (a \`run\` worker with an empty state directory after another stopped): $RESTORE_LINE."
   echo

@@ -368,7 +368,7 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
     }
     pipeline.join(shards)?;
     tracing::info!(process_seconds = started.elapsed().as_secs_f64(), "input processed");
-    let processed_at = std::time::Instant::now();
+    let (processed_at, cpu) = (std::time::Instant::now(), crate::metrics::process_cpu_seconds());
     summary.bills_emitted = match &sink {
         Sink::File(out) => {
             // Bills go straight to the file, a chunk at a time; each chunk
@@ -384,7 +384,8 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
         }
         Sink::Kafka => pipeline.emit(now_ms(), true)?,
     } as u64;
-    tracing::info!(emit_seconds = processed_at.elapsed().as_secs_f64(), bills = summary.bills_emitted, "bills computed");
+    let cpu_us_per_bill = crate::metrics::cpu_us_per(cpu, summary.bills_emitted);
+    tracing::info!(emit_seconds = processed_at.elapsed().as_secs_f64(), bills = summary.bills_emitted, cpu_us_per_bill, "bills computed");
     // Drain the outbox a page at a time (memory stays bounded however many bills).
     let drained = match &sink {
         Sink::File(out) => {

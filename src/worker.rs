@@ -895,12 +895,17 @@ impl Worker {
     async fn finish(&mut self) -> Result<(), WorkerError> {
         tracing::info!(seconds = self.started.elapsed().as_secs_f64(), messages = self.summary.messages, "input read");
         let t = Instant::now();
+        let (cpu, bills_before) = (crate::metrics::process_cpu_seconds(), self.summary.bills_emitted);
         let replay = self.replay();
         // A clean stop emits every change, provisional ones held back by
         // worker.provisional_interval_secs included.
         self.pipeline.release_provisional_holds();
         self.emit(now_ms(), replay).await?;
-        tracing::info!(seconds = t.elapsed().as_secs_f64(), bills = self.summary.bills_emitted, "bills computed and produced");
+        // CPU per bill: computed, serialised, produced and acknowledged
+        // (committed), every thread of the process counted.
+        let bills = self.summary.bills_emitted - bills_before;
+        let cpu_us_per_bill = crate::metrics::cpu_us_per(cpu, bills);
+        tracing::info!(seconds = t.elapsed().as_secs_f64(), bills, cpu_us_per_bill, "bills computed and produced");
         let t = Instant::now();
         let left = flush_outbox(&mut self.pipeline, &self.producer, self.txn.as_ref(), &self.metrics).await?;
         self.summary.delivery_failures += left;
