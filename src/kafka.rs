@@ -385,9 +385,20 @@ pub async fn ensure_these_topics(k: &KafkaConfig, wanted: &[&str]) -> Result<(),
 /// Produces records and waits for every acknowledgement. Returns the ones
 /// delivered; failures are logged and stay in the outbox for the next try.
 pub async fn produce_all(producer: &FutureProducer, records: &[(Vec<u8>, OutboxRecord)]) -> Vec<(Vec<u8>, OutboxRecord)> {
-    let mut delivered = Vec::with_capacity(records.len());
+    let refs: Vec<&OutboxRecord> = records.iter().map(|(_, r)| r).collect();
+    let acked = produce_acked(producer, &refs).await;
+    records.iter().zip(acked).filter(|(_, a)| *a).map(|(r, _)| r.clone()).collect()
+}
+
+/// Produces records and waits for every acknowledgement: one flag per
+/// record, in order, true where the broker acknowledged it. Nothing is
+/// copied but into librdkafka's queue; failures are logged.
+pub async fn produce_acked(producer: &FutureProducer, records: &[&OutboxRecord]) -> Vec<bool> {
+    let mut acked = Vec::with_capacity(records.len());
     let mut in_flight = Vec::with_capacity(records.len());
-    for (key, rec) in records {
+    for &rec in records {
+        let i = acked.len();
+        acked.push(false);
         let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
         for (k, v) in &rec.headers {
             headers = headers.insert(Header { key: k, value: Some(v) });
@@ -402,17 +413,13 @@ pub async fn produce_all(producer: &FutureProducer, records: &[(Vec<u8>, OutboxR
         loop {
             match producer.send_result(fr) {
                 Ok(f) => {
-                    in_flight.push((key, rec, f));
+                    in_flight.push((i, rec, f));
                     break;
                 }
                 Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
                     fr = back;
-                    // Drain what is in flight before queueing more.
-                    for (k, r, f) in in_flight.drain(..) {
-                        if let Ok(Ok(_)) = f.await {
-                            delivered.push((k.clone(), r.clone()));
-                        }
-                    }
+                    // Wait for what is in flight before queueing more.
+                    await_acks(&mut in_flight, &mut acked).await;
                 }
                 Err((e, _)) => {
                     tracing::warn!(error = %e, topic = %rec.topic, "cannot queue record; it stays in the outbox");
@@ -421,14 +428,18 @@ pub async fn produce_all(producer: &FutureProducer, records: &[(Vec<u8>, OutboxR
             }
         }
     }
-    for (k, r, f) in in_flight {
+    await_acks(&mut in_flight, &mut acked).await;
+    acked
+}
+
+async fn await_acks(in_flight: &mut Vec<(usize, &OutboxRecord, rdkafka::producer::DeliveryFuture)>, acked: &mut [bool]) {
+    for (i, r, f) in in_flight.drain(..) {
         match f.await {
-            Ok(Ok(_)) => delivered.push((k.clone(), r.clone())),
+            Ok(Ok(_)) => acked[i] = true,
             Ok(Err((e, _))) => tracing::warn!(error = %e, topic = %r.topic, "delivery failed; the record stays in the outbox"),
             Err(_) => tracing::warn!(topic = %r.topic, "delivery cancelled; the record stays in the outbox"),
         }
     }
-    delivered
 }
 
 /// Headers of a message as owned pairs.
@@ -603,8 +614,7 @@ impl Transactional {
         if records.is_empty() {
             return 0;
         }
-        let keyed: Vec<(Vec<u8>, OutboxRecord)> = records.iter().map(|r| (Vec::new(), (*r).clone())).collect();
-        produce_all(&self.producer, &keyed).await.len()
+        produce_acked(&self.producer, records).await.into_iter().filter(|a| *a).count()
     }
 
     /// Aborts the open transaction; returns why, as the error to hand up.
