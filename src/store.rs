@@ -202,6 +202,49 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Reads accounts' months from the usage column family with one iterator
+/// ([`Store::usage_scan`]); it sees the store as it was when made.
+pub struct UsageScan<'s> {
+    it: rocksdb::DBRawIteratorWithThreadMode<'s, DB>,
+}
+
+impl UsageScan<'_> {
+    /// The months of one account that have usage, in order.
+    pub fn month_list(&mut self, account: &str) -> Result<Vec<Month>, StoreError> {
+        let mut out = Vec::new();
+        self.each(account, |month, _| {
+            out.push(month);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Every month of one account.
+    pub fn account_months(&mut self, account: &str) -> Result<BTreeMap<Month, MonthUsage>, StoreError> {
+        let mut out = BTreeMap::new();
+        self.each(account, |month, v| {
+            out.insert(month, MonthUsage::decode(v)?);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `f` with each (month, encoded usage) of one account, in month order.
+    fn each(&mut self, account: &str, mut f: impl FnMut(Month, &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let prefix = account_prefix(account);
+        self.it.seek(&prefix);
+        while let Some((k, v)) = self.it.item() {
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let (_, month) = parse_account_month_key(k).ok_or(StoreError::Corrupt { cf: cf::USAGE, detail: "bad key".into() })?;
+            f(month, v)?;
+            self.it.next();
+        }
+        Ok(self.it.status()?)
+    }
+}
+
 /// Key of an (account, month): length-prefixed account id, then the month
 /// ordinal big-endian, so one account's months are a contiguous prefix range.
 pub fn account_month_key(account: &str, month: Month) -> Vec<u8> {
@@ -555,37 +598,18 @@ impl Store {
 
     /// The months of one account that have usage, in order (values not decoded).
     pub fn account_month_list(&self, account: &str) -> Result<Vec<Month>, StoreError> {
-        let mut out = Vec::new();
-        self.scan_account(account, |month, _| {
-            out.push(month);
-            Ok(())
-        })?;
-        Ok(out)
+        self.usage_scan().month_list(account)
     }
 
     /// Every month of one account.
     pub fn account_months(&self, account: &str) -> Result<BTreeMap<Month, MonthUsage>, StoreError> {
-        let mut out = BTreeMap::new();
-        self.scan_account(account, |month, v| {
-            out.insert(month, MonthUsage::decode(v)?);
-            Ok(())
-        })?;
-        Ok(out)
+        self.usage_scan().account_months(account)
     }
 
-    /// Calls `f` with each (month, encoded usage) of one account, in month order.
-    fn scan_account(&self, account: &str, mut f: impl FnMut(Month, &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        let prefix = account_prefix(account);
-        let iter = self.db.iterator_cf(self.cf(cf::USAGE), IteratorMode::From(&prefix, rocksdb::Direction::Forward));
-        for item in iter {
-            let (k, v) = item?;
-            if !k.starts_with(&prefix) {
-                break;
-            }
-            let (_, month) = parse_account_month_key(&k).ok_or(StoreError::Corrupt { cf: cf::USAGE, detail: "bad key".into() })?;
-            f(month, &v)?;
-        }
-        Ok(())
+    /// A reader of many accounts' months through one RocksDB iterator
+    /// (making an iterator costs more than a seek): for loops over accounts.
+    pub fn usage_scan(&self) -> UsageScan<'_> {
+        UsageScan { it: self.db.raw_iterator_cf(self.cf(cf::USAGE)) }
     }
 
     /// A stored account record (raw JSON).

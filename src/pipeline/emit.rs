@@ -108,8 +108,9 @@ impl Pipeline {
             }
         }
         let mut later = Vec::new();
+        let mut scan = self.store.usage_scan();
         for (a, (from, partition)) in earliest {
-            for m in self.store.account_month_list(a)? {
+            for m in scan.month_list(a)? {
                 if m > from {
                     later.push(((a.to_string(), m), partition));
                 }
@@ -177,10 +178,18 @@ impl Pipeline {
         let this = &*self;
         let computed = par_slices(chunk, 64, |slice| -> Vec<Result<BillChange, StoreError>> {
             let keys: Vec<(&str, Month)> = slice.iter().map(|((a, m), _)| (a.as_str(), *m)).collect();
-            let (prevs, raws) = match (this.store.bill_state_many(&keys), this.store.usage_raw_many(&keys)) {
+            // Usage by multi-get only for accounts whose months are billed
+            // on their own; the others are read whole below (reading their
+            // month here too would merge its operands twice).
+            let independent: Vec<bool> = keys.iter().map(|(a, _)| months_are_independent(this.accounts.get(*a))).collect();
+            let alone: Vec<(&str, Month)> = keys.iter().zip(&independent).filter(|(_, i)| **i).map(|(k, _)| *k).collect();
+            let (prevs, raws) = match (this.store.bill_state_many(&keys), this.store.usage_raw_many(&alone)) {
                 (Ok(p), Ok(r)) => (p, r),
                 (Err(e), _) | (_, Err(e)) => return vec![Err(e)],
             };
+            let mut raws = raws.into_iter();
+            let raws: Vec<Option<Vec<u8>>> = independent.iter().map(|i| if *i { raws.next().flatten() } else { None }).collect();
+            let mut scan = this.store.usage_scan();
             let mut together: Option<(&str, Vec<Bill>)> = None;
             slice
                 .iter()
@@ -198,7 +207,7 @@ impl Pipeline {
                         }
                     } else {
                         if together.as_ref().is_none_or(|(a, _)| a != account) {
-                            let months = this.store.account_months(account)?;
+                            let months = scan.account_months(account)?;
                             together = Some((account.as_str(), compute_bills(account, record, &months, &this.rules)));
                         }
                         together.as_ref().and_then(|(_, bills)| bills.iter().find(|b| b.month == *month).cloned())
