@@ -925,6 +925,40 @@ mod tests {
     }
 
     #[test]
+    fn one_usage_scan_reads_many_accounts_in_any_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let usage = |calls: u64| {
+            let mut u = MonthUsage::default();
+            u.hours.entry(1_604_000_000).or_default().calls = calls;
+            u
+        };
+        let (oct, nov, dec) = (Month::new(2020, 10).unwrap(), Month::new(2020, 11).unwrap(), Month::new(2020, 12).unwrap());
+        // "a" is a prefix of "ab", and with length-prefixed keys "b" sorts
+        // between them: each account's months stay its own.
+        let mut b = s.batch();
+        b.merge_usage_encoded("ab", dec, &usage(5).encode());
+        b.merge_usage_encoded("a", nov, &usage(1).encode());
+        b.merge_usage_encoded("ab", oct, &usage(4).encode());
+        b.merge_usage_encoded("a", oct, &usage(2).encode());
+        b.merge_usage_encoded("a", oct, &usage(3).encode());
+        b.merge_usage_encoded("b", nov, &usage(6).encode());
+        s.write(b).unwrap();
+        let mut scan = s.usage_scan();
+        // Later accounts first, then back: each read seeks afresh.
+        assert_eq!(scan.month_list("b").unwrap(), vec![nov]);
+        assert_eq!(scan.month_list("ab").unwrap(), vec![oct, dec]);
+        let a = scan.account_months("a").unwrap();
+        assert_eq!(a.keys().copied().collect::<Vec<_>>(), vec![oct, nov]);
+        assert_eq!((a[&oct].calls(), a[&nov].calls()), (5, 1));
+        assert_eq!(scan.month_list("nobody").unwrap(), Vec::<Month>::new());
+        assert_eq!(scan.account_months("ab").unwrap()[&dec].calls(), 5);
+        // The one-off readers agree.
+        assert_eq!(s.account_month_list("ab").unwrap(), vec![oct, dec]);
+        assert_eq!(s.account_months("a").unwrap(), a);
+    }
+
+    #[test]
     fn batch_roundtrip_and_dedupe_pruning() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
