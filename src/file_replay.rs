@@ -306,9 +306,8 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
     };
     let count = shard_count(pipeline.store(), &topic, FILE_SHARDS)?;
     tracing::info!(shards = count, threads, "input split by account");
-    // Threads kept for the whole replay (a thread's allocator heap with
-    // them: threads started per chunk left their memory to be faulted in
-    // afresh every chunk).
+    // Threads kept for the whole replay, each shard a task on them (a
+    // thread that finishes its shard early takes the next).
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("gatebill-shard-{i}"))

@@ -97,7 +97,8 @@ impl Gathered {
     }
 
     /// (partition, offset) of every message, in order.
-    pub fn positions(&self) -> Vec<(i32, i64)> {
+    #[cfg(test)]
+    fn positions(&self) -> Vec<(i32, i64)> {
         self.slots.iter().map(|s| (s.partition, s.offset)).collect()
     }
 }

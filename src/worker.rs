@@ -359,7 +359,7 @@ impl ConsumerContext for StoreOffsets {
     }
 }
 
-fn to_input<M: Message>(m: &M) -> InputMessage<'_> {
+fn to_input(m: &OwnedMessage) -> InputMessage<'_> {
     InputMessage {
         topic: m.topic(),
         partition: m.partition(),
