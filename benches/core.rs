@@ -30,6 +30,7 @@ fn settings(dedupe: bool) -> Settings {
         dedupe,
         dedupe_window_secs: 72 * 3600,
         dedupe_window_messages: 1_000_000,
+        dedupe_memory_bytes: 64 << 20,
         max_future_ms: 3_600_000,
         grace_ms: 7_200_000,
         idle_after_ms: 300_000,

@@ -73,12 +73,14 @@ STARTED=$(date +%s)
 metrics() { curl -s "127.0.0.1:$METRICS_PORT/metrics" || true; }
 lag() { metrics | awk '/^gatebill_partition_lag\{/ { s += $2 } END { print s + 0 }'; }
 produced() { metrics | awk '/^gatebill_records_produced_total\{topic="gateway-bills"\}/ { print $2 }' | tail -1; }
-# RocksDB's memory by kind, MB: memtables block_cache table_readers.
+# RocksDB's memory by kind, MB: memtables block_cache table_readers; then
+# the dedupe mirror's request-id hashes, MB.
 rocksdb_mb() {
   metrics | awk '/^gatebill_rocksdb_memory_bytes\{/ { split($1, a, "\""); m[a[2]] = $2 }
-    END { printf "%d %d %d", m["memtables"] / 1048576, m["block_cache"] / 1048576, m["table_readers"] / 1048576 }'
+    /^gatebill_dedupe_memory_bytes / { d = $2 }
+    END { printf "%d %d %d %d", m["memtables"] / 1048576, m["block_cache"] / 1048576, m["table_readers"] / 1048576, d / 1048576 }'
 }
-sample() { # t rss_kb lag bills_produced phase memtables_mb block_cache_mb table_readers_mb
+sample() { # t rss_kb lag bills_produced phase memtables_mb block_cache_mb table_readers_mb dedupe_mb
   local p; p="$(produced)"
   echo "$(($(date +%s) - STARTED)) $(ps -o rss= -p "$WORKER_PID" | tr -d ' ') $(lag) ${p:-0} $1 $(rocksdb_mb)" >>"$WORK/samples.txt"
 }

@@ -73,7 +73,7 @@ samples = []
 for line in open(samples_path):
     parts = line.split()
     if len(parts) >= 5 and parts[1].isdigit():
-        rocks = tuple(int(x) for x in parts[5:8]) if len(parts) >= 8 else (0, 0, 0)
+        rocks = tuple(int(x) for x in parts[5:9]) if len(parts) >= 9 else (0, 0, 0, 0)
         samples.append((int(parts[0]), int(parts[1]) // 1024, int(float(parts[2] or 0)), int(float(parts[3] or 0)), parts[4], rocks))
 load = [s for s in samples if s[4] == "load"]
 warm = [s for s in load if s[0] >= duration / 4]
@@ -101,8 +101,8 @@ print(f"| latest bill per key = reference (file replay with accounts) | {equal} 
 print()
 print("RSS (MB) and lag over time (s: rss lag):", " ".join(f"{s[0]}:{s[1]}/{s[2]}" for s in samples[:: max(1, len(samples) // 30)]))
 print(
-    "RocksDB memory over time, MB (s: memtables/block cache/table readers):",
-    " ".join(f"{s[0]}:{s[5][0]}/{s[5][1]}/{s[5][2]}" for s in samples[:: max(1, len(samples) // 30)]),
+    "RocksDB and dedupe memory over time, MB (s: memtables/block cache/table readers/dedupe hashes):",
+    " ".join(f"{s[0]}:{s[5][0]}/{s[5][1]}/{s[5][2]}/{s[5][3]}" for s in samples[:: max(1, len(samples) // 30)]),
 )
 ok = equal == len(ref) == len(latest) and never == 0
 sys.exit(0 if ok else 1)

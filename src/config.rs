@@ -117,6 +117,11 @@ pub struct WorkerConfig {
     /// also kept while that hour received an event within this many messages
     /// of the partition, however old the hour. Default 1,000,000.
     pub dedupe_window_messages: u64,
+    /// Request-id hashes of idle dedupe buckets kept in memory, MB (about):
+    /// past it, the hours used least recently are read back from the state
+    /// store at their next event. Hours that got events in the last batch
+    /// always stay. Default 64.
+    pub dedupe_memory_mb: u64,
     /// Events stamped more than this many seconds ahead of the wall clock
     /// are dead-lettered (`future_time`) and move no watermark. Default 3,600.
     pub max_future_secs: u64,
@@ -139,6 +144,7 @@ impl Default for WorkerConfig {
             dedupe: true,
             dedupe_window_hours: 72,
             dedupe_window_messages: 1_000_000,
+            dedupe_memory_mb: 64,
             max_future_secs: 3_600,
             threads: 0,
         }

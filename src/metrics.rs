@@ -50,6 +50,8 @@ pub struct Metrics {
     pub produce_seconds: Histogram,
     /// Records waiting in the outbox.
     pub outbox_pending: IntGauge,
+    /// Bytes of request-id hashes the dedupe mirror holds in memory, about.
+    pub dedupe_memory: IntGauge,
     /// Messages behind the partition's end, by partition.
     pub partition_lag: IntGaugeVec,
     /// Estimated live state bytes, by column family.
@@ -115,6 +117,15 @@ impl Metrics {
             produce_seconds: histogram("produce_seconds", "Seconds from producing records to their acknowledgement"),
             outbox_pending: {
                 let g = IntGauge::new("outbox_pending", "Records waiting in the outbox").expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            dedupe_memory: {
+                let g = IntGauge::new(
+                    "dedupe_memory_bytes",
+                    "Request-id hashes the dedupe mirror holds in memory after the last batch, bytes (about; worker.dedupe_memory_mb bounds the idle hours' share)",
+                )
+                .expect("valid metric");
                 registry.register(Box::new(g.clone())).expect("unique metric");
                 g
             },

@@ -215,6 +215,15 @@ struct Bucket {
     reset: bool,
     /// Changed since the last write.
     touched: bool,
+    /// The cache's write count ([`DedupeCache::write_changes`]) when an
+    /// event last went into this bucket.
+    used: u64,
+}
+
+/// The memory a set of request-id hashes holds, about: hashbrown keeps 8
+/// slots per 7 usable, each 16 bytes and a control byte.
+fn set_bytes(s: &FxHashSet<u128>) -> usize {
+    s.capacity().div_ceil(7) * 8 * 17
 }
 
 /// The dedupe window (see [`DedupeCache`]).
@@ -254,17 +263,65 @@ pub fn topic_hash(topic: &str) -> u64 {
 /// ([`DedupeWindow::live`]); an expired bucket restarts empty. Nothing
 /// depends on batch boundaries, restarts, or when expired buckets are
 /// physically deleted, so `run` and `replay` decide alike.
+///
+/// Memory: a bucket's hashes stay in memory while the bucket is used; once
+/// the sets held pass the budget, [`DedupeCache::shrink_to_budget`] drops
+/// the sets of the buckets used least recently (never one used in the last
+/// batch), which are read from the store again at their next event, as
+/// after a restart. Decisions do not change; only where the hashes are read
+/// from. Without the budget a worker's memory grew with every live hour
+/// (72 hours of request ids by default), though only the newest hours get
+/// events in a time-ordered stream.
 pub struct DedupeCache {
     window: DedupeWindow,
     /// [`topic_hash`] of the input topic the pipeline reads.
     topic: u64,
     partitions: FxHashMap<i32, FxHashMap<i64, Bucket>>,
+    /// Bytes of hash sets kept in memory past a write, about ([`set_bytes`]).
+    budget: usize,
+    /// Writes so far ([`DedupeCache::write_changes`]).
+    clock: u64,
 }
 
 impl DedupeCache {
-    /// An empty mirror, for a pipeline reading `topic`.
-    pub fn new(window: DedupeWindow, topic: &str) -> Self {
-        DedupeCache { window, topic: topic_hash(topic), partitions: FxHashMap::default() }
+    /// An empty mirror, for a pipeline reading `topic`, keeping about
+    /// `budget` bytes of hashes in memory ([`DedupeCache::shrink_to_budget`]).
+    pub fn new(window: DedupeWindow, topic: &str, budget: usize) -> Self {
+        DedupeCache { window, topic: topic_hash(topic), partitions: FxHashMap::default(), budget, clock: 0 }
+    }
+
+    /// Bytes of hash sets in memory, about ([`set_bytes`]).
+    pub fn held_bytes(&self) -> usize {
+        self.partitions.values().flat_map(|b| b.values()).filter_map(|b| b.seen.as_ref()).map(set_bytes).sum()
+    }
+
+    /// Once the last [`DedupeCache::write_changes`] is written to the
+    /// store: while the hash sets in memory hold more than the budget,
+    /// forgets those of the buckets used least recently (their sets are
+    /// read again at their next event; never those used in the batch just
+    /// written). Returns the
+    /// bytes held after.
+    pub fn shrink_to_budget(&mut self) -> usize {
+        let mut held = self.held_bytes();
+        if held <= self.budget {
+            return held;
+        }
+        let recent = self.clock.saturating_sub(1);
+        let mut idle: Vec<(u64, &mut Bucket)> = self
+            .partitions
+            .values_mut()
+            .flat_map(|b| b.values_mut())
+            .filter(|b| b.seen.is_some() && b.used < recent && !b.touched)
+            .map(|b| (b.used, b))
+            .collect();
+        idle.sort_unstable_by_key(|(used, _)| *used);
+        for (_, b) in idle {
+            if held <= self.budget {
+                break;
+            }
+            held -= b.seen.take().as_ref().map_or(0, set_bytes);
+        }
+        held
     }
 
     /// Records a request-id hash of the message at `offset` in `hour`;
@@ -287,13 +344,22 @@ impl DedupeCache {
                 let buckets = index
                     .into_iter()
                     .map(|(hour, last_offset, topic)| {
-                        (hour, Bucket { seen: None, new: Vec::new(), last_offset, topic, reset: false, touched: false })
+                        (hour, Bucket { seen: None, new: Vec::new(), last_offset, topic, reset: false, touched: false, used: 0 })
                     })
                     .collect();
                 self.partitions.entry(partition).or_insert(buckets)
             }
         };
-        let empty = |reset| Bucket { seen: Some(FxHashSet::default()), new: Vec::new(), last_offset: offset, topic, reset, touched: true };
+        let clock = self.clock;
+        let empty = |reset| Bucket {
+            seen: Some(FxHashSet::default()),
+            new: Vec::new(),
+            last_offset: offset,
+            topic,
+            reset,
+            touched: true,
+            used: clock,
+        };
         let bucket = buckets.entry(hour).or_insert_with(|| empty(false));
         if !window.live(hour, bucket.last_offset, bucket.topic == topic, offset, watermark_ms) {
             *bucket = empty(true);
@@ -310,6 +376,7 @@ impl DedupeCache {
         bucket.last_offset = offset;
         bucket.topic = topic;
         bucket.touched = true;
+        bucket.used = clock;
         Ok(fresh)
     }
 
@@ -334,6 +401,7 @@ impl DedupeCache {
                 b.touched = false;
             }
         }
+        self.clock += 1;
     }
 
     /// Forgets a partition's buckets (its state was replaced by a restore).
@@ -384,7 +452,7 @@ mod tests {
         stored.0.insert((0, 7200), (50, topic, vec![1, 2]));
         stored.0.insert((0, 10_800), (10, topic, vec![3]));
         stored.0.insert((0, 14_400), (140, topic_hash("file:old.ndjson"), vec![4]));
-        let mut cache = DedupeCache::new(window, "events");
+        let mut cache = DedupeCache::new(window, "events", usize::MAX);
         let wm = 100_000 * 1000; // far past every hour: only the message window keeps buckets
                                  // Hour 7200, last event at offset 50: live at offset 150, so 1 is a repeat.
         assert!(!cache.insert(&stored, 0, 150, wm, 7200, 1).unwrap());

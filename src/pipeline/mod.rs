@@ -56,6 +56,9 @@ pub struct Settings {
     pub dedupe_window_secs: i64,
     /// Dedupe window in input messages per partition.
     pub dedupe_window_messages: i64,
+    /// Bytes of request-id hashes the dedupe mirror keeps in memory past a
+    /// write, about ([`DedupeCache::shrink_to_budget`]).
+    pub dedupe_memory_bytes: usize,
     /// Events stamped further than this ahead of the wall clock are
     /// dead-lettered (`future_time`), milliseconds.
     pub max_future_ms: i64,
@@ -85,6 +88,7 @@ impl Settings {
             dedupe: cfg.worker.dedupe,
             dedupe_window_secs: cfg.worker.dedupe_window_hours as i64 * 3600,
             dedupe_window_messages: i64::try_from(cfg.worker.dedupe_window_messages).unwrap_or(i64::MAX),
+            dedupe_memory_bytes: usize::try_from(cfg.worker.dedupe_memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
             max_future_ms: cfg.worker.max_future_secs as i64 * 1000,
             grace_ms: cfg.worker.grace_period_secs as i64 * 1000,
             idle_after_ms: cfg.worker.idle_after_secs as i64 * 1000,
@@ -169,7 +173,11 @@ fn dead_letter(settings: &Settings, m: &InputMessage, err: &DecodeError) -> Outb
 
 /// An empty dedupe mirror for the settings' window and input topic.
 fn dedupe_cache(s: &Settings) -> DedupeCache {
-    DedupeCache::new(DedupeWindow { event_time_secs: s.dedupe_window_secs, messages: s.dedupe_window_messages }, &s.input_topic)
+    DedupeCache::new(
+        DedupeWindow { event_time_secs: s.dedupe_window_secs, messages: s.dedupe_window_messages },
+        &s.input_topic,
+        s.dedupe_memory_bytes,
+    )
 }
 
 /// Wall-clock now in epoch ms.
@@ -238,14 +246,10 @@ impl Pipeline {
             .enumerate()
             .map(|(i, accounts)| {
                 let shard = Shard { index: i as u32, count };
-                Pipeline::with_accounts(
-                    self.store.clone(),
-                    self.rules.clone(),
-                    self.settings.clone(),
-                    self.metrics.clone(),
-                    accounts,
-                    Some(shard),
-                )
+                // The shards share the dedupe mirror's memory budget.
+                let settings =
+                    Settings { dedupe_memory_bytes: self.settings.dedupe_memory_bytes / count as usize, ..self.settings.clone() };
+                Pipeline::with_accounts(self.store.clone(), self.rules.clone(), settings, self.metrics.clone(), accounts, Some(shard))
             })
             .collect()
     }
@@ -563,6 +567,11 @@ impl Pipeline {
                 self.metrics.events_billed.inc_by(stats.billed);
                 self.metrics.duplicates.inc_by(stats.duplicates);
                 self.partitions.extend(touched);
+                // The batch is written: idle buckets' hashes can be read back.
+                let held = self.dedupe.shrink_to_budget();
+                if self.shard.is_none() {
+                    self.metrics.dedupe_memory.set(held as i64);
+                }
                 // Interned ids only need to live as long as a batch: a
                 // long-running worker keeps the table bounded.
                 if self.ids.len() > 1_000_000 {
@@ -718,6 +727,7 @@ mod tests {
             dedupe: true,
             dedupe_window_secs: 72 * 3600,
             dedupe_window_messages: 1_000_000,
+            dedupe_memory_bytes: 64 << 20,
             max_future_ms: 3_600_000,
             grace_ms: 2 * 3600 * 1000,
             idle_after_ms: 300_000,
@@ -773,6 +783,45 @@ mod tests {
         assert_eq!(s, BatchStats { billed: 1, rejected: 0, duplicates: 1, already_processed: 2 });
         let usage = p.store().usage("A", Month::new(2021, 3).unwrap()).unwrap().unwrap();
         assert_eq!(usage.calls(), 2);
+    }
+
+    #[test]
+    fn idle_hours_leave_memory_past_the_dedupe_budget_and_their_repeats_are_still_dropped() {
+        // Ten event hours of 100 ids, one batch each; then every id of the
+        // first hour again with 50 new ones. Budget 0: only the hour of the
+        // last batch stays in memory, the others are read back when used.
+        let run = |budget: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(Store::open(dir.path()).unwrap());
+            let metrics = Metrics::new();
+            let mut p =
+                Pipeline::new(store, Rules::default(), Settings { dedupe_memory_bytes: budget, ..settings() }, metrics.clone()).unwrap();
+            let time = |h: usize, i: usize| format!("2021-03-05T{h:02}:{:02}:{:02}+08:00", i / 60, i % 60);
+            let mut offset = 0;
+            let mut held = Vec::new();
+            for h in 0..10 {
+                let payloads: Vec<Vec<u8>> = (0..100).map(|i| event(&format!("h{h}-{i}"), &time(h, i))).collect();
+                let msgs: Vec<InputMessage> = payloads.iter().enumerate().map(|(i, e)| msg(offset + i as i64, e)).collect();
+                offset += 100;
+                assert_eq!(p.process(&msgs).unwrap().billed, 100);
+                held.push(metrics.dedupe_memory.get());
+            }
+            let again: Vec<Vec<u8>> = (0..150).map(|i| event(&format!("h0-{i}"), &time(0, i))).collect();
+            let msgs: Vec<InputMessage> = again.iter().enumerate().map(|(i, e)| msg(offset + i as i64, e)).collect();
+            let s = p.process(&msgs).unwrap();
+            let calls = p.store().usage("A", Month::new(2021, 3).unwrap()).unwrap().unwrap().calls();
+            (held, s.billed, s.duplicates, calls)
+        };
+        let (held, billed, duplicates, calls) = run(0);
+        let (held_all, billed_all, duplicates_all, calls_all) = run(usize::MAX);
+        assert_eq!((billed, duplicates, calls), (50, 100, 1050));
+        assert_eq!((billed_all, duplicates_all, calls_all), (50, 100, 1050));
+        // Every hour's set is the same size: unbounded, memory grows by one
+        // set per hour; bounded, it stays at the last batch's one.
+        let one = held_all[0];
+        assert!(one > 100 * 16, "a set of 100 hashes holds {one} bytes");
+        assert_eq!(held_all, (1..=10).map(|n| n * one).collect::<Vec<_>>());
+        assert_eq!(held, vec![one; 10]);
     }
 
     #[test]
