@@ -16,7 +16,8 @@
 #                million events (user+sys of the process), peak RSS, state
 #   scaling      core path (dedupe on) at 2x and 4x the events
 #   cores        core path (dedupe on) pinned to 1 core and to 2 (taskset),
-#                so the table says what a second core buys
+#                so the table says what a second core buys; the same for the
+#                transactional Kafka replay
 #   big          BIG_ACCOUNTS account records (an accounts file) plus
 #                BIG_EVENTS events: the accounts table, interner and bill
 #                states in memory, peak RSS
@@ -163,6 +164,17 @@ printf '[kafka]\ntransactions = false\n[worker]\nbatch_size = 50000\n' >"$WORK/b
 measure "end to end: replay, no transactions (embedded broker)" "$BROKER_EVENTS" "$WORK/s-e2e-notx" "$BIN" replay --config "$WORK/broker-notx.toml" --state-dir "$WORK/s-e2e-notx" --metrics-address ""
 E2E_NOTX_ROW="${ROWS[-1]}"
 NOTX_BILL="$(bill_cpu)"
+# What cores buy on the Kafka path: the transactional replay pinned to one
+# core, then to two (librdkafka's threads, decoding and emission share them).
+KAFKA_CORES_LINE=""
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  measure "end to end: replay, 1 core (taskset -c 0)" "$BROKER_EVENTS" "$WORK/s-k1" taskset -c 0 "$BIN" replay --config "$WORK/broker.toml" --state-dir "$WORK/s-k1" --metrics-address ""
+  K_ONE="${ROWS[-1]}"
+  measure "end to end: replay, 2 cores (taskset -c 0,1)" "$BROKER_EVENTS" "$WORK/s-k2" taskset -c 0,1 "$BIN" replay --config "$WORK/broker.toml" --state-dir "$WORK/s-k2" --metrics-address ""
+  K_TWO="${ROWS[-1]}"
+  KAFKA_CORES_LINE=$(awk -v a="$(field "$K_ONE" 3)" -v b="$(field "$K_TWO" 3)" 'BEGIN { printf "On the Kafka path (embedded broker, transactions) 2 cores run at %.2fx the events/s of 1 core.", b / a }')
+  rm -rf "$WORK/s-k1" "$WORK/s-k2"
+fi
 # Restore rate: a `run` worker bills the topic and stops cleanly (SIGTERM
 # after RESTORE_WAIT s); a second one with an empty state directory in the
 # same group restores every partition from the changelog.
@@ -222,7 +234,7 @@ RATIO=$(awk -v f="$(field "$FLOOR_ROW" 3)" -v e="$(field "$E2E_ROW" 3)" 'BEGIN {
   echo
   echo "End to end / floor (embedded broker): $RATIO. $PEER_LINE"
   echo
-  echo "$CORES_LINE $BIG_LINE"
+  echo "$CORES_LINE $KAFKA_CORES_LINE $BIG_LINE"
   echo
   echo "CPU per bill emitted (every thread, from the end of the input to the last bill acknowledged; the replay logs it as cpu_us_per_bill): Kafka replay with transactions $E2E_BILL; without transactions (outbox) $NOTX_BILL; core path, dedupe on (bills written to the NDJSON file) $CORE_BILL."
   echo

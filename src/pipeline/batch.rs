@@ -320,6 +320,8 @@ impl DedupeCache {
                 break;
             }
             held -= b.seen.take().as_ref().map_or(0, set_bytes);
+            // Written already (drained); its capacity goes too.
+            b.new = Vec::new();
         }
         held
     }
