@@ -117,10 +117,10 @@ pub struct WorkerConfig {
     /// also kept while that hour received an event within this many messages
     /// of the partition, however old the hour. Default 1,000,000.
     pub dedupe_window_messages: u64,
-    /// Request-id hashes of idle dedupe buckets kept in memory, MB (about):
-    /// past it, the hours used least recently are read back from the state
-    /// store at their next event. Hours that got events in the last batch
-    /// always stay. Default 64.
+    /// Request-id hashes the dedupe mirror keeps in memory, MB (about):
+    /// past it, the (partition, hour) buckets used least recently leave
+    /// memory and are read back from the state store at their next event.
+    /// Buckets that got events in the last 8 batches always stay. Default 64.
     pub dedupe_memory_mb: u64,
     /// Events stamped more than this many seconds ahead of the wall clock
     /// are dead-lettered (`future_time`) and move no watermark. Default 3,600.

@@ -52,6 +52,11 @@ pub struct Metrics {
     pub outbox_pending: IntGauge,
     /// Bytes of request-id hashes the dedupe mirror holds in memory, about.
     pub dedupe_memory: IntGauge,
+    /// Dedupe buckets' hash sets read from the state store (first use, or
+    /// next use after they left memory).
+    pub dedupe_reads: IntCounter,
+    /// Bytes of those reads.
+    pub dedupe_read_bytes: IntCounter,
     /// Messages behind the partition's end, by partition.
     pub partition_lag: IntGaugeVec,
     /// Estimated live state bytes, by column family.
@@ -108,6 +113,11 @@ impl Metrics {
             events_billed: counter("events_billed_total", "Events added to usage"),
             rejected: counter_vec("events_rejected_total", "Messages sent to the dead-letter topic", "reason"),
             duplicates: counter("duplicates_total", "Events dropped as repeated request_ids"),
+            dedupe_reads: counter(
+                "dedupe_bucket_reads_total",
+                "Dedupe buckets' request-id sets read from the state store: first use since the start, or next use after leaving memory",
+            ),
+            dedupe_read_bytes: counter("dedupe_bucket_read_bytes_total", "Bytes of request-id hashes read by dedupe_bucket_reads_total"),
             late_events: counter(
                 "late_events_total",
                 "Events for a month that had already closed (month end plus grace behind the partition watermark) when they arrived",
@@ -123,7 +133,7 @@ impl Metrics {
             dedupe_memory: {
                 let g = IntGauge::new(
                     "dedupe_memory_bytes",
-                    "Request-id hashes the dedupe mirror holds in memory after the last batch, bytes (about; worker.dedupe_memory_mb bounds the idle hours' share)",
+                    "Request-id hashes the dedupe mirror holds in memory after the last batch, bytes (about): at most worker.dedupe_memory_mb, or what the last 8 batches used if more",
                 )
                 .expect("valid metric");
                 registry.register(Box::new(g.clone())).expect("unique metric");

@@ -267,8 +267,8 @@ pub fn topic_hash(topic: &str) -> u64 {
 /// Memory: a bucket's hashes stay in memory while the bucket is used; once
 /// the sets held pass the budget, [`DedupeCache::shrink_to_budget`] drops
 /// the sets of the buckets used least recently (never one used in the last
-/// batch), which are read from the store again at their next event, as
-/// after a restart. Decisions do not change; only where the hashes are read
+/// [`DEDUPE_RECENT_WRITES`] batches), which are read from the store again
+/// at their next event, as after a restart. Decisions do not change; only where the hashes are read
 /// from. Without the budget a worker's memory grew with every live hour
 /// (72 hours of request ids by default), though only the newest hours get
 /// events in a time-ordered stream.
@@ -281,13 +281,21 @@ pub struct DedupeCache {
     budget: usize,
     /// Writes so far ([`DedupeCache::write_changes`]).
     clock: u64,
+    /// Bucket sets read from the store, and their bytes ([`DedupeCache::take_reads`]).
+    reads: (u64, u64),
 }
+
+/// Buckets used in this many of the latest writes keep their sets in memory
+/// whatever the budget: a late event for the hour before, or a Kafka batch
+/// that happened to hold nothing of a partition, must not cost a read of
+/// the bucket's whole set.
+pub const DEDUPE_RECENT_WRITES: u64 = 8;
 
 impl DedupeCache {
     /// An empty mirror, for a pipeline reading `topic`, keeping about
     /// `budget` bytes of hashes in memory ([`DedupeCache::shrink_to_budget`]).
     pub fn new(window: DedupeWindow, topic: &str, budget: usize) -> Self {
-        DedupeCache { window, topic: topic_hash(topic), partitions: FxHashMap::default(), budget, clock: 0 }
+        DedupeCache { window, topic: topic_hash(topic), partitions: FxHashMap::default(), budget, clock: 0, reads: (0, 0) }
     }
 
     /// Bytes of hash sets in memory, about ([`set_bytes`]).
@@ -297,16 +305,15 @@ impl DedupeCache {
 
     /// Once the last [`DedupeCache::write_changes`] is written to the
     /// store: while the hash sets in memory hold more than the budget,
-    /// forgets those of the buckets used least recently (their sets are
-    /// read again at their next event; never those used in the batch just
-    /// written). Returns the
-    /// bytes held after.
+    /// forgets those of the buckets used least recently, never one used in
+    /// the last [`DEDUPE_RECENT_WRITES`] batches (a forgotten set is read
+    /// again at its bucket's next event). Returns the bytes held after.
     pub fn shrink_to_budget(&mut self) -> usize {
         let mut held = self.held_bytes();
         if held <= self.budget {
             return held;
         }
-        let recent = self.clock.saturating_sub(1);
+        let recent = self.clock.saturating_sub(DEDUPE_RECENT_WRITES);
         let mut idle: Vec<(u64, &mut Bucket)> = self
             .partitions
             .values_mut()
@@ -320,10 +327,15 @@ impl DedupeCache {
                 break;
             }
             held -= b.seen.take().as_ref().map_or(0, set_bytes);
-            // Written already (drained); its capacity goes too.
-            b.new = Vec::new();
         }
         held
+    }
+
+    /// Bucket sets read from the store since the last call, and their
+    /// bytes: a bucket's first use since the start, or its next use after
+    /// [`DedupeCache::shrink_to_budget`] forgot its set.
+    pub fn take_reads(&mut self) -> (u64, u64) {
+        std::mem::take(&mut self.reads)
     }
 
     /// Records a request-id hash of the message at `offset` in `hour`;
@@ -368,6 +380,8 @@ impl DedupeCache {
         }
         if bucket.seen.is_none() {
             let stored = store.dedupe_bucket(partition, hour)?;
+            self.reads.0 += 1;
+            self.reads.1 += stored.len() as u64;
             bucket.seen = Some(stored.chunks_exact(16).map(|c| u128::from_be_bytes(c.try_into().expect("16 bytes"))).collect());
         }
         let seen = bucket.seen.as_mut().expect("read above");
@@ -391,7 +405,8 @@ impl DedupeCache {
                 if b.reset {
                     batch.delete_dedupe(*p, *hour);
                 }
-                let hashes: Vec<u8> = b.new.drain(..).flat_map(u128::to_be_bytes).collect();
+                // Taken, not drained: an idle bucket keeps no capacity.
+                let hashes: Vec<u8> = std::mem::take(&mut b.new).into_iter().flat_map(u128::to_be_bytes).collect();
                 if !hashes.is_empty() {
                     batch.append_dedupe(*p, *hour, &hashes);
                 }

@@ -572,6 +572,9 @@ impl Pipeline {
                 if self.shard.is_none() {
                     self.metrics.dedupe_memory.set(held as i64);
                 }
+                let (reads, bytes) = self.dedupe.take_reads();
+                self.metrics.dedupe_reads.inc_by(reads);
+                self.metrics.dedupe_read_bytes.inc_by(bytes);
                 // Interned ids only need to live as long as a batch: a
                 // long-running worker keeps the table bounded.
                 if self.ids.len() > 1_000_000 {
@@ -787,9 +790,10 @@ mod tests {
 
     #[test]
     fn idle_hours_leave_memory_past_the_dedupe_budget_and_their_repeats_are_still_dropped() {
-        // Ten event hours of 100 ids, one batch each; then every id of the
-        // first hour again with 50 new ones. Budget 0: only the hour of the
-        // last batch stays in memory, the others are read back when used.
+        // Twelve event hours of 100 ids, one batch each; then every id of
+        // the first hour again with 50 new ones. Budget 0: only the hours
+        // of the last DEDUPE_RECENT_WRITES batches stay in memory, the
+        // others are read back when used.
         let run = |budget: usize| {
             let dir = tempfile::tempdir().unwrap();
             let store = Arc::new(Store::open(dir.path()).unwrap());
@@ -799,7 +803,7 @@ mod tests {
             let time = |h: usize, i: usize| format!("2021-03-05T{h:02}:{:02}:{:02}+08:00", i / 60, i % 60);
             let mut offset = 0;
             let mut held = Vec::new();
-            for h in 0..10 {
+            for h in 0..12 {
                 let payloads: Vec<Vec<u8>> = (0..100).map(|i| event(&format!("h{h}-{i}"), &time(h, i))).collect();
                 let msgs: Vec<InputMessage> = payloads.iter().enumerate().map(|(i, e)| msg(offset + i as i64, e)).collect();
                 offset += 100;
@@ -808,20 +812,26 @@ mod tests {
             }
             let again: Vec<Vec<u8>> = (0..150).map(|i| event(&format!("h0-{i}"), &time(0, i))).collect();
             let msgs: Vec<InputMessage> = again.iter().enumerate().map(|(i, e)| msg(offset + i as i64, e)).collect();
+            let reads_before = metrics.dedupe_reads.get();
             let s = p.process(&msgs).unwrap();
             let calls = p.store().usage("A", Month::new(2021, 3).unwrap()).unwrap().unwrap().calls();
-            (held, s.billed, s.duplicates, calls)
+            (held, s.billed, s.duplicates, calls, metrics.dedupe_reads.get() - reads_before, metrics.dedupe_read_bytes.get())
         };
-        let (held, billed, duplicates, calls) = run(0);
-        let (held_all, billed_all, duplicates_all, calls_all) = run(usize::MAX);
-        assert_eq!((billed, duplicates, calls), (50, 100, 1050));
-        assert_eq!((billed_all, duplicates_all, calls_all), (50, 100, 1050));
+        let (held, billed, duplicates, calls, reads, read_bytes) = run(0);
+        let (held_all, billed_all, duplicates_all, calls_all, reads_all, read_bytes_all) = run(usize::MAX);
+        assert_eq!((billed, duplicates, calls), (50, 100, 1250));
+        assert_eq!((billed_all, duplicates_all, calls_all), (50, 100, 1250));
+        // The first hour's set was read back from the store (100 hashes),
+        // only where it had left memory.
+        assert_eq!((reads, read_bytes), (1, 100 * 16));
+        assert_eq!((reads_all, read_bytes_all), (0, 0));
         // Every hour's set is the same size: unbounded, memory grows by one
-        // set per hour; bounded, it stays at the last batch's one.
+        // set per hour; bounded, it stops at the recent batches' ones.
         let one = held_all[0];
         assert!(one > 100 * 16, "a set of 100 hashes holds {one} bytes");
-        assert_eq!(held_all, (1..=10).map(|n| n * one).collect::<Vec<_>>());
-        assert_eq!(held, vec![one; 10]);
+        assert_eq!(held_all, (1..=12).map(|n| n * one).collect::<Vec<_>>());
+        let recent = batch::DEDUPE_RECENT_WRITES as i64;
+        assert_eq!(held, (1..=12).map(|n| n.min(recent) * one).collect::<Vec<_>>());
     }
 
     #[test]
