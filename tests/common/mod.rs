@@ -137,7 +137,16 @@ pub fn unfinished(table: &BillTable, expected: &BTreeMap<String, Bill>) -> Vec<S
         .iter()
         .filter_map(|(k, b)| match table.latest.get(k) {
             None => Some(format!("{k}: missing")),
-            Some(r) if r.content_hash != b.content_hash => Some(format!("{k}: different content")),
+            // Calls on both sides: lost, doubled, or a revision never emitted.
+            Some(r) if r.content_hash != b.content_hash => Some(format!(
+                "{k}: different content (revision {} {:?}: {} calls, {} public bytes; the core's: {} calls, {} public bytes)",
+                r.revision,
+                r.status,
+                r.content.usage.calls,
+                r.content.usage.public_out_bytes,
+                b.content.usage.calls,
+                b.content.usage.public_out_bytes
+            )),
             // Closed: final, or restated after it was final.
             Some(r) if r.status == BillStatus::Provisional => Some(format!("{k}: {:?}", r.status)),
             _ => None,
