@@ -758,10 +758,6 @@ impl Worker {
                 },
             }
         }
-        // The last poll may have run a rebalance callback without returning
-        // a message (the deadline passed, a consumer error, a stop request):
-        // its revocations apply to this batch too.
-        self.follow_ownership(&mut batch)?;
         if !batch.is_empty() {
             let msgs: Vec<InputMessage> = batch.inputs();
             let stats = if self.txn.is_some() {
