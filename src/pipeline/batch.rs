@@ -314,15 +314,14 @@ impl DedupeCache {
             return held;
         }
         let recent = self.clock.saturating_sub(DEDUPE_RECENT_WRITES);
-        let mut idle: Vec<(u64, &mut Bucket)> = self
+        let mut idle: Vec<&mut Bucket> = self
             .partitions
             .values_mut()
             .flat_map(|b| b.values_mut())
             .filter(|b| b.seen.is_some() && b.used < recent && !b.touched)
-            .map(|b| (b.used, b))
             .collect();
-        idle.sort_unstable_by_key(|(used, _)| *used);
-        for (_, b) in idle {
+        idle.sort_unstable_by_key(|b| b.used);
+        for b in idle {
             if held <= self.budget {
                 break;
             }
