@@ -9,7 +9,81 @@ use crate::billing::calendar::Month;
 use crate::billing::event::{DecodeError, RejectReason};
 use crate::billing::AccountRecord;
 use crate::store::{PartitionState, StoreError};
-use std::collections::{BTreeMap, HashMap};
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+
+/// The account records in memory, each keyed by its own `account_id`: a
+/// map from id to record kept every id twice (at a million accounts, the
+/// second copies and the wider entries were about 80 MB).
+#[derive(Debug, Default)]
+pub struct AccountTable(HashSet<ById>);
+
+/// An account record that hashes and compares as its `account_id`, so the
+/// table is looked up by `&str`.
+#[derive(Debug)]
+struct ById(AccountRecord);
+
+impl Hash for ById {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        // Exactly what `str` hashes, as `Borrow<str>` requires.
+        self.0.account_id.as_str().hash(h);
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.account_id == other.0.account_id
+    }
+}
+
+impl Eq for ById {}
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        &self.0.account_id
+    }
+}
+
+impl AccountTable {
+    /// The record of `account`.
+    pub fn get(&self, account: &str) -> Option<&AccountRecord> {
+        self.0.get(account).map(|r| &r.0)
+    }
+
+    /// Adds a record, or replaces the one with its `account_id`.
+    pub fn insert(&mut self, record: AccountRecord) {
+        self.0.replace(ById(record));
+    }
+
+    /// Forgets `account`'s record.
+    pub fn remove(&mut self, account: &str) {
+        self.0.remove(account);
+    }
+
+    /// Records held.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Room for `more` records.
+    pub fn reserve(&mut self, more: usize) {
+        self.0.reserve(more);
+    }
+
+    /// Every record, the table left empty (its memory goes with them).
+    pub fn take_all(&mut self) -> impl Iterator<Item = AccountRecord> {
+        std::mem::take(&mut self.0).into_iter().map(|r| r.0)
+    }
+
+    /// Moves every record of `other` in.
+    pub fn absorb(&mut self, mut other: AccountTable) {
+        self.reserve(other.len());
+        for r in other.take_all() {
+            self.insert(r);
+        }
+    }
+}
 
 impl Pipeline {
     /// Applies account records (accounts topic): stores each changed record
@@ -77,9 +151,10 @@ impl Pipeline {
         self.store.write(batch)?;
         for (id, record) in changed {
             match record {
-                Some(a) => self.accounts.insert(id, a),
+                // Its `account_id` is `id` (the key above came from it).
+                Some(a) => self.accounts.insert(a),
                 None => self.accounts.remove(&id),
-            };
+            }
         }
         Ok(())
     }
@@ -93,5 +168,37 @@ impl Pipeline {
             return Ok(p);
         }
         Ok(self.store.bill_state_many(&keys)?.into_iter().flatten().map(|s| s.partition).find(|p| *p >= 0).unwrap_or(-1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, activated_at: i64) -> AccountRecord {
+        AccountRecord { account_id: id.to_string(), activated_at, resource_packs: vec![] }
+    }
+
+    #[test]
+    fn the_account_table_is_keyed_by_each_records_own_id() {
+        let mut t = AccountTable::default();
+        t.insert(record("a", 1));
+        t.insert(record("b", 2));
+        // A later record of an account replaces the earlier one.
+        t.insert(record("a", 3));
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.get("a").map(|r| r.activated_at), Some(3));
+        assert_eq!(t.get("b").map(|r| r.activated_at), Some(2));
+        assert_eq!(t.get("c"), None);
+        t.remove("b");
+        assert_eq!(t.get("b"), None);
+        let mut other = AccountTable::default();
+        other.insert(record("c", 4));
+        other.insert(record("a", 5));
+        t.absorb(other);
+        let mut all: Vec<(String, i64)> = t.take_all().map(|r| (r.account_id, r.activated_at)).collect();
+        all.sort();
+        assert_eq!(all, vec![("a".to_string(), 5), ("c".to_string(), 4)]);
+        assert_eq!(t.len(), 0);
     }
 }

@@ -181,7 +181,7 @@ impl Pipeline {
             // Usage by multi-get only for accounts whose months are billed
             // on their own; the others are read whole below (reading their
             // month here too would merge its operands twice).
-            let independent: Vec<bool> = keys.iter().map(|(a, _)| months_are_independent(this.accounts.get(*a))).collect();
+            let independent: Vec<bool> = keys.iter().map(|(a, _)| months_are_independent(this.accounts.get(a))).collect();
             let alone: Vec<(&str, Month)> = keys.iter().zip(&independent).filter(|(_, i)| **i).map(|(k, _)| *k).collect();
             let (prevs, raws) = match (this.store.bill_state_many(&keys), this.store.usage_raw_many(&alone)) {
                 (Ok(p), Ok(r)) => (p, r),

@@ -18,10 +18,10 @@ use crate::billing::config::Rules;
 use crate::billing::event::{DecodeError, RejectReason};
 use crate::billing::scan::Billable;
 use crate::billing::usage::merge_encoded;
-use crate::billing::AccountRecord;
 use crate::changelog::Change;
 use crate::metrics::Metrics;
 use crate::store::{outbox_dead_letter_key, OutboxRecord, PartitionState, Store, StoreError};
+use accounts::AccountTable;
 use batch::{decode_all, encode_cells, DedupeCache, DedupeWindow, HourCell, Interner, Pending};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -105,7 +105,7 @@ pub struct Pipeline {
     rules: Rules,
     settings: Settings,
     metrics: Arc<Metrics>,
-    accounts: HashMap<String, AccountRecord>,
+    accounts: AccountTable,
     /// Cache of the stored partition states of the input topic.
     partitions: HashMap<i32, PartitionState>,
     /// Wall-clock ms of the last input message (or of the assignment) per
@@ -219,10 +219,11 @@ pub fn shard_of(account: &str, count: u32) -> u32 {
 impl Pipeline {
     /// A pipeline over an opened store; loads account records and offsets.
     pub fn new(store: Arc<Store>, rules: Rules, settings: Settings, metrics: Arc<Metrics>) -> Result<Pipeline, StoreError> {
-        let mut accounts = HashMap::new();
-        for (id, raw) in store.accounts()? {
+        let mut accounts = AccountTable::default();
+        for (_, raw) in store.accounts()? {
+            // Stored under its own account_id (`apply_accounts`).
             if let Ok(a) = decode_account(&raw) {
-                accounts.insert(id, a);
+                accounts.insert(a);
             }
         }
         Pipeline::with_accounts(store, rules, settings, metrics, accounts, None)
@@ -236,10 +237,10 @@ impl Pipeline {
     /// Nothing may be pending here.
     pub fn split(&mut self, count: u32) -> Result<Vec<Pipeline>, StoreError> {
         let count = count.max(1);
-        let mut parts: Vec<HashMap<String, AccountRecord>> = (0..count).map(|_| HashMap::new()).collect();
+        let mut parts: Vec<AccountTable> = (0..count).map(|_| AccountTable::default()).collect();
         // Taken, not drained: the table's memory goes with it.
-        for (id, a) in std::mem::take(&mut self.accounts) {
-            parts[shard_of(&id, count) as usize].insert(id, a);
+        for a in self.accounts.take_all() {
+            parts[shard_of(&a.account_id, count) as usize].insert(a);
         }
         parts
             .into_iter()
@@ -262,7 +263,7 @@ impl Pipeline {
         self.accounts.reserve(shards.iter().map(|s| s.accounts.len()).sum());
         for shard in shards {
             written.extend(shard.partitions.keys().copied());
-            self.accounts.extend(shard.accounts);
+            self.accounts.absorb(shard.accounts);
         }
         // The shards numbered dead letters apart; this one goes on after them.
         self.next_dead_letter = self.store.next_dead_letter_seq()?;
@@ -275,7 +276,7 @@ impl Pipeline {
         rules: Rules,
         settings: Settings,
         metrics: Arc<Metrics>,
-        accounts: HashMap<String, AccountRecord>,
+        accounts: AccountTable,
         shard: Option<Shard>,
     ) -> Result<Pipeline, StoreError> {
         let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
