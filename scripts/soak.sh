@@ -3,7 +3,10 @@
 # seconds while `gatebill gen --rate RATE` offers a steady load, sampling the
 # worker's RSS and consumer lag every SAMPLE seconds; then the worker drains,
 # emits and stops, and scripts/soak_report.py prints:
-#   - RSS over time, and its drift after warm-up (the first quarter);
+#   - RSS over time, and its drift after warm-up (the first quarter): the
+#     spread of every sample, the last quarter's peak against the second
+#     quarter's (the memtables' fill-and-flush sawtooth does not count), and
+#     RSS less RocksDB's reported memtables and block cache;
 #   - consumer lag over time (its maximum);
 #   - event-to-bill latency p50 / p99 / max: from each event's append time
 #     on the input topic to the first bill record on the output topic whose
