@@ -25,6 +25,8 @@
 #                settings that only reads and counts a preloaded topic (log
 #                start offsets checked to be 0, else it refuses to count)
 #   end to end   `gatebill replay` over that topic: events/s, CPU, ratio to floor
+#   same events  core path over the topic's events written to a file, so the
+#                Kafka path's CPU per event is compared at equal events per bill
 #   peer         scripts/peer_quix.py, the same account-month aggregation in
 #                Quix Streams (RocksDB state), over the same topic on tansu,
 #                beside gatebill's replay of that topic
@@ -164,6 +166,17 @@ printf '[kafka]\ntransactions = false\n[worker]\nbatch_size = 50000\n' >"$WORK/b
 measure "end to end: replay, no transactions (embedded broker)" "$BROKER_EVENTS" "$WORK/s-e2e-notx" "$BIN" replay --config "$WORK/broker-notx.toml" --state-dir "$WORK/s-e2e-notx" --metrics-address ""
 E2E_NOTX_ROW="${ROWS[-1]}"
 NOTX_BILL="$(bill_cpu)"
+# The core path over the very events of the broker rows (the same generator
+# arguments, written to a file; no accounts file, as the topic has none), so
+# the Kafka path's cost is compared at the same events per bill: the core
+# rows above bill about 50 events per bill, the broker's topic about 8.
+gen_file "$BROKER_EVENTS" "$WORK/broker-events.ndjson"
+measure "core path, the broker rows' events (file, dedupe on)" "$BROKER_EVENTS" "$WORK/s-same" "$BIN" replay --config "$WORK/dedupe.toml" --input-file "$WORK/broker-events.ndjson" --no-accounts --output-file "$WORK/b-same.ndjson" --state-dir "$WORK/s-same"
+SAME_ROW="${ROWS[-1]}"
+SAME_BILLS=$(wc -l <"$WORK/b-same.ndjson")
+SAME_LINE=$(awk -v k="$(field "$E2E_ROW" 4)" -v c="$(field "$SAME_ROW" 4)" -v kb="$(grep -oE '[0-9]+ bills' <<<"$E2E_BILL" | grep -oE '[0-9]+')" -v cb="$SAME_BILLS" -v n="$BROKER_EVENTS" \
+  'BEGIN { printf "Kafka end to end (transactions) / core path over the same %d events: %.2fx (%.2f vs %.2f CPU-s per million events; %d and %d bills).", n, k / c, k, c, kb, cb }')
+rm -rf "$WORK/s-same" "$WORK/broker-events.ndjson"
 # What cores buy on the Kafka path: the transactional replay pinned to one
 # core, then to two (librdkafka's threads, decoding and emission share them).
 KAFKA_CORES_LINE=""
@@ -232,7 +245,7 @@ RATIO=$(awk -v f="$(field "$FLOOR_ROW" 3)" -v e="$(field "$E2E_ROW" 3)" 'BEGIN {
   echo "| --- | ---: | ---: | ---: | ---: | ---: |"
   printf '%s\n' "${ROWS[@]}"
   echo
-  echo "End to end / floor (embedded broker): $RATIO. $PEER_LINE"
+  echo "End to end / floor (embedded broker): $RATIO. $SAME_LINE $PEER_LINE"
   echo
   echo "$CORES_LINE $KAFKA_CORES_LINE $BIG_LINE"
   echo
