@@ -561,9 +561,7 @@ impl Store {
     fn account_months_raw(&self, name: &str, keys: &[(&str, Month)]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let cf = self.cf(name);
         let ks: Vec<Vec<u8>> = keys.iter().map(|(a, m)| account_month_key(a, *m)).collect();
-        // The batched form: RocksDB's array-based MultiGet, which looks the
-        // keys up together (the vector-based one grew a vector per key).
-        self.db.batched_multi_get_cf(cf, &ks, false).into_iter().map(|r| Ok(r?.map(|v| v.to_vec()))).collect()
+        self.db.multi_get_cf(ks.iter().map(|k| (cf, k))).into_iter().map(|r| Ok(r?)).collect()
     }
 
     /// The request-id hashes seen in one partition's hour: 16 bytes each.
@@ -660,7 +658,7 @@ impl Store {
     /// The raw outbox values under keys (to check they were not replaced), in one multi-get.
     pub fn outbox_raw_many(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
         let cf = self.cf(cf::OUTBOX);
-        self.db.batched_multi_get_cf(cf, keys.iter().copied(), false).into_iter().map(|r| Ok(r?.map(|v| v.to_vec()))).collect()
+        self.db.multi_get_cf(keys.iter().map(|k| (cf, *k))).into_iter().map(|r| Ok(r?)).collect()
     }
 
     /// Up to `limit` records waiting to be produced, in key order, starting
