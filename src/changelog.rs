@@ -14,7 +14,7 @@
 //! | --- | --- | --- |
 //! | `u` + account-month | the month's usage, absolute (encoded `MonthUsage`) | the record with the highest `next_offset` header at most the last `o` |
 //! | `d` + hour + batch offset | reset flag, last offset, topic hash, the hashes the batch added | every one, in order (a reset empties the bucket first) |
-//! | `b` + account-month | the last emitted bill state | the highest revision |
+//! | `b` + account-month | the last emitted bill state | the highest revision; its content only if confirmed ([`Restore::offer_bill`]) |
 //! | `o` | next offset and watermark of the input partition | the highest next offset |
 //!
 //! Every record carries the header [`NEXT_OFFSET`]: the input partition's
@@ -36,6 +36,17 @@ use std::collections::BTreeMap;
 /// Header: the input partition's next offset after the batch that wrote
 /// the record (decimal).
 pub const NEXT_OFFSET: &str = "gatebill.next_offset";
+
+/// Header of a bill state produced before its bill (see
+/// [`Restore::offer`]): the bill may not have reached the output topic.
+/// The same record without it, produced after the bill was acknowledged,
+/// confirms it.
+pub const UNCONFIRMED: &str = "gatebill.unconfirmed";
+
+/// Whether a changelog record (by its key) is a bill state.
+pub fn is_bill_state(key: Option<&[u8]>) -> bool {
+    key.and_then(<[u8]>::first) == Some(&b'b')
+}
 
 /// One change of a partition's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,7 +146,8 @@ pub struct Restore {
     /// Per account-month, its absolute usage by the batch (next offset) that wrote it.
     usage: BTreeMap<(String, Month), BTreeMap<i64, Vec<u8>>>,
     dedupe: Vec<(i64, Change)>,
-    bills: BTreeMap<(String, Month), BillState>,
+    /// Per account-month, the bill state kept and whether it was confirmed.
+    bills: BTreeMap<(String, Month), (BillState, bool)>,
     position: Option<PartitionState>,
     /// Records of batches past this input offset are ignored (see
     /// [`Restore::up_to`]).
@@ -170,6 +182,19 @@ impl Restore {
 
     /// Takes the next record of the partition's changelog, in log order.
     pub fn offer(&mut self, next_offset: i64, change: Change, bytes: usize) {
+        self.offer_bill(next_offset, change, bytes, true);
+    }
+
+    /// [`Restore::offer`] for a record that may be a bill state produced
+    /// before its bill (`confirmed == false`: it had the [`UNCONFIRMED`]
+    /// header). With transactions a bill chunk produces its states first
+    /// (so that a bill any reader saw has its revision here), then the
+    /// bills, then the states again as confirmation. A broker that shows
+    /// records of open or aborted transactions (the mock cluster, tansu) may
+    /// show a state whose bill never reached the output topic: such a state
+    /// only raises the revision; the bill is sent again
+    /// ([`Restored::bills`]).
+    pub fn offer_bill(&mut self, next_offset: i64, change: Change, bytes: usize, confirmed: bool) {
         self.records += 1;
         self.bytes += bytes as u64;
         // Bill states are exempt: they only raise revisions, and a bill
@@ -185,9 +210,18 @@ impl Restore {
             }
             Change::Dedupe { .. } => self.dedupe.push((next_offset, change)),
             Change::Bill { account, month, state } => {
-                let slot = self.bills.entry((account, month)).or_insert_with(|| state.clone());
-                if state.revision > slot.revision {
-                    *slot = state;
+                // The highest revision; of equal ones a confirmation, else
+                // the later (a chunk sent again after an abort).
+                match self.bills.entry((account, month)) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert((state, confirmed));
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        let (held, held_confirmed) = o.get();
+                        if state.revision > held.revision || (state.revision == held.revision && (confirmed || !held_confirmed)) {
+                            o.insert((state, confirmed));
+                        }
+                    }
                 }
             }
             Change::Position(s) => {
@@ -202,8 +236,9 @@ impl Restore {
     /// last position read (bill states whatever their batch: they only
     /// raise revisions). Nothing at all when no position was read.
     pub fn finish(self) -> Restored {
+        let bills = self.bills.into_iter().map(|((a, m), (s, confirmed))| (a, m, if confirmed { s } else { unconfirmed(s) })).collect();
         let Some(position) = self.position else {
-            return Restored { bills: self.bills.into_iter().map(|((a, m), s)| (a, m, s)).collect(), ..Restored::default() };
+            return Restored { bills, ..Restored::default() };
         };
         let upto = position.next_offset;
         Restored {
@@ -218,9 +253,22 @@ impl Restore {
                 })
                 .collect(),
             dedupe: self.dedupe.into_iter().filter(|(o, _)| *o <= upto).map(|(_, c)| c).collect(),
-            bills: self.bills.into_iter().map(|((a, m), s)| (a, m, s)).collect(),
+            bills,
         }
     }
+}
+
+/// What is known of a bill whose state was seen but not confirmed: its
+/// revision was maybe seen by readers, its content maybe not. The revision
+/// stays (the next one is above it); the content hash is cleared, so the
+/// bill is sent again when its month is recomputed; a `final` one counts as
+/// not yet final (the bill before it was provisional, or there was none),
+/// so the bill sent again is `final`, not `restated`. `provisional` and
+/// `restated` stay as they are: the bill before them had that status or,
+/// for `restated`, was final.
+fn unconfirmed(s: BillState) -> BillState {
+    let status = if s.status == crate::billing::BillStatus::Final { crate::billing::BillStatus::Provisional } else { s.status };
+    BillState { status, content_hash: String::new(), ..s }
 }
 
 impl Restored {
@@ -337,6 +385,79 @@ mod tests {
         assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![3])]);
     }
 
+    /// A writer died in the middle of a bill chunk: March's state was
+    /// produced before its bill (unconfirmed) and never confirmed; April's
+    /// was confirmed. March keeps its revision, loses its content hash (so
+    /// its bill is sent again) and, as a final bill whose bill before it was
+    /// provisional, counts as provisional (so the bill sent again is final,
+    /// not restated). A restated one keeps its status.
+    #[test]
+    fn a_bill_state_produced_before_its_bill_and_not_confirmed_only_raises_the_revision() {
+        const APRIL: Month = Month { year: 2021, month: 4 };
+        let b = |month: Month, revision: u64, status: BillStatus| Change::Bill {
+            account: "A".into(),
+            month,
+            state: BillState { revision, status, content_hash: format!("h{revision}"), partition: 2 },
+        };
+        let mut r = Restore::default();
+        r.offer_bill(10, b(MARCH, 1, BillStatus::Provisional), 1, false);
+        r.offer_bill(10, b(MARCH, 1, BillStatus::Provisional), 1, true);
+        r.offer_bill(10, b(APRIL, 2, BillStatus::Restated), 1, false);
+        r.offer_bill(10, b(APRIL, 2, BillStatus::Restated), 1, true);
+        // The dying writer's chunk: both unconfirmed.
+        r.offer_bill(20, b(MARCH, 2, BillStatus::Final), 1, false);
+        r.offer_bill(20, b(APRIL, 3, BillStatus::Restated), 1, false);
+        // An older confirmation delivered late changes nothing.
+        r.offer_bill(10, b(MARCH, 1, BillStatus::Provisional), 1, true);
+        let done = r.finish();
+        let state = |revision, status, content_hash: &str| BillState { revision, status, content_hash: content_hash.into(), partition: 2 };
+        assert_eq!(
+            done.bills,
+            vec![
+                ("A".to_string(), MARCH, state(2, BillStatus::Provisional, "")),
+                ("A".to_string(), APRIL, state(3, BillStatus::Restated, "")),
+            ]
+        );
+        // What the next owner sends: March final at revision 3, April
+        // restated at revision 4, whatever their content.
+        use crate::pipeline::policy::{next_record, Emitted};
+        fn emitted(s: &BillState) -> Option<Emitted<'_>> {
+            Some(Emitted { revision: s.revision, status: s.status, content_hash: &s.content_hash })
+        }
+        assert_eq!(next_record(emitted(&done.bills[0].2), "h2", true), Some((3, BillStatus::Final)));
+        assert_eq!(next_record(emitted(&done.bills[1].2), "h3", true), Some((4, BillStatus::Restated)));
+    }
+
+    /// Of two states of one revision, a confirmation wins over an
+    /// unconfirmed one whatever the order, and of two unconfirmed ones (a
+    /// chunk sent again after an abort) the later.
+    #[test]
+    fn of_equal_revisions_the_confirmed_then_the_later_state_is_kept() {
+        let b = |hash: &str| Change::Bill {
+            account: "A".into(),
+            month: MARCH,
+            state: BillState { revision: 2, status: BillStatus::Provisional, content_hash: hash.into(), partition: 2 },
+        };
+        let hash_of = |r: Restore| r.finish().bills[0].2.content_hash.clone();
+        let mut r = Restore::default();
+        r.offer_bill(10, b("a"), 1, false);
+        r.offer_bill(10, b("b"), 1, false);
+        r.offer_bill(10, b("b"), 1, true);
+        assert_eq!(hash_of(r), "b");
+        let mut r = Restore::default();
+        r.offer_bill(10, b("a"), 1, true);
+        r.offer_bill(10, b("b"), 1, false);
+        assert_eq!(hash_of(r), "a");
+        // Unconfirmed states lose their hash; the status shows which was kept.
+        let mut r = Restore::default();
+        r.offer_bill(10, b("a"), 1, false);
+        let Change::Bill { account, month, mut state } = b("b") else { unreachable!() };
+        state.status = BillStatus::Restated;
+        r.offer_bill(10, Change::Bill { account, month, state }, 1, false);
+        let kept = r.finish().bills[0].2.clone();
+        assert_eq!((kept.status, kept.content_hash.as_str()), (BillStatus::Restated, ""));
+    }
+
     /// A transaction that wrote offsets 20..30 did not commit (the group's
     /// offset is 20), and its records are delivered anyway: they are ignored.
     #[test]
@@ -352,7 +473,7 @@ mod tests {
         r.offer(30, Change::Bill { account: "A".into(), month: MARCH, state: bill(5) }, 1);
         let done = r.finish();
         assert_eq!(done.position.unwrap().next_offset, 20);
-        assert_eq!(done.bills, vec![("A".to_string(), MARCH, bill(5))], "revisions only rise");
+        assert_eq!(done.bills, vec![("A".to_string(), MARCH, bill(5))], "revisions only rise (a confirmed state)");
         assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![1])]);
         assert!(done.dedupe.is_empty());
     }

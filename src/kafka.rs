@@ -402,14 +402,28 @@ pub async fn produce_all(producer: &FutureProducer, records: &[(Vec<u8>, OutboxR
 /// record, in order, true where the broker acknowledged it. Nothing is
 /// copied but into librdkafka's queue; failures are logged.
 pub async fn produce_acked(producer: &FutureProducer, records: &[&OutboxRecord]) -> Vec<bool> {
+    produce_acked_marking(producer, records, |_| false).await
+}
+
+/// [`produce_acked`]; records for which `unconfirmed` holds carry the
+/// [`crate::changelog::UNCONFIRMED`] header too.
+async fn produce_acked_marking(
+    producer: &FutureProducer,
+    records: &[&OutboxRecord],
+    unconfirmed: impl Fn(&OutboxRecord) -> bool,
+) -> Vec<bool> {
     let mut acked = Vec::with_capacity(records.len());
     let mut in_flight = Vec::with_capacity(records.len());
     for &rec in records {
         let i = acked.len();
         acked.push(false);
-        let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
+        let mark = unconfirmed(rec);
+        let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len() + usize::from(mark));
         for (k, v) in &rec.headers {
             headers = headers.insert(Header { key: k, value: Some(v) });
+        }
+        if mark {
+            headers = headers.insert(Header { key: crate::changelog::UNCONFIRMED, value: Some(&b"1"[..]) });
         }
         let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&rec.topic).payload(&rec.payload[..]).headers(headers);
         if let Some(k) = &rec.key {
@@ -548,10 +562,14 @@ impl Transactional {
     /// broker calls retriable are retried; anything else aborts.
     ///
     /// The changelog records are produced and acknowledged before the
-    /// others: on a broker that shows records of aborted transactions
-    /// (the mock cluster, tansu), a bill a reader may have seen then always
-    /// has its state in the changelog too, so the next owner of the
-    /// partition continues the revisions above it.
+    /// others, bill states with the [`crate::changelog::UNCONFIRMED`]
+    /// header; once the others are acknowledged, the bill states are
+    /// produced again without it. On a broker that shows records of open or
+    /// aborted transactions (the mock cluster, tansu), a bill a reader may
+    /// have seen then always has its state in the changelog, so the next
+    /// owner of the partition continues the revisions above it; and a state
+    /// whose bill may not have reached the output topic is known as such,
+    /// so that owner sends the bill again (`changelog::Restore::offer_bill`).
     pub async fn commit(
         &self,
         records: &[OutboxRecord],
@@ -563,12 +581,18 @@ impl Transactional {
             return Err(if fatal { TxnError::Fenced(e.to_string()) } else { TxnError::Aborted(format!("begin: {e}")) });
         }
         let (first, then): (Vec<&OutboxRecord>, Vec<&OutboxRecord>) = records.iter().partition(|r| r.topic == self.changelog_topic);
-        let mut delivered = self.produce(&first).await;
+        let confirm: Vec<&OutboxRecord> = first.iter().copied().filter(|r| crate::changelog::is_bill_state(r.key.as_deref())).collect();
+        let mut delivered = self.produce_marked(&first, !confirm.is_empty()).await;
         if delivered == first.len() {
             delivered += self.produce(&then).await;
         }
-        if delivered < records.len() {
-            return Err(self.abort(format!("{} of {} records not delivered", records.len() - delivered, records.len())).await);
+        if delivered == records.len() {
+            delivered += self.produce(&confirm).await;
+        }
+        if delivered < records.len() + confirm.len() {
+            return Err(self
+                .abort(format!("{} of {} records not delivered", records.len() + confirm.len() - delivered, records.len() + confirm.len()))
+                .await);
         }
         if let (true, Some(group)) = (offsets.count() > 0, group) {
             let p = self.producer.clone();
@@ -616,13 +640,31 @@ impl Transactional {
         }
     }
 
+    /// A fault point for tests: begins a transaction and produces what
+    /// [`Transactional::commit`] produces before any other record (the
+    /// changelog's), then nothing more: a writer that died between.
+    pub async fn produce_changelog_only(&self, records: &[OutboxRecord]) {
+        if self.producer.begin_transaction().is_ok() {
+            let first: Vec<&OutboxRecord> = records.iter().filter(|r| r.topic == self.changelog_topic).collect();
+            let bills = first.iter().any(|r| crate::changelog::is_bill_state(r.key.as_deref()));
+            self.produce_marked(&first, bills).await;
+        }
+    }
+
     /// Produces `records` into the open transaction; returns how many were
     /// delivered.
     async fn produce(&self, records: &[&OutboxRecord]) -> usize {
+        self.produce_marked(records, false).await
+    }
+
+    /// [`Transactional::produce`]; with `unconfirmed`, bill states carry
+    /// the [`crate::changelog::UNCONFIRMED`] header.
+    async fn produce_marked(&self, records: &[&OutboxRecord], unconfirmed: bool) -> usize {
         if records.is_empty() {
             return 0;
         }
-        produce_acked(&self.producer, records).await.into_iter().filter(|a| *a).count()
+        let mark = |r: &OutboxRecord| unconfirmed && crate::changelog::is_bill_state(r.key.as_deref());
+        produce_acked_marking(&self.producer, records, mark).await.into_iter().filter(|a| *a).count()
     }
 
     /// Aborts the open transaction; returns why, as the error to hand up.

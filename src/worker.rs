@@ -110,6 +110,10 @@ pub enum FaultPoint {
     /// With transactions: return after the n-th batch's transaction
     /// committed, before its state was written to the store.
     AfterTxnCommit(u64),
+    /// With transactions: return after the n-th emission chunk's changelog
+    /// records were produced in its transaction, before its bills were
+    /// (a writer dying in the middle of an emission).
+    BeforeBillsProduced(u64),
 }
 
 /// Options of one worker run.
@@ -273,8 +277,9 @@ impl Restorer {
                 tracing::warn!(partition, offset = m.offset(), "changelog record without key, value or next-offset header; skipped");
                 return Ok::<_, WorkerError>(());
             };
+            let confirmed = !m.headers().is_some_and(|h| h.iter().any(|x| x.key == crate::changelog::UNCONFIRMED));
             match crate::changelog::Change::decode(key, value) {
-                Ok(change) => restore.offer(next_offset, change, key.len() + value.len()),
+                Ok(change) => restore.offer_bill(next_offset, change, key.len() + value.len(), confirmed),
                 Err(e) => tracing::warn!(error = %e, partition, offset = m.offset(), "unreadable changelog record; skipped"),
             }
             Ok(())
@@ -530,6 +535,8 @@ pub struct Worker {
     batch_wait: Duration,
     emit_every: Duration,
     last_emit: Instant,
+    /// Emission chunks begun (transactions), for [`FaultPoint::BeforeBillsProduced`].
+    emission_chunks: u64,
     started: Instant,
     lag_every: Duration,
     last_sizes: Option<Instant>,
@@ -690,6 +697,7 @@ impl Worker {
             batch_wait: Duration::from_millis(cfg.worker.batch_wait_ms),
             emit_every: Duration::from_millis(cfg.worker.emit_interval_ms),
             last_emit: Instant::now(),
+            emission_chunks: 0,
             started: Instant::now(),
             lag_every,
             last_sizes: None,
@@ -823,7 +831,9 @@ impl Worker {
         // A replay computes each bill once, at the end: provisional bills of
         // a half-read history would only be restated moments later.
         if !self.replay() && self.last_emit.elapsed() >= self.emit_every {
-            self.emit(now_ms(), false).await?;
+            if self.emit(now_ms(), false).await? {
+                return Ok(Step::Crash);
+            }
             self.last_emit = Instant::now();
         }
         self.end_offsets.report(&mut self.pipeline, &self.metrics);
@@ -900,7 +910,10 @@ impl Worker {
         // A clean stop emits every change, provisional ones held back by
         // worker.provisional_interval_secs included.
         self.pipeline.release_provisional_holds();
-        self.emit(now_ms(), replay).await?;
+        if self.emit(now_ms(), replay).await? {
+            self.summary.crashed = true;
+            return Ok(());
+        }
         // CPU per bill: computed, serialised, produced and acknowledged
         // (committed), every thread of the process counted.
         let bills = self.summary.bills_emitted - bills_before;
@@ -924,18 +937,25 @@ impl Worker {
 
     /// Emits the bills due: through the outbox, or (transactions) one
     /// transaction per chunk with the owned partitions' offsets, so that a
-    /// worker that lost them is fenced rather than heard.
-    async fn emit(&mut self, now: i64, force_idle: bool) -> Result<(), WorkerError> {
+    /// worker that lost them is fenced rather than heard. `Ok(true)`: a
+    /// fault point was reached (tests); the worker stops as a crash would.
+    async fn emit(&mut self, now: i64, force_idle: bool) -> Result<bool, WorkerError> {
         if self.txn.is_none() {
             self.summary.bills_emitted += self.pipeline.emit(now, force_idle)? as u64;
             self.summary.delivery_failures += flush(&mut self.pipeline, &self.producer, &self.metrics).await?;
-            return Ok(());
+            return Ok(false);
         }
         let mut plan = self.pipeline.emission(now, force_idle)?;
         while let Some(chunk) = self.pipeline.next_emission(&mut plan)? {
             let bills = chunk.records.len() as u64;
             let mut staged = self.pipeline.stage_emission(chunk)?;
             let records = std::mem::take(&mut staged.records);
+            self.emission_chunks += 1;
+            if self.opts.fault == Some(FaultPoint::BeforeBillsProduced(self.emission_chunks)) {
+                self.txn.as_ref().expect("transactions on").produce_changelog_only(&records).await;
+                self.pipeline.abandon(staged);
+                return Ok(true);
+            }
             if records.is_empty() || self.deliver(&records, &BTreeMap::new()).await? {
                 self.pipeline.apply(staged)?;
                 self.summary.bills_emitted += bills;
@@ -945,7 +965,7 @@ impl Worker {
                 break;
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Produces a staged batch's records in one transaction with the group
