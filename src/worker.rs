@@ -221,6 +221,8 @@ pub struct Restorer {
     unclean: bool,
     /// Partitions restored since this worker started.
     restored: Mutex<BTreeSet<i32>>,
+    /// How long a changelog read may see nothing ([`kafka::restore_patience`]).
+    patience: Duration,
 }
 
 impl Restorer {
@@ -268,7 +270,7 @@ impl Restorer {
         };
         let cut = if self.transactions { Some(known.unwrap_or(0)) } else { committed };
         let mut restore = crate::changelog::Restore::up_to(cut);
-        let read = kafka::read_partition(&self.changelog, &self.topic, partition, 0, Duration::from_secs(30), |m| {
+        let read = kafka::read_partition(&self.changelog, &self.topic, partition, 0, self.patience, |m| {
             let next_offset = m
                 .headers()
                 .and_then(|h| h.iter().find(|x| x.key == crate::changelog::NEXT_OFFSET))
@@ -290,7 +292,12 @@ impl Restorer {
         self.metrics.restore_records.with_label_values(&[&label]).inc_by(records);
         self.metrics.restore_bytes.with_label_values(&[&label]).inc_by(bytes);
         if !reached {
-            tracing::warn!(partition, records, "the changelog partition was not read to its end (no record for 30 s); keeping the stored state, the partition resumes from it");
+            tracing::error!(
+                partition,
+                records,
+                patience_secs = self.patience.as_secs(),
+                "the changelog partition was not read to its end (no record within the patience); keeping the stored state, the partition resumes from it (with an empty store: from the input's beginning, and bill revisions restart); check the broker and the changelog topic"
+            );
             return Ok(None);
         }
         let restored = restore.finish();
@@ -602,6 +609,7 @@ impl Worker {
             transactions: k.transactions,
             unclean: k.transactions && unclean,
             restored: Mutex::default(),
+            patience: kafka::restore_patience(k),
         };
         let ctx = StoreOffsets { store: store.clone(), topic: k.input_topic.clone(), ownership: ownership.clone(), restorer };
         let clients = kafka::worker_clients(k, ctx).await?;

@@ -156,15 +156,22 @@ pub fn unfinished(table: &BillTable, expected: &BTreeMap<String, Bill>) -> Vec<S
 
 /// Waits until the output topic holds every expected bill, closed (final or restated).
 pub async fn wait_for_closed_bills(cfg: &Config, expected: &BTreeMap<String, Bill>, timeout: Duration) {
+    if let Err(why) = closed_bills_within(cfg, expected, timeout).await {
+        panic!("{why}");
+    }
+}
+
+/// [`wait_for_closed_bills`], returning what is missing instead of panicking.
+pub async fn closed_bills_within(cfg: &Config, expected: &BTreeMap<String, Bill>, timeout: Duration) -> Result<(), String> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let left = unfinished(&read_bills(cfg, &cfg.kafka.output_topic), expected);
         if left.is_empty() {
-            return;
+            return Ok(());
         }
         if std::time::Instant::now() > deadline {
             let first: Vec<&String> = left.iter().take(10).collect();
-            panic!("{} bills not final and equal to the core's after {timeout:?}; first: {first:?}", left.len());
+            return Err(format!("{} bills not final and equal to the core's after {timeout:?}; first: {first:?}", left.len()));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -219,9 +226,16 @@ pub async fn run_live_until_done(cfg: &Config, expected: &BTreeMap<String, Bill>
         })
         .await
     });
-    wait_for_closed_bills(cfg, expected, Duration::from_secs(90)).await;
+    let waited = closed_bills_within(cfg, expected, Duration::from_secs(90)).await;
+    // Stopped before any panic: a worker left running past the test's end
+    // outlives the mock cluster and its clients' close then waits on a
+    // broker that is gone (the test hangs instead of failing).
     tx.send(()).unwrap();
-    handle.await.unwrap().unwrap()
+    let summary = tokio::time::timeout(Duration::from_secs(120), handle).await;
+    if let Err(why) = waited {
+        panic!("{why}");
+    }
+    summary.expect("the worker stopped within 120 s of its shutdown").unwrap().unwrap()
 }
 
 /// Messages the group has committed, summed over the input's partitions.
