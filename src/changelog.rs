@@ -192,8 +192,8 @@ impl Restore {
     /// bills, then the states again as confirmation. A broker that shows
     /// records of open or aborted transactions (the mock cluster, tansu) may
     /// show a state whose bill never reached the output topic: such a state
-    /// only raises the revision; the bill is sent again
-    /// ([`Restored::bills`]).
+    /// is kept with its hash marked ([`crate::pipeline::policy::UNCONFIRMED_MARK`]),
+    /// so that the bill is sent again above its revision.
     pub fn offer_bill(&mut self, next_offset: i64, change: Change, bytes: usize, confirmed: bool) {
         self.records += 1;
         self.bytes += bytes as u64;
@@ -258,17 +258,17 @@ impl Restore {
     }
 }
 
-/// What is known of a bill whose state was seen but not confirmed: its
-/// revision was maybe seen by readers, its content maybe not. The revision
-/// stays (the next one is above it); the content hash is cleared, so the
-/// bill is sent again when its month is recomputed; a `final` one counts as
-/// not yet final (the bill before it was provisional, or there was none),
-/// so the bill sent again is `final`, not `restated`. `provisional` and
-/// `restated` stay as they are: the bill before them had that status or,
-/// for `restated`, was final.
+/// A bill state seen but not confirmed: its bill may or may not have
+/// reached the output topic. It stays as it is (the next revision is above
+/// it, a final one stays final), its hash marked so that the bill is sent
+/// again when its month is recomputed, changed or not
+/// ([`crate::pipeline::policy::next_record`]).
 fn unconfirmed(s: BillState) -> BillState {
-    let status = if s.status == crate::billing::BillStatus::Final { crate::billing::BillStatus::Provisional } else { s.status };
-    BillState { status, content_hash: String::new(), ..s }
+    use crate::pipeline::policy::UNCONFIRMED_MARK;
+    if s.content_hash.starts_with(UNCONFIRMED_MARK) {
+        return s;
+    }
+    BillState { content_hash: format!("{UNCONFIRMED_MARK}{}", s.content_hash), ..s }
 }
 
 impl Restored {
@@ -309,6 +309,11 @@ impl Restored {
         for ((a, m, s), held) in r.bills.iter().zip(store.bill_state_many(&keys)?) {
             if held.is_none_or(|h| h.revision < s.revision) {
                 b.put_bill_state(a, *m, s);
+                // Recomputed (and so sent again) even without restored usage;
+                // a month without usage computes no bill and keeps the state.
+                if s.content_hash.starts_with(crate::pipeline::policy::UNCONFIRMED_MARK) {
+                    b.mark_dirty(a, *m, partition);
+                }
             }
         }
         if let Some(pos) = r.position {
@@ -385,14 +390,13 @@ mod tests {
         assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![3])]);
     }
 
-    /// A writer died in the middle of a bill chunk: March's state was
-    /// produced before its bill (unconfirmed) and never confirmed; April's
-    /// was confirmed. March keeps its revision, loses its content hash (so
-    /// its bill is sent again) and, as a final bill whose bill before it was
-    /// provisional, counts as provisional (so the bill sent again is final,
-    /// not restated). A restated one keeps its status.
+    /// A writer died in the middle of a bill chunk: March's and April's
+    /// states were produced before their bills (unconfirmed) and never
+    /// confirmed; their earlier revisions were. Each keeps its revision and
+    /// status, its hash marked: its bill is sent again, changed or not, and
+    /// a final one stays final (a reader may have seen it).
     #[test]
-    fn a_bill_state_produced_before_its_bill_and_not_confirmed_only_raises_the_revision() {
+    fn a_bill_state_produced_before_its_bill_and_not_confirmed_is_sent_again() {
         const APRIL: Month = Month { year: 2021, month: 4 };
         let b = |month: Month, revision: u64, status: BillStatus| Change::Bill {
             account: "A".into(),
@@ -402,8 +406,8 @@ mod tests {
         let mut r = Restore::default();
         r.offer_bill(10, b(MARCH, 1, BillStatus::Provisional), 1, false);
         r.offer_bill(10, b(MARCH, 1, BillStatus::Provisional), 1, true);
-        r.offer_bill(10, b(APRIL, 2, BillStatus::Restated), 1, false);
-        r.offer_bill(10, b(APRIL, 2, BillStatus::Restated), 1, true);
+        r.offer_bill(10, b(APRIL, 2, BillStatus::Final), 1, false);
+        r.offer_bill(10, b(APRIL, 2, BillStatus::Final), 1, true);
         // The dying writer's chunk: both unconfirmed.
         r.offer_bill(20, b(MARCH, 2, BillStatus::Final), 1, false);
         r.offer_bill(20, b(APRIL, 3, BillStatus::Restated), 1, false);
@@ -414,17 +418,18 @@ mod tests {
         assert_eq!(
             done.bills,
             vec![
-                ("A".to_string(), MARCH, state(2, BillStatus::Provisional, "")),
-                ("A".to_string(), APRIL, state(3, BillStatus::Restated, "")),
+                ("A".to_string(), MARCH, state(2, BillStatus::Final, "?h2")),
+                ("A".to_string(), APRIL, state(3, BillStatus::Restated, "?h3")),
             ]
         );
-        // What the next owner sends: March final at revision 3, April
-        // restated at revision 4, whatever their content.
+        // What the next owner sends for the same content: March final at
+        // revision 3 (even if it does not see the month closed yet), April
+        // restated at revision 4.
         use crate::pipeline::policy::{next_record, Emitted};
         fn emitted(s: &BillState) -> Option<Emitted<'_>> {
             Some(Emitted { revision: s.revision, status: s.status, content_hash: &s.content_hash })
         }
-        assert_eq!(next_record(emitted(&done.bills[0].2), "h2", true), Some((3, BillStatus::Final)));
+        assert_eq!(next_record(emitted(&done.bills[0].2), "h2", false), Some((3, BillStatus::Final)));
         assert_eq!(next_record(emitted(&done.bills[1].2), "h3", true), Some((4, BillStatus::Restated)));
     }
 
@@ -448,14 +453,10 @@ mod tests {
         r.offer_bill(10, b("a"), 1, true);
         r.offer_bill(10, b("b"), 1, false);
         assert_eq!(hash_of(r), "a");
-        // Unconfirmed states lose their hash; the status shows which was kept.
         let mut r = Restore::default();
         r.offer_bill(10, b("a"), 1, false);
-        let Change::Bill { account, month, mut state } = b("b") else { unreachable!() };
-        state.status = BillStatus::Restated;
-        r.offer_bill(10, Change::Bill { account, month, state }, 1, false);
-        let kept = r.finish().bills[0].2.clone();
-        assert_eq!((kept.status, kept.content_hash.as_str()), (BillStatus::Restated, ""));
+        r.offer_bill(10, b("b"), 1, false);
+        assert_eq!(hash_of(r), "?b");
     }
 
     /// A transaction that wrote offsets 20..30 did not commit (the group's

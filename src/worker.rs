@@ -958,8 +958,8 @@ impl Worker {
             let bills = chunk.records.len() as u64;
             let mut staged = self.pipeline.stage_emission(chunk)?;
             let records = std::mem::take(&mut staged.records);
-            self.emission_chunks += 1;
-            if self.opts.fault == Some(FaultPoint::BeforeBillsProduced(self.emission_chunks)) {
+            self.emission_chunks += u64::from(!records.is_empty());
+            if !records.is_empty() && self.opts.fault == Some(FaultPoint::BeforeBillsProduced(self.emission_chunks)) {
                 self.txn.as_ref().expect("transactions on").produce_changelog_only(&records).await;
                 self.pipeline.abandon(staged);
                 return Ok(true);

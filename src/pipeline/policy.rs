@@ -60,19 +60,33 @@ pub struct Emitted<'a> {
 /// content after it was final (or restated) makes it `restated`. A bill
 /// never goes back to `provisional`. Revisions start at 1 and grow by 1 per
 /// emitted record.
+///
+/// A previous record whose hash starts with [`UNCONFIRMED_MARK`] may never
+/// have reached the output topic (a state restored unconfirmed, see
+/// `changelog::Restore::offer_bill`): it is judged as that record (its
+/// status, the hash after the mark), and sent again even when nothing
+/// changed.
 pub fn next_record(prev: Option<Emitted<'_>>, content_hash: &str, closed: bool) -> Option<(u64, BillStatus)> {
+    let (prev_hash, unconfirmed) = match prev.map(|p| p.content_hash) {
+        Some(h) => h.strip_prefix(UNCONFIRMED_MARK).map_or((Some(h), false), |h| (Some(h), true)),
+        None => (None, false),
+    };
     let status = match prev {
         None | Some(Emitted { status: BillStatus::Provisional, .. }) if closed => BillStatus::Final,
         None | Some(Emitted { status: BillStatus::Provisional, .. }) => BillStatus::Provisional,
-        Some(p) if p.content_hash != content_hash => BillStatus::Restated,
+        Some(_) if prev_hash != Some(content_hash) => BillStatus::Restated,
         Some(p) => p.status,
     };
     match prev {
-        Some(p) if p.content_hash == content_hash && p.status == status => None,
+        Some(p) if prev_hash == Some(content_hash) && p.status == status && !unconfirmed => None,
         Some(p) => Some((p.revision + 1, status)),
         None => Some((1, status)),
     }
 }
+
+/// Prefix of a bill state's content hash: the record may not have reached
+/// the output topic, send it again ([`next_record`]). Content hashes are hex.
+pub const UNCONFIRMED_MARK: &str = "?";
 
 #[cfg(test)]
 mod tests {
@@ -102,6 +116,14 @@ mod tests {
         check_next(Some((3, Restated, "b")), "b", true, None);
         check_next(Some((3, Restated, "b")), "c", true, Some((4, Restated)));
         check_next(Some((3, Restated, "b")), "a", false, Some((4, Restated)));
+        // Unconfirmed (maybe never seen): sent again, unchanged or not; a
+        // final one stays final unless its content changed.
+        check_next(Some((1, Provisional, "?a")), "a", false, Some((2, Provisional)));
+        check_next(Some((1, Provisional, "?a")), "a", true, Some((2, Final)));
+        check_next(Some((2, Final, "?a")), "a", false, Some((3, Final)));
+        check_next(Some((2, Final, "?a")), "a", true, Some((3, Final)));
+        check_next(Some((2, Final, "?a")), "b", true, Some((3, Restated)));
+        check_next(Some((3, Restated, "?b")), "b", true, Some((4, Restated)));
     }
 
     fn check_watermark(c: PartitionClock, now: i64, force_idle: bool, expect: Option<i64>) {
