@@ -86,28 +86,6 @@ fn err(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> Ka
     move |source| KafkaSetupError::Client { what, source }
 }
 
-/// The transactional producer's `transaction.timeout.ms` unless
-/// `kafka.properties` sets it: how long the broker keeps a dead writer's
-/// transaction open before it aborts it.
-pub const TRANSACTION_TIMEOUT_MS: u64 = 60_000;
-
-/// How long a changelog read may see no record before the restore gives
-/// up. With transactions, a read_committed reader stops at the first open
-/// transaction until the broker ends it, and a writer killed in the middle
-/// of one (or paused and replaced) leaves it open for up to the transaction
-/// timeout; the restore waits that long and 15 s more, so that a worker
-/// taking over a partition early (a session timeout shorter than the
-/// transaction timeout) still reads its changelog to the end. Without
-/// transactions nothing holds a reader back: 30 s.
-pub fn restore_patience(k: &KafkaConfig) -> Duration {
-    let idle = Duration::from_secs(30);
-    if !k.transactions {
-        return idle;
-    }
-    let timeout = k.properties.get("transaction.timeout.ms").and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(TRANSACTION_TIMEOUT_MS);
-    idle.max(Duration::from_millis(timeout) + Duration::from_secs(15))
-}
-
 /// Settings of every gatebill producer: idempotent, acks=all, lz4.
 const PRODUCER: [(&str, &str); 5] =
     [("enable.idempotence", "true"), ("acks", "all"), ("compression.type", "lz4"), ("linger.ms", "5"), ("message.timeout.ms", "30000")];
@@ -568,8 +546,7 @@ impl Transactional {
     /// the broker: `init_transactions` fences any earlier producer with the
     /// same id and aborts its open transaction.
     pub async fn start(k: &KafkaConfig, id: &str) -> Result<Transactional, KafkaSetupError> {
-        let timeout = TRANSACTION_TIMEOUT_MS.to_string();
-        let mut own = vec![("transactional.id", id), ("transaction.timeout.ms", timeout.as_str())];
+        let mut own = vec![("transactional.id", id), ("transaction.timeout.ms", "60000")];
         own.extend(PRODUCER);
         let producer: FutureProducer = client_config(k, &own).create().map_err(err("creating the transactional producer"))?;
         let p = producer.clone();
@@ -710,23 +687,5 @@ impl Transactional {
                 Err(e) => return TxnError::Unusable(format!("{why}; then abort: {e}")),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_restore_waits_out_a_dead_writers_open_transaction() {
-        let mut k = KafkaConfig::default();
-        assert_eq!(restore_patience(&k), Duration::from_secs(75));
-        k.properties.insert("transaction.timeout.ms".into(), "120000".into());
-        assert_eq!(restore_patience(&k), Duration::from_secs(135));
-        k.properties.insert("transaction.timeout.ms".into(), "5000".into());
-        assert_eq!(restore_patience(&k), Duration::from_secs(30));
-        k.transactions = false;
-        k.properties.clear();
-        assert_eq!(restore_patience(&k), Duration::from_secs(30));
     }
 }

@@ -200,6 +200,17 @@ pub struct StoreOffsets {
     restorer: Restorer,
 }
 
+/// How long a restore's changelog read may see no record before it gives
+/// up. It runs inside the rebalance callback, once per partition assigned,
+/// so it is kept short. A read_committed reader also stops at a dead
+/// writer's open transaction until the broker aborts it (at the writer's
+/// `transaction.timeout.ms`, 60 s): a takeover sooner than 30 s before that
+/// (a `session.timeout.ms` below 30 s) can stop short (README, Scaling).
+/// Waiting the transaction timeout out instead made a resumed zombie on
+/// tansu, whose own open transaction held its restore, stop too late to
+/// learn it was fenced (tests/zombie.rs).
+const RESTORE_PATIENCE: Duration = Duration::from_secs(30);
+
 /// Brings a partition assigned to this worker up to the state its last
 /// owner left in the changelog ([`crate::changelog`]).
 pub struct Restorer {
@@ -221,7 +232,7 @@ pub struct Restorer {
     unclean: bool,
     /// Partitions restored since this worker started.
     restored: Mutex<BTreeSet<i32>>,
-    /// How long a changelog read may see nothing ([`kafka::restore_patience`]).
+    /// How long a changelog read may see nothing ([`RESTORE_PATIENCE`]).
     patience: Duration,
 }
 
@@ -609,7 +620,7 @@ impl Worker {
             transactions: k.transactions,
             unclean: k.transactions && unclean,
             restored: Mutex::default(),
-            patience: kafka::restore_patience(k),
+            patience: RESTORE_PATIENCE,
         };
         let ctx = StoreOffsets { store: store.clone(), topic: k.input_topic.clone(), ownership: ownership.clone(), restorer };
         let clients = kafka::worker_clients(k, ctx).await?;
