@@ -14,7 +14,7 @@
 //! | --- | --- | --- |
 //! | `u` + account-month | the month's usage, absolute (encoded `MonthUsage`) | the record with the highest `next_offset` header at most the last `o` |
 //! | `d` + hour + batch offset | reset flag, last offset, topic hash, the hashes the batch added | every one, in order (a reset empties the bucket first) |
-//! | `b` + account-month | the last emitted bill state | the highest revision; its content only if confirmed ([`Restore::offer_bill`]) |
+//! | `b` + account-month | the last emitted bill state | the highest revision, marked to be sent again if unconfirmed ([`Restore::offer_bill`]) |
 //! | `o` | next offset and watermark of the input partition | the highest next offset |
 //!
 //! Every record carries the header [`NEXT_OFFSET`]: the input partition's
@@ -38,7 +38,7 @@ use std::collections::BTreeMap;
 pub const NEXT_OFFSET: &str = "gatebill.next_offset";
 
 /// Header of a bill state produced before its bill (see
-/// [`Restore::offer`]): the bill may not have reached the output topic.
+/// [`Restore::offer_bill`]): the bill may not have reached the output topic.
 /// The same record without it, produced after the bill was acknowledged,
 /// confirms it.
 pub const UNCONFIRMED: &str = "gatebill.unconfirmed";

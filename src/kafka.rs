@@ -582,7 +582,7 @@ impl Transactional {
         }
         let (first, then): (Vec<&OutboxRecord>, Vec<&OutboxRecord>) = records.iter().partition(|r| r.topic == self.changelog_topic);
         let confirm: Vec<&OutboxRecord> = first.iter().copied().filter(|r| crate::changelog::is_bill_state(r.key.as_deref())).collect();
-        let mut delivered = self.produce_marked(&first, !confirm.is_empty()).await;
+        let mut delivered = self.produce_marked(&first, true).await;
         if delivered == first.len() {
             delivered += self.produce(&then).await;
         }
@@ -646,8 +646,7 @@ impl Transactional {
     pub async fn produce_changelog_only(&self, records: &[OutboxRecord]) {
         if self.producer.begin_transaction().is_ok() {
             let first: Vec<&OutboxRecord> = records.iter().filter(|r| r.topic == self.changelog_topic).collect();
-            let bills = first.iter().any(|r| crate::changelog::is_bill_state(r.key.as_deref()));
-            self.produce_marked(&first, bills).await;
+            self.produce_marked(&first, true).await;
         }
     }
 

@@ -232,8 +232,6 @@ pub struct Restorer {
     unclean: bool,
     /// Partitions restored since this worker started.
     restored: Mutex<BTreeSet<i32>>,
-    /// How long a changelog read may see nothing ([`RESTORE_PATIENCE`]).
-    patience: Duration,
 }
 
 impl Restorer {
@@ -281,7 +279,7 @@ impl Restorer {
         };
         let cut = if self.transactions { Some(known.unwrap_or(0)) } else { committed };
         let mut restore = crate::changelog::Restore::up_to(cut);
-        let read = kafka::read_partition(&self.changelog, &self.topic, partition, 0, self.patience, |m| {
+        let read = kafka::read_partition(&self.changelog, &self.topic, partition, 0, RESTORE_PATIENCE, |m| {
             let next_offset = m
                 .headers()
                 .and_then(|h| h.iter().find(|x| x.key == crate::changelog::NEXT_OFFSET))
@@ -306,7 +304,7 @@ impl Restorer {
             tracing::error!(
                 partition,
                 records,
-                patience_secs = self.patience.as_secs(),
+                patience_secs = RESTORE_PATIENCE.as_secs(),
                 "the changelog partition was not read to its end (no record within the patience); keeping the stored state, the partition resumes from it (with an empty store: from the input's beginning, and bill revisions restart); check the broker and the changelog topic"
             );
             return Ok(None);
@@ -620,7 +618,6 @@ impl Worker {
             transactions: k.transactions,
             unclean: k.transactions && unclean,
             restored: Mutex::default(),
-            patience: RESTORE_PATIENCE,
         };
         let ctx = StoreOffsets { store: store.clone(), topic: k.input_topic.clone(), ownership: ownership.clone(), restorer };
         let clients = kafka::worker_clients(k, ctx).await?;
