@@ -171,10 +171,89 @@ pub async fn closed_bills_within(cfg: &Config, expected: &BTreeMap<String, Bill>
         }
         if std::time::Instant::now() > deadline {
             let first: Vec<&String> = left.iter().take(10).collect();
-            return Err(format!("{} bills not final and equal to the core's after {timeout:?}; first: {first:?}", left.len()));
+            let keys: Vec<&str> = left.iter().take(3).filter_map(|l| l.split(':').next()).collect();
+            return Err(format!(
+                "{} bills not final and equal to the core's after {timeout:?}; first: {first:?}\n{}{}",
+                left.len(),
+                history(cfg, &keys),
+                keep_logs(cfg)
+            ));
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Every output record and changelog record of `keys` (`account/YYYY-MM`),
+/// in log order: what a failure needs to tell a lost update from a
+/// collision of two writers.
+pub fn history(cfg: &Config, keys: &[&str]) -> String {
+    use gatebill::changelog::{Change, NEXT_OFFSET, UNCONFIRMED};
+    let mut out = String::new();
+    let read = |topic: &str, f: &mut dyn FnMut(&rdkafka::message::BorrowedMessage<'_>)| {
+        let consumer = gatebill::kafka::plain_consumer(&cfg.kafka, "probe-history").unwrap();
+        let (ends, _) =
+            gatebill::kafka::assign_to_end(&consumer, topic, |_, low, _| Ok::<_, gatebill::kafka::KafkaSetupError>(low)).unwrap();
+        gatebill::kafka::read_to_end(&consumer, ends, Duration::from_secs(10), |m| {
+            f(m);
+            Ok::<_, std::convert::Infallible>(())
+        })
+        .unwrap();
+    };
+    read(&cfg.kafka.output_topic, &mut |m| {
+        let Ok(r) = serde_json::from_slice::<BillRecord>(m.payload().unwrap_or_default()) else { return };
+        if keys.contains(&r.key().as_str()) {
+            out += &format!(
+                "  output p{}@{}: {} revision {} {:?}, {} calls\n",
+                m.partition(),
+                m.offset(),
+                r.key(),
+                r.revision,
+                r.status,
+                r.content.usage.calls
+            );
+        }
+    });
+    read(&cfg.kafka.changelog_topic, &mut |m| {
+        let (Some(k), Some(v)) = (m.key(), m.payload()) else { return };
+        let Ok(change) = Change::decode(k, v) else { return };
+        let header = |name: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == name))
+                .map(|x| String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())
+        };
+        let next = header(NEXT_OFFSET).unwrap_or_default();
+        let unconfirmed = if header(UNCONFIRMED).is_some() { " unconfirmed" } else { "" };
+        let what = match &change {
+            Change::Usage { account, month, usage } if keys.contains(&format!("{account}/{month}").as_str()) => format!(
+                "{account}/{month} usage {} calls",
+                gatebill::billing::usage::MonthUsage::decode(usage).map(|u| u.calls()).unwrap_or_default()
+            ),
+            Change::Bill { account, month, state } if keys.contains(&format!("{account}/{month}").as_str()) => {
+                format!("{account}/{month} bill state revision {} {:?}{unconfirmed}", state.revision, state.status)
+            }
+            _ => return,
+        };
+        out += &format!("  changelog p{}@{} next {next}: {what}\n", m.partition(), m.offset());
+    });
+    out
+}
+
+/// Copies the worker logs next to `cfg`'s state directory (the test's
+/// temporary directory, deleted when it panics) to a directory that stays,
+/// and says where.
+pub fn keep_logs(cfg: &Config) -> String {
+    let Some(dir) = cfg.worker.state_dir.parent() else { return String::new() };
+    let keep = std::env::temp_dir().join(format!("gatebill-failed-{}", std::process::id()));
+    let mut kept = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") && std::fs::create_dir_all(&keep).is_ok() {
+            kept += usize::from(std::fs::copy(e.path(), keep.join(e.file_name())).is_ok());
+        }
+    }
+    if kept == 0 {
+        return String::new();
+    }
+    format!("worker logs kept in {}", keep.display())
 }
 
 /// Asserts the topic's bills are exactly the core's.
