@@ -152,6 +152,8 @@ pub struct Restore {
     /// Records of batches past this input offset are ignored (see
     /// [`Restore::up_to`]).
     cut: Option<i64>,
+    /// Only bill states are kept ([`Restore::bills_only`]).
+    bills_only: bool,
     /// Records read.
     pub records: u64,
     /// Bytes of keys and values read.
@@ -169,6 +171,10 @@ pub struct Restored {
     pub dedupe: Vec<Change>,
     /// The last bill per account-month.
     pub bills: Vec<(String, Month, BillState)>,
+    /// The changelog partition's end offset the read reached: the next
+    /// restore of a store that keeps its own state reads bill states from
+    /// there ([`Store::changelog_seen`]).
+    pub changelog_end: Option<i64>,
 }
 
 impl Restore {
@@ -178,6 +184,15 @@ impl Restore {
     /// delivers aborted data (tansu 0.6, the mock cluster) shows anyway.
     pub fn up_to(committed: Option<i64>) -> Restore {
         Restore { cut: committed, ..Restore::default() }
+    }
+
+    /// A restore that keeps only bill states: for a worker whose own state
+    /// of the partition is at least as far as the group's committed offset
+    /// (it keeps its usage, dedupe buckets and position) but which must not
+    /// send a revision another owner sent while it did not own the
+    /// partition.
+    pub fn bills_only() -> Restore {
+        Restore { bills_only: true, ..Restore::default() }
     }
 
     /// Takes the next record of the partition's changelog, in log order.
@@ -200,7 +215,8 @@ impl Restore {
         // Bill states are exempt: they only raise revisions, and a bill
         // record a broker delivered from an uncommitted transaction was
         // seen by readers too, so the next revision must be above it.
-        if self.cut.is_some_and(|c| next_offset > c) && !matches!(change, Change::Bill { .. }) {
+        let bill = matches!(change, Change::Bill { .. });
+        if !bill && (self.bills_only || self.cut.is_some_and(|c| next_offset > c)) {
             return;
         }
         match change {
@@ -254,6 +270,7 @@ impl Restore {
                 .collect(),
             dedupe: self.dedupe.into_iter().filter(|(o, _)| *o <= upto).map(|(_, c)| c).collect(),
             bills,
+            changelog_end: None,
         }
     }
 }
@@ -309,12 +326,16 @@ impl Restored {
         for ((a, m, s), held) in r.bills.iter().zip(store.bill_state_many(&keys)?) {
             if held.is_none_or(|h| h.revision < s.revision) {
                 b.put_bill_state(a, *m, s);
-                // Recomputed (and so sent again) even without restored usage;
-                // a month without usage computes no bill and keeps the state.
-                if s.content_hash.starts_with(crate::pipeline::policy::UNCONFIRMED_MARK) {
-                    b.mark_dirty(a, *m, partition);
-                }
+                // Recomputed even without restored usage: the record another
+                // worker sent shows its state, not necessarily this store's
+                // (a next revision follows when they differ; an unconfirmed
+                // one is sent again either way). A month without usage
+                // computes no bill and keeps the state.
+                b.mark_dirty(a, *m, partition);
             }
+        }
+        if let Some(end) = r.changelog_end {
+            b.put_changelog_seen(partition, end);
         }
         if let Some(pos) = r.position {
             if store.partition(input_topic, partition)?.is_none_or(|held| held.next_offset < pos.next_offset) {
@@ -457,6 +478,47 @@ mod tests {
         r.offer_bill(10, b("a"), 1, false);
         r.offer_bill(10, b("b"), 1, false);
         assert_eq!(hash_of(r), "?b");
+    }
+
+    /// A worker gets a partition back whose stored state is at least as far
+    /// as the group's committed offset (a broker that does not store
+    /// transactional offset commits can show one behind what the other
+    /// owner did): it keeps its usage and position and takes only the bill
+    /// states that raise its revisions, their months marked to be
+    /// recomputed, and how far it has now seen the changelog.
+    #[test]
+    fn a_store_that_keeps_its_own_state_takes_only_bill_states_that_raise_its_revisions() {
+        const APRIL: Month = Month { year: 2021, month: 4 };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let state = |revision, hash: &str| BillState { revision, status: BillStatus::Provisional, content_hash: hash.into(), partition: 2 };
+        let mut b = store.batch();
+        b.put_usage_encoded("A", MARCH, &[7]);
+        b.put_partition("in", 2, PartitionState { next_offset: 238, watermark_ms: 1 });
+        b.put_bill_state("A", MARCH, &state(1, "mine"));
+        b.put_bill_state("A", APRIL, &state(3, "mine"));
+        store.write(b).unwrap();
+
+        let mut r = Restore::bills_only();
+        r.offer(400, Change::Usage { account: "A".into(), month: MARCH, usage: vec![9] }, 1);
+        r.offer(400, Change::Position(PartitionState { next_offset: 400, watermark_ms: 2 }), 1);
+        r.offer(400, Change::Dedupe { hour: 1, last_offset: 399, reset: true, topic: 1, hashes: vec![2; 16] }, 1);
+        r.offer(27, Change::Bill { account: "A".into(), month: MARCH, state: state(2, "theirs") }, 1);
+        r.offer(27, Change::Bill { account: "A".into(), month: APRIL, state: state(2, "theirs") }, 1);
+        let mut done = r.finish();
+        assert_eq!((done.position, done.usage.len(), done.dedupe.len()), (None, 0, 0));
+        done.changelog_end = Some(500);
+        done.write(&store, "in", 2, false).unwrap();
+
+        assert_eq!(store.partition("in", 2).unwrap().unwrap().next_offset, 238);
+        assert_eq!(store.usage_raw_many(&[("A", MARCH)]).unwrap(), vec![Some(vec![7])]);
+        assert_eq!(store.dedupe_index(2).unwrap().len(), 0);
+        assert_eq!(
+            store.bill_states().unwrap(),
+            vec![("A".to_string(), MARCH, state(2, "theirs")), ("A".to_string(), APRIL, state(3, "mine"))]
+        );
+        assert_eq!(store.dirty().unwrap(), vec![("A".to_string(), MARCH, 2)], "only the raised month is recomputed");
+        assert_eq!(store.changelog_seen(2).unwrap(), Some(500));
     }
 
     /// A transaction that wrote offsets 20..30 did not commit (the group's

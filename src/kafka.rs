@@ -271,9 +271,9 @@ pub fn read_to_end<E>(
 /// Reads one partition of `topic` from `from` (never below its log start)
 /// to the end offset seen now, handing each message to `f`; stops early
 /// when no message came for `idle`. Returns the messages read (every one
-/// counted: some brokers report ends early) and whether the end was
-/// reached. The end is judged by the consumer's position too, so a log that
-/// ends in a transaction marker is read to its end.
+/// counted: some brokers report ends early) and, when it was reached, that
+/// end offset. The end is judged by the consumer's position too, so a log
+/// that ends in a transaction marker is read to its end.
 pub fn read_partition<E>(
     consumer: &BaseConsumer,
     topic: &str,
@@ -281,7 +281,7 @@ pub fn read_partition<E>(
     from: i64,
     idle: Duration,
     mut f: impl FnMut(&BorrowedMessage<'_>) -> Result<(), E>,
-) -> Result<(u64, bool), E>
+) -> Result<(u64, Option<i64>), E>
 where
     E: From<KafkaSetupError>,
 {
@@ -290,7 +290,7 @@ where
         .map_err(err(format!("reading the end of {topic}/{partition}")))?;
     let from = from.max(low);
     if from >= high {
-        return Ok((0, true));
+        return Ok((0, Some(high)));
     }
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(from)).expect("a valid offset");
@@ -325,7 +325,7 @@ where
         }
     };
     let _ = consumer.unassign();
-    Ok((read, done))
+    Ok((read, done.then_some(high)))
 }
 
 /// Makes sure the five topics exist: creates the missing ones (accounts,

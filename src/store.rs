@@ -268,6 +268,10 @@ pub fn parse_account_month_key(k: &[u8]) -> Option<(String, Month)> {
     Some((account, Month::from_ordinal(ord)))
 }
 
+/// The `offsets` entries of [`Store::changelog_seen`]: a name no Kafka
+/// topic can have (`#` is not allowed in topic names).
+const CHANGELOG_SEEN: &str = "#changelog-seen";
+
 fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
     let mut k = topic.as_bytes().to_vec();
     k.push(0);
@@ -509,6 +513,14 @@ impl Store {
     pub fn partition(&self, topic: &str, partition: i32) -> Result<Option<PartitionState>, StoreError> {
         let v = self.db.get_cf(self.cf(cf::OFFSETS), offset_key(topic, partition))?;
         v.map(|v| decode_partition_state(&v)).transpose()
+    }
+
+    /// How far this store has seen changelog partition `partition`: the end
+    /// offset of the last restore's read, or the partition's end when the
+    /// worker last gave it up (see `worker::Restorer`). Bill states past it
+    /// are another worker's.
+    pub fn changelog_seen(&self, partition: i32) -> Result<Option<i64>, StoreError> {
+        Ok(self.partition(CHANGELOG_SEEN, partition)?.map(|s| s.next_offset))
     }
 
     /// Every partition of `topic` this store has processed.
@@ -842,6 +854,12 @@ impl Batch<'_> {
     pub fn delete_dedupe(&mut self, partition: i32, hour: i64) {
         self.wb.delete_cf(self.store.cf(cf::DEDUPE), dedupe_key(partition, hour));
         self.wb.delete_cf(self.store.cf(cf::DEDUPE_INDEX), dedupe_key(partition, hour));
+    }
+
+    /// Sets how far this store has seen a changelog partition
+    /// ([`Store::changelog_seen`]).
+    pub fn put_changelog_seen(&mut self, partition: i32, end: i64) {
+        self.put_partition(CHANGELOG_SEEN, partition, PartitionState { next_offset: end, watermark_ms: 0 });
     }
 
     /// Sets where a partition stands.

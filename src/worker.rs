@@ -18,7 +18,7 @@ use crate::pipeline::{now_ms, InputMessage, Pipeline, Settings};
 use crate::store::{Store, StoreError};
 use futures_util::StreamExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -257,11 +257,20 @@ impl Restorer {
             }
         };
         let first_since_unclean_stop = self.unclean && self.restored.lock().expect("not poisoned").insert(partition);
-        match (local, committed) {
-            _ if first_since_unclean_stop => {}
-            (Some(l), Some(c)) if c <= l => return Ok(None),
-            (Some(_), None) => return Ok(None),
-            _ => {}
+        // The stored state is at least as far as the group's: kept, but the
+        // bill states another owner wrote since this store last saw the
+        // changelog are read, so that no revision it sent is sent again
+        // with other content (a broker that does not store transactional
+        // offset commits, like the mock cluster, can show a committed
+        // offset behind what the other owner processed).
+        let keep_own = match (local, committed) {
+            _ if first_since_unclean_stop => false,
+            (Some(l), Some(c)) => c <= l,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if keep_own {
+            return self.raise_bill_states(store, input_topic, partition);
         }
         let started = Instant::now();
         self.metrics.partitions_restoring.inc();
@@ -280,27 +289,15 @@ impl Restorer {
         let cut = if self.transactions { Some(known.unwrap_or(0)) } else { committed };
         let mut restore = crate::changelog::Restore::up_to(cut);
         let read = kafka::read_partition(&self.changelog, &self.topic, partition, 0, RESTORE_PATIENCE, |m| {
-            let next_offset = m
-                .headers()
-                .and_then(|h| h.iter().find(|x| x.key == crate::changelog::NEXT_OFFSET))
-                .and_then(|x| std::str::from_utf8(x.value?).ok()?.parse::<i64>().ok());
-            let (Some(next_offset), Some(key), Some(value)) = (next_offset, m.key(), m.payload()) else {
-                tracing::warn!(partition, offset = m.offset(), "changelog record without key, value or next-offset header; skipped");
-                return Ok::<_, WorkerError>(());
-            };
-            let confirmed = !m.headers().is_some_and(|h| h.iter().any(|x| x.key == crate::changelog::UNCONFIRMED));
-            match crate::changelog::Change::decode(key, value) {
-                Ok(change) => restore.offer_bill(next_offset, change, key.len() + value.len(), confirmed),
-                Err(e) => tracing::warn!(error = %e, partition, offset = m.offset(), "unreadable changelog record; skipped"),
-            }
-            Ok(())
+            offer_changelog_record(&mut restore, partition, m);
+            Ok::<_, WorkerError>(())
         });
         self.metrics.partitions_restoring.dec();
-        let (_, reached) = read?;
+        let (_, end) = read?;
         let (records, bytes) = (restore.records, restore.bytes);
         self.metrics.restore_records.with_label_values(&[&label]).inc_by(records);
         self.metrics.restore_bytes.with_label_values(&[&label]).inc_by(bytes);
-        if !reached {
+        let Some(end) = end else {
             tracing::error!(
                 partition,
                 records,
@@ -308,8 +305,9 @@ impl Restorer {
                 "the changelog partition was not read to its end (no record within the patience); keeping the stored state, the partition resumes from it (with an empty store: from the input's beginning, and bill revisions restart); check the broker and the changelog topic"
             );
             return Ok(None);
-        }
-        let restored = restore.finish();
+        };
+        let mut restored = restore.finish();
+        restored.changelog_end = Some(end);
         let position = restored.position.map(|p| p.next_offset);
         restored.write(store, input_topic, partition, first_since_unclean_stop)?;
         let seconds = started.elapsed().as_secs_f64();
@@ -327,6 +325,88 @@ impl Restorer {
             "partition restored from the changelog"
         );
         Ok(Some(records))
+    }
+
+    /// Records the changelog's end offsets of `partitions`, given up now,
+    /// as seen by this store ([`Store::changelog_seen`]). An end that cannot
+    /// be read is left as it was (a later restore reads more).
+    fn note_changelog_end(&self, store: &Store, partitions: &[i32]) {
+        let mut b = store.batch();
+        for &p in partitions {
+            match self.changelog.fetch_watermarks(&self.topic, p, Duration::from_secs(5)) {
+                Ok((_, high)) => b.put_changelog_seen(p, high),
+                Err(e) => {
+                    tracing::warn!(error = %e, partition = p, "cannot read the changelog's end; the partition's next restore reads its bill states from further back")
+                }
+            }
+        }
+        if let Err(e) = store.write(b) {
+            tracing::warn!(error = %e, "cannot record the changelog's ends; the partitions' next restores read their bill states from further back");
+        }
+    }
+
+    /// For a store that keeps its own state of `partition`: reads the bill
+    /// states written to the changelog since this store last saw it
+    /// ([`Store::changelog_seen`]; never seen: from the start) and raises
+    /// the revisions held to them, marking their months to be recomputed
+    /// (a next revision follows where this store's bill differs).
+    fn raise_bill_states(&self, store: &Store, input_topic: &str, partition: i32) -> Result<Option<u64>, WorkerError> {
+        let from = store.changelog_seen(partition)?.unwrap_or(0);
+        let mut restore = crate::changelog::Restore::bills_only();
+        let (_, end) = kafka::read_partition(&self.changelog, &self.topic, partition, from, RESTORE_PATIENCE, |m| {
+            if crate::changelog::is_bill_state(m.key()) {
+                offer_changelog_record(&mut restore, partition, m);
+            } else {
+                restore.records += 1;
+            }
+            Ok::<_, WorkerError>(())
+        })?;
+        let records = restore.records;
+        let label = partition.to_string();
+        self.metrics.restore_records.with_label_values(&[&label]).inc_by(records);
+        self.metrics.restore_bytes.with_label_values(&[&label]).inc_by(restore.bytes);
+        let Some(end) = end else {
+            tracing::error!(
+                partition,
+                records,
+                from,
+                patience_secs = RESTORE_PATIENCE.as_secs(),
+                "the changelog partition's bill states were not read to its end (no record within the patience); keeping the revisions held: one another owner sent may be sent again with other content; check the broker and the changelog topic"
+            );
+            return Ok(None);
+        };
+        let mut restored = restore.finish();
+        restored.changelog_end = Some(end);
+        restored.write(store, input_topic, partition, false)?;
+        if records > 0 {
+            tracing::info!(
+                partition,
+                records,
+                from,
+                end,
+                bills = restored.bills.len(),
+                "bill states read from the changelog; the stored state is kept"
+            );
+        }
+        Ok(Some(records))
+    }
+}
+
+/// Hands a changelog record to a restore (skipped with a warning when it
+/// lacks its key, value or next-offset header, or cannot be read).
+fn offer_changelog_record(restore: &mut crate::changelog::Restore, partition: i32, m: &BorrowedMessage<'_>) {
+    let next_offset = m
+        .headers()
+        .and_then(|h| h.iter().find(|x| x.key == crate::changelog::NEXT_OFFSET))
+        .and_then(|x| std::str::from_utf8(x.value?).ok()?.parse::<i64>().ok());
+    let (Some(next_offset), Some(key), Some(value)) = (next_offset, m.key(), m.payload()) else {
+        tracing::warn!(partition, offset = m.offset(), "changelog record without key, value or next-offset header; skipped");
+        return;
+    };
+    let confirmed = !m.headers().is_some_and(|h| h.iter().any(|x| x.key == crate::changelog::UNCONFIRMED));
+    match crate::changelog::Change::decode(key, value) {
+        Ok(change) => restore.offer_bill(next_offset, change, key.len() + value.len(), confirmed),
+        Err(e) => tracing::warn!(error = %e, partition, offset = m.offset(), "unreadable changelog record; skipped"),
     }
 }
 
@@ -363,6 +443,9 @@ impl ConsumerContext for StoreOffsets {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(?partitions, "partitions revoked");
+                // What this worker wrote to their changelog is known: if it
+                // gets one back, only bill states written after now are read.
+                self.restorer.note_changelog_end(&self.store, &partitions);
                 self.ownership.lock().expect("not poisoned").revoke(partitions);
                 let r = if cooperative { base.incremental_unassign(tpl) } else { base.unassign() };
                 if let Err(e) = r {

@@ -106,3 +106,60 @@ async fn a_second_worker_finishes_the_stream_after_the_first_is_sigkilled() {
 
     common::assert_exact_after_moves(&w2, &f.expected, &f.truth);
 }
+
+/// A worker given a partition back keeps its own state when it is at least
+/// as far as the group's committed offset, yet must not send a revision
+/// another owner sent meanwhile. Here the other owner is in another group
+/// (its committed offsets are none, as when a broker does not store
+/// transactional offset commits and the plain ones failed in a rebalance,
+/// as on the mock cluster): it recounts the whole stream and sends
+/// revisions above W1's. W1 then resumes in its own group from its stored
+/// position: it reads those bill states from the changelog, and what it
+/// sends is above them (before, it sent revision 2 again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_given_a_partition_back_sends_no_revision_another_owner_sent() {
+    let mut f = fixture(23, 3_000, 4).await;
+    f.cfg.kafka.partitions = 4;
+    let w1 = f.cfg.clone();
+    let total = f.truth.messages as i64;
+    let opts = RunOptions { mode: Mode::Live, fault: Some(FaultPoint::StopAfter(3)) };
+    let s1 = worker::run(&w1.clone().checked().unwrap(), opts, std::future::pending()).await.unwrap();
+    assert!(s1.messages > 0 && (s1.messages as i64) < total, "W1 read {} of {total}", s1.messages);
+    assert!(read_bills(&w1, &w1.kafka.output_topic).records > 0, "W1 sent no bill");
+
+    let mut w2 = config(&f.cluster, f.dir.path(), "other-group");
+    w2.kafka.partitions = 4;
+    run_live_until_done(&w2, &f.expected).await;
+    let after_w2 = read_bills(&w2, &w2.kafka.output_topic).records;
+
+    // W1 again, in its own group, until it committed the whole stream; its
+    // clean stop emits every change.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let c = w1.clone();
+    let handle = tokio::spawn(async move {
+        worker::run(&c.checked().unwrap(), RunOptions { mode: Mode::Live, fault: None }, async move {
+            let _ = rx.await;
+        })
+        .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while committed(&w1) < total && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stopped before any assertion: a worker left running outlives the mock cluster.
+    tx.send(()).unwrap();
+    let s3 = handle.await.unwrap().unwrap();
+    assert_eq!(committed(&w1), total, "W1 did not commit the whole stream within 90 s");
+    assert_eq!(s1.messages + s3.messages, total as u64, "W1 read the stream once over its two runs");
+
+    // W1 may send bills (of its state while it catches up, then the full
+    // ones), but every one above the revision W2 sent, and its last ones
+    // the core's.
+    let table = read_bills(&w1, &w1.kafka.output_topic);
+    assert!(table.records >= after_w2);
+    common::assert_no_repeated_bills(&table);
+    assert!(assert_revisions_increase(&w1) >= f.expected.len());
+    assert_bills_match(&table, &f.expected);
+    let calls: u64 = table.latest.values().map(|r| r.content.usage.calls).sum();
+    assert_eq!(calls, f.truth.unique_events);
+}
