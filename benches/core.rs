@@ -1,16 +1,18 @@
 //! Micro benchmarks: decoding and classifying an event (full decoder and
 //! fast path), aggregating a batch
-//! into month usage, computing a bill, and the state store's batch write with
-//! and without dedupe keys. `cargo bench --bench core`.
+//! into month usage, computing a bill, decoding stored months and computing
+//! their bills as emission does, and the state store's batch write with and
+//! without dedupe keys. `cargo bench --bench core`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use gatebill::billing::reference::{aggregate_messages, decode_and_classify};
 use gatebill::billing::scan::decode_billable;
-use gatebill::billing::{compute_bills, Rules};
+use gatebill::billing::{compute_bills, Month, MonthUsage, Rules};
 use gatebill::gen::{self, GenSpec};
 use gatebill::metrics::Metrics;
 use gatebill::pipeline::{InputMessage, Pipeline, Settings};
 use gatebill::store::Store;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 fn events(n: u64, duplicates: f64) -> Vec<Vec<u8>> {
@@ -70,6 +72,25 @@ fn bench(c: &mut Criterion) {
     let ledger = aggregate_messages(evs.iter().map(Vec::as_slice), &rules).ledger;
     let (account, months) = ledger.iter().next().unwrap();
     c.bench_function("compute_bill_of_the_busiest_account", |b| b.iter(|| compute_bills(account, None, months, &rules)));
+
+    // What emission does per account: decode each stored month, compute the
+    // bills. Over every account of the batch (most have a few events).
+    type Stored<'a> = Vec<(&'a String, Vec<(Month, Vec<u8>)>)>;
+    let stored: Stored<'_> = ledger.iter().map(|(a, months)| (a, months.iter().map(|(m, u)| (*m, u.encode())).collect())).collect();
+    let bills: usize = stored.iter().map(|(_, m)| m.len()).sum();
+    let mut g = c.benchmark_group("emit");
+    g.throughput(Throughput::Elements(bills as u64));
+    g.bench_function(format!("decode_and_compute_{bills}_bills"), |b| {
+        b.iter(|| {
+            let mut n = 0;
+            for (account, months) in &stored {
+                let months: BTreeMap<Month, MonthUsage> = months.iter().map(|(m, raw)| (*m, MonthUsage::decode(raw).unwrap())).collect();
+                n += compute_bills(account, None, &months, &rules).len();
+            }
+            assert_eq!(n, bills);
+        })
+    });
+    g.finish();
 
     for dedupe in [false, true] {
         let mut g = c.benchmark_group("store");

@@ -921,6 +921,7 @@ impl Batch<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::billing::usage::HourUsage;
 
     #[test]
     fn second_open_is_refused_with_a_clear_error() {
@@ -948,7 +949,7 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         let usage = |calls: u64| {
             let mut u = MonthUsage::default();
-            u.hours.entry(1_604_000_000).or_default().calls = calls;
+            u.add_hour(1_604_000_000, &HourUsage { calls, ..Default::default() });
             u
         };
         let (oct, nov, dec) = (Month::new(2020, 10).unwrap(), Month::new(2020, 11).unwrap(), Month::new(2020, 12).unwrap());
@@ -982,12 +983,12 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         let m = Month::new(2020, 11).unwrap();
         let mut u = MonthUsage::default();
-        u.hours.entry(1_604_000_000).or_default().calls = 3;
+        u.add_hour(1_604_000_000, &HourUsage { calls: 3, ..Default::default() });
         let mut b = s.batch();
         b.merge_usage_encoded("acct", m, &u.encode());
         let mut delta = MonthUsage::default();
-        delta.hours.entry(1_604_000_000).or_default().calls = 2;
-        delta.hours.entry(1_604_003_600).or_default().calls = 5;
+        delta.add_hour(1_604_000_000, &HourUsage { calls: 2, ..Default::default() });
+        delta.add_hour(1_604_003_600, &HourUsage { calls: 5, ..Default::default() });
         b.merge_usage_encoded("acct", m, &delta.encode());
         b.append_dedupe(0, 3600, &[1; 16]);
         b.append_dedupe(0, 7200, &[2; 16]);

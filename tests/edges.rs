@@ -6,7 +6,7 @@
 
 use gatebill::billing::reference::{aggregate_messages, bills, decode_and_classify};
 use gatebill::billing::scan::decode_billable;
-use gatebill::billing::{compute_bills, Bill, BillingConfig, Month, MonthUsage, Rules};
+use gatebill::billing::{compute_bills, Bill, BillingConfig, HourUsage, Month, MonthUsage, Rules};
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
 
@@ -49,11 +49,11 @@ fn trial_bounds_with_fractions_of_a_second_are_exact_against_hour_starts() {
     for (hour, calls, bytes) in [(0, 100_000, GB), (1, 200_000, 0), (2, 400_000, 2 * GB), (3, 800_000, 0)] {
         let ms = chrono::DateTime::parse_from_rfc3339(&format!("2021-03-01T{hour:02}:00:00+08:00")).unwrap().timestamp_millis();
         let (month, hour_start) = rules.calendar.place(ms);
-        let h = months.entry(month).or_default().hours.entry(hour_start).or_default();
-        h.calls = calls;
+        let mut h = HourUsage { calls, ..Default::default() };
         if bytes > 0 {
             h.public_out_bytes.insert("ap-guangzhou".into(), bytes);
         }
+        months.entry(month).or_default().add_hour(hour_start, &h);
     }
     let b = compute_bills("T", None, &months, &rules);
     assert_eq!(b.len(), 1);
@@ -142,7 +142,7 @@ fn pack_bounds_with_fractions_of_a_second_are_exact_against_hour_starts() {
     for (hour, calls) in [(0, 100_000), (1, 200_000), (2, 400_000), (3, 800_000)] {
         let ms = chrono::DateTime::parse_from_rfc3339(&format!("2021-03-01T{hour:02}:00:00+08:00")).unwrap().timestamp_millis();
         let (month, hour_start) = rules.calendar.place(ms);
-        months.entry(month).or_default().hours.entry(hour_start).or_default().calls = calls;
+        months.entry(month).or_default().add_hour(hour_start, &HourUsage { calls, ..Default::default() });
     }
     let b = compute_bills("P", Some(&account), &months, &rules);
     let c = &b[0].content;

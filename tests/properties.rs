@@ -57,15 +57,8 @@ fn to_months(hours: &[(i64, u64, u64, BTreeMap<String, u64>)], rules: &Rules) ->
     let mut months: BTreeMap<Month, MonthUsage> = BTreeMap::new();
     for (t, calls, fe, bytes) in hours {
         let (month, hour) = rules.calendar.place(t * 1000);
-        let part = HourUsage {
-            calls: *calls,
-            frontend_error_calls: *fe,
-            public_out_bytes: bytes.iter().map(|(r, b)| (r.as_str().into(), *b)).collect(),
-            ..Default::default()
-        };
-        let mut m = MonthUsage::default();
-        m.hours.insert(hour, part);
-        months.entry(month).or_default().merge(&m);
+        let part = HourUsage { calls: *calls, frontend_error_calls: *fe, public_out_bytes: bytes.clone(), ..Default::default() };
+        months.entry(month).or_default().add_hour(hour, &part);
     }
     months
 }
@@ -116,9 +109,9 @@ proptest! {
                         (p.valid_from, p.valid_until, p.quantity)
                     }
                 };
-                let eligible: u64 = usage.hours.iter()
-                    .filter(|(h, _)| **h >= from && **h < until && !rules.in_trial(**h))
-                    .map(|(_, u)| if d.item == PackItem::Calls { u.calls - u.frontend_error_calls } else { u.public_out_total() })
+                let eligible: u64 = usage.hours()
+                    .filter(|u| u.hour_start >= from && u.hour_start < until && !rules.in_trial(u.hour_start))
+                    .map(|u| if d.item == PackItem::Calls { u.calls - u.frontend_error_calls } else { u.public_out_total() })
                     .sum();
                 prop_assert!(d.quantity <= eligible, "{} gave {} but only {} was in its window", d.pack_id, d.quantity, eligible);
                 let total = given.entry(format!("{}/{:?}", d.pack_id, d.item)).or_insert(0);

@@ -4,7 +4,7 @@
 //! trial period (which would cover examples 1 and 2, Nov 2019 - Jan 2020).
 
 use gatebill::billing::reference::{aggregate_messages, bills};
-use gatebill::billing::{compute_bills, decode_account, AccountRecord, Bill, BillingConfig, Month, MonthUsage, PackItem, Rules};
+use gatebill::billing::{compute_bills, decode_account, AccountRecord, Bill, BillingConfig, HourUsage, Month, MonthUsage, PackItem, Rules};
 use rust_decimal::Decimal;
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -35,11 +35,11 @@ fn put(months: &mut BTreeMap<Month, MonthUsage>, at: &str, calls: u64, bytes: u6
     let rules = no_trial();
     let ms = secs(at) * 1000;
     let (month, hour) = rules.calendar.place(ms);
-    let h = months.entry(month).or_default().hours.entry(hour).or_default();
-    h.calls += calls;
+    let mut h = HourUsage { calls, ..Default::default() };
     if bytes > 0 {
-        *h.public_out_bytes.entry("ap-guangzhou".into()).or_insert(0) += bytes;
+        h.public_out_bytes.insert("ap-guangzhou".into(), bytes);
     }
+    months.entry(month).or_default().add_hour(hour, &h);
 }
 
 fn bill_for<'a>(bills: &'a [Bill], month: &str) -> &'a Bill {

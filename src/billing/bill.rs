@@ -173,7 +173,74 @@ pub fn content_hash(content: &BillContent) -> String {
 }
 
 fn hash_json(json: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(json)))
+    hash_name(Sha256::digest(json).into())
+}
+
+/// `sha256:` and the digest in lower-case hex.
+fn hash_name(digest: [u8; 32]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(7 + 64);
+    s.push_str("sha256:");
+    for b in digest {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// Serialises into a buffer and hashes the bytes as they are written, a
+/// block at a time while they are still in cache: the JSON and its hash in
+/// one pass.
+struct HashingWriter {
+    out: Vec<u8>,
+    hasher: Sha256,
+    /// How much of `out` the hasher has taken.
+    hashed: usize,
+}
+
+impl HashingWriter {
+    /// SHA-256's block size: the hasher is fed whole blocks.
+    const BLOCK: usize = 64;
+
+    fn new(capacity: usize) -> Self {
+        HashingWriter { out: Vec::with_capacity(capacity), hasher: Sha256::new(), hashed: 0 }
+    }
+
+    /// Hashes the whole blocks written since the last call.
+    #[cold]
+    fn feed(&mut self) {
+        let ready = (self.out.len() - self.hashed) / Self::BLOCK * Self::BLOCK;
+        self.hasher.update(&self.out[self.hashed..self.hashed + ready]);
+        self.hashed += ready;
+    }
+
+    /// The bytes written and the name of their hash.
+    fn finish(mut self) -> (Vec<u8>, String) {
+        self.hasher.update(&self.out[self.hashed..]);
+        let name = hash_name(self.hasher.finalize().into());
+        (self.out, name)
+    }
+}
+
+impl std::io::Write for HashingWriter {
+    #[inline]
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.out.extend_from_slice(buf);
+        if self.out.len() - self.hashed >= 4 * Self::BLOCK {
+            self.feed();
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn price_tiers(item: PackItem, region: Option<&str>, quantity: u64, tiers: &[Tier], unit: &str, unit_size: u64, out: &mut Vec<ChargeLine>) {
@@ -207,17 +274,17 @@ pub fn compute_bills(account_id: &str, account: Option<&AccountRecord>, usages: 
         .map(|(month, usage)| {
             let d = &deductions[month];
             let mut u = UsageSummary { trial_calls: d.trial_calls, trial_public_out_bytes: d.trial_public_out_bytes, ..Default::default() };
-            for h in usage.hours.values() {
+            for h in usage.hours() {
                 u.calls += h.calls;
                 u.frontend_error_calls += h.frontend_error_calls;
                 u.private_out_bytes += h.private_out_bytes;
                 u.inbound_bytes += h.inbound_bytes;
-                for (r, b) in &h.public_out_bytes {
+                for (r, b) in h.public_out_bytes() {
                     u.public_out_bytes += b;
-                    match u.public_out_bytes_by_region.get_mut(r.as_ref()) {
+                    match u.public_out_bytes_by_region.get_mut(r) {
                         Some(v) => *v += b,
                         None => {
-                            u.public_out_bytes_by_region.insert(r.to_string(), *b);
+                            u.public_out_bytes_by_region.insert(r.to_string(), b);
                         }
                     }
                 }
@@ -246,8 +313,9 @@ pub fn compute_bills(account_id: &str, account: Option<&AccountRecord>, usages: 
                 total_amount,
                 currency: rules.currency.clone(),
             };
-            let content_json = serde_json::to_vec(&content).expect("bill content serializes");
-            let content_hash = hash_json(&content_json);
+            let mut w = HashingWriter::new(512 + 160 * content.charges.len());
+            serde_json::to_writer(&mut w, &content).expect("bill content serializes");
+            let (content_json, content_hash) = w.finish();
             Bill { month: *month, content, content_hash, content_json }
         })
         .collect()
@@ -267,12 +335,30 @@ mod tests {
         let bill = compute_bills("a\"b", None, &months, &Rules::default()).pop().unwrap();
         assert_eq!(bill.content_json, serde_json::to_vec(&bill.content).unwrap());
         assert_eq!(bill.content_hash, content_hash(&bill.content));
+        assert_eq!(bill.content_hash, format!("sha256:{}", hex::encode(Sha256::digest(&bill.content_json))));
         for status in [BillStatus::Provisional, BillStatus::Final, BillStatus::Restated] {
             let rec = BillRecord { content: bill.content.clone(), revision: 7, status, content_hash: bill.content_hash.clone() };
             assert_eq!(
                 String::from_utf8(BillRecord::json_from_content(&bill.content_json, 7, status, &bill.content_hash)).unwrap(),
                 String::from_utf8(serde_json::to_vec(&rec).unwrap()).unwrap()
             );
+        }
+    }
+
+    /// Written in pieces of every size around the block size, the hash is
+    /// that of the whole.
+    #[test]
+    fn the_hashing_writer_hashes_what_it_wrote() {
+        use std::io::Write;
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for piece in [1, 3, 63, 64, 65, 200, 1000] {
+            let mut w = HashingWriter::new(0);
+            for c in data.chunks(piece) {
+                w.write_all(c).unwrap();
+            }
+            let (out, name) = w.finish();
+            assert_eq!(out, data);
+            assert_eq!(name, hash_json(&data), "pieces of {piece}");
         }
     }
 }

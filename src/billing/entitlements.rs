@@ -198,7 +198,8 @@ pub fn deduct_traced(
         }
         // Quantity taken per pack index: [free calls, free bytes, bought calls, bought bytes].
         let mut taken: [BTreeMap<usize, u64>; 4] = Default::default();
-        for (&hour, h) in &usage.hours {
+        for h in usage.hours() {
+            let hour = h.hour_start;
             let billable = h.calls.saturating_sub(h.frontend_error_calls);
             let mut t = trace.is_some().then(|| HourTrace {
                 month: *month,
@@ -216,9 +217,8 @@ pub fn deduct_traced(
                 if let (Some(f), Some(mut t)) = (trace.as_deref_mut(), t) {
                     t.trial = true;
                     t.regions = h
-                        .public_out_bytes
-                        .iter()
-                        .map(|(r, &bytes)| RegionTrace { region: r.to_string(), bytes, taken: Vec::new(), chargeable: 0 })
+                        .public_out_bytes()
+                        .map(|(r, bytes)| RegionTrace { region: r.to_string(), bytes, taken: Vec::new(), chargeable: 0 })
                         .collect();
                     f(t);
                 }
@@ -231,7 +231,7 @@ pub fn deduct_traced(
             if let Some(t) = t.as_mut() {
                 t.chargeable_calls = chargeable;
             }
-            for (region, &bytes) in &h.public_out_bytes {
+            for (region, bytes) in h.public_out_bytes() {
                 let mut r = t.as_ref().map(|_| RegionTrace { region: region.to_string(), bytes, taken: Vec::new(), chargeable: 0 });
                 let left = draw(&mut free_bytes, hour, bytes, free_bytes_taken, r.as_mut().map(|r| &mut r.taken));
                 let left = draw(&mut bought_bytes, hour, left, bought_bytes_taken, r.as_mut().map(|r| &mut r.taken));
@@ -240,7 +240,7 @@ pub fn deduct_traced(
                     t.regions.push(r);
                 }
                 if left > 0 {
-                    match d.chargeable_bytes.get_mut(region.as_ref()) {
+                    match d.chargeable_bytes.get_mut(region) {
                         Some(v) => *v += left,
                         None => {
                             d.chargeable_bytes.insert(region.to_string(), left);

@@ -233,8 +233,7 @@ mod tests {
     fn usage_at(rules: &Rules, months: &mut BTreeMap<Month, MonthUsage>, at: &str, calls: u64) {
         let ms = chrono::DateTime::parse_from_rfc3339(at).unwrap().timestamp_millis();
         let (m, hour) = rules.calendar.place(ms);
-        let h: &mut HourUsage = months.entry(m).or_default().hours.entry(hour).or_default();
-        h.calls += calls;
+        months.entry(m).or_default().add_hour(hour, &HourUsage { calls, ..Default::default() });
     }
 
     /// No free tier (unknown account), calls over the first tier's bound

@@ -28,4 +28,4 @@ pub use config::Rules;
 pub use config::{BillingConfig, ConfigError};
 pub use entitlements::{Deduction, PackSource};
 pub use event::{decode_event, AccessEvent, DecodeError, RejectReason};
-pub use usage::{HourUsage, MonthUsage};
+pub use usage::{HourUsage, HourView, MonthUsage};

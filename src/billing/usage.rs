@@ -1,18 +1,20 @@
 //! Month usage: per-local-hour buckets with per-region public bytes, a
 //! commutative and associative merge, and a compact versioned encoding.
+//!
+//! A [`MonthUsage`] is flat: its hours are one sorted array, every hour's
+//! public bytes one run of a second array, and the month's region names one
+//! sorted table those runs index. Decoding a stored month makes a fixed
+//! number of allocations (plus one per region name), not one per hour.
 
 use super::classify::Metered;
 use std::collections::BTreeMap;
-use std::sync::Arc;
-
-/// A region name, shared by every hour that mentions it (decoding a month
-/// allocates each region name once, not once per hour).
-pub type Region = Arc<str>;
 
 /// Version byte of the current binary encoding.
 pub const ENCODING_VERSION: u8 = 1;
 
-/// Usage of one account in one local hour.
+/// Usage of one account in one local hour, as an owned value: what tests and
+/// builders put into a month with [`MonthUsage::add_hour`]. A month keeps
+/// its hours flat and lends them out as [`HourView`]s.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HourUsage {
     /// All calls, frontend errors included.
@@ -23,51 +25,74 @@ pub struct HourUsage {
     pub private_out_bytes: u64,
     /// Inbound bytes (recorded, free).
     pub inbound_bytes: u64,
-    /// Public outbound bytes by gateway region; only non-zero entries.
-    pub public_out_bytes: BTreeMap<Region, u64>,
+    /// Public outbound bytes by gateway region; zero entries are ignored.
+    pub public_out_bytes: BTreeMap<String, u64>,
 }
 
-impl HourUsage {
-    /// Adds one classified event that happened in `region`.
-    pub fn add(&mut self, region: &str, m: &Metered) {
-        self.calls += 1;
-        self.frontend_error_calls += u64::from(m.frontend_error);
-        self.private_out_bytes = self.private_out_bytes.saturating_add(m.private_out_bytes);
-        self.inbound_bytes = self.inbound_bytes.saturating_add(m.inbound_bytes);
-        if m.public_out_bytes > 0 {
-            match self.public_out_bytes.get_mut(region) {
-                Some(v) => *v = v.saturating_add(m.public_out_bytes),
-                None => {
-                    self.public_out_bytes.insert(region.into(), m.public_out_bytes);
-                }
-            }
-        }
-    }
-
-    /// Adds another hour's usage to this one.
-    pub fn merge(&mut self, other: &HourUsage) {
-        self.calls = self.calls.saturating_add(other.calls);
-        self.frontend_error_calls = self.frontend_error_calls.saturating_add(other.frontend_error_calls);
-        self.private_out_bytes = self.private_out_bytes.saturating_add(other.private_out_bytes);
-        self.inbound_bytes = self.inbound_bytes.saturating_add(other.inbound_bytes);
-        for (r, b) in &other.public_out_bytes {
-            let v = self.public_out_bytes.entry(r.clone()).or_insert(0);
-            *v = v.saturating_add(*b);
-        }
-    }
-
-    /// Public outbound bytes over all regions.
-    pub fn public_out_total(&self) -> u64 {
-        self.public_out_bytes.values().fold(0u64, |a, b| a.saturating_add(*b))
-    }
+/// One hour of a month: its counters, and where its public bytes end in
+/// [`MonthUsage::public`] (they start where the previous hour's end).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Slot {
+    start: i64,
+    /// calls, frontend-error calls, private outbound bytes, inbound bytes.
+    counters: [u64; 4],
+    public_end: u32,
 }
 
 /// One account's usage in one billing month, keyed by the UTC epoch second at
 /// which each local hour starts.
+///
+/// Invariants (what makes the derived equality mean "same usage"): hours
+/// ascending and distinct; each hour's public entries ascending by region
+/// index, distinct, non-zero; `regions` ascending, distinct, and every one
+/// named by some entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MonthUsage {
-    /// Hour buckets in chronological order.
-    pub hours: BTreeMap<i64, HourUsage>,
+    regions: Vec<Box<str>>,
+    hours: Vec<Slot>,
+    /// (index into `regions`, bytes), each hour's entries one run.
+    public: Vec<(u32, u64)>,
+}
+
+/// One hour of a [`MonthUsage`], borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct HourView<'a> {
+    /// UTC epoch second at which the local hour starts.
+    pub hour_start: i64,
+    /// All calls, frontend errors included.
+    pub calls: u64,
+    /// Calls the gateway itself rejected (never billable).
+    pub frontend_error_calls: u64,
+    /// Private outbound bytes (recorded, free).
+    pub private_out_bytes: u64,
+    /// Inbound bytes (recorded, free).
+    pub inbound_bytes: u64,
+    public: &'a [(u32, u64)],
+    regions: &'a [Box<str>],
+}
+
+impl<'a> HourView<'a> {
+    /// Public outbound bytes by gateway region, in region order, non-zero.
+    pub fn public_out_bytes(&self) -> impl ExactSizeIterator<Item = (&'a str, u64)> + 'a {
+        let regions = self.regions;
+        self.public.iter().map(move |&(r, b)| (&*regions[r as usize], b))
+    }
+
+    /// Public outbound bytes over all regions.
+    pub fn public_out_total(&self) -> u64 {
+        self.public.iter().fold(0u64, |a, (_, b)| a.saturating_add(*b))
+    }
+
+    /// The hour as an owned value.
+    pub fn to_owned(&self) -> HourUsage {
+        HourUsage {
+            calls: self.calls,
+            frontend_error_calls: self.frontend_error_calls,
+            private_out_bytes: self.private_out_bytes,
+            inbound_bytes: self.inbound_bytes,
+            public_out_bytes: self.public_out_bytes().map(|(r, b)| (r.to_string(), b)).collect(),
+        }
+    }
 }
 
 /// Why stored bytes could not be decoded as month usage.
@@ -84,73 +109,195 @@ pub enum UsageDecodeError {
 impl MonthUsage {
     /// Adds one classified event to the hour bucket `hour_start`.
     pub fn add(&mut self, hour_start: i64, region: &str, m: &Metered) {
-        self.hours.entry(hour_start).or_default().add(region, m);
+        let i = self.slot(hour_start);
+        let c = &mut self.hours[i].counters;
+        c[0] += 1;
+        c[1] += u64::from(m.frontend_error);
+        c[2] = c[2].saturating_add(m.private_out_bytes);
+        c[3] = c[3].saturating_add(m.inbound_bytes);
+        if m.public_out_bytes > 0 {
+            self.add_public(i, region, m.public_out_bytes);
+        }
+    }
+
+    /// Adds an owned hour's usage to the hour bucket `hour_start`.
+    pub fn add_hour(&mut self, hour_start: i64, h: &HourUsage) {
+        let i = self.slot(hour_start);
+        self.add_counters(i, [h.calls, h.frontend_error_calls, h.private_out_bytes, h.inbound_bytes]);
+        for (r, &b) in &h.public_out_bytes {
+            if b > 0 {
+                self.add_public(i, r, b);
+            }
+        }
     }
 
     /// Adds another month's usage to this one. Commutative and associative.
     pub fn merge(&mut self, other: &MonthUsage) {
-        for (h, u) in &other.hours {
-            self.hours.entry(*h).or_default().merge(u);
+        for h in other.hours() {
+            let i = self.slot(h.hour_start);
+            self.add_counters(i, [h.calls, h.frontend_error_calls, h.private_out_bytes, h.inbound_bytes]);
+            for (r, b) in h.public_out_bytes() {
+                self.add_public(i, r, b);
+            }
         }
+    }
+
+    /// The hours in chronological order.
+    pub fn hours(&self) -> impl ExactSizeIterator<Item = HourView<'_>> + '_ {
+        (0..self.hours.len()).map(|i| self.view(i))
+    }
+
+    /// The hour starting at `hour_start`, if it has usage.
+    pub fn hour(&self, hour_start: i64) -> Option<HourView<'_>> {
+        self.hours.binary_search_by_key(&hour_start, |s| s.start).ok().map(|i| self.view(i))
+    }
+
+    /// Whether the month has no hour.
+    pub fn is_empty(&self) -> bool {
+        self.hours.is_empty()
     }
 
     /// All calls in the month.
     pub fn calls(&self) -> u64 {
-        self.hours.values().map(|h| h.calls).sum()
+        self.hours.iter().map(|h| h.counters[0]).sum()
+    }
+
+    fn view(&self, i: usize) -> HourView<'_> {
+        let s = &self.hours[i];
+        let from = if i == 0 { 0 } else { self.hours[i - 1].public_end as usize };
+        HourView {
+            hour_start: s.start,
+            calls: s.counters[0],
+            frontend_error_calls: s.counters[1],
+            private_out_bytes: s.counters[2],
+            inbound_bytes: s.counters[3],
+            public: &self.public[from..s.public_end as usize],
+            regions: &self.regions,
+        }
+    }
+
+    /// Index of the hour `hour_start`, inserted empty when absent (appending
+    /// is the common case and costs no search).
+    fn slot(&mut self, hour_start: i64) -> usize {
+        let at = match self.hours.last() {
+            Some(last) if last.start == hour_start => return self.hours.len() - 1,
+            Some(last) if last.start < hour_start => self.hours.len(),
+            None => 0,
+            Some(_) => match self.hours.binary_search_by_key(&hour_start, |s| s.start) {
+                Ok(i) => return i,
+                Err(i) => i,
+            },
+        };
+        let public_end = if at == 0 { 0 } else { self.hours[at - 1].public_end };
+        self.hours.insert(at, Slot { start: hour_start, counters: [0; 4], public_end });
+        at
+    }
+
+    fn add_counters(&mut self, i: usize, add: [u64; 4]) {
+        for (c, v) in self.hours[i].counters.iter_mut().zip(add) {
+            *c = c.saturating_add(v);
+        }
+    }
+
+    /// Adds `bytes` (non-zero) of `region` to hour `i`.
+    fn add_public(&mut self, i: usize, region: &str, bytes: u64) {
+        let r = match self.regions.binary_search_by(|n| (**n).cmp(region)) {
+            Ok(r) => r as u32,
+            Err(r) => {
+                // A new name: later names move up one index.
+                self.regions.insert(r, region.into());
+                for e in &mut self.public {
+                    if e.0 >= r as u32 {
+                        e.0 += 1;
+                    }
+                }
+                r as u32
+            }
+        };
+        let from = if i == 0 { 0 } else { self.hours[i - 1].public_end as usize };
+        let to = self.hours[i].public_end as usize;
+        match self.public[from..to].binary_search_by_key(&r, |e| e.0) {
+            Ok(k) => {
+                let v = &mut self.public[from + k].1;
+                *v = v.saturating_add(bytes);
+            }
+            Err(k) => {
+                self.public.insert(from + k, (r, bytes));
+                for s in &mut self.hours[i..] {
+                    s.public_end += 1;
+                }
+            }
+        }
     }
 
     /// Encodes as: version, region table, then per hour the delta of its start
     /// and its counters as LEB128 varints.
     pub fn encode(&self) -> Vec<u8> {
-        let mut public: Vec<(&str, u64)> = Vec::new();
-        let mut spans = Vec::with_capacity(self.hours.len());
-        for (h, u) in &self.hours {
-            let start = public.len();
-            public.extend(u.public_out_bytes.iter().map(|(r, b)| (r.as_ref(), *b)));
-            spans.push((*h, u, start, public.len()));
+        let mut out =
+            Vec::with_capacity(8 + self.regions.iter().map(|r| r.len() + 1).sum::<usize>() + self.hours.len() * 16 + self.public.len() * 6);
+        out.push(ENCODING_VERSION);
+        put_varint(&mut out, self.regions.len() as u64);
+        for r in &self.regions {
+            put_varint(&mut out, r.len() as u64);
+            out.extend_from_slice(r.as_bytes());
         }
-        let rows: Vec<HourRow<'_>> = spans
-            .iter()
-            .map(|(h, u, a, b)| HourRow {
-                hour_start: *h,
-                calls: u.calls,
-                frontend_error_calls: u.frontend_error_calls,
-                private_out_bytes: u.private_out_bytes,
-                inbound_bytes: u.inbound_bytes,
-                public: &public[*a..*b],
-            })
-            .collect();
-        encode_rows(&rows)
+        put_varint(&mut out, self.hours.len() as u64);
+        let mut prev = 0i64;
+        let mut from = 0usize;
+        for (i, s) in self.hours.iter().enumerate() {
+            if i == 0 {
+                put_varint(&mut out, zigzag(s.start));
+            } else {
+                put_varint(&mut out, (s.start - prev) as u64);
+            }
+            prev = s.start;
+            for v in s.counters {
+                put_varint(&mut out, v);
+            }
+            let public = &self.public[from..s.public_end as usize];
+            put_varint(&mut out, public.len() as u64);
+            for &(r, b) in public {
+                put_varint(&mut out, u64::from(r));
+                put_varint(&mut out, b);
+            }
+            from = s.public_end as usize;
+        }
+        out
     }
 
-    /// Decodes bytes written by [`MonthUsage::encode`].
+    /// Decodes bytes written by [`MonthUsage::encode`] (or any encoder of the
+    /// same format: a region table out of order, unused names, zero or
+    /// repeated entries are put in canonical form, repeats summed).
     pub fn decode(bytes: &[u8]) -> Result<MonthUsage, UsageDecodeError> {
-        let mut rows = Vec::new();
-        let mut public = Vec::new();
-        parse_rows(bytes, &mut rows, &mut public)?;
-        // One shared name per distinct region (a month has a handful).
-        let mut names: Vec<Region> = Vec::new();
-        let mut name = |r: &str| match names.iter().find(|n| n.as_ref() == r) {
-            Some(n) => n.clone(),
-            None => {
-                names.push(r.into());
-                names[names.len() - 1].clone()
+        let Parsed { names, hours, public } = parse(bytes)?;
+        let mut canonical = names.windows(2).all(|w| w[0] < w[1]);
+        let mut used = vec![false; names.len()];
+        let mut from = 0;
+        for s in &hours {
+            let run = &public[from..s.public_end as usize];
+            canonical &= run.iter().all(|e| e.1 > 0) && run.windows(2).all(|w| w[0].0 < w[1].0);
+            for e in run {
+                used[e.0 as usize] = true;
             }
-        };
-        let hours = rows
-            .into_iter()
-            .map(|r| {
-                let u = HourUsage {
-                    calls: r.counters[0],
-                    frontend_error_calls: r.counters[1],
-                    private_out_bytes: r.counters[2],
-                    inbound_bytes: r.counters[3],
-                    public_out_bytes: public[r.public.clone()].iter().map(|(k, v)| (name(k), *v)).collect(),
-                };
-                (r.hour_start, u)
-            })
-            .collect();
-        Ok(MonthUsage { hours })
+            from = s.public_end as usize;
+        }
+        if canonical && used.iter().all(|u| *u) {
+            return Ok(MonthUsage { regions: names.into_iter().map(Box::from).collect(), hours, public });
+        }
+        // Not as this encoder writes it: rebuild entry by entry.
+        let mut m = MonthUsage { regions: Vec::new(), hours: Vec::with_capacity(hours.len()), public: Vec::new() };
+        let mut from = 0;
+        for s in hours {
+            let i = m.slot(s.start);
+            m.add_counters(i, s.counters);
+            for &(idx, b) in &public[from..s.public_end as usize] {
+                if b > 0 {
+                    m.add_public(i, names[idx as usize], b);
+                }
+            }
+            from = s.public_end as usize;
+        }
+        Ok(m)
     }
 }
 
@@ -162,25 +309,35 @@ struct RawRow {
     public: std::ops::Range<usize>,
 }
 
-/// Decodes encoded usage, appending its hours to `rows` and their public
-/// bytes by region (borrowed from `bytes`) to `public`.
-fn parse_rows<'a>(bytes: &'a [u8], rows: &mut Vec<RawRow>, public: &mut Vec<(&'a str, u64)>) -> Result<(), UsageDecodeError> {
+/// Encoded usage as read: the region table (borrowed from the bytes) and
+/// the hours and entries in the layout of [`MonthUsage`], not yet checked
+/// for its invariants beyond hour order and index range.
+struct Parsed<'a> {
+    names: Vec<&'a str>,
+    hours: Vec<Slot>,
+    public: Vec<(u32, u64)>,
+}
+
+fn parse(bytes: &[u8]) -> Result<Parsed<'_>, UsageDecodeError> {
     let mut r = Reader { b: bytes, pos: 0 };
     let version = r.byte()?;
     if version != ENCODING_VERSION {
         return Err(UsageDecodeError::Version(version));
     }
     let n_regions = r.len()?;
-    let mut regions = Vec::with_capacity(n_regions);
+    let mut names = Vec::with_capacity(n_regions);
     for _ in 0..n_regions {
         let len = r.len()?;
         let s = r.take(len)?;
-        regions.push(std::str::from_utf8(s).map_err(|_| UsageDecodeError::Corrupt("region is not UTF-8"))?);
+        names.push(std::str::from_utf8(s).map_err(|_| UsageDecodeError::Corrupt("region is not UTF-8"))?);
     }
     let n_hours = r.len()?;
+    let mut hours = Vec::with_capacity(n_hours);
+    // Each entry takes at least two bytes.
+    let mut public = Vec::with_capacity((bytes.len() - r.pos) / 2);
     let mut prev = 0i64;
     for i in 0..n_hours {
-        let h = if i == 0 {
+        let start = if i == 0 {
             unzigzag(r.varint()?)
         } else {
             let d = r.varint()?;
@@ -189,18 +346,34 @@ fn parse_rows<'a>(bytes: &'a [u8], rows: &mut Vec<RawRow>, public: &mut Vec<(&'a
             }
             prev.checked_add(d as i64).ok_or(UsageDecodeError::Corrupt("hour overflow"))?
         };
-        prev = h;
+        prev = start;
         let counters = [r.varint()?, r.varint()?, r.varint()?, r.varint()?];
-        let start = public.len();
         for _ in 0..r.len()? {
-            let idx = usize::try_from(r.varint()?).unwrap_or(usize::MAX);
-            let region = regions.get(idx).ok_or(UsageDecodeError::Corrupt("region index out of range"))?;
-            public.push((*region, r.varint()?));
+            let idx = r.varint()?;
+            if idx >= n_regions as u64 {
+                return Err(UsageDecodeError::Corrupt("region index out of range"));
+            }
+            public.push((idx as u32, r.varint()?));
         }
-        rows.push(RawRow { hour_start: h, counters, public: start..public.len() });
+        let public_end = u32::try_from(public.len()).map_err(|_| UsageDecodeError::Corrupt("too many entries"))?;
+        hours.push(Slot { start, counters, public_end });
     }
     if r.pos != bytes.len() {
         return Err(UsageDecodeError::Corrupt("trailing bytes"));
+    }
+    Ok(Parsed { names, hours, public })
+}
+
+/// Decodes encoded usage, appending its hours to `rows` and their public
+/// bytes by region (borrowed from `bytes`) to `public`.
+fn parse_rows<'a>(bytes: &'a [u8], rows: &mut Vec<RawRow>, public: &mut Vec<(&'a str, u64)>) -> Result<(), UsageDecodeError> {
+    let p = parse(bytes)?;
+    let mut from = 0;
+    for s in p.hours {
+        let start = public.len();
+        public.extend(p.public[from..s.public_end as usize].iter().map(|&(r, b)| (p.names[r as usize], b)));
+        from = s.public_end as usize;
+        rows.push(RawRow { hour_start: s.start, counters: s.counters, public: start..public.len() });
     }
     Ok(())
 }
@@ -372,27 +545,99 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn arb_month() -> impl Strategy<Value = MonthUsage> {
+    /// Hours as a plain map: the model the flat month is checked against.
+    type Model = BTreeMap<i64, HourUsage>;
+
+    fn arb_model() -> impl Strategy<Value = Model> {
         prop::collection::btree_map(
             -100_000i64..100_000_000_000,
             (0u64..1 << 40, 0u64..1000, 0u64..1 << 50, 0u64..1 << 50, prop::collection::btree_map("[a-z-]{1,12}", 1u64..1 << 50, 0..4)),
             0..20,
         )
-        .prop_map(|m| MonthUsage {
-            hours: m
-                .into_iter()
+        .prop_map(|m| {
+            m.into_iter()
                 .map(|(h, (c, f, p, i, pb))| {
-                    let pb = pb.into_iter().map(|(r, b)| (Region::from(r), b)).collect();
                     (h, HourUsage { calls: c, frontend_error_calls: f, private_out_bytes: p, inbound_bytes: i, public_out_bytes: pb })
                 })
-                .collect(),
+                .collect()
         })
+    }
+
+    /// The model's hours put into a month in the order `order` gives (a
+    /// permutation key per hour), so hours and region names arrive out of order.
+    fn month_of(model: &Model, order: &[u64]) -> MonthUsage {
+        let hours: Vec<(&i64, &HourUsage)> = model.iter().collect();
+        let mut idx: Vec<usize> = (0..hours.len()).collect();
+        idx.sort_by_key(|&i| order.get(i).copied().unwrap_or(0));
+        let hours: Vec<_> = idx.into_iter().map(|i| hours[i]).collect();
+        let mut m = MonthUsage::default();
+        for (h, u) in hours {
+            m.add_hour(*h, u);
+        }
+        m
+    }
+
+    fn model_of(m: &MonthUsage) -> Model {
+        m.hours().map(|h| (h.hour_start, h.to_owned())).collect()
+    }
+
+    fn arb_month() -> impl Strategy<Value = MonthUsage> {
+        (arb_model(), prop::collection::vec(any::<u64>(), 20)).prop_map(|(model, order)| month_of(&model, &order))
     }
 
     proptest! {
         #[test]
         fn encoding_roundtrips(m in arb_month()) {
             prop_assert_eq!(MonthUsage::decode(&m.encode()).unwrap(), m);
+        }
+
+        /// Built in any order, the flat month holds the model's hours, and
+        /// encodes to the bytes the row encoder (the format's definition, and
+        /// what the pipeline writes) gives for them.
+        #[test]
+        fn a_month_built_in_any_order_is_its_model(model in arb_model(), order in prop::collection::vec(any::<u64>(), 20)) {
+            let m = month_of(&model, &order);
+            prop_assert_eq!(&model_of(&m), &model);
+            prop_assert_eq!(m.calls(), model.values().map(|h| h.calls).sum::<u64>());
+            let public: Vec<Vec<(&str, u64)>> = model.values().map(|h| h.public_out_bytes.iter().map(|(r, b)| (r.as_str(), *b)).collect()).collect();
+            let rows: Vec<HourRow<'_>> = model
+                .iter()
+                .zip(&public)
+                .map(|((start, h), p)| HourRow {
+                    hour_start: *start,
+                    calls: h.calls,
+                    frontend_error_calls: h.frontend_error_calls,
+                    private_out_bytes: h.private_out_bytes,
+                    inbound_bytes: h.inbound_bytes,
+                    public: p,
+                })
+                .collect();
+            prop_assert_eq!(m.encode(), encode_rows(&rows));
+            for (start, h) in &model {
+                prop_assert_eq!(m.hour(*start).map(|v| v.to_owned()), Some(h.clone()));
+            }
+        }
+
+        /// Adding events one by one equals adding their hours.
+        #[test]
+        fn adding_events_equals_adding_hours(events in prop::collection::vec((0i64..6, 0usize..3, 0u64..3, any::<bool>()), 0..40)) {
+            let names = ["eu-frankfurt", "ap-guangzhou", "na-ashburn"];
+            let mut by_event = MonthUsage::default();
+            let mut model = Model::new();
+            for (h, r, bytes, fe) in events {
+                let start = 1_604_000_000 + h * 3600;
+                let m = Metered { frontend_error: fe, public_out_bytes: bytes, private_out_bytes: 1, inbound_bytes: 2 };
+                by_event.add(start, names[r], &m);
+                let e = model.entry(start).or_default();
+                e.calls += 1;
+                e.frontend_error_calls += u64::from(fe);
+                e.private_out_bytes += 1;
+                e.inbound_bytes += 2;
+                if bytes > 0 {
+                    *e.public_out_bytes.entry(names[r].to_string()).or_insert(0) += bytes;
+                }
+            }
+            prop_assert_eq!(model_of(&by_event), model);
         }
 
         #[test]
@@ -417,6 +662,29 @@ mod tests {
         fn decode_of_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
             let _ = MonthUsage::decode(&bytes);
         }
+    }
+
+    /// Bytes of the format that this encoder would not write (names out of
+    /// order, an unused name, a zero entry, a repeated region) decode to the
+    /// canonical month: equal to the one built from the same usage.
+    #[test]
+    fn decode_puts_other_writers_bytes_in_canonical_form() {
+        let mut b = vec![ENCODING_VERSION, 3];
+        for name in ["zz", "aa", "unused"] {
+            b.push(name.len() as u8);
+            b.extend_from_slice(name.as_bytes());
+        }
+        // One hour at 0: calls 5, then entries zz=7, aa=0, aa=3, zz=1.
+        b.extend_from_slice(&[1, 0, 5, 0, 0, 0, 4, 0, 7, 1, 0, 1, 3, 0, 1]);
+        let m = MonthUsage::decode(&b).unwrap();
+        let mut want = MonthUsage::default();
+        want.add_hour(
+            0,
+            &HourUsage { calls: 5, public_out_bytes: BTreeMap::from([("aa".into(), 3), ("zz".into(), 8)]), ..Default::default() },
+        );
+        assert_eq!(m, want);
+        assert_eq!(m.hour(0).unwrap().public_out_bytes().collect::<Vec<_>>(), [("aa", 3), ("zz", 8)]);
+        assert_eq!(MonthUsage::decode(&m.encode()).unwrap(), want);
     }
 
     #[test]
