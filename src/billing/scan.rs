@@ -60,6 +60,9 @@ struct Scanner<'a> {
     s: &'a str,
     b: &'a [u8],
     i: usize,
+    /// Where the message's quotes and special characters are, found before
+    /// parsing starts (lines up to [`Structure::MAX_LEN`] bytes).
+    structure: Option<Structure>,
 }
 
 impl<'a> Scanner<'a> {
@@ -82,13 +85,16 @@ impl<'a> Scanner<'a> {
     fn str(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.i;
-        let n = find_special(&self.b[start..])?;
-        if self.b[start + n] != b'"' {
+        let end = match &self.structure {
+            Some(st) => st.next_special(start)?,
+            None => start + find_special(&self.b[start..])?,
+        };
+        if self.b[end] != b'"' {
             return None;
         }
-        self.i += n + 1;
+        self.i = end + 1;
         // Both ends are ASCII quotes, hence character boundaries.
-        self.s.get(start..start + n)
+        self.s.get(start..end)
     }
 
     /// A non-negative integer in plain notation that fits in a u64.
@@ -214,6 +220,83 @@ fn find_special(b: &[u8]) -> Option<usize> {
         i += 8;
     }
     b[i..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20).map(|p| p + i)
+}
+
+/// Stage 1 of the scan (as simd-json's): one bit per byte of the message
+/// for the quotes, and one for the backslashes and control characters,
+/// found 16 bytes at a time before parsing, so that finding where a string
+/// ends is a bit scan.
+struct Structure {
+    len: usize,
+    /// Bit `k % 64` of word `k / 64`: byte `k` is a `"`, `\\` or control
+    /// character (bits past `len` are unset).
+    special: [u64; Structure::WORDS],
+}
+
+impl Structure {
+    const WORDS: usize = 16;
+    /// Longer messages are scanned string by string instead.
+    const MAX_LEN: usize = Self::WORDS * 64;
+
+    fn of(b: &[u8]) -> Option<Structure> {
+        if b.len() > Self::MAX_LEN {
+            return None;
+        }
+        let mut st = Structure { len: b.len(), special: [0; Self::WORDS] };
+        let mut blocks = b.chunks_exact(64);
+        for (w, block) in blocks.by_ref().enumerate() {
+            st.special[w] = special_mask(block.try_into().expect("64 bytes"));
+        }
+        let rest = blocks.remainder();
+        if !rest.is_empty() {
+            // Padded with spaces, which are not special.
+            let mut block = [b' '; 64];
+            block[..rest.len()].copy_from_slice(rest);
+            st.special[b.len() / 64] = special_mask(&block);
+        }
+        Some(st)
+    }
+
+    /// Position of the first special byte at or after `from`, as
+    /// [`find_special`] finds it.
+    fn next_special(&self, from: usize) -> Option<usize> {
+        let mut w = from / 64;
+        let mut m = *self.special.get(w)? & (u64::MAX << (from % 64));
+        loop {
+            if m != 0 {
+                return Some(w * 64 + m.trailing_zeros() as usize).filter(|p| *p < self.len);
+            }
+            w += 1;
+            m = *self.special.get(w)?;
+        }
+    }
+}
+
+/// One bit per byte of a 64-byte block: set for `"`, `\\` and bytes below
+/// 0x20.
+#[cfg(target_arch = "x86_64")]
+fn special_mask(block: &[u8; 64]) -> u64 {
+    use std::arch::x86_64::{_mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8};
+    let mut mask = 0u64;
+    for k in 0..4 {
+        // SAFETY: SSE2 is part of every x86_64 target; the load reads 16
+        // bytes at 16 * k of a 64-byte array (unaligned loads allowed).
+        let bits = unsafe {
+            let v = _mm_loadu_si128(block.as_ptr().add(16 * k).cast());
+            let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+            let backslash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+            // Unsigned v <= 0x1f exactly when min(v, 0x1f) == v.
+            let control = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
+            _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, backslash), control))
+        };
+        mask |= u64::from(bits as u16) << (16 * k);
+    }
+    mask
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn special_mask(block: &[u8; 64]) -> u64 {
+    block.iter().enumerate().fold(0u64, |m, (k, &c)| m | (u64::from(c == b'"' || c == b'\\' || c < 0x20) << k))
 }
 
 /// The field names the fast path knows, at either level.
@@ -342,7 +425,7 @@ fn bytes_ok(v: Option<u64>) -> Option<u64> {
 /// The fast path: `Some` only for an event the full decoder accepts as is.
 pub fn fast(bytes: &[u8]) -> Option<Billable<'_>> {
     let text = std::str::from_utf8(bytes).ok()?;
-    let mut p = Scanner { s: text, b: bytes, i: 0 };
+    let mut p = Scanner { s: text, b: bytes, i: 0, structure: Structure::of(bytes) };
     p.eat(b'{')?;
     let mut seen = 0u16;
     let (mut request_id, mut account_id, mut region, mut time, mut client_network) = (None, None, None, None, None);
@@ -537,6 +620,28 @@ mod tests {
             ("", None),
         ] {
             assert_eq!(find_special(s.as_bytes()), want, "{s:?}");
+        }
+    }
+
+    proptest! {
+        /// Stage 1's bit scan finds what the string-by-string search finds,
+        /// from every position, in messages of every length up to and past
+        /// the blocks' and the structure's bounds.
+        #[test]
+        fn the_structure_finds_what_find_special_finds(
+            bytes in prop::collection::vec(prop_oneof![Just(b'"'), Just(b'\\'), Just(0x1fu8), Just(0x20), Just(0x7f), Just(0xff), Just(b'a')], 0..1100),
+            sparse in 1usize..64,
+        ) {
+            // Mostly plain bytes, a special one every `sparse` on average.
+            let bytes: Vec<u8> = bytes.iter().enumerate().map(|(k, &c)| if k % sparse == 0 { c } else { b'x' }).collect();
+            match Structure::of(&bytes) {
+                None => prop_assert!(bytes.len() > Structure::MAX_LEN),
+                Some(st) => {
+                    for from in 0..=bytes.len() {
+                        prop_assert_eq!(st.next_special(from), find_special(&bytes[from..]).map(|p| p + from), "from {}", from);
+                    }
+                }
+            }
         }
     }
 
