@@ -207,7 +207,6 @@ impl HashingWriter {
     }
 
     /// Hashes the whole blocks written since the last call.
-    #[cold]
     fn feed(&mut self) {
         let ready = (self.out.len() - self.hashed) / Self::BLOCK * Self::BLOCK;
         self.hasher.update(&self.out[self.hashed..self.hashed + ready]);

@@ -222,10 +222,10 @@ fn find_special(b: &[u8]) -> Option<usize> {
     b[i..].iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20).map(|p| p + i)
 }
 
-/// Stage 1 of the scan (as simd-json's): one bit per byte of the message
-/// for the quotes, and one for the backslashes and control characters,
-/// found 16 bytes at a time before parsing, so that finding where a string
-/// ends is a bit scan.
+/// Stage 1 of the scan (as simd-json's): one bit per byte of the message,
+/// set for quotes, backslashes and control characters, found before parsing
+/// (16 bytes at a time with SSE2), so that finding where a string ends is a
+/// bit scan.
 struct Structure {
     len: usize,
     /// Bit `k % 64` of word `k / 64`: byte `k` is a `"`, `\\` or control
@@ -274,12 +274,12 @@ impl Structure {
 
 /// One bit per byte of a 64-byte block: set for `"`, `\\` and bytes below
 /// 0x20.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
 fn special_mask(block: &[u8; 64]) -> u64 {
     use std::arch::x86_64::{_mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8};
     let mut mask = 0u64;
     for k in 0..4 {
-        // SAFETY: SSE2 is part of every x86_64 target; the load reads 16
+        // SAFETY: SSE2 is enabled (the cfg above); the load reads 16
         // bytes at 16 * k of a 64-byte array (unaligned loads allowed).
         let bits = unsafe {
             let v = _mm_loadu_si128(block.as_ptr().add(16 * k).cast());
@@ -294,7 +294,7 @@ fn special_mask(block: &[u8; 64]) -> u64 {
     mask
 }
 
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
 fn special_mask(block: &[u8; 64]) -> u64 {
     block.iter().enumerate().fold(0u64, |m, (k, &c)| m | (u64::from(c == b'"' || c == b'\\' || c < 0x20) << k))
 }

@@ -332,9 +332,14 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, UsageDecodeError> {
         names.push(std::str::from_utf8(s).map_err(|_| UsageDecodeError::Corrupt("region is not UTF-8"))?);
     }
     let n_hours = r.len()?;
+    // An hour takes at least six bytes (its start, four counters, its entry
+    // count) and an entry two: reserve no more than the bytes can hold.
+    let left = bytes.len() - r.pos;
+    if n_hours > left / 6 {
+        return Err(UsageDecodeError::Corrupt("truncated"));
+    }
     let mut hours = Vec::with_capacity(n_hours);
-    // Each entry takes at least two bytes.
-    let mut public = Vec::with_capacity((bytes.len() - r.pos) / 2);
+    let mut public = Vec::with_capacity((left - 6 * n_hours) / 2);
     let mut prev = 0i64;
     for i in 0..n_hours {
         let start = if i == 0 {
@@ -406,6 +411,11 @@ pub fn merge_encoded<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Result<Ve
         scratch.sort_by_key(|(r, _)| *r);
         let start = sums.len();
         for (r, b) in &scratch {
+            // As decoding does: a zero entry is no usage (this encoder
+            // never writes one).
+            if *b == 0 {
+                continue;
+            }
             match sums[start..].last_mut() {
                 Some((last, v)) if last == r => *v = v.saturating_add(*b),
                 _ => sums.push((r, *b)),
@@ -685,6 +695,13 @@ mod tests {
         assert_eq!(m, want);
         assert_eq!(m.hour(0).unwrap().public_out_bytes().collect::<Vec<_>>(), [("aa", 3), ("zz", 8)]);
         assert_eq!(MonthUsage::decode(&m.encode()).unwrap(), want);
+        // The merge operator agrees with decoding.
+        assert_eq!(merge_encoded([b.as_slice()]).unwrap(), want.encode());
+        assert_eq!(merge_encoded([b.as_slice(), want.encode().as_slice()]).unwrap(), {
+            let mut twice = want.clone();
+            twice.merge(&want);
+            twice.encode()
+        });
     }
 
     #[test]

@@ -98,7 +98,8 @@ impl HourCell {
         HourCell { month, partition, calls: 0, frontend_error_calls: 0, private_out_bytes: 0, inbound_bytes: 0, public_out_bytes: 0 }
     }
 
-    /// Adds one event (saturating, as [`crate::billing::HourUsage::add`]).
+    /// Adds one event (as [`crate::billing::MonthUsage::add`]: byte counts
+    /// saturate).
     pub fn add(&mut self, m: &Metered) {
         self.calls += 1;
         self.frontend_error_calls += u64::from(m.frontend_error);
