@@ -6,7 +6,8 @@
 #   - RSS over time, and its drift after warm-up (the first quarter): the
 #     spread of every sample, the last quarter's peak against the second
 #     quarter's (the memtables' fill-and-flush sawtooth does not count), and
-#     RSS less RocksDB's reported memtables and block cache;
+#     RSS less RocksDB's reported memtables and block cache, and the peaks
+#     less the block cache alone (it fills toward its fixed capacity);
 #   - consumer lag over time (its maximum);
 #   - event-to-bill latency p50 / p99 / max: from each event's append time
 #     on the input topic to the first bill record on the output topic whose
@@ -18,6 +19,8 @@
 #   scripts/soak.sh                              # 5 minutes at 10,000 msg/s
 #   DURATION=1800 RATE=20000 scripts/soak.sh     # the issue's 30 minutes
 #   PARTITIONS=8 ACCOUNTS=20000 SAMPLE=5 (defaults)
+#   KEEP=1 scripts/soak.sh                       # keep the work directory
+#                                                # (samples, logs, reference)
 #
 # Event times run from 26 hours ago to 2 hours ago, in order, so that both a
 # closed and an open month can occur; duplicates and malformed messages are
@@ -40,7 +43,12 @@ cargo build --locked --release --quiet --bin gatebill
 BIN="$CARGO_TARGET_DIR/release/gatebill"
 WORK="$(mktemp -d)"
 TANSU_PID="" WORKER_PID="" GEN_PID=""
-trap 'kill $GEN_PID $WORKER_PID $TANSU_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+if [ -n "${KEEP:-}" ]; then
+  echo "soak: the work directory (samples.txt: the samples as taken) is kept at $WORK"
+  trap 'kill $GEN_PID $WORKER_PID $TANSU_PID 2>/dev/null || true' EXIT
+else
+  trap 'kill $GEN_PID $WORKER_PID $TANSU_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
+fi
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORT="$(free_port)"
 METRICS_PORT="$(free_port)"
