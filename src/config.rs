@@ -122,6 +122,15 @@ pub struct WorkerConfig {
     /// memory and are read back from the state store at their next event.
     /// Buckets that got events in the last 8 batches always stay. Default 64.
     pub dedupe_memory_mb: u64,
+    /// RocksDB memtables, over every column family, MB: writes collect
+    /// there and the largest is flushed to disk past it, so RSS rises and
+    /// falls by up to this much. Smaller: less memory, more and smaller
+    /// files to compact. At least 16. Default 128.
+    pub memtable_mb: u64,
+    /// RocksDB block cache (data, index and filter blocks read from disk),
+    /// MB: it fills toward this as the state grows and then stays. At
+    /// least 8. Default 64.
+    pub block_cache_mb: u64,
     /// Events stamped more than this many seconds ahead of the wall clock
     /// are dead-lettered (`future_time`) and move no watermark. Default 3,600.
     pub max_future_secs: u64,
@@ -129,6 +138,14 @@ pub struct WorkerConfig {
     /// every replay, whatever the threads). 0: one per core this process
     /// may use. Default 0.
     pub threads: usize,
+}
+
+impl WorkerConfig {
+    /// The state store's memory bounds (`memtable_mb`, `block_cache_mb`).
+    pub fn store_memory(&self) -> crate::store::StoreMemory {
+        let mb = |v: u64| usize::try_from(v.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        crate::store::StoreMemory { memtable_bytes: mb(self.memtable_mb), block_cache_bytes: mb(self.block_cache_mb) }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -145,6 +162,8 @@ impl Default for WorkerConfig {
             dedupe_window_hours: 72,
             dedupe_window_messages: 1_000_000,
             dedupe_memory_mb: 64,
+            memtable_mb: 128,
+            block_cache_mb: 64,
             max_future_secs: 3_600,
             threads: 0,
         }
@@ -248,6 +267,12 @@ impl Config {
         }
         if w.dedupe && w.dedupe_window_messages == 0 {
             return bad("worker.dedupe_window_messages must be at least 1 when dedupe is on".into());
+        }
+        if !(16..=65_536).contains(&w.memtable_mb) {
+            return bad(format!("worker.memtable_mb = {} is out of range; use 16 to 65536 (MB)", w.memtable_mb));
+        }
+        if !(8..=65_536).contains(&w.block_cache_mb) {
+            return bad(format!("worker.block_cache_mb = {} is out of range; use 8 to 65536 (MB)", w.block_cache_mb));
         }
         if w.threads > 256 {
             return bad(format!("worker.threads = {} is more than 256; use 0 (one per core) or at most 256", w.threads));
@@ -405,6 +430,26 @@ mod tests {
         let cfg: Config = toml::from_str(&text).unwrap();
         cfg.check().unwrap();
         assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn store_memory_follows_the_settings_and_refuses_what_rocksdb_cannot_use() {
+        let mut cfg = Config::default();
+        assert_eq!(cfg.worker.store_memory(), crate::store::StoreMemory::default());
+        assert_eq!(cfg.worker.store_memory().memtable_bytes, 134_217_728);
+        assert_eq!(cfg.worker.store_memory().block_cache_bytes, 67_108_864);
+        cfg.worker.memtable_mb = 32;
+        cfg.worker.block_cache_mb = 16;
+        cfg.check().unwrap();
+        assert_eq!(cfg.worker.store_memory().memtable_bytes, 33_554_432);
+        assert_eq!(cfg.worker.store_memory().block_cache_bytes, 16_777_216);
+        cfg.worker.memtable_mb = 15;
+        let err = cfg.check().unwrap_err().to_string();
+        assert!(err.contains("worker.memtable_mb = 15 is out of range; use 16 to 65536"), "{err}");
+        cfg.worker.memtable_mb = 16;
+        cfg.worker.block_cache_mb = 7;
+        let err = cfg.check().unwrap_err().to_string();
+        assert!(err.contains("worker.block_cache_mb = 7 is out of range; use 8 to 65536"), "{err}");
     }
 
     #[test]

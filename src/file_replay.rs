@@ -277,7 +277,7 @@ fn file_settings(cfg: &Checked, input: &Path, accounts: &Accounts) -> Settings {
 /// Replays a file through the pipeline and emits every bill at the end.
 pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: Sink, progress: bool) -> Result<RunSummary, WorkerError> {
     let rules = cfg.rules().clone();
-    let store = Arc::new(Store::open(&cfg.worker.state_dir)?);
+    let store = Arc::new(Store::open_sized(&cfg.worker.state_dir, cfg.worker.store_memory())?);
     let settings = file_settings(cfg, input, &accounts);
     let topic = settings.input_topic.clone();
     let metrics = Metrics::new();

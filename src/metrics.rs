@@ -143,7 +143,7 @@ impl Metrics {
             state_bytes: gauge_vec("state_bytes", "Estimated live state bytes", "column_family"),
             rocksdb_memory: gauge_vec(
                 "rocksdb_memory_bytes",
-                "Memory RocksDB holds: memtables (all column families, at most 128 MB together), the shared block cache, table readers",
+                "Memory RocksDB holds: memtables (all column families together, at most worker.memtable_mb), the shared block cache (at most worker.block_cache_mb), table readers",
                 "kind",
             ),
             input_reread: counter_vec(

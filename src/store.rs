@@ -339,8 +339,15 @@ pub struct Batch<'a> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir`, locking it.
+    /// Opens (creating if needed) the store in `dir`, locking it, with the
+    /// default memory bounds ([`StoreMemory::default`]).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_sized(dir, StoreMemory::default())
+    }
+
+    /// Opens (creating if needed) the store in `dir`, locking it, its
+    /// memtables and block cache bounded by `memory`.
+    pub fn open_sized(dir: &Path, memory: StoreMemory) -> Result<Store, StoreError> {
         let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
         let lock = File::create(dir.join("LOCK.gatebill")).map_err(io)?;
@@ -352,7 +359,7 @@ impl Store {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = column_families(&mut opts);
+        let cfs = column_families(&mut opts, memory);
         let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
         let store = Store { db, dir: dir.to_path_buf(), _lock: Some(lock), scratch: None };
         let meta = store.cf(cf::META);
@@ -390,7 +397,7 @@ impl Store {
         ));
         let mut opts = Options::default();
         opts.set_max_open_files(-1);
-        let cfs = column_families(&mut opts);
+        let cfs = column_families(&mut opts, StoreMemory::default());
         let opened =
             DB::open_cf_descriptors_as_secondary(&opts, dir, &scratch, cfs).and_then(|db| db.try_catch_up_with_primary().map(|()| db));
         let db = match opened {
@@ -415,20 +422,35 @@ impl Store {
 /// The column families with their options (merge operators included: usage
 /// and dedupe values are merge operands until compaction, so every open,
 /// a read-only one too, needs them), and the database-wide options.
-/// Bytes all memtables of a store may hold together.
-pub const MEMTABLE_BUDGET: usize = 128 << 20;
+/// The memory a store's RocksDB may hold by its own bounds: what
+/// `worker.memtable_mb` and `worker.block_cache_mb` set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreMemory {
+    /// Bytes all memtables of the store may hold together: past it, the
+    /// largest is flushed to disk. Default 128 MB.
+    pub memtable_bytes: usize,
+    /// Bytes of the block cache shared by every column family (data,
+    /// index and filter blocks). Default 64 MB.
+    pub block_cache_bytes: usize,
+}
 
-fn column_families(opts: &mut Options) -> Vec<ColumnFamilyDescriptor> {
+impl Default for StoreMemory {
+    fn default() -> Self {
+        StoreMemory { memtable_bytes: 128 << 20, block_cache_bytes: 64 << 20 }
+    }
+}
+
+fn column_families(opts: &mut Options, memory: StoreMemory) -> Vec<ColumnFamilyDescriptor> {
     opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
     opts.increase_parallelism(2);
     // Every column family's memtables together stay under one bound (the
     // defaults allow 2 x 64 MB per column family, nine of them): the
     // largest one is flushed when the total passes it.
-    opts.set_write_buffer_manager(&rocksdb::WriteBufferManager::new_write_buffer_manager(MEMTABLE_BUDGET, false));
+    opts.set_write_buffer_manager(&rocksdb::WriteBufferManager::new_write_buffer_manager(memory.memtable_bytes, false));
     // Point lookups (dedupe keys, usage of an account-month) are mostly
     // misses or hits on recent data: bloom filters answer misses without
     // reading blocks, and a shared block cache keeps hot blocks.
-    let cache = rocksdb::Cache::new_lru_cache(64 << 20);
+    let cache = rocksdb::Cache::new_lru_cache(memory.block_cache_bytes);
     let cfs = cf::ALL.iter().map(|name| {
         let mut block = rocksdb::BlockBasedOptions::default();
         block.set_bloom_filter(10.0, false);
@@ -930,6 +952,44 @@ mod tests {
         let err = Store::open(dir.path()).err().unwrap();
         assert!(matches!(err, StoreError::Locked(_)), "{err}");
         assert!(err.to_string().contains("in use by another gatebill process"));
+    }
+
+    /// Writes 48 MB of account records, 1 MB per write, and returns the
+    /// memtables' bytes once no flush is pending (at most 10 s).
+    fn memtables_after_48_mb(store: &Store) -> u64 {
+        let value = vec![7u8; 1 << 20];
+        for i in 0..48 {
+            let mut b = store.batch();
+            b.put_account(&format!("account-{i:03}"), &value);
+            store.write(b).unwrap();
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let pending = store.db.property_int_value("rocksdb.num-running-flushes").unwrap().unwrap_or(0)
+                + store.db.property_int_value_cf(store.cf(cf::ACCOUNTS), "rocksdb.mem-table-flush-pending").unwrap().unwrap_or(0);
+            if pending == 0 || std::time::Instant::now() > deadline {
+                return store.memory()[0].1;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn memtables_and_block_cache_are_bounded_as_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = StoreMemory { memtable_bytes: 16 << 20, block_cache_bytes: 8 << 20 };
+        let store = Store::open_sized(dir.path(), small).unwrap();
+        assert_eq!(store.db.property_int_value_cf(store.cf(cf::USAGE), "rocksdb.block-cache-capacity").unwrap(), Some(8 << 20));
+        let held = memtables_after_48_mb(&store);
+        assert!(held <= 16 << 20, "memtables hold {held} bytes with a 16 MB bound");
+        let on_disk = store.db.property_int_value_cf(store.cf(cf::ACCOUNTS), "rocksdb.total-sst-files-size").unwrap().unwrap();
+        assert!(on_disk > 0, "nothing was flushed");
+        // The default bound (128 MB) keeps all 48 MB in memory.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.db.property_int_value_cf(store.cf(cf::USAGE), "rocksdb.block-cache-capacity").unwrap(), Some(64 << 20));
+        let held = memtables_after_48_mb(&store);
+        assert!(held >= 48 << 20, "memtables hold {held} bytes with the default bound");
     }
 
     #[test]

@@ -656,7 +656,7 @@ impl Worker {
     /// table, and joins the group (live) or assigns the partitions to their
     /// ends (replay).
     pub async fn start(cfg: &Checked, opts: RunOptions) -> Result<Worker, WorkerError> {
-        let store = Arc::new(Store::open(&cfg.worker.state_dir)?);
+        let store = Arc::new(Store::open_sized(&cfg.worker.state_dir, cfg.worker.store_memory())?);
         let metrics = Metrics::new();
         let metrics_task = if cfg.metrics.address.is_empty() {
             None
