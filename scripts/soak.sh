@@ -37,7 +37,8 @@ ACCOUNTS="${ACCOUNTS:-20000}"
 PARTITIONS="${PARTITIONS:-8}"
 SAMPLE="${SAMPLE:-5}"
 EVENTS=$((RATE * DURATION))
-[ -n "${GATEBILL_TANSU:-}" ] || { echo "tansu not found: scripts/setup.sh installs it" >&2; exit 1; }
+GATEBILL_TANSU="${GATEBILL_TANSU:-$(command -v tansu || true)}"
+[ -n "$GATEBILL_TANSU" ] || { echo "tansu not found: scripts/setup.sh installs it" >&2; exit 1; }
 python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check confluent-kafka
 cargo build --locked --release --quiet --bin gatebill
 BIN="$CARGO_TARGET_DIR/release/gatebill"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command a newcomer runs: installs what a fresh Debian/Ubuntu machine
 # lacks for building gatebill (C/C++ toolchain, libclang for RocksDB's
-# bindings, cmake; tansu, a broker with transactions), then checks formatting,
+# bindings, python3; tansu, a broker with transactions), then checks formatting,
 # lints, and runs every default test and the tansu test (tests/zombie.rs).
 #
 #   scripts/test.sh            # install if needed, fmt, clippy, tests

@@ -171,8 +171,9 @@ pub fn render(x: &Explained) -> String {
         Some(b) => {
             let _ = writeln!(
                 out,
-                "The worker's last emitted revision {} ({:?}) has content hash {}: the bill changed since (usage or the account record); \
-                 the next emission carries this one (a provisional bill within worker.provisional_interval_secs).",
+                "The worker's last emitted revision {} ({:?}) has content hash {}: the bill changed since (usage or the account record), \
+                 and the next emission carries this one (a provisional bill within worker.provisional_interval_secs); or this \
+                 explanation used other billing rules than the worker's (give explain the worker's --config).",
                 b.revision, b.status, b.content_hash
             );
         }

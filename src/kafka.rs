@@ -151,7 +151,7 @@ pub struct WorkerClients<C: ConsumerContext + 'static> {
 pub const PREFETCH: (&str, &str) = ("queued.max.messages.kbytes", "16384");
 
 /// Everything a worker talks to Kafka with, from the checked configuration
-/// in one call: the four topics made sure of ([`ensure_topics`]), then the
+/// in one call: the five topics made sure of ([`ensure_topics`]), then the
 /// producer and the three consumers.
 pub async fn worker_clients<C: ConsumerContext + 'static>(k: &KafkaConfig, context: C) -> Result<WorkerClients<C>, KafkaSetupError> {
     ensure_topics(k).await?;
@@ -350,7 +350,7 @@ pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaSetupError> {
 /// well under a second; the dev broker never answers.
 pub const CREATE_TOPICS_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// [`ensure_topics`] for some of the four topics of `k`.
+/// [`ensure_topics`] for some of the five topics of `k`.
 pub async fn ensure_these_topics(k: &KafkaConfig, wanted: &[&str]) -> Result<(), KafkaSetupError> {
     let consumer = plain_consumer(k, "gatebill-metadata")?;
     let existing = partition_counts(&consumer, wanted)?;

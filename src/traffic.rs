@@ -15,7 +15,7 @@ use std::time::Duration;
 /// Any error, shown to the user as is.
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
-/// The dev broker: librdkafka's mock cluster (one broker) holding the four
+/// The dev broker: librdkafka's mock cluster (one broker) holding the five
 /// topics of `k`, `k.partitions` partitions each. The mock cluster cannot
 /// create topics on request (it has no controller), so they are made here.
 pub fn dev_cluster(k: &KafkaConfig) -> Result<MockCluster<'static, DefaultProducerContext>> {
