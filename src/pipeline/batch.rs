@@ -57,6 +57,11 @@ impl Interner {
         id
     }
 
+    /// The id of a string interned before.
+    pub fn get(&self, s: &str) -> Option<u32> {
+        self.ids.get(s).copied()
+    }
+
     /// The string of an id.
     pub fn name(&self, id: u32) -> &str {
         &self.names[id as usize]

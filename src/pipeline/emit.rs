@@ -294,6 +294,11 @@ impl Pipeline {
         let mut sent = Vec::new();
         for (account, month, state) in &chunk.states {
             batch.clear_dirty(account, *month);
+            // Out of the known marks now, before the write: a batch after
+            // it marks the month again.
+            if let Some(id) = self.ids.get(account) {
+                self.known_dirty.remove(&(id, *month));
+            }
             if let Some(state) = state {
                 batch.put_bill_state(account, *month, state);
                 statuses.push(state.status);

@@ -139,7 +139,19 @@ pub struct Pipeline {
     month_ends: HashMap<Month, i64>,
     ids: Interner,
     regions: Interner,
+    /// Account-months (by interned id) whose dirty mark, with this
+    /// partition, is on disk: a batch skips writing it again. Only ever a
+    /// subset of the marks on disk: an entry goes in after the batch that
+    /// wrote the mark is written, and out when an emission stages the
+    /// month's clearing (before it is written); anything that could
+    /// change the marks otherwise empties it. A missing entry costs one
+    /// write; a wrong one would lose a bill, so when in doubt it is emptied.
+    known_dirty: HashMap<(u32, Month), i32, rustc_hash::FxBuildHasher>,
 }
+
+/// Most entries [`Pipeline`]'s `known_dirty` keeps (about 24 MB): past it,
+/// it starts empty again.
+const KNOWN_DIRTY_MAX: usize = 1 << 20;
 
 /// The rejection of an event stamped too far ahead of the wall clock.
 fn future_time(time_ms: i64, now: i64, max_future_ms: i64) -> DecodeError {
@@ -308,6 +320,7 @@ impl Pipeline {
             month_ends: HashMap::new(),
             ids: Interner::default(),
             regions: Interner::default(),
+            known_dirty: Default::default(),
         })
     }
 
@@ -353,6 +366,7 @@ impl Pipeline {
             };
             self.dedupe.forget(p);
         }
+        self.known_dirty.clear();
         Ok(())
     }
 
@@ -523,6 +537,7 @@ impl Pipeline {
     fn discard_pending(&mut self) {
         self.pending = Pending::default();
         self.dedupe = dedupe_cache(&self.settings);
+        self.known_dirty.clear();
     }
 
     /// Writes everything pending in one atomic, synced batch: usage deltas,
@@ -563,7 +578,7 @@ impl Pipeline {
         let t = Instant::now();
         self.store.write_staged(staged.wb)?;
         match staged.after {
-            After::Input { stats, touched } => {
+            After::Input { stats, touched, marked } => {
                 self.metrics.batch_write_seconds.observe(t.elapsed().as_secs_f64());
                 self.metrics.events_billed.inc_by(stats.billed);
                 self.metrics.duplicates.inc_by(stats.duplicates);
@@ -576,10 +591,17 @@ impl Pipeline {
                 let (reads, bytes) = self.dedupe.take_reads();
                 self.metrics.dedupe_reads.inc_by(reads);
                 self.metrics.dedupe_read_bytes.inc_by(bytes);
-                // Interned ids only need to live as long as a batch: a
-                // long-running worker keeps the table bounded.
+                // The marks are on disk now.
+                self.known_dirty.extend(marked.into_iter().map(|(a, m, p)| ((a, m), p)));
+                // Interned ids only need to live as long as a batch (and
+                // the known marks, keyed by them): a long-running worker
+                // keeps the table bounded.
                 if self.ids.len() > 1_000_000 {
                     self.ids = Interner::default();
+                    self.known_dirty.clear();
+                }
+                if self.known_dirty.len() > KNOWN_DIRTY_MAX {
+                    self.known_dirty.clear();
                 }
                 Ok(stats)
             }
@@ -622,8 +644,15 @@ impl Pipeline {
         for ((name, month, _, _), delta) in groups.iter().zip(&deltas) {
             batch.merge_usage_encoded(name, *month, delta);
         }
-        for (name, month, partition, _) in &groups {
-            batch.mark_dirty(name, *month, *partition);
+        // Dirty marks, but for months marked so already (with the same
+        // partition) by a written batch and not cleared since.
+        let mut marked = Vec::new();
+        for (name, month, partition, range) in &groups {
+            let account = cells[range.start].0 .0;
+            if self.known_dirty.get(&(account, *month)) != Some(partition) {
+                batch.mark_dirty(name, *month, *partition);
+                marked.push((account, *month, *partition));
+            }
         }
         for (key, record) in &pending.dead_letters {
             batch.put_outbox(key, record);
@@ -660,7 +689,7 @@ impl Pipeline {
         }
         let positions = pending.touched.iter().map(|(p, s)| (*p, s.next_offset)).collect();
         let (wb, records) = batch.into_staged();
-        Ok(Staged { wb, records, positions, after: After::Input { stats: pending.stats, touched: pending.touched } })
+        Ok(Staged { wb, records, positions, after: After::Input { stats: pending.stats, touched: pending.touched, marked } })
     }
 
     /// Queues a changelog record for input partition `partition` in `batch`
@@ -703,7 +732,7 @@ pub struct Staged {
 
 /// What [`Pipeline::apply`] brings memory up to after the write.
 enum After {
-    Input { stats: BatchStats, touched: BTreeMap<i32, PartitionState> },
+    Input { stats: BatchStats, touched: BTreeMap<i32, PartitionState>, marked: Vec<(u32, Month, i32)> },
     Emission { statuses: Vec<crate::billing::BillStatus>, sent: Vec<(u64, Option<i64>)> },
 }
 
@@ -768,6 +797,43 @@ mod tests {
                 (b.key(), b)
             })
             .collect()
+    }
+
+    #[test]
+    fn a_month_marked_dirty_is_not_marked_again_until_an_emission_clears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open(dir.path());
+        let march = Month::new(2021, 3).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..5).map(|i| event(&format!("r{i}"), "2021-03-05T10:00:00+08:00")).collect();
+        // Writes one batch of the message at `offset`; the write's entries.
+        let batch = |p: &mut Pipeline, offset: usize| {
+            p.ingest(&[msg(offset as i64, &payloads[offset])]).unwrap();
+            let staged = p.stage().unwrap();
+            let entries = staged.wb.len();
+            p.apply(staged).unwrap();
+            entries
+        };
+        let marked = vec![("A".to_string(), march, 0)];
+        // The first batch marks March; the second (same month, same
+        // partition, the mark still on disk) writes the same entries but it.
+        let first = batch(&mut p, 0);
+        assert_eq!(batch(&mut p, 1), first - 1);
+        assert_eq!(p.store().dirty().unwrap(), marked);
+        // An emission clears the mark: the next batch writes it again.
+        assert_eq!(p.emit(now_ms(), false).unwrap(), 1);
+        assert_eq!(p.store().dirty().unwrap(), vec![]);
+        assert_eq!(batch(&mut p, 2), first);
+        assert_eq!(p.store().dirty().unwrap(), marked);
+        // A batch abandoned (not written) forgets what it knew: the next
+        // one writes the mark, though it is on disk.
+        p.ingest(&[msg(3, &payloads[3])]).unwrap();
+        let staged = p.stage().unwrap();
+        p.abandon(staged);
+        assert_eq!(batch(&mut p, 3), first);
+        assert_eq!(batch(&mut p, 4), first - 1);
+        assert_eq!(p.store().usage("A", march).unwrap().unwrap().calls(), 5);
+        assert_eq!(p.emit(now_ms(), false).unwrap(), 1);
+        assert_eq!(bills(&p)["A/2021-03"].content.usage.calls, 5);
     }
 
     #[test]
