@@ -90,6 +90,10 @@ impl Pipeline {
     /// and marks that account's months for recomputation. Bad records go to
     /// the dead-letter topic; tombstones remove the record.
     pub fn apply_accounts(&mut self, msgs: &[InputMessage]) -> Result<(), StoreError> {
+        // A changed record marks the account's months with the partition
+        // of its first marked month, which may not be the one a batch
+        // knows (an account whose events came from two partitions).
+        self.known_dirty.clear();
         let store = self.store.clone();
         let mut batch = store.batch();
         // Records that change the table, applied to memory once written.

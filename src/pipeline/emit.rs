@@ -283,6 +283,7 @@ impl Pipeline {
     }
 
     fn stage_emission_as(&mut self, chunk: Emission, route: Route, capture: bool) -> Result<Staged, StoreError> {
+        assert!(!self.staged, "a step was staged before the last one was applied or abandoned");
         let store = self.store.clone();
         let mut batch = if capture { store.capturing_batch() } else { store.batch() };
         if route == Route::Outbox {
@@ -313,6 +314,7 @@ impl Pipeline {
             }
         }
         let (wb, records) = batch.into_staged();
+        self.staged = true;
         Ok(Staged { wb, records, positions: BTreeMap::new(), after: After::Emission { statuses, sent } })
     }
 }

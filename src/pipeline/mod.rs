@@ -147,6 +147,10 @@ pub struct Pipeline {
     /// change the marks otherwise empties it. A missing entry costs one
     /// write; a wrong one would lose a bill, so when in doubt it is emptied.
     known_dirty: HashMap<(u32, Month), i32, rustc_hash::FxBuildHasher>,
+    /// A step is staged and neither applied nor abandoned. Steps go one at
+    /// a time: a batch staged with a mark skipped, then an emission that
+    /// clears the month written before it, would lose the mark.
+    staged: bool,
 }
 
 /// Most entries [`Pipeline`]'s `known_dirty` keeps (about 24 MB): past it,
@@ -321,6 +325,7 @@ impl Pipeline {
             ids: Interner::default(),
             regions: Interner::default(),
             known_dirty: Default::default(),
+            staged: false,
         })
     }
 
@@ -535,6 +540,7 @@ impl Pipeline {
     /// Forgets everything pending and every in-memory mirror of the store,
     /// after a failed step: the next batch starts from what is on disk.
     fn discard_pending(&mut self) {
+        self.staged = false;
         self.pending = Pending::default();
         self.dedupe = dedupe_cache(&self.settings);
         self.known_dirty.clear();
@@ -556,7 +562,9 @@ impl Pipeline {
     /// deliver first (in a Kafka transaction); then [`Pipeline::apply`], or
     /// [`Pipeline::abandon`] when the delivery failed. Nothing in memory
     /// leads the store in between: what staging changed is reset by
-    /// `abandon`.
+    /// `abandon`. One step at a time: staging another batch or an emission
+    /// before this one is applied or abandoned panics (the dirty marks a
+    /// batch skips rely on it).
     pub fn stage(&mut self) -> Result<Staged, StoreError> {
         let result = self.stage_pending(true);
         if result.is_err() {
@@ -576,6 +584,7 @@ impl Pipeline {
     /// Writes a staged batch and brings memory in line with it.
     pub fn apply(&mut self, staged: Staged) -> Result<BatchStats, StoreError> {
         let t = Instant::now();
+        self.staged = false;
         self.store.write_staged(staged.wb)?;
         match staged.after {
             After::Input { stats, touched, marked } => {
@@ -621,6 +630,7 @@ impl Pipeline {
     }
 
     fn stage_pending(&mut self, capture: bool) -> Result<Staged, StoreError> {
+        assert!(!self.staged, "a step was staged before the last one was applied or abandoned");
         let pending = std::mem::take(&mut self.pending);
         let store = self.store.clone();
         let mut batch = if capture { store.capturing_batch() } else { store.batch() };
@@ -689,6 +699,7 @@ impl Pipeline {
         }
         let positions = pending.touched.iter().map(|(p, s)| (*p, s.next_offset)).collect();
         let (wb, records) = batch.into_staged();
+        self.staged = true;
         Ok(Staged { wb, records, positions, after: After::Input { stats: pending.stats, touched: pending.touched, marked } })
     }
 
@@ -834,6 +845,17 @@ mod tests {
         assert_eq!(p.store().usage("A", march).unwrap().unwrap().calls(), 5);
         assert_eq!(p.emit(now_ms(), false).unwrap(), 1);
         assert_eq!(bills(&p)["A/2021-03"].content.usage.calls, 5);
+    }
+
+    #[test]
+    #[should_panic(expected = "a step was staged before the last one was applied or abandoned")]
+    fn a_step_staged_before_the_last_one_is_written_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open(dir.path());
+        let e = event("r1", "2021-03-05T10:00:00+08:00");
+        p.ingest(&[msg(0, &e)]).unwrap();
+        let _first = p.stage().unwrap();
+        let _ = p.stage();
     }
 
     #[test]
