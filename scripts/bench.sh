@@ -37,7 +37,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-command -v /usr/bin/time >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq time >/dev/null || sudo apt-get install -y -qq time >/dev/null; }
+if [ ! -x /usr/bin/time ]; then
+  sudo_cmd=""
+  [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq time >/dev/null
+fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/gatebill-target}"
 EVENTS="${EVENTS:-5000000}"
 ACCOUNTS="${ACCOUNTS:-100000}"
@@ -214,7 +218,7 @@ if [ "$PEER" = 1 ]; then
     echo "installing tansu (a Kafka-compatible broker; about 12 minutes) ..."
     cargo install tansu --locked --features dynostore --root "$HOME/.cache/tansu" --quiet
   fi
-  python3 -c 'import quixstreams' 2>/dev/null || pip3 install -q quixstreams
+  python3 -c 'import quixstreams' 2>/dev/null || pip_install quixstreams
   PORT=$((20000 + RANDOM % 20000))
   "$TANSU" broker --storage-engine memory://tansu/ --listener-url "tcp://127.0.0.1:$PORT" --advertised-listener-url "tcp://127.0.0.1:$PORT" >"$WORK/tansu.log" 2>&1 &
   TANSU_PID=$!

@@ -39,7 +39,7 @@ SAMPLE="${SAMPLE:-5}"
 EVENTS=$((RATE * DURATION))
 GATEBILL_TANSU="${GATEBILL_TANSU:-$(command -v tansu || true)}"
 [ -n "$GATEBILL_TANSU" ] || { echo "tansu not found: scripts/setup.sh installs it" >&2; exit 1; }
-python3 -c 'import confluent_kafka' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check confluent-kafka
+python3 -c 'import confluent_kafka' 2>/dev/null || pip_install confluent-kafka
 cargo build --locked --release --quiet --bin gatebill
 BIN="$CARGO_TARGET_DIR/release/gatebill"
 WORK="$(mktemp -d)"
