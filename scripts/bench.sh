@@ -93,8 +93,8 @@ gen_file() { "$BIN" gen --events "$1" --accounts "$ACCOUNTS" --days 30 --duplica
 
 echo "generating $EVENTS events ..."
 gen_file "$EVENTS" "$WORK/events.ndjson"
-printf '[worker]\ndedupe = false\nbatch_size = %s\n' "$BATCH" >"$WORK/nodedupe.toml"
-printf '[worker]\nbatch_size = %s\n' "$BATCH" >"$WORK/dedupe.toml"
+printf '[worker]\ndedupe = false\nfile_batch_size = %s\n' "$BATCH" >"$WORK/nodedupe.toml"
+printf '[worker]\nfile_batch_size = %s\n' "$BATCH" >"$WORK/dedupe.toml"
 printf '[worker]\nbatch_size = 50000\n' >"$WORK/broker.toml"
 measure "core path, dedupe off" "$EVENTS" "$WORK/s-off" "$BIN" replay --config "$WORK/nodedupe.toml" --input-file "$WORK/events.ndjson" --accounts-file "$WORK/events.accounts.ndjson" --output-file "$WORK/b-off.ndjson" --state-dir "$WORK/s-off"
 CORE_OFF="${ROWS[-1]}"

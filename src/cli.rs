@@ -42,7 +42,7 @@ pub enum Command {
     /// start. A state directory that already holds offsets resumes from them.
     /// Bills are computed once, when the end is reached (no provisional bills
     /// of a half-read history). With --input-file, each write batch holds
-    /// worker.batch_size lines.
+    /// worker.file_batch_size lines (100,000 by default).
     Replay(ReplayArgs),
     /// Show the latest revision of every bill on the output topic.
     Inspect(InspectArgs),

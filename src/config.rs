@@ -91,8 +91,15 @@ impl Default for KafkaConfig {
 pub struct WorkerConfig {
     /// RocksDB state directory. Default `./gatebill-state`.
     pub state_dir: PathBuf,
-    /// Most messages per batch (one RocksDB write each). Default 10,000.
+    /// Most messages per batch of a Kafka input (one RocksDB write each).
+    /// Default 10,000.
     pub batch_size: usize,
+    /// `replay --input-file`: lines per write, over all shards. Larger
+    /// writes touch each account-month once for more events (a 1M-event
+    /// replay took about a quarter less CPU at 100,000 than at 10,000, for about
+    /// 50 MB more memory); a stop loses at most this many lines' progress
+    /// (resumed, never counted twice). Default 100,000.
+    pub file_batch_size: usize,
     /// Longest wait to fill a batch, milliseconds. Default 200.
     pub batch_wait_ms: u64,
     /// Changed bills are recomputed and emitted at most this often, milliseconds. Default 5,000.
@@ -153,6 +160,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             state_dir: PathBuf::from("gatebill-state"),
             batch_size: 10_000,
+            file_batch_size: 100_000,
             batch_wait_ms: 200,
             emit_interval_ms: 5_000,
             provisional_interval_secs: 60,
@@ -258,6 +266,9 @@ impl Config {
         let w = &self.worker;
         if w.batch_size == 0 {
             return bad("worker.batch_size must be at least 1".into());
+        }
+        if w.file_batch_size == 0 {
+            return bad("worker.file_batch_size must be at least 1".into());
         }
         if w.emit_interval_ms == 0 {
             return bad("worker.emit_interval_ms must be at least 1".into());

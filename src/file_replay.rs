@@ -21,7 +21,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Lines decoded together (the write batch is `worker.batch_size` lines).
+/// Lines decoded together (the write batch is `worker.file_batch_size` lines).
 const CHUNK_LINES: usize = 32_768;
 
 /// Shards a new file replay splits its accounts into ([`Pipeline::split`]),
@@ -321,11 +321,11 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
         pb
     });
     let mut summary = RunSummary::default();
-    let batch_size = cfg.worker.batch_size as u64;
+    let batch_size = cfg.worker.file_batch_size as u64;
     // A reader thread fills one buffer per chunk of lines (no allocation per
     // line) while the shards decode and aggregate the previous chunk; every
     // shard writes its batch once `batch_size` lines are pending in all.
-    let chunk_lines = cfg.worker.batch_size.min(CHUNK_LINES);
+    let chunk_lines = cfg.worker.file_batch_size.min(CHUNK_LINES);
     let (chunks, recycle) = read_chunks(reader, chunk_lines, start);
     let started = std::time::Instant::now();
     for chunk in chunks.iter() {
@@ -480,7 +480,7 @@ mod tests {
         let config = |state: &str, threads: usize, dedupe: bool| {
             let mut cfg = Config::default();
             cfg.worker.state_dir = dir.path().join(state);
-            cfg.worker.batch_size = 1_000;
+            cfg.worker.file_batch_size = 1_000;
             cfg.worker.threads = threads;
             cfg.worker.dedupe = dedupe;
             cfg.checked().unwrap()

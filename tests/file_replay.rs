@@ -33,7 +33,7 @@ async fn file_replay_equals_the_core_and_resumes() {
         gatebill::traffic::write_accounts_file(&accounts, &spec).unwrap();
         let mut cfg = Config::default();
         cfg.worker.state_dir = dir.path().join(format!("{name}.state"));
-        cfg.worker.batch_size = 1_000;
+        cfg.worker.file_batch_size = 1_000;
         let out = dir.path().join(format!("{name}.bills"));
         let s = replay_file(&cfg.clone().checked().unwrap(), &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false)
             .await
