@@ -37,11 +37,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
-if [ ! -x /usr/bin/time ]; then
-  sudo_cmd=""
-  [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq time >/dev/null
-fi
+[ -x /usr/bin/time ] || apt_install time >/dev/null
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/gatebill-target}"
 EVENTS="${EVENTS:-5000000}"
 ACCOUNTS="${ACCOUNTS:-100000}"

@@ -27,12 +27,16 @@ else
 fi
 command -v python3 >/dev/null || need+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
-if [ "${SKIP_INSTALL:-0}" != 1 ] && [ ${#need[@]} -gt 0 ]; then
-  echo "==> installing: ${need[*]}"
-  sudo_cmd=""
+# apt_install PKG...: apt-get (with sudo when not root), lists updated first.
+apt_install() {
+  local sudo_cmd=""
   [ "$(id -u)" = 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need[@]}"
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "$@"
+}
+if [ "${SKIP_INSTALL:-0}" != 1 ] && [ ${#need[@]} -gt 0 ]; then
+  echo "==> installing: ${need[*]}"
+  apt_install "${need[@]}"
 fi
 if ! command -v cargo >/dev/null; then
   echo "==> installing the Rust toolchain with rustup"

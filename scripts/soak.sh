@@ -44,12 +44,8 @@ cargo build --locked --release --quiet --bin gatebill
 BIN="$CARGO_TARGET_DIR/release/gatebill"
 WORK="$(mktemp -d)"
 TANSU_PID="" WORKER_PID="" GEN_PID=""
-if [ -n "${KEEP:-}" ]; then
-  echo "soak: the work directory (samples.txt: the samples as taken) is kept at $WORK"
-  trap 'kill $GEN_PID $WORKER_PID $TANSU_PID 2>/dev/null || true' EXIT
-else
-  trap 'kill $GEN_PID $WORKER_PID $TANSU_PID 2>/dev/null || true; rm -rf "$WORK"' EXIT
-fi
+[ -z "${KEEP:-}" ] || echo "soak: the work directory (samples.txt: the samples as taken) is kept at $WORK"
+trap 'kill $GEN_PID $WORKER_PID $TANSU_PID 2>/dev/null || true; [ -n "${KEEP:-}" ] || rm -rf "$WORK"' EXIT
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORT="$(free_port)"
 METRICS_PORT="$(free_port)"

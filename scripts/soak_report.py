@@ -86,17 +86,19 @@ first_warm = warm[0][1] if warm else 0
 # sawtooth's phase does not count), and the spread of RSS less what RocksDB
 # reports for its memtables and block cache (memory it holds under its own
 # bounds).
-q2 = [s[1] for s in load if duration / 4 <= s[0] < duration / 2]
-q4 = [s[1] for s in load if s[0] >= duration * 3 / 4]
+second = [s for s in load if duration / 4 <= s[0] < duration / 2]
+fourth = [s for s in load if s[0] >= duration * 3 / 4]
+q2 = [s[1] for s in second]
+q4 = [s[1] for s in fourth]
 peak_drift = (max(q4) - max(q2)) / max(q2) * 100 if q2 and q4 else float("nan")
 # The block cache fills toward its fixed capacity as the store's files grow,
 # which over a run that compresses a day of events into minutes takes the
 # whole run: the same peak to peak less the cache is growth from elsewhere.
-q2_less_cache = [s[1] - s[5][1] for s in load if duration / 4 <= s[0] < duration / 2]
-q4_less_cache = [s[1] - s[5][1] for s in load if s[0] >= duration * 3 / 4]
+q2_less_cache = [s[1] - s[5][1] for s in second]
+q4_less_cache = [s[1] - s[5][1] for s in fourth]
 cache_drift = (max(q4_less_cache) - max(q2_less_cache)) / max(q2_less_cache) * 100 if q2_less_cache and q4_less_cache else float("nan")
-cache_q2 = max((s[5][1] for s in load if duration / 4 <= s[0] < duration / 2), default=0)
-cache_q4 = max((s[5][1] for s in load if s[0] >= duration * 3 / 4), default=0)
+cache_q2 = max((s[5][1] for s in second), default=0)
+cache_q4 = max((s[5][1] for s in fourth), default=0)
 rest = [s[1] - s[5][0] - s[5][1] for s in warm]
 rest_drift = (max(rest) - min(rest)) / min(rest) * 100 if rest and min(rest) > 0 else float("nan")
 last = load[-1][1] if load else 0

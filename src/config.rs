@@ -147,11 +147,15 @@ pub struct WorkerConfig {
     pub threads: usize,
 }
 
+/// Bytes of a setting in MB (saturating).
+pub fn mb_bytes(mb: u64) -> usize {
+    usize::try_from(mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+}
+
 impl WorkerConfig {
     /// The state store's memory bounds (`memtable_mb`, `block_cache_mb`).
     pub fn store_memory(&self) -> crate::store::StoreMemory {
-        let mb = |v: u64| usize::try_from(v.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
-        crate::store::StoreMemory { memtable_bytes: mb(self.memtable_mb), block_cache_bytes: mb(self.block_cache_mb) }
+        crate::store::StoreMemory { memtable_bytes: mb_bytes(self.memtable_mb), block_cache_bytes: mb_bytes(self.block_cache_mb) }
     }
 }
 

@@ -88,7 +88,7 @@ impl Settings {
             dedupe: cfg.worker.dedupe,
             dedupe_window_secs: cfg.worker.dedupe_window_hours as i64 * 3600,
             dedupe_window_messages: i64::try_from(cfg.worker.dedupe_window_messages).unwrap_or(i64::MAX),
-            dedupe_memory_bytes: usize::try_from(cfg.worker.dedupe_memory_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+            dedupe_memory_bytes: crate::config::mb_bytes(cfg.worker.dedupe_memory_mb),
             max_future_ms: cfg.worker.max_future_secs as i64 * 1000,
             grace_ms: cfg.worker.grace_period_secs as i64 * 1000,
             idle_after_ms: cfg.worker.idle_after_secs as i64 * 1000,
