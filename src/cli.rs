@@ -547,7 +547,7 @@ async fn replay(a: ReplayArgs, cfg: Checked) -> Result<()> {
                 (None, false) if brokers_given => crate::file_replay::Accounts::Topic,
                 (None, false) => return Err(NO_ACCOUNTS.into()),
             };
-            crate::file_replay::replay_file(&cfg, input, accounts, sink, progress).await?
+            crate::file_replay::replay_file(&cfg, input, accounts, sink, progress, shutdown_signal()).await?
         }
         None => worker::run(&cfg, RunOptions { mode: Mode::Replay { from_ms, progress }, fault: None }, shutdown_signal()).await?,
     };
@@ -562,6 +562,15 @@ async fn replay(a: ReplayArgs, cfg: Checked) -> Result<()> {
         s.rejected,
         s.bills_emitted
     );
+    if s.interrupted {
+        return Err(format!(
+            "replay interrupted before the end of its input after {} messages: no bill was emitted (bills of a partly read \
+             input would be published as final); what was read is kept in {}: run the same command again to resume where it stopped",
+            s.messages,
+            cfg.worker.state_dir.display()
+        )
+        .into());
+    }
     Ok(())
 }
 

@@ -50,6 +50,24 @@ fn shard_count(store: &Store, topic: &str, new: u32) -> Result<u32, StoreError> 
     Ok(new)
 }
 
+/// Writes every shard's pending batch (one write each) and adds what they
+/// wrote to the summary.
+fn flush_shards(pool: &rayon::ThreadPool, shards: &mut [Pipeline], summary: &mut RunSummary) -> Result<(), StoreError> {
+    let mut s = BatchStats::default();
+    for r in on_shards(pool, shards, vec![(); shards.len()], |p, ()| p.flush()) {
+        let r = r?;
+        s.billed += r.billed;
+        s.rejected += r.rejected;
+        s.duplicates += r.duplicates;
+    }
+    summary.batches += 1;
+    summary.messages += s.billed + s.rejected + s.duplicates;
+    summary.billed += s.billed;
+    summary.rejected += s.rejected;
+    summary.duplicates += s.duplicates;
+    Ok(())
+}
+
 /// Runs `f` on each shard with its work item on the pool's threads (each
 /// shard a task, so a thread that finishes early takes the next shard);
 /// results in shard order.
@@ -261,10 +279,69 @@ fn load_accounts_file(pipeline: &mut Pipeline, path: &Path) -> Result<(), Worker
 
 /// The pipeline's settings for a replay of `input`: offsets under
 /// `file:<path>`, no key check, no changelog.
-fn file_settings(cfg: &Checked, input: &Path, accounts: &Accounts) -> Settings {
+/// Bytes at the start of an input file that identify it (with how many
+/// there were, when the file was shorter).
+const FINGERPRINT_BYTES: usize = 1 << 20;
+
+/// The meta key under which an input's fingerprint is kept.
+fn fingerprint_key(topic: &str) -> String {
+    format!("input:{topic}")
+}
+
+/// A stored fingerprint: how many bytes were hashed, and their xxh3-128.
+fn decode_fingerprint(v: &[u8]) -> Option<(usize, u128)> {
+    let len = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let hash = u128::from_be_bytes(v.get(8..24)?.try_into().ok()?);
+    Some((usize::try_from(len).ok()?, hash))
+}
+
+/// Whether an input whose first bytes are `head` (at most
+/// [`FINGERPRINT_BYTES`]) has the stored fingerprint: its first `len`
+/// bytes hash alike (a file that grew since keeps its identity).
+fn matches_fingerprint(head: &[u8], (len, hash): (usize, u128)) -> bool {
+    head.len() >= len && xxhash_rust::xxh3::xxh3_128(&head[..len]) == hash
+}
+
+/// The name a file replay's positions, dedupe buckets and shard count are
+/// kept under (its "topic"): `file:<canonical path>`, where the input is
+/// identified by content, not only by path. Its first MiB (or all of a
+/// shorter file) is hashed and kept in the meta column family: an input
+/// whose start matches an input replayed before under another path
+/// resumes under that one's name; a path replayed before with other
+/// content is refused (its stored position belongs to the other content).
+/// Standard input (`-`) has no identity but its name.
+fn input_topic(store: &Store, input: &Path) -> Result<String, WorkerError> {
+    if input == Path::new("-") {
+        return Ok("file:-".into());
+    }
+    let canonical = input.canonicalize().unwrap_or_else(|_| input.to_path_buf());
+    let topic = format!("file:{}", canonical.display());
+    let io = |source| WorkerError::Input { path: input.to_path_buf(), source };
+    let mut head = Vec::with_capacity(FINGERPRINT_BYTES);
+    std::fs::File::open(input).and_then(|f| f.take(FINGERPRINT_BYTES as u64).read_to_end(&mut head)).map_err(io)?;
+    if let Some(stored) = store.meta(&fingerprint_key(&topic))?.as_deref().and_then(decode_fingerprint) {
+        if matches_fingerprint(&head, stored) {
+            return Ok(topic);
+        }
+        let line = store.partitions(&topic)?.into_values().map(|s| s.next_offset).min().unwrap_or(0);
+        return Err(WorkerError::OtherContent { path: canonical, line });
+    }
+    for (key, v) in store.meta_with_prefix("input:")? {
+        if decode_fingerprint(&v).is_some_and(|f| matches_fingerprint(&head, f)) {
+            let other = key["input:".len()..].to_string();
+            tracing::info!(input = %topic, replayed_as = %other, "this input starts as one replayed before under another path: resuming it");
+            return Ok(other);
+        }
+    }
+    let mut v = (head.len() as u64).to_be_bytes().to_vec();
+    v.extend_from_slice(&xxhash_rust::xxh3::xxh3_128(&head).to_be_bytes());
+    store.put_meta(&fingerprint_key(&topic), &v)?;
+    Ok(topic)
+}
+
+fn file_settings(cfg: &Checked, topic: String, accounts: &Accounts) -> Settings {
     let mut settings = Settings::from_config(cfg);
-    let canonical = if input == Path::new("-") { PathBuf::from("-") } else { input.canonicalize().unwrap_or_else(|_| input.to_path_buf()) };
-    settings.input_topic = format!("file:{}", canonical.display());
+    settings.input_topic = topic;
     settings.require_keys = false;
     // A file has no partitions to move between workers: no changelog.
     settings.changelog_topic = None;
@@ -275,10 +352,23 @@ fn file_settings(cfg: &Checked, input: &Path, accounts: &Accounts) -> Settings {
 }
 
 /// Replays a file through the pipeline and emits every bill at the end.
-pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: Sink, progress: bool) -> Result<RunSummary, WorkerError> {
+/// Stops at the first chunk boundary after `shutdown` resolves (a signal):
+/// what was read is written, no bill is emitted, and the summary says it
+/// was interrupted (spec section 8); run again, the replay resumes.
+pub async fn replay_file(
+    cfg: &Checked,
+    input: &Path,
+    accounts: Accounts,
+    sink: Sink,
+    progress: bool,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<RunSummary, WorkerError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    // Polled once now, so that a signal handler is in place from here on.
+    let mut stop_asked = crate::worker::poll_now(shutdown.as_mut()).is_some();
     let rules = cfg.rules().clone();
     let store = Arc::new(Store::open_sized(&cfg.worker.state_dir, cfg.worker.store_memory())?);
-    let settings = file_settings(cfg, input, &accounts);
+    let settings = file_settings(cfg, input_topic(&store, input)?, &accounts);
     let topic = settings.input_topic.clone();
     let metrics = Metrics::new();
     let mut pipeline = Pipeline::new(store, rules, settings, metrics.clone())?;
@@ -347,21 +437,17 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
         let done = chunk.done;
         let pending: u64 = shards.iter().map(Pipeline::pending_messages).sum();
         if pending >= batch_size || (done && pending > 0) {
-            let mut s = BatchStats::default();
-            for r in on_shards(&pool, &mut shards, vec![(); count as usize], |p, ()| p.flush()) {
-                let r = r?;
-                s.billed += r.billed;
-                s.rejected += r.rejected;
-                s.duplicates += r.duplicates;
-            }
-            summary.batches += 1;
-            summary.messages += s.billed + s.rejected + s.duplicates;
-            summary.billed += s.billed;
-            summary.rejected += s.rejected;
-            summary.duplicates += s.duplicates;
+            flush_shards(&pool, &mut shards, &mut summary)?;
         }
         let _ = recycle.send(chunk);
         if done {
+            break;
+        }
+        stop_asked = stop_asked || crate::worker::poll_now(shutdown.as_mut()).is_some();
+        if stop_asked {
+            // What is pending is written, so that the next run resumes after it.
+            flush_shards(&pool, &mut shards, &mut summary)?;
+            summary.interrupted = true;
             break;
         }
     }
@@ -369,6 +455,15 @@ pub async fn replay_file(cfg: &Checked, input: &Path, accounts: Accounts, sink: 
     tracing::info!(process_seconds = started.elapsed().as_secs_f64(), "input processed");
     let (processed_at, cpu) = (std::time::Instant::now(), crate::metrics::process_cpu_seconds());
     summary.bills_emitted = match &sink {
+        // An interrupted replay emits no bill (spec section 8): its dirty
+        // marks stay for the run that resumes it.
+        _ if summary.interrupted => {
+            tracing::warn!(
+                messages = summary.messages,
+                "replay interrupted before the end of its input: no bill emitted; run the same command again to resume"
+            );
+            0
+        }
         Sink::File(out) => {
             // Bills go straight to the file, a chunk at a time; each chunk
             // is committed after its lines are synced.
@@ -415,6 +510,11 @@ mod tests {
     use crate::config::Config;
     use crate::gen::GenSpec;
     use std::collections::BTreeMap;
+
+    /// The name a new input's positions are kept under.
+    fn path_topic(input: &Path) -> String {
+        format!("file:{}", input.canonicalize().unwrap().display())
+    }
 
     fn bills(path: &Path) -> BTreeMap<String, String> {
         std::fs::read_to_string(path)
@@ -489,10 +589,12 @@ mod tests {
         for threads in [1, 3] {
             let out = dir.path().join(format!("bills-{threads}.ndjson"));
             let cfg = config(&format!("clean-{threads}"), threads, true);
-            let s = replay_file(&cfg, &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false).await.unwrap();
+            let s = replay_file(&cfg, &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false, std::future::pending())
+                .await
+                .unwrap();
             assert_eq!((s.billed, s.duplicates, s.rejected), (truth.unique_events, truth.duplicates, truth.malformed));
             let store = Store::open(&cfg.worker.state_dir).unwrap();
-            let topic = file_settings(&cfg, &input, &Accounts::File(accounts.clone())).input_topic;
+            let topic = path_topic(&input);
             let positions = store.partitions(&topic).unwrap();
             assert_eq!(positions.len(), FILE_SHARDS as usize, "one position per shard, {threads} threads");
             assert!(positions.values().all(|p| p.next_offset == truth.messages as i64), "every shard past the last line");
@@ -504,7 +606,7 @@ mod tests {
         let cfg = config("crashed", 2, false);
         let (written, chunk_lines) = {
             let store = Arc::new(Store::open(&cfg.worker.state_dir).unwrap());
-            let settings = file_settings(&cfg, &input, &Accounts::File(accounts.clone()));
+            let settings = file_settings(&cfg, path_topic(&input), &Accounts::File(accounts.clone()));
             let topic = settings.input_topic.clone();
             let mut pipeline = Pipeline::new(store.clone(), cfg.rules().clone(), settings, Metrics::new()).unwrap();
             load_accounts_file(&mut pipeline, &accounts).unwrap();
@@ -532,18 +634,20 @@ mod tests {
         let out = dir.path().join("bills-crashed.ndjson");
         // Resumed on 5 threads: the count stays 16.
         let cfg = config("crashed", 5, false);
-        let s = replay_file(&cfg, &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false).await.unwrap();
+        let s = replay_file(&cfg, &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false, std::future::pending())
+            .await
+            .unwrap();
         let lines = truth.unique_events + truth.duplicates;
         assert_eq!((written.billed + s.billed, s.duplicates, written.rejected + s.rejected), (lines, 0, truth.malformed));
         assert_eq!(bills(&out), core_bills(&spec, false));
         let dead = std::fs::read_to_string(format!("{}.dead-letters", out.display())).unwrap();
         assert_eq!(dead.lines().count() as u64, truth.malformed, "each malformed line dead-lettered once");
-        let topic = file_settings(&cfg, &input, &Accounts::File(accounts.clone())).input_topic;
+        let topic = path_topic(&input);
         assert_eq!(Store::open(&cfg.worker.state_dir).unwrap().partitions(&topic).unwrap().len(), FILE_SHARDS as usize);
 
         // A directory from before sharding: partition 0 only, no count.
         let cfg = config("legacy", 3, true);
-        let topic = file_settings(&cfg, &input, &Accounts::File(accounts.clone())).input_topic;
+        let topic = path_topic(&input);
         {
             let store = Store::open(&cfg.worker.state_dir).unwrap();
             let mut batch = store.batch();
@@ -551,7 +655,9 @@ mod tests {
             store.write(batch).unwrap();
         }
         let out = dir.path().join("bills-legacy.ndjson");
-        let s = replay_file(&cfg, &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false).await.unwrap();
+        let s = replay_file(&cfg, &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false, std::future::pending())
+            .await
+            .unwrap();
         assert_eq!(s.billed, truth.unique_events);
         assert_eq!(bills(&out), with_dedupe);
         assert_eq!(Store::open(&cfg.worker.state_dir).unwrap().partitions(&topic).unwrap().keys().copied().collect::<Vec<_>>(), vec![0]);

@@ -523,6 +523,20 @@ impl Store {
         Ok(self.db.get_cf(self.cf(cf::META), key.as_bytes())?)
     }
 
+    /// Every value of the meta column family whose key starts with `prefix`,
+    /// in key order.
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf::META), IteratorMode::From(prefix.as_bytes(), rocksdb::Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Writes a value of the meta column family, synced.
     pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let mut wo = WriteOptions::default();

@@ -70,6 +70,19 @@ pub enum WorkerError {
         /// Why.
         source: rayon::ThreadPoolBuildError,
     },
+    /// A file replay's input path was replayed into this state directory
+    /// before with other content.
+    #[error(
+        "{path} was replayed into this state directory before with other content (its first MiB differs), and the stored \
+         position (line {line}) belongs to that content: replay this file into another --state-dir, or give back the file \
+         that was replayed"
+    )]
+    OtherContent {
+        /// The input.
+        path: std::path::PathBuf,
+        /// Where the stored position stands.
+        line: i64,
+    },
     /// The metrics address cannot be bound.
     #[error("cannot listen for metrics on {address}: {source}; pass --metrics-address with a free port, or \"\" to disable")]
     Metrics {
@@ -149,6 +162,9 @@ pub struct RunSummary {
     pub delivery_failures: u64,
     /// Whether the run stopped at a fault point.
     pub crashed: bool,
+    /// A replay stopped (a signal) before the end of its input: it emitted
+    /// no bill (spec section 8); run again, it resumes from its positions.
+    pub interrupted: bool,
 }
 
 /// The input partitions this worker owns, as the rebalance callback alone
@@ -479,7 +495,7 @@ fn to_input(m: &OwnedMessage) -> InputMessage<'_> {
 const CHECK_EVERY: usize = 1024;
 
 /// Polls a future once, without waiting: its output if it is ready.
-fn poll_now<F: Future>(fut: F) -> Option<F::Output> {
+pub(crate) fn poll_now<F: Future>(fut: F) -> Option<F::Output> {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     match std::pin::pin!(fut).poll(&mut cx) {
         std::task::Poll::Ready(v) => Some(v),
@@ -812,13 +828,19 @@ impl Worker {
         matches!(self.opts.mode, Mode::Replay { .. })
     }
 
+    /// Replay: every partition's stored position is at the end offset seen
+    /// at start.
+    fn ends_reached(&self) -> bool {
+        self.ends.iter().all(|(p, end)| self.pipeline.next_offset(*p).is_some_and(|n| n >= *end))
+    }
+
     /// One turn of the loop: gather a batch (until it is full, the batch
     /// wait passes, or `shutdown` resolves), write it, deliver the outbox,
     /// commit; follow the accounts topic; emit changed bills when due;
     /// refresh lag and state gauges.
     async fn step(&mut self, shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>) -> Result<Step, WorkerError> {
         self.follow_ownership(&mut Gathered::default())?;
-        if self.replay() && self.ends.iter().all(|(p, end)| self.pipeline.next_offset(*p).is_some_and(|n| n >= *end)) {
+        if self.replay() && self.ends_reached() {
             return Ok(Step::Stop);
         }
         let mut stopping = false;
@@ -1006,12 +1028,23 @@ impl Worker {
         let t = Instant::now();
         let (cpu, bills_before) = (crate::metrics::process_cpu_seconds(), self.summary.bills_emitted);
         let replay = self.replay();
-        // A clean stop emits every change, provisional ones held back by
-        // worker.provisional_interval_secs included.
-        self.pipeline.release_provisional_holds();
-        if self.emit(now_ms(), replay).await? {
-            self.summary.crashed = true;
-            return Ok(());
+        // A replay stopped before its ends emits no bill: bills of a partly
+        // read history would go out as final (spec section 8). Its dirty
+        // marks stay on disk, so the run that resumes it emits them.
+        self.summary.interrupted = replay && !self.ends_reached();
+        if self.summary.interrupted {
+            tracing::warn!(
+                messages = self.summary.messages,
+                "replay interrupted before the end of its input: no bill emitted; run the same command again to resume"
+            );
+        } else {
+            // A clean stop emits every change, provisional ones held back by
+            // worker.provisional_interval_secs included.
+            self.pipeline.release_provisional_holds();
+            if self.emit(now_ms(), replay).await? {
+                self.summary.crashed = true;
+                return Ok(());
+            }
         }
         // CPU per bill: computed, serialised, produced and acknowledged
         // (committed), every thread of the process counted.

@@ -192,7 +192,7 @@ async fn explain_reads_a_state_directory_written_by_a_replay() {
     cfg.worker.state_dir = dir.path().join("state");
     let checked = cfg.clone().checked().unwrap();
     let out = dir.path().join("bills.ndjson");
-    let s = replay_file(&checked, &input, Accounts::File(accounts), Sink::File(out.clone()), false).await.unwrap();
+    let s = replay_file(&checked, &input, Accounts::File(accounts), Sink::File(out.clone()), false, std::future::pending()).await.unwrap();
     assert_eq!((s.billed, s.bills_emitted), (3, 1));
 
     let x = gatebill::explain::from_state_dir(&cfg.worker.state_dir, "A", "2020-11".parse().unwrap(), checked.rules()).unwrap();

@@ -13,6 +13,19 @@ use gatebill::file_replay::{replay_file, Accounts, Sink};
 use gatebill::gen::{self, GenSpec};
 use std::collections::BTreeMap;
 
+/// `replay --input-file` to an output file, with an accounts file, to the end.
+async fn replay_to_file(
+    cfg: &Config,
+    input: &std::path::Path,
+    accounts: &std::path::Path,
+    out: &std::path::Path,
+) -> gatebill::worker::RunSummary {
+    let accounts = Accounts::File(accounts.to_path_buf());
+    replay_file(&cfg.clone().checked().unwrap(), input, accounts, Sink::File(out.to_path_buf()), false, std::future::pending())
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn file_replay_equals_the_core_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
@@ -35,9 +48,7 @@ async fn file_replay_equals_the_core_and_resumes() {
         cfg.worker.state_dir = dir.path().join(format!("{name}.state"));
         cfg.worker.file_batch_size = 1_000;
         let out = dir.path().join(format!("{name}.bills"));
-        let s = replay_file(&cfg.clone().checked().unwrap(), &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false)
-            .await
-            .unwrap();
+        let s = replay_to_file(&cfg, &input, &accounts, &out).await;
         assert_eq!((s.billed, s.duplicates, s.rejected), (truth.unique_events, truth.duplicates, truth.malformed));
 
         let rules = Rules::default();
@@ -62,9 +73,7 @@ async fn file_replay_equals_the_core_and_resumes() {
         assert_eq!(dead.lines().count() as u64, truth.malformed);
 
         // A second run over the same file and state resumes after the last line.
-        let again = replay_file(&cfg.clone().checked().unwrap(), &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false)
-            .await
-            .unwrap();
+        let again = replay_to_file(&cfg, &input, &accounts, &out).await;
         assert_eq!((again.messages, again.billed, again.bills_emitted), (0, 0, 0));
     }
 }
@@ -173,8 +182,15 @@ async fn a_backfill_with_its_accounts_file_bills_as_the_topic_replay_with_the_ac
     let mut empty = topic_cfg.clone();
     empty.kafka.accounts_topic = "no-accounts".into();
     empty.worker.state_dir = dir.join("s-empty");
-    let err = replay_file(&empty.clone().checked().unwrap(), &events, Accounts::Topic, Sink::File(dir.join("empty.ndjson")), false)
-        .await
-        .unwrap_err();
+    let err = replay_file(
+        &empty.clone().checked().unwrap(),
+        &events,
+        Accounts::Topic,
+        Sink::File(dir.join("empty.ndjson")),
+        false,
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("the accounts topic no-accounts") && err.to_string().contains("--accounts-file"), "{err}");
 }

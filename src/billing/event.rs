@@ -40,11 +40,15 @@ pub enum RejectReason {
     /// packs, which are invalid; the detail names each one. The dead letter is
     /// a copy of the record: the rest of it (activation, valid packs) applies.
     InvalidResourcePack,
+    /// A repeated `request_id` whose billed content (time, account, region,
+    /// metered bytes and classification) differs from the copy already
+    /// counted: an input error, not a retry. The first copy stays counted.
+    ConflictingDuplicate,
 }
 
 impl RejectReason {
     /// Every reason, for metrics and documentation.
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::MalformedJson,
         RejectReason::MissingField,
         RejectReason::InvalidValue,
@@ -52,6 +56,7 @@ impl RejectReason {
         RejectReason::KeyMismatch,
         RejectReason::FutureTime,
         RejectReason::InvalidResourcePack,
+        RejectReason::ConflictingDuplicate,
     ];
 
     /// The stable reason code written to dead-letter headers.
@@ -64,6 +69,7 @@ impl RejectReason {
             RejectReason::KeyMismatch => "key_mismatch",
             RejectReason::FutureTime => "future_time",
             RejectReason::InvalidResourcePack => "invalid_resource_pack",
+            RejectReason::ConflictingDuplicate => "conflicting_duplicate",
         }
     }
 }

@@ -12,6 +12,61 @@ use std::collections::BTreeMap;
 /// Version byte of the current binary encoding.
 pub const ENCODING_VERSION: u8 = 1;
 
+/// Largest total any usage quantity of one account-month may reach: 2^53 - 1,
+/// the bound the wire formats put on every integer (an access event's byte
+/// counts are below 2^53), so every figure of a bill is exact in any JSON
+/// reader. An event that would take a month's total past it is
+/// dead-lettered ("usage overflow") and counts nowhere ([`MonthTotals::add`]);
+/// so no hour, month, merge or changelog sum ever saturates or wraps, and
+/// sums over months (a pack's deductions) stay below 2^64 for 2,048 months.
+pub const MAX_MONTH_TOTAL: u64 = (1 << 53) - 1;
+
+/// One account-month's totals of every quantity usage keeps: what
+/// [`MAX_MONTH_TOTAL`] bounds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MonthTotals {
+    /// All calls, frontend errors included.
+    pub calls: u64,
+    /// Frontend-error calls.
+    pub frontend_error_calls: u64,
+    /// Public outbound bytes over all regions.
+    pub public_out_bytes: u64,
+    /// Private outbound bytes.
+    pub private_out_bytes: u64,
+    /// Inbound bytes.
+    pub inbound_bytes: u64,
+}
+
+/// The quantity an event would take past [`MAX_MONTH_TOTAL`], with the total
+/// it would reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TotalOverflow {
+    /// The bill field: `calls`, `public_out_bytes`, ...
+    pub quantity: &'static str,
+    /// The month's total before the event.
+    pub total: u64,
+    /// What the event adds.
+    pub adds: u64,
+}
+
+impl MonthTotals {
+    /// The totals with one more event, or which quantity it would take past
+    /// [`MAX_MONTH_TOTAL`].
+    pub fn add(&self, m: &Metered) -> Result<MonthTotals, TotalOverflow> {
+        let sum = |quantity: &'static str, total: u64, adds: u64| match total.checked_add(adds) {
+            Some(v) if v <= MAX_MONTH_TOTAL => Ok(v),
+            _ => Err(TotalOverflow { quantity, total, adds }),
+        };
+        Ok(MonthTotals {
+            calls: sum("calls", self.calls, 1)?,
+            frontend_error_calls: sum("frontend_error_calls", self.frontend_error_calls, u64::from(m.frontend_error))?,
+            public_out_bytes: sum("public_out_bytes", self.public_out_bytes, m.public_out_bytes)?,
+            private_out_bytes: sum("private_out_bytes", self.private_out_bytes, m.private_out_bytes)?,
+            inbound_bytes: sum("inbound_bytes", self.inbound_bytes, m.inbound_bytes)?,
+        })
+    }
+}
+
 /// Usage of one account in one local hour, as an owned value: what tests and
 /// builders put into a month with [`MonthUsage::add_hour`]. A month keeps
 /// its hours flat and lends them out as [`HourView`]s.
@@ -160,6 +215,20 @@ impl MonthUsage {
     /// All calls in the month.
     pub fn calls(&self) -> u64 {
         self.hours.iter().map(|h| h.counters[0]).sum()
+    }
+
+    /// The month's totals, saturating (a month written through the pipeline
+    /// is below [`MAX_MONTH_TOTAL`] in every quantity, so nothing saturates).
+    pub fn totals(&self) -> MonthTotals {
+        let mut t = MonthTotals::default();
+        for s in &self.hours {
+            t.calls = t.calls.saturating_add(s.counters[0]);
+            t.frontend_error_calls = t.frontend_error_calls.saturating_add(s.counters[1]);
+            t.private_out_bytes = t.private_out_bytes.saturating_add(s.counters[2]);
+            t.inbound_bytes = t.inbound_bytes.saturating_add(s.counters[3]);
+        }
+        t.public_out_bytes = self.public.iter().fold(0u64, |a, (_, b)| a.saturating_add(*b));
+        t
     }
 
     fn view(&self, i: usize) -> HourView<'_> {

@@ -34,7 +34,6 @@ impl BucketSource for Store {
 use rustc_hash::FxBuildHasher;
 
 type FxHashMap<K, V> = std::collections::HashMap<K, V, FxBuildHasher>;
-type FxHashSet<T> = std::collections::HashSet<T, FxBuildHasher>;
 use std::collections::BTreeMap;
 
 /// Small dense ids for strings (account and region ids) so that a batch's
@@ -208,9 +207,10 @@ pub fn decode_all<'m>(msgs: &[&'m InputMessage<'m>], require_keys: bool) -> Vec<
 /// One partition-hour of request-id hashes, as stored plus what the pending
 /// batch added.
 struct Bucket {
-    /// The hashes; `None` until read from the store.
-    seen: Option<FxHashSet<u128>>,
-    /// Hashes added since the last write.
+    /// Request-id key ([`DedupeEntry`]) -> billed-content hash of the copy
+    /// counted; `None` until read from the store.
+    seen: Option<FxHashMap<u64, u64>>,
+    /// Entries added since the last write, as stored.
     new: Vec<u128>,
     /// Input offset of the last event placed in this hour.
     last_offset: i64,
@@ -226,10 +226,80 @@ struct Bucket {
     used: u64,
 }
 
-/// The memory a set of request-id hashes holds, about: hashbrown keeps 8
+/// The memory a set of request-id entries holds, about: hashbrown keeps 8
 /// slots per 7 usable, each 16 bytes and a control byte.
-fn set_bytes(s: &FxHashSet<u128>) -> usize {
+fn set_bytes(s: &FxHashMap<u64, u64>) -> usize {
     s.capacity().div_ceil(7) * 8 * 17
+}
+
+/// What [`DedupeCache::insert`] found for a request id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// First copy: recorded, to be counted.
+    New,
+    /// A repeat of the copy counted, with the same billed content.
+    Repeat,
+    /// A repeat whose billed content differs from the copy counted
+    /// (`counted`, its [`content_hash`]): an input error.
+    Conflict {
+        /// The content hash of the copy counted.
+        counted: u64,
+    },
+}
+
+/// A dedupe entry as stored (16 bytes): the high 64 bits of the request id's
+/// xxh3-128 hash (the key), then the [`content_hash`] of the copy counted.
+/// Stores written before content hashes (the whole 128-bit id hash) read
+/// as the same key with the id hash's low half as "content", which
+/// [`DedupeEntry::legacy_content`] recognises as a repeat of any content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupeEntry {
+    /// The request id's key.
+    pub key: u64,
+    /// What the counted copy bills, hashed.
+    pub content: u64,
+}
+
+impl DedupeEntry {
+    /// The entry of a request id (its xxh3-128 hash) and content hash.
+    pub fn new(id: u128, content: u64) -> Self {
+        DedupeEntry { key: (id >> 64) as u64, content }
+    }
+
+    /// The 16 stored bytes, as a big-endian integer.
+    pub fn stored(self) -> u128 {
+        (u128::from(self.key) << 64) | u128::from(self.content)
+    }
+
+    /// (key, content) of a stored entry.
+    pub fn split(stored: u128) -> (u64, u64) {
+        ((stored >> 64) as u64, stored as u64)
+    }
+
+    /// The "content" of an entry stored before content hashes: the low half
+    /// of the id's own hash.
+    pub fn legacy_content(id: u128) -> u64 {
+        id as u64
+    }
+}
+
+/// The hash of what a copy of an event bills: account, region, time and
+/// the metered quantities (which the client network, the frontend flag,
+/// the byte counts and the backend decide). Two copies of one request id
+/// with different hashes are a conflict (spec section 8).
+pub fn content_hash(b: &Billable<'_>) -> u64 {
+    let m = &b.metered;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(b.account_id.as_bytes());
+    h.update(&[0]);
+    h.update(b.region.as_bytes());
+    h.update(&[0]);
+    h.update(&b.time_ms.to_le_bytes());
+    h.update(&[u8::from(m.frontend_error)]);
+    h.update(&m.public_out_bytes.to_le_bytes());
+    h.update(&m.private_out_bytes.to_le_bytes());
+    h.update(&m.inbound_bytes.to_le_bytes());
+    h.digest()
 }
 
 /// The dedupe window (see [`DedupeCache`]).
@@ -343,9 +413,13 @@ impl DedupeCache {
         std::mem::take(&mut self.reads)
     }
 
-    /// Records a request-id hash of the message at `offset` in `hour`;
-    /// `false` when it is a repeat. `watermark_ms` is the partition's
-    /// watermark before the message.
+    /// Looks up the request id of the message at `offset` in `hour` and
+    /// records it when new ([`Seen::New`]); a repeat with the same billed
+    /// content is [`Seen::Repeat`], with other content [`Seen::Conflict`]
+    /// (neither is recorded). `id` is the xxh3-128 hash of the request id,
+    /// `content` the [`content_hash`] of what the copy bills; `watermark_ms`
+    /// is the partition's watermark before the message.
+    #[allow(clippy::too_many_arguments)]
     pub fn insert(
         &mut self,
         store: &impl BucketSource,
@@ -353,8 +427,9 @@ impl DedupeCache {
         offset: i64,
         watermark_ms: i64,
         hour: i64,
-        hash: u128,
-    ) -> Result<bool, StoreError> {
+        id: u128,
+        content: u64,
+    ) -> Result<Seen, StoreError> {
         let (window, topic) = (self.window, self.topic);
         let buckets = match self.partitions.get_mut(&partition) {
             Some(b) => b,
@@ -371,7 +446,7 @@ impl DedupeCache {
         };
         let clock = self.clock;
         let empty = |reset| Bucket {
-            seen: Some(FxHashSet::default()),
+            seen: Some(FxHashMap::default()),
             new: Vec::new(),
             last_offset: offset,
             topic,
@@ -387,18 +462,40 @@ impl DedupeCache {
             let stored = store.dedupe_bucket(partition, hour)?;
             self.reads.0 += 1;
             self.reads.1 += stored.len() as u64;
-            bucket.seen = Some(stored.chunks_exact(16).map(|c| u128::from_be_bytes(c.try_into().expect("16 bytes"))).collect());
+            bucket.seen =
+                Some(stored.chunks_exact(16).map(|c| DedupeEntry::split(u128::from_be_bytes(c.try_into().expect("16 bytes")))).collect());
         }
         let seen = bucket.seen.as_mut().expect("read above");
-        let fresh = seen.insert(hash);
-        if fresh {
-            bucket.new.push(hash);
-        }
+        let entry = DedupeEntry::new(id, content);
+        let outcome = match seen.get(&entry.key) {
+            None => {
+                seen.insert(entry.key, content);
+                bucket.new.push(entry.stored());
+                Seen::New
+            }
+            Some(&counted) if counted == content || counted == DedupeEntry::legacy_content(id) => Seen::Repeat,
+            Some(&counted) => Seen::Conflict { counted },
+        };
         bucket.last_offset = offset;
         bucket.topic = topic;
         bucket.touched = true;
         bucket.used = clock;
-        Ok(fresh)
+        Ok(outcome)
+    }
+
+    /// Takes back the request id [`DedupeCache::insert`] just recorded as new
+    /// in `hour` of `partition` (the event was then rejected: it counts
+    /// nowhere, so a later copy is not its repeat).
+    pub fn unrecord(&mut self, partition: i32, hour: i64, id: u128) {
+        let key = DedupeEntry::new(id, 0).key;
+        if let Some(b) = self.partitions.get_mut(&partition).and_then(|p| p.get_mut(&hour)) {
+            if let Some(seen) = b.seen.as_mut() {
+                seen.remove(&key);
+            }
+            if b.new.last().is_some_and(|e| DedupeEntry::split(*e).0 == key) {
+                b.new.pop();
+            }
+        }
     }
 
     /// Adds what changed since the last call to a write batch: per touched
@@ -466,25 +563,58 @@ mod tests {
         }
     }
 
+    /// A request id's hash: `x` in the key half, a fixed low half.
+    fn id(x: u64) -> u128 {
+        (u128::from(x) << 64) | 0x5eed
+    }
+
     #[test]
     fn dedupe_cache_reads_stored_buckets_and_restarts_expired_ones_empty() {
         let window = DedupeWindow { event_time_secs: 3600, messages: 100 };
         let topic = topic_hash("events");
         let mut stored = Stored::default();
-        stored.0.insert((0, 7200), (50, topic, vec![1, 2]));
-        stored.0.insert((0, 10_800), (10, topic, vec![3]));
-        stored.0.insert((0, 14_400), (140, topic_hash("file:old.ndjson"), vec![4]));
+        // Entries as a store from before content hashes holds them: the id's whole hash.
+        stored.0.insert((0, 7200), (50, topic, vec![id(1), id(2)]));
+        stored.0.insert((0, 10_800), (10, topic, vec![id(3)]));
+        stored.0.insert((0, 14_400), (140, topic_hash("file:old.ndjson"), vec![id(4)]));
         let mut cache = DedupeCache::new(window, "events", usize::MAX);
         let wm = 100_000 * 1000; // far past every hour: only the message window keeps buckets
                                  // Hour 7200, last event at offset 50: live at offset 150, so 1 is a repeat.
-        assert!(!cache.insert(&stored, 0, 150, wm, 7200, 1).unwrap());
-        assert!(cache.insert(&stored, 0, 151, wm, 7200, 9).unwrap());
+        assert_eq!(cache.insert(&stored, 0, 150, wm, 7200, id(1), 77).unwrap(), Seen::Repeat);
+        assert_eq!(cache.insert(&stored, 0, 151, wm, 7200, id(9), 77).unwrap(), Seen::New);
         // Hour 10800, last event at offset 10: expired at 152, so 3 is new again.
-        assert!(cache.insert(&stored, 0, 152, wm, 10_800, 3).unwrap());
+        assert_eq!(cache.insert(&stored, 0, 152, wm, 10_800, id(3), 77).unwrap(), Seen::New);
         // Hour 14400 was last touched by another input: offsets do not compare.
-        assert!(cache.insert(&stored, 0, 153, wm, 14_400, 4).unwrap());
+        assert_eq!(cache.insert(&stored, 0, 153, wm, 14_400, id(4), 77).unwrap(), Seen::New);
         // Another partition's buckets are its own.
-        assert!(cache.insert(&stored, 1, 0, wm, 7200, 1).unwrap());
+        assert_eq!(cache.insert(&stored, 1, 0, wm, 7200, id(1), 77).unwrap(), Seen::New);
+    }
+
+    #[test]
+    fn a_repeat_with_other_billed_content_is_a_conflict_and_the_first_copy_stays() {
+        let window = DedupeWindow { event_time_secs: 3600, messages: 100 };
+        let mut stored = Stored::default();
+        let mut cache = DedupeCache::new(window, "events", usize::MAX);
+        let wm = 7200 * 1000;
+        assert_eq!(cache.insert(&stored, 0, 0, wm, 7200, id(1), 100).unwrap(), Seen::New);
+        assert_eq!(cache.insert(&stored, 0, 1, wm, 7200, id(1), 100).unwrap(), Seen::Repeat);
+        assert_eq!(cache.insert(&stored, 0, 2, wm, 7200, id(1), 5).unwrap(), Seen::Conflict { counted: 100 });
+        // The first copy is what is written, and what a fresh cache reads back.
+        let mut entries = Vec::new();
+        for (_, buckets) in cache.partitions.iter_mut() {
+            for b in buckets.values_mut() {
+                entries.append(&mut b.new);
+            }
+        }
+        assert_eq!(entries, vec![DedupeEntry::new(id(1), 100).stored()]);
+        stored.0.insert((0, 7200), (2, topic_hash("events"), entries));
+        let mut fresh = DedupeCache::new(window, "events", usize::MAX);
+        assert_eq!(fresh.insert(&stored, 0, 3, wm, 7200, id(1), 5).unwrap(), Seen::Conflict { counted: 100 });
+        assert_eq!(fresh.insert(&stored, 0, 4, wm, 7200, id(1), 100).unwrap(), Seen::Repeat);
+        // A rejected new copy is taken back: the next copy is new.
+        assert_eq!(fresh.insert(&stored, 0, 5, wm, 7200, id(2), 1).unwrap(), Seen::New);
+        fresh.unrecord(0, 7200, id(2));
+        assert_eq!(fresh.insert(&stored, 0, 6, wm, 7200, id(2), 2).unwrap(), Seen::New);
     }
 
     #[test]

@@ -18,11 +18,12 @@ use crate::billing::config::Rules;
 use crate::billing::event::{DecodeError, RejectReason};
 use crate::billing::scan::Billable;
 use crate::billing::usage::merge_encoded;
+use crate::billing::usage::{MonthTotals, TotalOverflow, MAX_MONTH_TOTAL};
 use crate::changelog::Change;
 use crate::metrics::Metrics;
 use crate::store::{outbox_dead_letter_key, OutboxRecord, PartitionState, Store, StoreError};
 use accounts::AccountTable;
-use batch::{decode_all, encode_cells, DedupeCache, DedupeWindow, HourCell, Interner, Pending};
+use batch::{content_hash, decode_all, encode_cells, DedupeCache, DedupeWindow, HourCell, Interner, Pending, Seen};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
@@ -147,6 +148,13 @@ pub struct Pipeline {
     /// change the marks otherwise empties it. A missing entry costs one
     /// write; a wrong one would lose a bill, so when in doubt it is emptied.
     known_dirty: HashMap<(u32, Month), i32, rustc_hash::FxBuildHasher>,
+    /// Each account-month's usage totals, stored plus pending, for the
+    /// months ingested since the last reset: read from the store at a
+    /// month's first event, then kept up to date, so an event that would
+    /// take a total past [`MAX_MONTH_TOTAL`] is rejected before it counts.
+    /// Emptied with everything pending (a discarded or abandoned step), on
+    /// a reload, and with the interned ids.
+    totals: HashMap<(u32, Month), MonthTotals, rustc_hash::FxBuildHasher>,
     /// A step is staged and neither applied nor abandoned. Steps go one at
     /// a time: a batch staged with a mark skipped, then an emission that
     /// clears the month written before it, would lose the mark.
@@ -167,6 +175,35 @@ fn future_time(time_ms: i64, now: i64, max_future_ms: i64) -> DecodeError {
              check the gateway's clock, or raise worker.max_future_secs and replay this message",
             (time_ms - now) / 1000,
             max_future_ms / 1000
+        ),
+    )
+}
+
+/// The rejection of a repeated request id whose billed content differs
+/// from the copy counted (spec section 8: the first copy stays counted).
+fn conflicting_duplicate(b: &Billable<'_>, month: Month) -> DecodeError {
+    let m = &b.metered;
+    DecodeError::new(
+        RejectReason::ConflictingDuplicate,
+        format!(
+            "request_id {:?} was counted before in this partition and hour with other billed content (time, account, region, \
+             client network, frontend flag, byte counts or backend differ); this copy (account {:?}, month {month}, time {} ms, region {:?}, \
+             public/private/inbound bytes {}/{}/{}, frontend_error {}) is not counted, the first stays; \
+             give distinct calls distinct request ids",
+            b.request_id, b.account_id, b.time_ms, b.region, m.public_out_bytes, m.private_out_bytes, m.inbound_bytes, m.frontend_error
+        ),
+    )
+}
+
+/// The rejection of an event that would take a month's usage total past
+/// [`MAX_MONTH_TOTAL`] (spec section 8: it counts nowhere).
+fn usage_overflow(account: &str, month: Month, o: &TotalOverflow) -> DecodeError {
+    DecodeError::new(
+        RejectReason::InvalidValue,
+        format!(
+            "usage overflow: {} {} added to account {account:?}'s {month} total of {} would exceed {MAX_MONTH_TOTAL} (2^53 - 1), \
+             the most a bill carries exactly; the event is not counted. Check the gateway's byte counts",
+            o.adds, o.quantity, o.total
         ),
     )
 }
@@ -284,6 +321,8 @@ impl Pipeline {
         // The shards numbered dead letters apart; this one goes on after them.
         self.next_dead_letter = self.store.next_dead_letter_seq()?;
         self.shard = None;
+        // The shards wrote usage this pipeline did not see.
+        self.totals.clear();
         self.reload_partitions(&written)
     }
 
@@ -325,6 +364,7 @@ impl Pipeline {
             ids: Interner::default(),
             regions: Interner::default(),
             known_dirty: Default::default(),
+            totals: Default::default(),
             staged: false,
         })
     }
@@ -372,6 +412,7 @@ impl Pipeline {
             self.dedupe.forget(p);
         }
         self.known_dirty.clear();
+        self.totals.clear();
         Ok(())
     }
 
@@ -510,11 +551,37 @@ impl Pipeline {
             };
             debug_assert!(self.shard.is_none_or(|s| s.holds(&b.account_id)), "an event of another shard's account");
             let (month, hour) = self.place.place(b.time_ms);
+            let mut recorded = None;
             if self.settings.dedupe {
-                let h = xxhash_rust::xxh3::xxh3_128(b.request_id.as_bytes());
+                let id = xxhash_rust::xxh3::xxh3_128(b.request_id.as_bytes());
+                let content = content_hash(&b);
                 let wm = self.pending.touched.get(&m.partition).expect("touched in pass 1").watermark_ms;
-                if !self.dedupe.insert(self.store.as_ref(), m.partition, m.offset, wm, hour, h)? {
-                    self.pending.stats.duplicates += 1;
+                match self.dedupe.insert(self.store.as_ref(), m.partition, m.offset, wm, hour, id, content)? {
+                    Seen::New => recorded = Some(id),
+                    Seen::Repeat => {
+                        self.pending.stats.duplicates += 1;
+                        continue;
+                    }
+                    Seen::Conflict { .. } => {
+                        self.reject(m, &conflicting_duplicate(&b, month));
+                        continue;
+                    }
+                }
+            }
+            let account = self.ids.intern(&b.account_id);
+            let totals = match self.totals.get(&(account, month)) {
+                Some(t) => *t,
+                None => self.store.usage(&b.account_id, month)?.map(|u| u.totals()).unwrap_or_default(),
+            };
+            match totals.add(&b.metered) {
+                Ok(t) => {
+                    self.totals.insert((account, month), t);
+                }
+                Err(overflow) => {
+                    if let Some(id) = recorded {
+                        self.dedupe.unrecord(m.partition, hour, id);
+                    }
+                    self.reject(m, &usage_overflow(&b.account_id, month, &overflow));
                     continue;
                 }
             }
@@ -527,7 +594,6 @@ impl Pipeline {
                 self.metrics.late_events.inc();
             }
             state.watermark_ms = state.watermark_ms.max(b.time_ms);
-            let account = self.ids.intern(&b.account_id);
             let region = self.regions.intern(&b.region);
             let cell = self.pending.hours.entry((account, hour, region)).or_insert(HourCell::new(month, m.partition));
             cell.add(&b.metered);
@@ -544,6 +610,7 @@ impl Pipeline {
         self.pending = Pending::default();
         self.dedupe = dedupe_cache(&self.settings);
         self.known_dirty.clear();
+        self.totals.clear();
     }
 
     /// Writes everything pending in one atomic, synced batch: usage deltas,
@@ -608,6 +675,10 @@ impl Pipeline {
                 if self.ids.len() > 1_000_000 {
                     self.ids = Interner::default();
                     self.known_dirty.clear();
+                    self.totals.clear();
+                }
+                if self.totals.len() > KNOWN_DIRTY_MAX {
+                    self.totals.clear();
                 }
                 if self.known_dirty.len() > KNOWN_DIRTY_MAX {
                     self.known_dirty.clear();
@@ -845,6 +916,78 @@ mod tests {
         assert_eq!(p.store().usage("A", march).unwrap().unwrap().calls(), 5);
         assert_eq!(p.emit(now_ms(), false).unwrap(), 1);
         assert_eq!(bills(&p)["A/2021-03"].content.usage.calls, 5);
+    }
+
+    /// An event of account A at `time` with `bytes` response bytes.
+    fn sized(id: &str, time: &str, bytes: u64) -> Vec<u8> {
+        String::from_utf8(event(id, time)).unwrap().replace(r#""response_bytes":100"#, &format!(r#""response_bytes":{bytes}"#)).into_bytes()
+    }
+
+    /// Dead letters in the outbox: (reason, detail, payload).
+    fn dead_letters(p: &Pipeline) -> Vec<(String, String, Vec<u8>)> {
+        let header = |r: &OutboxRecord, name: &str| {
+            r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()
+        };
+        p.outbox()
+            .unwrap()
+            .into_iter()
+            .filter(|(_, r)| r.topic == "dead")
+            .map(|(_, r)| (header(&r, headers::REASON), header(&r, headers::DETAIL), r.payload.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn a_repeat_with_other_billed_content_is_dead_lettered_and_counted_in_the_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open(dir.path());
+        let time = "2021-03-05T10:00:00+08:00";
+        let (a, b, a_again) = (sized("same", time, 100), sized("same", time, 5 << 30), sized("same", time, 100));
+        p.process(&[msg(0, &a), msg(1, &b)]).unwrap();
+        // Across batches too, and a true repeat is still only a duplicate.
+        let s = p.process(&[msg(2, &a_again), msg(3, &b)]).unwrap();
+        assert_eq!((s.billed, s.duplicates, s.rejected), (0, 1, 1));
+        let dead = dead_letters(&p);
+        assert_eq!(dead.len(), 2);
+        for (reason, detail, payload) in &dead {
+            assert_eq!(reason, "conflicting_duplicate");
+            assert!(detail.starts_with(r#"request_id "same" was counted before"#), "{detail}");
+            assert_eq!(payload, &b);
+        }
+        assert_eq!(p.metrics.rejected.with_label_values(&["conflicting_duplicate"]).get(), 2);
+        assert_eq!(p.emit(now_ms(), false).unwrap(), 1);
+        let bill = &bills(&p)["A/2021-03"];
+        assert_eq!((bill.content.usage.calls, bill.content.usage.public_out_bytes), (1, 100));
+    }
+
+    #[test]
+    fn an_event_that_would_take_a_month_total_past_2_pow_53_is_dead_lettered_and_counts_nowhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open(dir.path());
+        let max = crate::billing::usage::MAX_MONTH_TOTAL;
+        let big: Vec<Vec<u8>> = (0..3).map(|i| sized(&format!("big-{i}"), "2021-03-05T10:00:00+08:00", max)).collect();
+        let small = sized("small", "2021-03-05T11:00:00+08:00", 10_000);
+        let s = p.process(&[msg(0, &big[0]), msg(1, &big[1])]).unwrap();
+        assert_eq!((s.billed, s.rejected), (1, 1));
+        // The next batch reads the month's total from the store, as after a restart.
+        let mut p = {
+            drop(p);
+            open(dir.path())
+        };
+        let s = p.process(&[msg(2, &big[2]), msg(3, &small)]).unwrap();
+        assert_eq!((s.billed, s.rejected), (0, 2));
+        let dead = dead_letters(&p);
+        assert_eq!(dead.len(), 3);
+        assert!(dead.iter().all(|(r, d, _)| r == "invalid_value" && d.starts_with("usage overflow: ")), "{dead:?}");
+        assert_eq!(dead[2].2, small);
+        // The month holds the first event alone.
+        let usage = p.store().usage("A", Month::new(2021, 3).unwrap()).unwrap().unwrap();
+        assert_eq!((usage.calls(), usage.totals().public_out_bytes), (1, max));
+        assert_eq!(p.emit(now_ms(), false).unwrap(), 1);
+        let bill = &bills(&p)["A/2021-03"];
+        assert_eq!(
+            (bill.content.usage.calls, bill.content.usage.public_out_bytes, bill.content.chargeable.public_out_bytes),
+            (1, max, max)
+        );
     }
 
     #[test]
