@@ -268,6 +268,9 @@ impl Config {
             return bad("kafka.partitions and kafka.replication must be at least 1".into());
         }
         let w = &self.worker;
+        if w.state_dir.as_os_str().is_empty() {
+            return bad(crate::store::StoreError::EmptyPath.to_string());
+        }
         if w.batch_size == 0 {
             return bad("worker.batch_size must be at least 1".into());
         }
