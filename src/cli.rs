@@ -335,7 +335,7 @@ pub struct InspectArgs {
     account: Option<String>,
     /// Only this month, YYYY-MM.
     #[arg(long)]
-    month: Option<String>,
+    month: Option<crate::billing::Month>,
     /// Only this status: provisional, final or restated.
     #[arg(long, value_parser = parse_status)]
     status: Option<BillStatus>,
@@ -568,7 +568,7 @@ async fn replay(a: ReplayArgs, cfg: Checked) -> Result<()> {
 /// `gatebill inspect`: latest bills as a table or JSON.
 async fn inspect(a: InspectArgs, k: KafkaConfig) -> Result<()> {
     init_logging(false);
-    let filter = Filter { account: a.account.clone(), month: a.month.clone(), status: a.status };
+    let filter = Filter { account: a.account.clone(), month: a.month.map(|m| m.to_string()), status: a.status };
     let (consumer, ends) = inspect::open(&k, &k.output_topic)?;
     let mut table = BillTable::default();
     inspect::read_to_end(&consumer, ends, &mut table, Duration::from_secs(60));
@@ -684,6 +684,7 @@ async fn gen(a: GenArgs, k: KafkaConfig) -> Result<()> {
 fn count_topic(a: CountTopicArgs, k: KafkaConfig) -> Result<()> {
     let topic = a.topic.unwrap_or_else(|| k.input_topic.clone());
     let consumer = crate::kafka::plain_consumer(&k, "gatebill-count")?;
+    crate::kafka::require_topic(&consumer, &k.brokers, &topic)?;
     let (ends, total) = crate::kafka::assign_to_end(&consumer, &topic, |p, low, _| {
         if low != 0 {
             return Err(CliError::from(format!("partition {p} starts at offset {low}: the broker deleted data; counts would be wrong")));
