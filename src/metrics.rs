@@ -22,10 +22,43 @@ fn cpu_seconds_of_stat(stat: &str) -> Option<f64> {
 }
 
 /// CPU microseconds per item spent since `cpu_before` ([`process_cpu_seconds`]),
-/// for logs: `None` without a reading or items.
+/// for logs, to 0.1 µs: `None` without a reading or items.
 pub fn cpu_us_per(cpu_before: Option<f64>, items: u64) -> Option<f64> {
-    let used = process_cpu_seconds()? - cpu_before?;
-    (items > 0).then(|| used * 1e6 / items as f64)
+    cpu_us_per_item(cpu_before?, process_cpu_seconds()?, items)
+}
+
+/// CPU microseconds per item between two readings, to 0.1 µs (the readings
+/// have 10 ms resolution: more digits would be noise, and their
+/// difference's binary rounding shows as `559.9999999999997`).
+fn cpu_us_per_item(before: f64, after: f64, items: u64) -> Option<f64> {
+    (items > 0).then(|| rounded((after - before) * 1e6 / items as f64, 1))
+}
+
+/// `x` rounded to `decimals` decimal places, for log fields (a duration
+/// logs as `seconds=1.234`, not `seconds=1.2340005671`).
+pub fn rounded(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
+/// A whole number with commas between thousands: `1,097,528`.
+pub fn thousands(v: u64) -> String {
+    let s = v.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A rate for people: whole items per second, `1,097,528/s` (not
+/// indicatif's `1,097,527.7224/s`).
+pub fn per_second(rate: f64) -> String {
+    let whole = if rate.is_finite() && rate > 0.0 { rate.round() as u64 } else { 0 };
+    format!("{}/s", thousands(whole))
 }
 
 /// Every metric the worker exports.

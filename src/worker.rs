@@ -147,6 +147,10 @@ pub struct RunSummary {
     pub aborted: u64,
     /// Outbox records whose delivery failed and stayed in the outbox for a retry.
     pub delivery_failures: u64,
+    /// Blank input lines skipped (`replay --input-file`; a line of
+    /// nothing but whitespace is no message: neither billed nor
+    /// dead-lettered, and not in `messages`).
+    pub blank_lines: u64,
     /// Whether the run stopped at a fault point.
     pub crashed: bool,
 }
@@ -310,7 +314,7 @@ impl Restorer {
         restored.changelog_end = Some(end);
         let position = restored.position.map(|p| p.next_offset);
         restored.write(store, input_topic, partition, first_since_unclean_stop)?;
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = crate::metrics::rounded(started.elapsed().as_secs_f64(), 3);
         self.metrics.restore_seconds.with_label_values(&[&label]).set(seconds);
         tracing::info!(
             partition,
@@ -762,12 +766,7 @@ impl Worker {
                 // A replay assigns itself every partition: no rebalance callback.
                 ownership.lock().expect("not poisoned").assign(all);
                 if *show {
-                    let pb = indicatif::ProgressBar::new(total);
-                    pb.set_style(
-                        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events  {per_sec}  ETA {eta}")
-                            .expect("valid template"),
-                    );
-                    progress = Some(pb);
+                    progress = Some(replay_progress(total));
                 }
             }
         }
@@ -904,7 +903,7 @@ impl Worker {
             summary.duplicates += stats.duplicates;
             summary.reread += stats.already_processed;
             if let Some(pb) = &self.progress {
-                pb.inc(msgs.len() as u64);
+                advance(pb, msgs.len() as u64);
             }
             if self.opts.fault == Some(FaultPoint::AfterWrite(self.summary.batches)) {
                 return Ok(Step::Crash);
@@ -1002,7 +1001,11 @@ impl Worker {
     /// The clean stop (shutdown asked for, or replay done): bills for
     /// everything processed, the outbox delivered, offsets committed.
     async fn finish(&mut self) -> Result<(), WorkerError> {
-        tracing::info!(seconds = self.started.elapsed().as_secs_f64(), messages = self.summary.messages, "input read");
+        tracing::info!(
+            seconds = crate::metrics::rounded(self.started.elapsed().as_secs_f64(), 3),
+            messages = self.summary.messages,
+            "input read"
+        );
         let t = Instant::now();
         let (cpu, bills_before) = (crate::metrics::process_cpu_seconds(), self.summary.bills_emitted);
         let replay = self.replay();
@@ -1017,11 +1020,16 @@ impl Worker {
         // (committed), every thread of the process counted.
         let bills = self.summary.bills_emitted - bills_before;
         let cpu_us_per_bill = crate::metrics::cpu_us_per(cpu, bills);
-        tracing::info!(seconds = t.elapsed().as_secs_f64(), bills, cpu_us_per_bill, "bills computed and produced");
+        tracing::info!(
+            seconds = crate::metrics::rounded(t.elapsed().as_secs_f64(), 3),
+            bills,
+            cpu_us_per_bill,
+            "bills computed and produced"
+        );
         let t = Instant::now();
         let left = flush_outbox(&mut self.pipeline, &self.producer, self.txn.as_ref(), &self.metrics).await?;
         self.summary.delivery_failures += left;
-        tracing::info!(seconds = t.elapsed().as_secs_f64(), "outbox produced");
+        tracing::info!(seconds = crate::metrics::rounded(t.elapsed().as_secs_f64(), 3), "outbox produced");
         if left > 0 {
             tracing::warn!(records = left, "records still in the outbox; they are produced at the next start");
         }
@@ -1127,6 +1135,33 @@ impl Worker {
     }
 }
 
+/// The topic replay's progress bar over `total` messages, the estimate
+/// [`kafka::assign_to_end`] makes from the end offsets (transaction markers
+/// and compacted or early-reported ends make it differ from what is read):
+/// shown as `~total`, and raised to what was read when that passes it
+/// ([`advance`]); the rate in whole messages per second.
+fn replay_progress(total: u64) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total);
+    let rate = |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = w.write_str(&crate::metrics::per_second(s.per_sec()));
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {human_pos}/~{human_len} events  {rate}  ETA {eta}")
+            .expect("valid template")
+            .with_key("rate", rate),
+    );
+    pb
+}
+
+/// Moves the progress bar on by `n` messages, raising its length to the
+/// position if the estimate was short: never more done than the total.
+fn advance(pb: &indicatif::ProgressBar, n: u64) {
+    pb.inc(n);
+    if pb.length().is_some_and(|len| pb.position() > len) {
+        pb.set_length(pb.position());
+    }
+}
+
 /// A file in the state directory while a worker runs on it.
 const RUNNING_MARKER: &str = "RUNNING.gatebill";
 
@@ -1208,6 +1243,17 @@ fn commit(consumer: &StreamConsumer<StoreOffsets>, pipeline: &Pipeline, owned: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replay_progress_never_shows_more_done_than_its_total() {
+        // The end offsets promised 299,049 messages; 300,000 were read.
+        let pb = replay_progress(299_049);
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        advance(&pb, 299_000);
+        assert_eq!((pb.position(), pb.length()), (299_000, Some(299_049)));
+        advance(&pb, 1_000);
+        assert_eq!((pb.position(), pb.length()), (300_000, Some(300_000)));
+    }
 
     #[test]
     fn ownership_follows_assign_and_revoke_callbacks() {
