@@ -13,7 +13,7 @@
 use crate::config::Checked;
 use crate::gathered::Gathered;
 use crate::kafka::{self, KafkaSetupError};
-use crate::metrics::Metrics;
+use crate::metrics::{Health, Metrics};
 use crate::pipeline::{now_ms, InputMessage, Pipeline, Settings};
 use crate::store::{Store, StoreError};
 use futures_util::StreamExt;
@@ -644,6 +644,8 @@ pub struct Worker {
     lag_every: Duration,
     last_sizes: Option<Instant>,
     end_offsets: EndOffsets,
+    /// What `/healthz` answers from: commits, aborts, lag.
+    health: Arc<Health>,
     /// What the rebalance callback says this worker owns.
     ownership: Arc<Mutex<Ownership>>,
     /// The [`Ownership`] version last acted on.
@@ -662,6 +664,7 @@ impl Worker {
     pub async fn start(cfg: &Checked, opts: RunOptions) -> Result<Worker, WorkerError> {
         let store = Arc::new(Store::open_sized(&cfg.worker.state_dir, cfg.worker.store_memory())?);
         let metrics = Metrics::new();
+        let health = Health::new(Duration::from_secs(cfg.worker.health_stall_secs), lag_every(cfg));
         let metrics_task = if cfg.metrics.address.is_empty() {
             None
         } else {
@@ -669,10 +672,10 @@ impl Worker {
                 .await
                 .map_err(|source| WorkerError::Metrics { address: cfg.metrics.address.clone(), source })?;
             tracing::info!(address = %cfg.metrics.address, "serving /metrics and /healthz");
-            Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone())))
+            Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone(), health.clone())))
         };
         // A failed start stops the metrics endpoint too.
-        match Worker::connect(cfg, opts, store, metrics).await {
+        match Worker::connect(cfg, opts, store, metrics, health).await {
             Ok(mut w) => {
                 w.metrics_task = metrics_task;
                 Ok(w)
@@ -687,7 +690,13 @@ impl Worker {
     }
 
     /// The part of [`Worker::start`] after the metrics endpoint.
-    async fn connect(cfg: &Checked, opts: RunOptions, store: Arc<Store>, metrics: Arc<Metrics>) -> Result<Worker, WorkerError> {
+    async fn connect(
+        cfg: &Checked,
+        opts: RunOptions,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Result<Worker, WorkerError> {
         let k = &cfg.kafka;
         // Present while a worker runs on this store; removed by a clean stop.
         let running = cfg.worker.state_dir.join(RUNNING_MARKER);
@@ -773,8 +782,8 @@ impl Worker {
         // End offsets (lag, and idleness needs them) are asked for at once, then
         // every LAG_EVERY, or every idle period if that is shorter; the state
         // size gauges are refreshed as often.
-        let lag_every = LAG_EVERY.min(Duration::from_secs(cfg.worker.idle_after_secs.max(1)));
-        let end_offsets = EndOffsets::start(clients.lag, k.input_topic.clone(), lag_every)?;
+        let lag_every = lag_every(cfg);
+        let end_offsets = EndOffsets::start(clients.lag, k.input_topic.clone(), lag_every, health.clone())?;
         Ok(Worker {
             opts,
             input_topic: k.input_topic.clone(),
@@ -800,6 +809,7 @@ impl Worker {
             lag_every,
             last_sizes: None,
             end_offsets,
+            health,
             ownership,
             ownership_seen: 0,
             assigned: Vec::new(),
@@ -891,9 +901,13 @@ impl Worker {
                     self.rewind();
                     return Ok(if stopping { Step::Stop } else { Step::Continue });
                 }
-                self.pipeline.apply(staged)?
+                let stats = self.pipeline.apply(staged)?;
+                self.health.batch_committed();
+                stats
             } else {
-                self.pipeline.process(&msgs)?
+                let stats = self.pipeline.process(&msgs)?;
+                self.health.batch_committed();
+                stats
             };
             let summary = &mut self.summary;
             summary.batches += 1;
@@ -934,7 +948,7 @@ impl Worker {
             }
             self.last_emit = Instant::now();
         }
-        self.end_offsets.report(&mut self.pipeline, &self.metrics);
+        self.end_offsets.report(&mut self.pipeline, &self.metrics, &self.assigned, &self.health);
         if self.last_sizes.is_none_or(|t| t.elapsed() >= self.lag_every) {
             self.last_sizes = Some(Instant::now());
             for (cf, bytes) in self.store.sizes() {
@@ -1090,12 +1104,14 @@ impl Worker {
         let t = Instant::now();
         match txn.commit(records, offsets, group).await {
             Ok(()) => {
+                self.health.other_committed();
                 self.metrics.produce_seconds.observe(t.elapsed().as_secs_f64());
                 self.metrics.transactions.with_label_values(&["committed"]).inc();
                 count_produced(&self.metrics, records.iter());
                 Ok(true)
             }
             Err(kafka::TxnError::Aborted(why)) => {
+                self.health.aborted();
                 self.metrics.transactions.with_label_values(&["aborted"]).inc();
                 self.summary.aborted += 1;
                 tracing::warn!(%why, records = records.len(), "transaction aborted: nothing of it is visible; its state is forgotten and its input read again");
@@ -1168,6 +1184,12 @@ const RUNNING_MARKER: &str = "RUNNING.gatebill";
 /// How often partition lag is measured.
 const LAG_EVERY: Duration = Duration::from_secs(15);
 
+/// How often the input's end offsets are read (lag, and idleness needs
+/// them): every [`LAG_EVERY`], or every idle period if that is shorter.
+fn lag_every(cfg: &Checked) -> Duration {
+    LAG_EVERY.min(Duration::from_secs(cfg.worker.idle_after_secs.max(1)))
+}
+
 /// End offsets of the input topic's partitions, asked of the broker by a
 /// thread with its own client, so that the round trips (seconds on a busy
 /// broker with many partitions) never stall the processing loop.
@@ -1177,7 +1199,7 @@ struct EndOffsets {
 }
 
 impl EndOffsets {
-    fn start(consumer: BaseConsumer, topic: String, every: Duration) -> Result<EndOffsets, KafkaSetupError> {
+    fn start(consumer: BaseConsumer, topic: String, every: Duration, health: Arc<Health>) -> Result<EndOffsets, KafkaSetupError> {
         let latest: Arc<Mutex<HashMap<i32, i64>>> = Arc::default();
         let stop: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let (l, st) = (latest.clone(), stop.clone());
@@ -1186,11 +1208,14 @@ impl EndOffsets {
             .spawn(move || {
                 while !st.load(std::sync::atomic::Ordering::Relaxed) {
                     let n = crate::kafka::partition_counts(&consumer, &[&topic]).ok().and_then(|c| c.get(&topic).copied()).unwrap_or(0);
+                    let mut read = 0;
                     for p in 0..n {
                         if let Ok((_, high)) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(5)) {
                             l.lock().expect("not poisoned").insert(p, high);
+                            read += 1;
                         }
                     }
+                    health.end_offsets_tried(n > 0 && read == n);
                     let until = Instant::now() + every;
                     while Instant::now() < until && !st.load(std::sync::atomic::Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(100));
@@ -1201,14 +1226,21 @@ impl EndOffsets {
         Ok(EndOffsets { latest, stop })
     }
 
-    /// Hands the latest end offsets to the pipeline and the lag gauge.
-    fn report(&self, pipeline: &mut Pipeline, metrics: &Metrics) {
+    /// Hands the latest end offsets to the pipeline, the lag gauge, and
+    /// the health (the lag of the partitions `owned`).
+    fn report(&self, pipeline: &mut Pipeline, metrics: &Metrics, owned: &[i32], health: &Health) {
         let latest = self.latest.lock().expect("not poisoned").clone();
+        let mut owned_lag = 0u64;
         for (p, high) in latest {
             pipeline.set_high_watermark(p, high);
             let next = pipeline.next_offset(p).unwrap_or(0);
-            metrics.partition_lag.with_label_values(&[&p.to_string()]).set((high - next).max(0));
+            let lag = (high - next).max(0);
+            metrics.partition_lag.with_label_values(&[&p.to_string()]).set(lag);
+            if owned.contains(&p) {
+                owned_lag += lag as u64;
+            }
         }
+        health.set_lag(owned_lag);
     }
 }
 
