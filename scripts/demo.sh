@@ -13,5 +13,12 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/gatebill-target}"
 # `cargo run` would resolve another feature set and scripts/test.sh would
 # compile RocksDB's C++ a second time. Building every target here resolves the
 # same set the test step does.
-cargo build --locked --all-targets --quiet
+# Cargo's own progress is shown (no --quiet): the first build compiles
+# RocksDB's C++ and runs for minutes without another word otherwise.
+if [ ! -x "$CARGO_TARGET_DIR/debug/gatebill" ]; then
+  echo "demo.sh: building gatebill (the first build compiles RocksDB's C++: about 11 minutes on two cores; later runs take seconds)" >&2
+else
+  echo "demo.sh: building gatebill (RocksDB is built already: only what changed is compiled)" >&2
+fi
+cargo build --locked --all-targets
 exec "$CARGO_TARGET_DIR/debug/gatebill" demo "$@"

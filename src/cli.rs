@@ -335,7 +335,7 @@ pub struct InspectArgs {
     account: Option<String>,
     /// Only this month, YYYY-MM.
     #[arg(long)]
-    month: Option<String>,
+    month: Option<crate::billing::Month>,
     /// Only this status: provisional, final or restated.
     #[arg(long, value_parser = parse_status)]
     status: Option<BillStatus>,
@@ -501,6 +501,17 @@ fn compact(state_dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A time flag's value (RFC 3339) as epoch milliseconds, or an error saying
+/// what the flag expects.
+fn rfc3339_ms(flag: &str, value: &str) -> std::result::Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(value).map(|t| t.timestamp_millis()).map_err(|e| {
+        format!(
+            "{flag} `{value}` is not an RFC 3339 time ({e}); give a date, a time and a UTC offset, \
+             e.g. 2020-11-01T00:00:00+08:00 or 2020-11-01T00:00:00Z"
+        )
+    })
+}
+
 /// `gatebill run`: the long-lived worker.
 async fn run(cfg: Checked) -> Result<()> {
     init_logging(cfg.metrics.json_logs);
@@ -519,14 +530,7 @@ async fn run(cfg: Checked) -> Result<()> {
 /// `gatebill replay`: bounded run.
 async fn replay(a: ReplayArgs, cfg: Checked) -> Result<()> {
     init_logging(cfg.metrics.json_logs);
-    let from_ms = match &a.from {
-        Some(t) => Some(
-            chrono::DateTime::parse_from_rfc3339(t)
-                .map_err(|e| format!("--from `{t}` is not an RFC 3339 time (e.g. 2020-11-01T00:00:00+08:00): {e}"))?
-                .timestamp_millis(),
-        ),
-        None => None,
-    };
+    let from_ms = a.from.as_deref().map(|t| rfc3339_ms("--from", t)).transpose()?;
     let started = std::time::Instant::now();
     let progress = std::io::stderr().is_terminal();
     let s = match &a.input_file {
@@ -551,17 +555,7 @@ async fn replay(a: ReplayArgs, cfg: Checked) -> Result<()> {
         }
         None => worker::run(&cfg, RunOptions { mode: Mode::Replay { from_ms, progress }, fault: None }, shutdown_signal()).await?,
     };
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "replayed {} messages in {:.1} s ({:.0} msg/s): {} billed, {} duplicates, {} dead-lettered, {} bill records emitted",
-        s.messages,
-        secs,
-        s.messages as f64 / secs.max(1e-9),
-        s.billed,
-        s.duplicates,
-        s.rejected,
-        s.bills_emitted
-    );
+    println!("{}", replay_summary(&s, started.elapsed().as_secs_f64()));
     if s.interrupted {
         return Err(format!(
             "replay interrupted before the end of its input after {} messages: no bill was emitted (bills of a partly read \
@@ -574,10 +568,26 @@ async fn replay(a: ReplayArgs, cfg: Checked) -> Result<()> {
     Ok(())
 }
 
+/// The line `replay` ends with.
+fn replay_summary(s: &worker::RunSummary, secs: f64) -> String {
+    let blank =
+        if s.blank_lines > 0 { format!("; {} blank lines skipped", crate::metrics::thousands(s.blank_lines)) } else { String::new() };
+    format!(
+        "replayed {} messages in {:.1} s ({} msg/s): {} billed, {} duplicates, {} dead-lettered, {} bill records emitted{blank}",
+        s.messages,
+        secs,
+        crate::metrics::thousands((s.messages as f64 / secs.max(1e-9)).round() as u64),
+        s.billed,
+        s.duplicates,
+        s.rejected,
+        s.bills_emitted
+    )
+}
+
 /// `gatebill inspect`: latest bills as a table or JSON.
 async fn inspect(a: InspectArgs, k: KafkaConfig) -> Result<()> {
     init_logging(false);
-    let filter = Filter { account: a.account.clone(), month: a.month.clone(), status: a.status };
+    let filter = Filter { account: a.account.clone(), month: a.month.map(|m| m.to_string()), status: a.status };
     let (consumer, ends) = inspect::open(&k, &k.output_topic)?;
     let mut table = BillTable::default();
     inspect::read_to_end(&consumer, ends, &mut table, Duration::from_secs(60));
@@ -639,7 +649,7 @@ async fn dev_broker(k: KafkaConfig) -> Result<()> {
 /// `gatebill gen`: writes generated traffic.
 async fn gen(a: GenArgs, k: KafkaConfig) -> Result<()> {
     init_logging(false);
-    let start_ms = chrono::DateTime::parse_from_rfc3339(&a.start).map_err(|e| format!("--start `{}`: {e}", a.start))?.timestamp_millis();
+    let start_ms = rfc3339_ms("--start", &a.start)?;
     if !(0.0..=1.0).contains(&(a.duplicates + a.malformed)) {
         return Err("--duplicates plus --malformed must be between 0 and 1".into());
     }
@@ -693,6 +703,7 @@ async fn gen(a: GenArgs, k: KafkaConfig) -> Result<()> {
 fn count_topic(a: CountTopicArgs, k: KafkaConfig) -> Result<()> {
     let topic = a.topic.unwrap_or_else(|| k.input_topic.clone());
     let consumer = crate::kafka::plain_consumer(&k, "gatebill-count")?;
+    crate::kafka::require_topic(&consumer, &k.brokers, &topic)?;
     let (ends, total) = crate::kafka::assign_to_end(&consumer, &topic, |p, low, _| {
         if low != 0 {
             return Err(CliError::from(format!("partition {p} starts at offset {low}: the broker deleted data; counts would be wrong")));
@@ -715,6 +726,57 @@ fn count_topic(a: CountTopicArgs, k: KafkaConfig) -> Result<()> {
         read.read as f64 / secs
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod operator_mistakes {
+    use super::*;
+
+    #[test]
+    fn gen_start_yesterday_says_which_format_it_expects() {
+        assert_eq!(
+            rfc3339_ms("--start", "yesterday").unwrap_err(),
+            "--start `yesterday` is not an RFC 3339 time (premature end of input); give a date, a time and a UTC offset, \
+             e.g. 2020-11-01T00:00:00+08:00 or 2020-11-01T00:00:00Z"
+        );
+        assert_eq!(rfc3339_ms("--start", "2020-11-01T00:00:00+08:00"), Ok(1_604_160_000_000));
+    }
+
+    #[test]
+    fn replay_summary_counts_blank_lines_and_rounds_the_rate() {
+        let s = worker::RunSummary {
+            messages: 2_000_000,
+            billed: 1_990_000,
+            duplicates: 9_000,
+            rejected: 1_000,
+            bills_emitted: 500,
+            ..Default::default()
+        };
+        assert_eq!(
+            replay_summary(&s, 1.8223),
+            "replayed 2000000 messages in 1.8 s (1,097,514 msg/s): 1990000 billed, 9000 duplicates, 1000 dead-lettered, 500 bill records emitted"
+        );
+        let s = worker::RunSummary { blank_lines: 3, ..s };
+        assert!(replay_summary(&s, 1.8223).ends_with("500 bill records emitted; 3 blank lines skipped"));
+    }
+
+    #[test]
+    fn inspect_month_must_be_yyyy_mm_as_in_explain() {
+        for bad in ["2020-13", "nov"] {
+            let err = Cli::try_parse_from(["gatebill", "inspect", "--month", bad]).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!(
+                    "invalid value '{bad}' for '--month <MONTH>': `{bad}` is not a month; expected YYYY-MM, e.g. 2020-11"
+                )),
+                "{text}"
+            );
+        }
+        let cli = Cli::try_parse_from(["gatebill", "inspect", "--month", "2020-11", "--follow"]).unwrap();
+        let Command::Inspect(a) = cli.command else { panic!("inspect") };
+        assert_eq!(a.month.map(|m| m.to_string()).as_deref(), Some("2020-11"));
+    }
 }
 
 /// Flags over the environment over the file over the defaults, for every

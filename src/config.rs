@@ -145,6 +145,11 @@ pub struct WorkerConfig {
     /// every replay, whatever the threads). 0: one per core this process
     /// may use. Default 0.
     pub threads: usize,
+    /// `/healthz` answers 503 when no input batch committed for this many
+    /// seconds while the partitions this worker owns have lag, or when the
+    /// input's end offsets could not be read for this long plus one lag
+    /// interval (15 s at most). At least 1. Default 60.
+    pub health_stall_secs: u64,
 }
 
 /// Bytes of a setting in MB (saturating).
@@ -178,6 +183,7 @@ impl Default for WorkerConfig {
             block_cache_mb: 64,
             max_future_secs: 3_600,
             threads: 0,
+            health_stall_secs: 60,
         }
     }
 }
@@ -268,6 +274,9 @@ impl Config {
             return bad("kafka.partitions and kafka.replication must be at least 1".into());
         }
         let w = &self.worker;
+        if w.state_dir.as_os_str().is_empty() {
+            return bad(crate::store::StoreError::EmptyPath.to_string());
+        }
         if w.batch_size == 0 {
             return bad("worker.batch_size must be at least 1".into());
         }
@@ -291,6 +300,9 @@ impl Config {
         }
         if w.threads > 256 {
             return bad(format!("worker.threads = {} is more than 256; use 0 (one per core) or at most 256", w.threads));
+        }
+        if !(1..=86_400 * 365).contains(&w.health_stall_secs) {
+            return bad(format!("worker.health_stall_secs = {} is out of range; use 1 to 31536000 (seconds)", w.health_stall_secs));
         }
         if w.max_future_secs > i64::MAX as u64 / 1000 {
             return bad("worker.max_future_secs is too large; use at most 9223372036854775".into());
@@ -465,6 +477,26 @@ mod tests {
         cfg.worker.block_cache_mb = 7;
         let err = cfg.check().unwrap_err().to_string();
         assert!(err.contains("worker.block_cache_mb = 7 is out of range; use 8 to 65536"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_state_dir_from_the_environment_is_a_clear_error() {
+        let env = |name: &str| (name == "GATEBILL_STATE_DIR").then(String::new);
+        let err = Config::resolve(None, &env, Overrides::default()).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid configuration: the state directory is empty (an empty --state-dir, GATEBILL_STATE_DIR=\"\" or \
+             worker.state_dir = \"\"); give a directory, e.g. --state-dir gatebill-state, or unset the variable for the default"
+        );
+    }
+
+    #[test]
+    fn health_stall_secs_defaults_to_60_and_must_be_positive() {
+        let mut cfg = Config::default();
+        assert_eq!(cfg.worker.health_stall_secs, 60);
+        cfg.worker.health_stall_secs = 0;
+        let err = cfg.check().unwrap_err().to_string();
+        assert!(err.contains("worker.health_stall_secs = 0 is out of range; use 1 to 31536000"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use crate::billing::explain::{explain, Explanation};
 use crate::billing::{decode_account, BillStatus, Month, PackItem, Rules};
-use crate::inspect::human_bytes;
+use crate::inspect::{human_bytes, printable};
 use crate::store::{BillState, Store, StoreError};
 use comfy_table::Table;
 use serde::Serialize;
@@ -91,7 +91,7 @@ fn takes(t: &[crate::billing::entitlements::Take]) -> String {
     if t.is_empty() {
         return "-".into();
     }
-    t.iter().map(|t| format!("{} {}", t.pack_id, n(t.quantity))).collect::<Vec<_>>().join("; ")
+    t.iter().map(|t| format!("{} {}", printable(&t.pack_id), n(t.quantity))).collect::<Vec<_>>().join("; ")
 }
 
 /// The explanation as text: hours, tier starts, charge lines, total.
@@ -99,7 +99,7 @@ pub fn render(x: &Explained) -> String {
     let e = &x.explanation;
     let mut out = String::new();
     let known = if e.account_known { "account record known" } else { "no account record: no free tier, no packs" };
-    let _ = writeln!(out, "Account {}, {} (hours in {}), {known}", e.account_id, e.month, e.time_zone);
+    let _ = writeln!(out, "Account {}, {} (hours in {}), {known}", printable(&e.account_id), e.month, e.time_zone);
     let _ = writeln!(out, "\nCalls, hour by hour (free tier first, then packs expiring first):");
     let mut calls = Table::new();
     calls.set_header(["hour", "calls", "frontend errors", "taken (pack quantity)", "chargeable", "month so far"]);
@@ -117,7 +117,7 @@ pub fn render(x: &Explained) -> String {
                 let taken = if h.trial { "trial: not billed".to_string() } else { takes(&r.walk.taken) };
                 bytes.add_row([
                     h.start.clone(),
-                    r.walk.region.clone(),
+                    printable(&r.walk.region).into_owned(),
                     format!("{} ({})", n(r.walk.bytes), human_bytes(r.walk.bytes)),
                     taken,
                     n(r.walk.chargeable),
@@ -131,7 +131,7 @@ pub fn render(x: &Explained) -> String {
         let _ = writeln!(out, "\nDeducted this month:");
         for d in &e.bill.deductions {
             let item = if d.item == PackItem::Calls { "calls" } else { "public outbound bytes" };
-            let _ = writeln!(out, "  {}: {} {item}", d.pack_id, n(d.quantity));
+            let _ = writeln!(out, "  {}: {} {item}", printable(&d.pack_id), n(d.quantity));
         }
     }
     if !e.tier_starts.is_empty() {
@@ -139,7 +139,7 @@ pub fn render(x: &Explained) -> String {
         for t in &e.tier_starts {
             let what = match &t.region {
                 None => "chargeable calls".to_string(),
-                Some(r) => format!("chargeable bytes in {r}"),
+                Some(r) => format!("chargeable bytes in {}", printable(r)),
             };
             let _ = writeln!(out, "  tier {} begins in the hour {}: past {} {what}", t.tier, t.hour, n(t.beyond));
         }
@@ -150,7 +150,7 @@ pub fn render(x: &Explained) -> String {
     for c in &e.charges {
         let item = match (&c.item, &c.region) {
             (PackItem::Calls, _) => "calls".to_string(),
-            (_, Some(r)) => format!("bytes {r}"),
+            (_, Some(r)) => format!("bytes {}", printable(r)),
             (_, None) => "bytes".to_string(),
         };
         lines.add_row([

@@ -157,6 +157,9 @@ struct Chunk {
     spans: Vec<(usize, usize, i64)>,
     /// Number of the last line read.
     last_line: i64,
+    /// Blank lines (nothing but whitespace) in the chunk, not processed
+    /// before: skipped, counted in [`RunSummary::blank_lines`].
+    blank: u64,
     /// The input ended with this chunk.
     done: bool,
 }
@@ -197,10 +200,12 @@ fn read_chunks(
                 buf: Vec::with_capacity(chunk_lines * 512),
                 spans: Vec::with_capacity(chunk_lines),
                 last_line: 0,
+                blank: 0,
                 done: false,
             });
             c.buf.clear();
             c.spans.clear();
+            c.blank = 0;
             while c.spans.len() < chunk_lines {
                 let from = c.buf.len();
                 match reader.read_until(b'\n', &mut c.buf) {
@@ -217,7 +222,8 @@ fn read_chunks(
                 lineno += 1;
                 let to = if c.buf.last() == Some(&b'\n') { c.buf.len() - 1 } else { c.buf.len() };
                 if lineno <= start || c.buf[from..to].iter().all(u8::is_ascii_whitespace) {
-                    // Already processed, or blank.
+                    // Already processed, or blank (counted once, when first read).
+                    c.blank += u64::from(lineno > start);
                     c.buf.truncate(from);
                     continue;
                 }
@@ -420,6 +426,7 @@ pub async fn replay_file(
     let started = std::time::Instant::now();
     for chunk in chunks.iter() {
         let chunk = chunk.map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
+        summary.blank_lines += chunk.blank;
         let by_shard = decode_by_shard(&pool, &chunk, &topic, count);
         let now = now_ms();
         let last_line = chunk.last_line;

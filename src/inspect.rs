@@ -66,9 +66,11 @@ impl BillTable {
 }
 
 /// A consumer positioned at the beginning of every partition of `topic`,
-/// with the end offsets seen now ([`kafka::assign_to_end`]).
+/// with the end offsets seen now ([`kafka::assign_to_end`]); a topic that
+/// does not exist is an error ([`kafka::require_topic`]).
 pub fn open(k: &KafkaConfig, topic: &str) -> Result<(BaseConsumer, BTreeMap<i32, i64>), KafkaSetupError> {
     let consumer = kafka::plain_consumer(k, "gatebill-inspect")?;
+    kafka::require_topic(&consumer, &k.brokers, topic)?;
     let (ends, _) = kafka::assign_to_end(&consumer, topic, |_, low, _| Ok::<_, KafkaSetupError>(low))?;
     Ok((consumer, ends))
 }
@@ -107,8 +109,8 @@ pub fn render_table<'a>(records: impl IntoIterator<Item = &'a BillRecord>) -> co
         let c = &r.content;
         let deducted: u64 = c.deductions.iter().filter(|d| d.item == crate::billing::PackItem::Calls).map(|d| d.quantity).sum();
         t.add_row([
-            c.account_id.clone(),
-            c.month.clone(),
+            printable(&c.account_id).into_owned(),
+            printable(&c.month).into_owned(),
             r.revision.to_string(),
             r.status.as_str().to_string(),
             c.usage.calls.to_string(),
@@ -116,11 +118,37 @@ pub fn render_table<'a>(records: impl IntoIterator<Item = &'a BillRecord>) -> co
             c.chargeable.calls.to_string(),
             human_bytes(c.usage.public_out_bytes),
             human_bytes(c.chargeable.public_out_bytes),
-            format!("{} {}", c.total_amount, c.currency),
-            r.content_hash.trim_start_matches("sha256:").chars().take(12).collect(),
+            format!("{} {}", c.total_amount, printable(&c.currency)),
+            printable(&r.content_hash.trim_start_matches("sha256:").chars().take(12).collect::<String>()).into_owned(),
         ]);
     }
     t
+}
+
+/// `s` safe to print on a terminal: control characters (C0, DEL, C1: an
+/// ESC starting `ESC[2J`, which clears the screen, or a carriage return
+/// that overwrites a line) and the Unicode bidirectional overrides (which
+/// reorder what follows) are written as Rust escapes (`\u{1b}`, `\r`,
+/// `\u{202e}`); a backslash becomes `\\`, so an escape in the output always
+/// means a character that was escaped. Anything else is unchanged (JSON
+/// output needs none of this: serde escapes control characters itself).
+pub fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| c == '\\' || c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Bytes in binary units, e.g. `1.50 GiB`.

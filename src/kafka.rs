@@ -46,6 +46,19 @@ pub enum KafkaSetupError {
         /// Its partitions.
         input_partitions: i32,
     },
+    /// A topic to read does not exist (`inspect`, `count-topic`).
+    #[error(
+        "kafka: topic {topic} does not exist on the broker at {brokers} (it has {existing}); check the topic name \
+         (--output-topic, --topic, the configuration file or GATEBILL_*_TOPIC) and --brokers"
+    )]
+    NoSuchTopic {
+        /// The topic asked for.
+        topic: String,
+        /// The bootstrap servers.
+        brokers: String,
+        /// The topics that exist, for the message (`no topics`, or their names).
+        existing: String,
+    },
     /// Topics are missing and creation is off.
     #[error("kafka: topic(s) {0} do not exist; create them (see docker-compose.yml) or set kafka.create_topics = true")]
     MissingTopics(String),
@@ -191,6 +204,25 @@ pub fn partition_counts<X: ConsumerContext + 'static>(
         .filter(|t| topics.contains(&t.name()) && t.error().is_none() && !t.partitions().is_empty())
         .map(|t| (t.name().to_string(), t.partitions().len() as i32))
         .collect())
+}
+
+/// Fails with [`KafkaSetupError::NoSuchTopic`] unless `topic` exists with
+/// at least one partition: a read of a topic that does not exist would
+/// otherwise find nothing and say nothing.
+pub fn require_topic<X: ConsumerContext + 'static>(consumer: &impl Consumer<X>, brokers: &str, topic: &str) -> Result<(), KafkaSetupError> {
+    let md = consumer.fetch_metadata(None, Duration::from_secs(10)).map_err(err("fetching cluster metadata"))?;
+    let found = md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+    if found {
+        return Ok(());
+    }
+    let mut names: Vec<&str> = md.topics().iter().map(|t| t.name()).filter(|n| !n.starts_with("__")).collect();
+    names.sort_unstable();
+    let existing = match names.len() {
+        0 => "no topics".to_string(),
+        n if n <= 20 => format!("topics {}", names.join(", ")),
+        n => format!("{n} topics, among them {}", names[..20].join(", ")),
+    };
+    Err(KafkaSetupError::NoSuchTopic { topic: topic.to_string(), brokers: brokers.to_string(), existing })
 }
 
 /// Where a bounded read stops: for each partition with something to read,

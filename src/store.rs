@@ -72,6 +72,34 @@ pub enum StoreError {
         /// The failure.
         source: std::io::Error,
     },
+    /// The state directory setting is empty.
+    #[error(
+        "the state directory is empty (an empty --state-dir, GATEBILL_STATE_DIR=\"\" or worker.state_dir = \"\"); \
+         give a directory, e.g. --state-dir gatebill-state, or unset the variable for the default"
+    )]
+    EmptyPath,
+    /// The directory holds files that are not a gatebill store.
+    #[error(
+        "{dir} is not a gatebill state directory ({what}). gatebill does not turn a directory with other files \
+         into its store; give an empty or new directory (--state-dir, GATEBILL_STATE_DIR or worker.state_dir), or the \
+         state directory of an earlier gatebill run"
+    )]
+    Foreign {
+        /// The directory.
+        dir: PathBuf,
+        /// What it is instead, e.g. `it holds notes.txt, photos`.
+        what: String,
+    },
+    /// RocksDB cannot open the store: the message says why and what to do.
+    #[error("cannot open the state store in {dir}: {detail}. {advice}")]
+    Open {
+        /// The directory.
+        dir: PathBuf,
+        /// RocksDB's own words.
+        detail: String,
+        /// What to do about it.
+        advice: &'static str,
+    },
     /// A stored value cannot be decoded.
     #[error("state store holds a corrupt value in `{cf}`: {detail}")]
     Corrupt {
@@ -80,6 +108,89 @@ pub enum StoreError {
         /// What is wrong.
         detail: String,
     },
+}
+
+/// What to do when RocksDB refuses to open a store, by its error kind.
+const DAMAGED: &str = "The store's files are damaged (a CURRENT or MANIFEST file changed, truncated or removed; a full \
+disk or a copy taken while a worker ran can do this). Move the directory aside (keep it to investigate) and rebuild \
+the state into an empty directory: `gatebill replay` from the input topic, or `gatebill run`, which with \
+transactions restores its partitions from the changelog";
+const UNREADABLE: &str = "Check that the directory and every file in it can be read and written by this user, that \
+the disk has space, and that no file was removed; if files are missing, move the directory aside and rebuild the \
+state into an empty directory (`gatebill replay`, or `gatebill run` with transactions: it restores from the changelog)";
+const OTHER: &str = "If the directory was written by another program or another RocksDB version, give gatebill an \
+empty directory instead; otherwise move it aside and rebuild the state there (`gatebill replay`)";
+
+impl StoreError {
+    /// RocksDB's refusal to open `dir`, with what to do.
+    fn open(dir: &Path, e: rocksdb::Error) -> StoreError {
+        use rocksdb::ErrorKind as K;
+        let advice = match e.kind() {
+            K::Corruption => DAMAGED,
+            K::IOError | K::NotFound if e.as_ref().contains("MANIFEST") || e.as_ref().contains("CURRENT") => DAMAGED,
+            K::IOError | K::NotFound | K::Busy | K::TimedOut | K::TryAgain => UNREADABLE,
+            _ => OTHER,
+        };
+        StoreError::Open { dir: dir.to_path_buf(), detail: e.into_string(), advice }
+    }
+}
+
+/// Files of an unfinished first open of a store (no `CURRENT` yet): opening
+/// it again finishes it.
+fn is_store_scaffolding(name: &str) -> bool {
+    matches!(name, "LOCK" | "LOG" | "LOCK.gatebill" | "RUNNING.gatebill") || name.starts_with("LOG.old.")
+}
+
+/// Refuses a directory that is not (and cannot become) a gatebill store
+/// without losing something: one holding other files, one whose RocksDB
+/// database lacks gatebill's column families, or one whose RocksDB files
+/// lack `CURRENT`. A missing or empty directory is fine (a new store).
+fn check_not_foreign(dir: &Path) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(_) if dir.exists() && !dir.is_dir() => {
+            return Err(StoreError::Foreign { dir: dir.to_path_buf(), what: "it is a file".into() });
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let mut names: Vec<String> = Vec::new();
+    for e in entries {
+        names.push(e.map_err(io)?.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    if names.iter().any(|n| n == "CURRENT") {
+        let cfs = DB::list_cf(&Options::default(), dir).map_err(|e| StoreError::open(dir, e))?;
+        // Every gatebill store has `meta` (its format version, checked
+        // after the open: an older gatebill's store is refused by version).
+        if cfs.iter().any(|x| x == cf::META) {
+            return Ok(());
+        }
+        return Err(StoreError::Foreign {
+            dir: dir.to_path_buf(),
+            what: format!("it holds a RocksDB database of another program, column families {}", cfs.join(", ")),
+        });
+    }
+    let others: Vec<&String> = names.iter().filter(|n| !is_store_scaffolding(n)).collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    let rocks = others.iter().any(|n| n.starts_with("MANIFEST-") || n.ends_with(".sst") || n.starts_with("OPTIONS-"));
+    if rocks {
+        return Err(StoreError::Open {
+            dir: dir.to_path_buf(),
+            detail: "RocksDB files without their CURRENT file".into(),
+            advice: DAMAGED,
+        });
+    }
+    let shown: Vec<&str> = others.iter().take(5).map(|n| n.as_str()).collect();
+    let what = if others.len() > shown.len() {
+        format!("it holds {} and {} more entries", shown.join(", "), others.len() - shown.len())
+    } else {
+        format!("it holds {}", shown.join(", "))
+    };
+    Err(StoreError::Foreign { dir: dir.to_path_buf(), what })
 }
 
 impl From<UsageDecodeError> for StoreError {
@@ -348,7 +459,11 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`, locking it, its
     /// memtables and block cache bounded by `memory`.
     pub fn open_sized(dir: &Path, memory: StoreMemory) -> Result<Store, StoreError> {
+        if dir.as_os_str().is_empty() {
+            return Err(StoreError::EmptyPath);
+        }
         let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
+        check_not_foreign(dir)?;
         std::fs::create_dir_all(dir).map_err(io)?;
         let lock = File::create(dir.join("LOCK.gatebill")).map_err(io)?;
         match fs4::fs_std::FileExt::try_lock_exclusive(&lock) {
@@ -360,7 +475,7 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         let cfs = column_families(&mut opts, memory);
-        let db = DB::open_cf_descriptors(&opts, dir, cfs)?;
+        let db = DB::open_cf_descriptors(&opts, dir, cfs).map_err(|e| StoreError::open(dir, e))?;
         let store = Store { db, dir: dir.to_path_buf(), _lock: Some(lock), scratch: None };
         let meta = store.cf(cf::META);
         match store.db.get_cf(meta, META_VERSION_KEY)? {
@@ -381,6 +496,9 @@ impl Store {
     /// stopped worker's directory. Writes nothing there; its own info log
     /// goes to a scratch directory removed on drop.
     pub fn open_read_only(dir: &Path) -> Result<Store, StoreError> {
+        if dir.as_os_str().is_empty() {
+            return Err(StoreError::EmptyPath);
+        }
         if !dir.join("CURRENT").is_file() {
             return Err(StoreError::Io {
                 dir: dir.to_path_buf(),
@@ -404,7 +522,7 @@ impl Store {
             Ok(db) => db,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&scratch);
-                return Err(e.into());
+                return Err(StoreError::open(dir, e));
             }
         };
         let store = Store { db, dir: dir.to_path_buf(), _lock: None, scratch: Some(scratch) };
@@ -966,6 +1084,95 @@ mod tests {
         let err = Store::open(dir.path()).err().unwrap();
         assert!(matches!(err, StoreError::Locked(_)), "{err}");
         assert!(err.to_string().contains("in use by another gatebill process"));
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut n: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn a_directory_that_is_not_a_gatebill_store_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "keep me").unwrap();
+        std::fs::create_dir(dir.path().join("photos")).unwrap();
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(err, StoreError::Foreign { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} is not a gatebill state directory (it holds notes.txt, photos). gatebill does not turn a directory with \
+                 other files into its store; give an empty or new directory (--state-dir, GATEBILL_STATE_DIR or \
+                 worker.state_dir), or the state directory of an earlier gatebill run",
+                dir.path().display()
+            )
+        );
+        assert_eq!(names(dir.path()), ["notes.txt", "photos"], "nothing was added");
+        // A file where the directory should be.
+        let file = dir.path().join("notes.txt");
+        let err = Store::open(&file).err().unwrap().to_string();
+        assert!(err.starts_with(&format!("{} is not a gatebill state directory (it is a file)", file.display())), "{err}");
+        // Another program's RocksDB database.
+        let other = tempfile::tempdir().unwrap();
+        DB::open_default(other.path()).unwrap().put(b"k", b"v").unwrap();
+        let err = Store::open(other.path()).err().unwrap().to_string();
+        assert!(err.contains("(it holds a RocksDB database of another program, column families default)"), "{err}");
+        // A missing directory, an empty one, and a first open cut short
+        // (its lock file only) become stores; so does a store reopened.
+        let fresh = tempfile::tempdir().unwrap();
+        Store::open(&fresh.path().join("new")).unwrap();
+        Store::open(fresh.path().join("new").as_path()).unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        std::fs::write(empty.path().join("LOCK.gatebill"), "").unwrap();
+        Store::open(empty.path()).unwrap();
+    }
+
+    #[test]
+    fn an_empty_state_dir_path_is_a_clear_error() {
+        for err in [Store::open(Path::new("")).err().unwrap(), Store::open_read_only(Path::new("")).err().unwrap()] {
+            assert_eq!(
+                err.to_string(),
+                "the state directory is empty (an empty --state-dir, GATEBILL_STATE_DIR=\"\" or worker.state_dir = \"\"); \
+                 give a directory, e.g. --state-dir gatebill-state, or unset the variable for the default"
+            );
+        }
+    }
+
+    #[test]
+    fn a_corrupt_current_file_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path()).unwrap());
+        let current = dir.path().join("CURRENT");
+        let advice = "The store's files are damaged (a CURRENT or MANIFEST file changed, truncated or removed; a full disk or a copy \
+                      taken while a worker ran can do this). Move the directory aside (keep it to investigate) and rebuild the state \
+                      into an empty directory: `gatebill replay` from the input topic, or `gatebill run`, which with transactions \
+                      restores its partitions from the changelog";
+        // Not ending with a newline.
+        std::fs::write(&current, "garbage").unwrap();
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cannot open the state store in {}: Corruption: CURRENT file does not end with newline. {advice}",
+                dir.path().display()
+            )
+        );
+        let err = Store::open_read_only(dir.path()).err().unwrap().to_string();
+        assert!(err.ends_with(advice), "{err}");
+        // Naming a manifest that is not there.
+        std::fs::write(&current, "MANIFEST-999999\n").unwrap();
+        let err = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(err.starts_with(&format!("cannot open the state store in {}: ", dir.path().display())), "{err}");
+        assert!(err.contains("MANIFEST-999999") && err.ends_with(advice), "{err}");
+        // No CURRENT at all beside RocksDB's files: not silently a new store.
+        std::fs::remove_file(&current).unwrap();
+        let err = Store::open(dir.path()).err().unwrap().to_string();
+        assert_eq!(
+            err,
+            format!("cannot open the state store in {}: RocksDB files without their CURRENT file. {advice}", dir.path().display())
+        );
     }
 
     /// Writes 48 MB of account records, 1 MB per write, and returns the

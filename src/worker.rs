@@ -13,7 +13,7 @@
 use crate::config::Checked;
 use crate::gathered::Gathered;
 use crate::kafka::{self, KafkaSetupError};
-use crate::metrics::Metrics;
+use crate::metrics::{Health, Metrics};
 use crate::pipeline::{now_ms, InputMessage, Pipeline, Settings};
 use crate::store::{Store, StoreError};
 use futures_util::StreamExt;
@@ -160,6 +160,10 @@ pub struct RunSummary {
     pub aborted: u64,
     /// Outbox records whose delivery failed and stayed in the outbox for a retry.
     pub delivery_failures: u64,
+    /// Blank input lines skipped (`replay --input-file`; a line of
+    /// nothing but whitespace is no message: neither billed nor
+    /// dead-lettered, and not in `messages`).
+    pub blank_lines: u64,
     /// Whether the run stopped at a fault point.
     pub crashed: bool,
     /// A replay stopped (a signal) before the end of its input: it emitted
@@ -326,7 +330,7 @@ impl Restorer {
         restored.changelog_end = Some(end);
         let position = restored.position.map(|p| p.next_offset);
         restored.write(store, input_topic, partition, first_since_unclean_stop)?;
-        let seconds = started.elapsed().as_secs_f64();
+        let seconds = crate::metrics::rounded(started.elapsed().as_secs_f64(), 3);
         self.metrics.restore_seconds.with_label_values(&[&label]).set(seconds);
         tracing::info!(
             partition,
@@ -656,6 +660,8 @@ pub struct Worker {
     lag_every: Duration,
     last_sizes: Option<Instant>,
     end_offsets: EndOffsets,
+    /// What `/healthz` answers from: commits, aborts, lag.
+    health: Arc<Health>,
     /// What the rebalance callback says this worker owns.
     ownership: Arc<Mutex<Ownership>>,
     /// The [`Ownership`] version last acted on.
@@ -674,6 +680,7 @@ impl Worker {
     pub async fn start(cfg: &Checked, opts: RunOptions) -> Result<Worker, WorkerError> {
         let store = Arc::new(Store::open_sized(&cfg.worker.state_dir, cfg.worker.store_memory())?);
         let metrics = Metrics::new();
+        let health = Health::new(Duration::from_secs(cfg.worker.health_stall_secs), lag_every(cfg));
         let metrics_task = if cfg.metrics.address.is_empty() {
             None
         } else {
@@ -681,10 +688,10 @@ impl Worker {
                 .await
                 .map_err(|source| WorkerError::Metrics { address: cfg.metrics.address.clone(), source })?;
             tracing::info!(address = %cfg.metrics.address, "serving /metrics and /healthz");
-            Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone())))
+            Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone(), health.clone())))
         };
         // A failed start stops the metrics endpoint too.
-        match Worker::connect(cfg, opts, store, metrics).await {
+        match Worker::connect(cfg, opts, store, metrics, health).await {
             Ok(mut w) => {
                 w.metrics_task = metrics_task;
                 Ok(w)
@@ -699,7 +706,13 @@ impl Worker {
     }
 
     /// The part of [`Worker::start`] after the metrics endpoint.
-    async fn connect(cfg: &Checked, opts: RunOptions, store: Arc<Store>, metrics: Arc<Metrics>) -> Result<Worker, WorkerError> {
+    async fn connect(
+        cfg: &Checked,
+        opts: RunOptions,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Result<Worker, WorkerError> {
         let k = &cfg.kafka;
         // Present while a worker runs on this store; removed by a clean stop.
         let running = cfg.worker.state_dir.join(RUNNING_MARKER);
@@ -778,20 +791,15 @@ impl Worker {
                 // A replay assigns itself every partition: no rebalance callback.
                 ownership.lock().expect("not poisoned").assign(all);
                 if *show {
-                    let pb = indicatif::ProgressBar::new(total);
-                    pb.set_style(
-                        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events  {per_sec}  ETA {eta}")
-                            .expect("valid template"),
-                    );
-                    progress = Some(pb);
+                    progress = Some(replay_progress(total));
                 }
             }
         }
         // End offsets (lag, and idleness needs them) are asked for at once, then
         // every LAG_EVERY, or every idle period if that is shorter; the state
         // size gauges are refreshed as often.
-        let lag_every = LAG_EVERY.min(Duration::from_secs(cfg.worker.idle_after_secs.max(1)));
-        let end_offsets = EndOffsets::start(clients.lag, k.input_topic.clone(), lag_every)?;
+        let lag_every = lag_every(cfg);
+        let end_offsets = EndOffsets::start(clients.lag, k.input_topic.clone(), lag_every, health.clone())?;
         Ok(Worker {
             opts,
             input_topic: k.input_topic.clone(),
@@ -817,6 +825,7 @@ impl Worker {
             lag_every,
             last_sizes: None,
             end_offsets,
+            health,
             ownership,
             ownership_seen: 0,
             assigned: Vec::new(),
@@ -914,9 +923,13 @@ impl Worker {
                     self.rewind();
                     return Ok(if stopping { Step::Stop } else { Step::Continue });
                 }
-                self.pipeline.apply(staged)?
+                let stats = self.pipeline.apply(staged)?;
+                self.health.batch_committed();
+                stats
             } else {
-                self.pipeline.process(&msgs)?
+                let stats = self.pipeline.process(&msgs)?;
+                self.health.batch_committed();
+                stats
             };
             let summary = &mut self.summary;
             summary.batches += 1;
@@ -926,7 +939,7 @@ impl Worker {
             summary.duplicates += stats.duplicates;
             summary.reread += stats.already_processed;
             if let Some(pb) = &self.progress {
-                pb.inc(msgs.len() as u64);
+                advance(pb, msgs.len() as u64);
             }
             if self.opts.fault == Some(FaultPoint::AfterWrite(self.summary.batches)) {
                 return Ok(Step::Crash);
@@ -957,7 +970,7 @@ impl Worker {
             }
             self.last_emit = Instant::now();
         }
-        self.end_offsets.report(&mut self.pipeline, &self.metrics);
+        self.end_offsets.report(&mut self.pipeline, &self.metrics, &self.assigned, &self.health);
         if self.last_sizes.is_none_or(|t| t.elapsed() >= self.lag_every) {
             self.last_sizes = Some(Instant::now());
             for (cf, bytes) in self.store.sizes() {
@@ -1024,7 +1037,11 @@ impl Worker {
     /// The clean stop (shutdown asked for, or replay done): bills for
     /// everything processed, the outbox delivered, offsets committed.
     async fn finish(&mut self) -> Result<(), WorkerError> {
-        tracing::info!(seconds = self.started.elapsed().as_secs_f64(), messages = self.summary.messages, "input read");
+        tracing::info!(
+            seconds = crate::metrics::rounded(self.started.elapsed().as_secs_f64(), 3),
+            messages = self.summary.messages,
+            "input read"
+        );
         let t = Instant::now();
         let (cpu, bills_before) = (crate::metrics::process_cpu_seconds(), self.summary.bills_emitted);
         let replay = self.replay();
@@ -1050,11 +1067,16 @@ impl Worker {
         // (committed), every thread of the process counted.
         let bills = self.summary.bills_emitted - bills_before;
         let cpu_us_per_bill = crate::metrics::cpu_us_per(cpu, bills);
-        tracing::info!(seconds = t.elapsed().as_secs_f64(), bills, cpu_us_per_bill, "bills computed and produced");
+        tracing::info!(
+            seconds = crate::metrics::rounded(t.elapsed().as_secs_f64(), 3),
+            bills,
+            cpu_us_per_bill,
+            "bills computed and produced"
+        );
         let t = Instant::now();
         let left = flush_outbox(&mut self.pipeline, &self.producer, self.txn.as_ref(), &self.metrics).await?;
         self.summary.delivery_failures += left;
-        tracing::info!(seconds = t.elapsed().as_secs_f64(), "outbox produced");
+        tracing::info!(seconds = crate::metrics::rounded(t.elapsed().as_secs_f64(), 3), "outbox produced");
         if left > 0 {
             tracing::warn!(records = left, "records still in the outbox; they are produced at the next start");
         }
@@ -1115,12 +1137,14 @@ impl Worker {
         let t = Instant::now();
         match txn.commit(records, offsets, group).await {
             Ok(()) => {
+                self.health.other_committed();
                 self.metrics.produce_seconds.observe(t.elapsed().as_secs_f64());
                 self.metrics.transactions.with_label_values(&["committed"]).inc();
                 count_produced(&self.metrics, records.iter());
                 Ok(true)
             }
             Err(kafka::TxnError::Aborted(why)) => {
+                self.health.aborted();
                 self.metrics.transactions.with_label_values(&["aborted"]).inc();
                 self.summary.aborted += 1;
                 tracing::warn!(%why, records = records.len(), "transaction aborted: nothing of it is visible; its state is forgotten and its input read again");
@@ -1160,11 +1184,44 @@ impl Worker {
     }
 }
 
+/// The topic replay's progress bar over `total` messages, the estimate
+/// [`kafka::assign_to_end`] makes from the end offsets (transaction markers
+/// and compacted or early-reported ends make it differ from what is read):
+/// shown as `~total`, and raised to what was read when that passes it
+/// ([`advance`]); the rate in whole messages per second.
+fn replay_progress(total: u64) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total);
+    let rate = |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = w.write_str(&crate::metrics::per_second(s.per_sec()));
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {human_pos}/~{human_len} events  {rate}  ETA {eta}")
+            .expect("valid template")
+            .with_key("rate", rate),
+    );
+    pb
+}
+
+/// Moves the progress bar on by `n` messages, raising its length to the
+/// position if the estimate was short: never more done than the total.
+fn advance(pb: &indicatif::ProgressBar, n: u64) {
+    pb.inc(n);
+    if pb.length().is_some_and(|len| pb.position() > len) {
+        pb.set_length(pb.position());
+    }
+}
+
 /// A file in the state directory while a worker runs on it.
 const RUNNING_MARKER: &str = "RUNNING.gatebill";
 
 /// How often partition lag is measured.
 const LAG_EVERY: Duration = Duration::from_secs(15);
+
+/// How often the input's end offsets are read (lag, and idleness needs
+/// them): every [`LAG_EVERY`], or every idle period if that is shorter.
+fn lag_every(cfg: &Checked) -> Duration {
+    LAG_EVERY.min(Duration::from_secs(cfg.worker.idle_after_secs.max(1)))
+}
 
 /// End offsets of the input topic's partitions, asked of the broker by a
 /// thread with its own client, so that the round trips (seconds on a busy
@@ -1175,7 +1232,7 @@ struct EndOffsets {
 }
 
 impl EndOffsets {
-    fn start(consumer: BaseConsumer, topic: String, every: Duration) -> Result<EndOffsets, KafkaSetupError> {
+    fn start(consumer: BaseConsumer, topic: String, every: Duration, health: Arc<Health>) -> Result<EndOffsets, KafkaSetupError> {
         let latest: Arc<Mutex<HashMap<i32, i64>>> = Arc::default();
         let stop: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let (l, st) = (latest.clone(), stop.clone());
@@ -1184,11 +1241,14 @@ impl EndOffsets {
             .spawn(move || {
                 while !st.load(std::sync::atomic::Ordering::Relaxed) {
                     let n = crate::kafka::partition_counts(&consumer, &[&topic]).ok().and_then(|c| c.get(&topic).copied()).unwrap_or(0);
+                    let mut read = 0;
                     for p in 0..n {
                         if let Ok((_, high)) = consumer.fetch_watermarks(&topic, p, Duration::from_secs(5)) {
                             l.lock().expect("not poisoned").insert(p, high);
+                            read += 1;
                         }
                     }
+                    health.end_offsets_tried(n > 0 && read == n);
                     let until = Instant::now() + every;
                     while Instant::now() < until && !st.load(std::sync::atomic::Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(100));
@@ -1199,14 +1259,21 @@ impl EndOffsets {
         Ok(EndOffsets { latest, stop })
     }
 
-    /// Hands the latest end offsets to the pipeline and the lag gauge.
-    fn report(&self, pipeline: &mut Pipeline, metrics: &Metrics) {
+    /// Hands the latest end offsets to the pipeline, the lag gauge, and
+    /// the health (the lag of the partitions `owned`).
+    fn report(&self, pipeline: &mut Pipeline, metrics: &Metrics, owned: &[i32], health: &Health) {
         let latest = self.latest.lock().expect("not poisoned").clone();
+        let mut owned_lag = 0u64;
         for (p, high) in latest {
             pipeline.set_high_watermark(p, high);
             let next = pipeline.next_offset(p).unwrap_or(0);
-            metrics.partition_lag.with_label_values(&[&p.to_string()]).set((high - next).max(0));
+            let lag = (high - next).max(0);
+            metrics.partition_lag.with_label_values(&[&p.to_string()]).set(lag);
+            if owned.contains(&p) {
+                owned_lag += lag as u64;
+            }
         }
+        health.set_lag(owned_lag);
     }
 }
 
@@ -1241,6 +1308,17 @@ fn commit(consumer: &StreamConsumer<StoreOffsets>, pipeline: &Pipeline, owned: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replay_progress_never_shows_more_done_than_its_total() {
+        // The end offsets promised 299,049 messages; 300,000 were read.
+        let pb = replay_progress(299_049);
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        advance(&pb, 299_000);
+        assert_eq!((pb.position(), pb.length()), (299_000, Some(299_049)));
+        advance(&pb, 1_000);
+        assert_eq!((pb.position(), pb.length()), (300_000, Some(300_000)));
+    }
 
     #[test]
     fn ownership_follows_assign_and_revoke_callbacks() {
