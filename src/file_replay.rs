@@ -413,7 +413,11 @@ pub async fn replay_file(
     let start = (0..count as i32).zip(&shards).map(|(p, s)| s.next_offset(p).unwrap_or(0)).min().unwrap_or(0);
     let pb = progress.then(|| {
         let pb = indicatif::ProgressBar::new_spinner();
-        pb.set_style(indicatif::ProgressStyle::with_template("{spinner} {pos} lines  {per_sec}  {elapsed}").expect("valid template"));
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {human_pos} lines  {rate}  {elapsed}")
+                .expect("valid template")
+                .with_key("rate", crate::metrics::progress_rate),
+        );
         pb
     });
     let mut summary = RunSummary::default();
@@ -459,7 +463,7 @@ pub async fn replay_file(
         }
     }
     pipeline.join(shards)?;
-    tracing::info!(process_seconds = started.elapsed().as_secs_f64(), "input processed");
+    tracing::info!(process_seconds = crate::metrics::rounded(started.elapsed().as_secs_f64(), 3), "input processed");
     let (processed_at, cpu) = (std::time::Instant::now(), crate::metrics::process_cpu_seconds());
     summary.bills_emitted = match &sink {
         // An interrupted replay emits no bill (spec section 8): its dirty
@@ -486,7 +490,12 @@ pub async fn replay_file(
         Sink::Kafka => pipeline.emit(now_ms(), true)?,
     } as u64;
     let cpu_us_per_bill = crate::metrics::cpu_us_per(cpu, summary.bills_emitted);
-    tracing::info!(emit_seconds = processed_at.elapsed().as_secs_f64(), bills = summary.bills_emitted, cpu_us_per_bill, "bills computed");
+    tracing::info!(
+        emit_seconds = crate::metrics::rounded(processed_at.elapsed().as_secs_f64(), 3),
+        bills = summary.bills_emitted,
+        cpu_us_per_bill,
+        "bills computed"
+    );
     // Drain the outbox a page at a time (memory stays bounded however many bills).
     let drained = match &sink {
         Sink::File(out) => {

@@ -42,6 +42,12 @@ pub fn rounded(x: f64, decimals: i32) -> f64 {
     (x * scale).round() / scale
 }
 
+/// A progress bar's `{rate}` key: whole messages (or lines) per second
+/// ([`per_second`]), not indicatif's `{per_sec}` with four decimals.
+pub fn progress_rate(s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+    let _ = w.write_str(&per_second(s.per_sec()));
+}
+
 /// A whole number with commas between thousands: `1,097,528`.
 pub fn thousands(v: u64) -> String {
     let s = v.to_string();

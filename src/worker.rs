@@ -1191,13 +1191,10 @@ impl Worker {
 /// ([`advance`]); the rate in whole messages per second.
 fn replay_progress(total: u64) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total);
-    let rate = |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
-        let _ = w.write_str(&crate::metrics::per_second(s.per_sec()));
-    };
     pb.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {human_pos}/~{human_len} events  {rate}  ETA {eta}")
             .expect("valid template")
-            .with_key("rate", rate),
+            .with_key("rate", crate::metrics::progress_rate),
     );
     pb
 }
