@@ -40,11 +40,15 @@ pub enum RejectReason {
     /// packs, which are invalid; the detail names each one. The dead letter is
     /// a copy of the record: the rest of it (activation, valid packs) applies.
     InvalidResourcePack,
+    /// A tombstone (null value) on the accounts topic: it does not delete
+    /// billing history, so it is not applied and the account's last record
+    /// stays in force (rule book section 8).
+    AccountTombstone,
 }
 
 impl RejectReason {
     /// Every reason, for metrics and documentation.
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::MalformedJson,
         RejectReason::MissingField,
         RejectReason::InvalidValue,
@@ -52,6 +56,7 @@ impl RejectReason {
         RejectReason::KeyMismatch,
         RejectReason::FutureTime,
         RejectReason::InvalidResourcePack,
+        RejectReason::AccountTombstone,
     ];
 
     /// The stable reason code written to dead-letter headers.
@@ -64,6 +69,7 @@ impl RejectReason {
             RejectReason::KeyMismatch => "key_mismatch",
             RejectReason::FutureTime => "future_time",
             RejectReason::InvalidResourcePack => "invalid_resource_pack",
+            RejectReason::AccountTombstone => "account_tombstone",
         }
     }
 }
@@ -405,6 +411,19 @@ fn required<T>(v: Option<T>, what: &str) -> Result<T, DecodeError> {
 /// Rejects a message that is valid JSON but not an object (`null`, `[]`, `7`)
 /// as `invalid_value`, so that `missing_field` always means a real field.
 pub(crate) fn check_object(bytes: &[u8]) -> Result<(), DecodeError> {
+    // Not UTF-8 is `malformed_json` wherever the bad bytes are (the JSON
+    // parser would call bytes inside a string a syntax error, but skip them
+    // in an unknown field's value).
+    if let Err(e) = std::str::from_utf8(bytes) {
+        let at = e.valid_up_to();
+        return Err(DecodeError::new(
+            RejectReason::MalformedJson,
+            format!(
+                "the message is not UTF-8: byte 0x{:02x} at offset {at} does not continue a UTF-8 sequence; messages must be UTF-8 JSON",
+                bytes[at]
+            ),
+        ));
+    }
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => Ok(()),
         _ => match serde_json::from_slice::<de::IgnoredAny>(bytes) {
