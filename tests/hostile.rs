@@ -202,41 +202,56 @@ fn assert_only_valid_1_billed(cfg: &gatebill::config::Config) {
 /// `message.max.bytes` (1,000,000). It used to abort its transaction, and
 /// the batch was read again forever: the valid event after it was never
 /// billed. Now the dead letter keeps what fits and says so.
+///
+/// The same without transactions (the dead letter stayed in the outbox, a
+/// warning every 4 s), and with the worker's `message.max.bytes` raised in
+/// `[kafka.properties]`: then the dead letter is whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_too_large_to_dead_letter_whole_is_cut_and_its_partition_goes_on() {
-    let cluster = MockCluster::new(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config(&cluster, dir.path(), "large");
-    assert!(cfg.kafka.transactions && !cfg.kafka.properties.contains_key("message.max.bytes"));
-    common::create_topics(&cluster, &cfg, 1, &[]);
-    // An event whose region is far over 256 bytes: invalid_value.
-    let event = valid(1);
-    let big = event.replace("ap-guangzhou", &"x".repeat(1_100_000 - event.len() + "ap-guangzhou".len())).into_bytes();
-    assert_eq!(big.len(), 1_100_000);
-    let mut sender = cfg.clone();
-    sender.kafka.properties.insert("message.max.bytes".into(), "2000000".into());
-    send(&sender, vec![("acct-1", big.clone(), vec![("trace".into(), b"t1".to_vec())]), ("acct-1", event.into_bytes(), vec![])]).await;
+    for (transactions, worker_limit) in [(true, None), (false, None), (true, Some("2000000"))] {
+        eprintln!("transactions = {transactions}, message.max.bytes = {worker_limit:?}");
+        let cluster = MockCluster::new(1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(&cluster, dir.path(), "large");
+        cfg.kafka.transactions = transactions;
+        if let Some(limit) = worker_limit {
+            cfg.kafka.properties.insert("message.max.bytes".into(), limit.into());
+        }
+        common::create_topics(&cluster, &cfg, 1, &[]);
+        // An event whose region is far over 256 bytes: invalid_value.
+        let event = valid(1);
+        let big = event.replace("ap-guangzhou", &"x".repeat(1_100_000 - event.len() + "ap-guangzhou".len())).into_bytes();
+        assert_eq!(big.len(), 1_100_000);
+        let mut sender = cfg.clone();
+        sender.kafka.properties.insert("message.max.bytes".into(), "2000000".into());
+        send(&sender, vec![("acct-1", big.clone(), vec![("trace".into(), b"t1".to_vec())]), ("acct-1", event.into_bytes(), vec![])]).await;
 
-    let s = tokio::time::timeout(Duration::from_secs(90), common::replay(&cfg))
-        .await
-        .expect("the replay ends: the oversized message must not block its partition");
-    assert_eq!((s.billed, s.rejected, s.aborted), (1, 1, 0));
-    assert_only_valid_1_billed(&cfg);
+        let s = tokio::time::timeout(Duration::from_secs(90), common::replay(&cfg))
+            .await
+            .expect("the replay ends: the oversized message must not block its partition");
+        assert_eq!((s.billed, s.rejected, s.aborted, s.delivery_failures), (1, 1, 0, 0));
+        assert_only_valid_1_billed(&cfg);
 
-    let dead = dead_letters(&cfg);
-    assert_eq!(dead.len(), 1);
-    let letter = &dead[0];
-    let size = letter.0.as_ref().map_or(0, Vec::len) + letter.1.len() + letter.2.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-    assert!(size < 1_000_000, "the dead letter fits the producer's limit: {size} bytes");
-    assert!(letter.1.len() > 990_000, "what fits of the value is kept: {} bytes", letter.1.len());
-    assert_eq!(&big[..letter.1.len()], &letter.1[..], "the value kept is the original's start");
-    assert_eq!(letter.0.as_deref(), Some(&b"acct-1"[..]));
-    assert_eq!(headers_named(letter, "gatebill.reason"), ["invalid_value"]);
-    assert_eq!(headers_named(letter, "gatebill.truncated"), ["payload"]);
-    assert_eq!(headers_named(letter, "gatebill.original.length"), ["1100000"]);
-    let sha: String = sha2::Sha256::digest(&big).iter().map(|b| format!("{b:02x}")).collect();
-    assert_eq!(headers_named(letter, "gatebill.original.sha256"), [sha.as_str()]);
-    assert_eq!(headers_named(letter, "trace"), ["t1"]);
+        let dead = dead_letters(&cfg);
+        assert_eq!(dead.len(), 1);
+        let letter = &dead[0];
+        assert_eq!(letter.0.as_deref(), Some(&b"acct-1"[..]));
+        assert_eq!(headers_named(letter, "gatebill.reason"), ["invalid_value"]);
+        assert_eq!(headers_named(letter, "trace"), ["t1"]);
+        if worker_limit.is_some() {
+            assert_eq!(letter.1, big, "under a raised limit the dead letter is whole");
+            assert!(headers_named(letter, "gatebill.truncated").is_empty());
+            continue;
+        }
+        let size = letter.0.as_ref().map_or(0, Vec::len) + letter.1.len() + letter.2.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        assert!(size < 1_000_000, "the dead letter fits the producer's limit: {size} bytes");
+        assert!(letter.1.len() > 990_000, "what fits of the value is kept: {} bytes", letter.1.len());
+        assert_eq!(&big[..letter.1.len()], &letter.1[..], "the value kept is the original's start");
+        assert_eq!(headers_named(letter, "gatebill.truncated"), ["payload"]);
+        assert_eq!(headers_named(letter, "gatebill.original.length"), ["1100000"]);
+        let sha: String = sha2::Sha256::digest(&big).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(headers_named(letter, "gatebill.original.sha256"), [sha.as_str()]);
+    }
 }
 
 /// Issue 25, point 7: an input message carrying headers named like
