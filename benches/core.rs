@@ -39,6 +39,7 @@ fn settings(dedupe: bool) -> Settings {
         require_keys: false,
         changelog_topic: None,
         provisional_interval_ms: 0,
+        dead_letter_max_bytes: gatebill::pipeline::dead_letter::DEFAULT_MESSAGE_MAX_BYTES,
     }
 }
 

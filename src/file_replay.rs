@@ -239,7 +239,26 @@ fn read_chunks(
     (rx, recycle)
 }
 
-/// Writes records to NDJSON files and syncs them.
+/// Standard base64 (RFC 4648, with padding).
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let n = group.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Writes records to NDJSON files and syncs them: bills as they are, dead
+/// letters as `{"headers": {..}, "payload": "<text>"}`, or with
+/// `"payload_base64"` instead of `"payload"` when the bytes are not UTF-8.
 fn write_files(out: &Path, records: &[(Vec<u8>, OutboxRecord)], bills_topic: &str) -> std::io::Result<()> {
     let dead_path = PathBuf::from(format!("{}.dead-letters", out.display()));
     let open = |p: &Path| std::fs::OpenOptions::new().create(true).append(true).open(p);
@@ -252,7 +271,12 @@ fn write_files(out: &Path, records: &[(Vec<u8>, OutboxRecord)], bills_topic: &st
         } else {
             let headers: serde_json::Map<String, serde_json::Value> =
                 r.headers.iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned().into())).collect();
-            let line = serde_json::json!({ "headers": headers, "payload": String::from_utf8_lossy(&r.payload) });
+            // The exact bytes: as text when they are UTF-8, else in base64
+            // under another name (never U+FFFD in place of a byte).
+            let line = match std::str::from_utf8(&r.payload) {
+                Ok(text) => serde_json::json!({ "headers": headers, "payload": text }),
+                Err(_) => serde_json::json!({ "headers": headers, "payload_base64": base64(&r.payload) }),
+            };
             serde_json::to_writer(&mut dead, &line)?;
             dead.write_all(b"\n")?;
         }
@@ -374,7 +398,11 @@ pub async fn replay_file(
     let mut stop_asked = crate::worker::poll_now(shutdown.as_mut()).is_some();
     let rules = cfg.rules().clone();
     let store = Arc::new(Store::open_sized(&cfg.worker.state_dir, cfg.worker.store_memory())?);
-    let settings = file_settings(cfg, input_topic(&store, input)?, &accounts);
+    let mut settings = file_settings(cfg, input_topic(&store, input)?, &accounts);
+    if let Sink::File(_) = sink {
+        // A file takes a dead letter of any size.
+        settings.dead_letter_max_bytes = usize::MAX;
+    }
     let topic = settings.input_topic.clone();
     let metrics = Metrics::new();
     let mut pipeline = Pipeline::new(store, rules, settings, metrics.clone())?;
@@ -383,6 +411,7 @@ pub async fn replay_file(
         Accounts::File(f) => load_accounts_file(&mut pipeline, f)?,
         Accounts::Topic => {
             let consumer = crate::kafka::plain_consumer(&cfg.kafka, &format!("{}-accounts", cfg.kafka.group_id))?;
+            // Their dead letters go out with the replay's at the end.
             crate::worker::load_accounts(&mut pipeline, &consumer, &cfg.kafka.accounts_topic)?;
             if pipeline.accounts_known() == 0 {
                 return Err(WorkerError::NoAccounts { topic: cfg.kafka.accounts_topic.clone(), brokers: cfg.kafka.brokers.clone() });
@@ -530,6 +559,23 @@ mod tests {
     /// The name a new input's positions are kept under.
     fn path_topic(input: &Path) -> String {
         format!("file:{}", input.canonicalize().unwrap().display())
+    }
+
+    #[test]
+    fn base64_is_rfc_4648() {
+        let cases: [(&[u8], &str); 8] = [
+            (b"", ""),
+            (b"f", "Zg=="),
+            (b"fo", "Zm8="),
+            (b"foo", "Zm9v"),
+            (b"foob", "Zm9vYg=="),
+            (b"fooba", "Zm9vYmE="),
+            (b"foobar", "Zm9vYmFy"),
+            (&[0xff, 0xfe, 0x00, b'{'], "//4Aew=="),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(base64(bytes), want);
+        }
     }
 
     fn bills(path: &Path) -> BTreeMap<String, String> {

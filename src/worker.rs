@@ -563,35 +563,38 @@ async fn flush_outbox(
     Ok(drained.failed)
 }
 
-/// Applies account-topic messages, as read, to the pipeline's account table.
-fn apply_account_messages(pipeline: &mut Pipeline, msgs: &[OwnedMessage]) -> Result<(), StoreError> {
+/// Applies account-topic messages, as read, to the pipeline's account
+/// table; returns how many dead letters that put in the outbox.
+fn apply_account_messages(pipeline: &mut Pipeline, msgs: &[OwnedMessage]) -> Result<u64, StoreError> {
     if msgs.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let msgs: Vec<InputMessage> = msgs.iter().map(to_input).collect();
     pipeline.apply_accounts(&msgs)
 }
 
-/// Reads the accounts topic from the stored offsets to its current end.
-pub(crate) fn load_accounts(pipeline: &mut Pipeline, consumer: &BaseConsumer, topic: &str) -> Result<(), WorkerError> {
+/// Reads the accounts topic from the stored offsets to its current end;
+/// returns how many dead letters that put in the outbox.
+pub(crate) fn load_accounts(pipeline: &mut Pipeline, consumer: &BaseConsumer, topic: &str) -> Result<u64, WorkerError> {
     let store = pipeline.store().clone();
     let (ends, _) =
         kafka::assign_to_end(consumer, topic, |p, low, _| Ok::<_, WorkerError>(store.partition(topic, p)?.map_or(low, |s| s.next_offset)))?;
     let mut chunk: Vec<OwnedMessage> = Vec::new();
+    let mut dead = 0;
     let read = kafka::read_to_end(consumer, ends, Duration::from_secs(120), |m| {
         chunk.push(m.detach());
         if chunk.len() >= 1000 {
-            apply_account_messages(pipeline, &chunk)?;
+            dead += apply_account_messages(pipeline, &chunk)?;
             chunk.clear();
         }
         Ok::<_, WorkerError>(())
     })?;
-    apply_account_messages(pipeline, &chunk)?;
+    dead += apply_account_messages(pipeline, &chunk)?;
     if !read.unfinished.is_empty() {
         tracing::warn!(partitions = ?read.unfinished, "accounts topic not read to its end: no record for 120 s; continuing, bills will be restated as records arrive");
     }
-    tracing::info!(records = read.read, "accounts table loaded");
-    Ok(())
+    tracing::info!(records = read.read, dead_letters = dead, "accounts table loaded");
+    Ok(dead)
 }
 
 /// Runs the worker until `shutdown` resolves (live), the end offsets are
@@ -745,7 +748,11 @@ impl Worker {
         let mut summary = RunSummary::default();
         // Anything written but not acknowledged before the last stop goes first.
         summary.delivery_failures += flush_outbox(&mut pipeline, &producer, txn.as_ref(), &metrics).await?;
-        load_accounts(&mut pipeline, &accounts, &k.accounts_topic)?;
+        if load_accounts(&mut pipeline, &accounts, &k.accounts_topic)? > 0 {
+            // The account records' dead letters go out now, not with the
+            // first input batch (or, with transactions, at the stop).
+            summary.delivery_failures += flush_outbox(&mut pipeline, &producer, txn.as_ref(), &metrics).await?;
+        }
         let mut starts: BTreeMap<i32, i64> = BTreeMap::new();
 
         // Replay: the end offsets seen at start, and the assignment.
@@ -961,7 +968,7 @@ impl Worker {
             }
         }
         self.gathered = batch;
-        self.follow_accounts()?;
+        self.follow_accounts().await?;
         // A replay computes each bill once, at the end: provisional bills of
         // a half-read history would only be restated moments later.
         if !self.replay() && self.last_emit.elapsed() >= self.emit_every {
@@ -1018,8 +1025,11 @@ impl Worker {
         Ok(())
     }
 
-    /// Keeps the accounts table current: applies what the accounts topic has now.
-    fn follow_accounts(&mut self) -> Result<(), WorkerError> {
+    /// Keeps the accounts table current: applies what the accounts topic
+    /// has now, and delivers the dead letters of its bad records at once
+    /// (the outbox is otherwise drained only with an input batch or an
+    /// emission without transactions, and only at a stop with them).
+    async fn follow_accounts(&mut self) -> Result<(), WorkerError> {
         let mut updates = Vec::new();
         while updates.len() < 1000 {
             match self.accounts.poll(Duration::ZERO) {
@@ -1031,7 +1041,10 @@ impl Worker {
                 None => break,
             }
         }
-        Ok(apply_account_messages(&mut self.pipeline, &updates)?)
+        if apply_account_messages(&mut self.pipeline, &updates)? > 0 {
+            self.summary.delivery_failures += flush_outbox(&mut self.pipeline, &self.producer, self.txn.as_ref(), &self.metrics).await?;
+        }
+        Ok(())
     }
 
     /// The clean stop (shutdown asked for, or replay done): bills for

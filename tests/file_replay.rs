@@ -194,3 +194,94 @@ async fn a_backfill_with_its_accounts_file_bills_as_the_topic_replay_with_the_ac
     .unwrap_err();
     assert!(err.to_string().contains("the accounts topic no-accounts") && err.to_string().contains("--accounts-file"), "{err}");
 }
+
+/// Issue 25, point 6: a file replay's dead letters lost the original bytes
+/// (a byte that is not UTF-8 became U+FFFD), and a line of JSON with a byte
+/// that is not UTF-8 in a string was `invalid_value` where README says
+/// `malformed_json`. Now the dead-letter file keeps the exact bytes (in
+/// `payload_base64` when they are not UTF-8), and the reason is the one the
+/// Kafka path gives.
+#[tokio::test]
+async fn file_dead_letters_keep_the_exact_bytes_and_the_kafka_paths_reason() {
+    use gatebill::pipeline::{headers, InputMessage, Pipeline, Settings};
+    let dir = tempfile::tempdir().unwrap();
+    let event = |id: &str| {
+        format!(
+            r#"{{"request_id":"{id}","account_id":"acct-1","region":"ap-guangzhou","time":"2021-05-02T10:00:00+08:00","client_network":"public","request_bytes":10,"response_bytes":1001,"backend":{{"type":"mock"}}}}"#
+        )
+        .into_bytes()
+    };
+    let mut in_string = event("r2");
+    let at = in_string.windows(9).position(|w| w == b"guangzhou").unwrap() + 4;
+    in_string[at] = 0xff;
+    let not_json = vec![0xff, 0xfe, 0x00, b'{'];
+    let unfinished = "{\"région\": ".as_bytes().to_vec();
+    let lines = [event("r1"), in_string.clone(), not_json.clone(), unfinished.clone()];
+    let input = dir.path().join("events.ndjson");
+    std::fs::write(&input, lines.join(&b'\n')).unwrap();
+    let mut cfg = Config::default();
+    cfg.worker.state_dir = dir.path().join("state");
+    let out = dir.path().join("bills.ndjson");
+    let s = replay_file(&cfg.clone().checked().unwrap(), &input, Accounts::None, Sink::File(out.clone()), false, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!((s.billed, s.rejected), (1, 3));
+    let bills: Vec<BillRecord> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(bills.len(), 1);
+    assert_eq!((bills[0].key(), bills[0].content.usage.calls, bills[0].content.usage.public_out_bytes), ("acct-1/2021-05".into(), 1, 1001));
+
+    let dead: Vec<serde_json::Value> = std::fs::read_to_string(format!("{}.dead-letters", out.display()))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let got: Vec<(String, String, Option<String>, Option<String>)> = dead
+        .iter()
+        .map(|d| {
+            let h = |name: &str| d["headers"][name].as_str().unwrap().to_string();
+            let text = |name: &str| d.get(name).map(|v| v.as_str().unwrap().to_string());
+            (h("gatebill.source.offset"), h("gatebill.reason"), text("payload"), text("payload_base64"))
+        })
+        .collect();
+    let b64 = gatebill::file_replay::base64;
+    assert_eq!(b64(&not_json), "//4Aew==");
+    assert_eq!(
+        got,
+        vec![
+            ("1".into(), "malformed_json".into(), None, Some(b64(&in_string))),
+            ("2".into(), "malformed_json".into(), None, Some("//4Aew==".into())),
+            ("3".into(), "malformed_json".into(), Some("{\"région\": ".into()), None),
+        ]
+    );
+
+    // The Kafka path (keys checked): the same reasons, the same bytes.
+    let store = std::sync::Arc::new(gatebill::store::Store::open(&dir.path().join("kafka")).unwrap());
+    let mut p = Pipeline::new(store, Rules::default(), Settings::from_config(&cfg), gatebill::metrics::Metrics::new()).unwrap();
+    let msgs: Vec<InputMessage> = lines[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, l)| InputMessage {
+            topic: "events",
+            partition: 0,
+            offset: i as i64,
+            key: Some(b"acct-1"),
+            payload: Some(l.as_slice()),
+            headers: vec![],
+        })
+        .collect();
+    assert_eq!(p.process(&msgs).unwrap().rejected, 3);
+    let kafka: Vec<(String, Vec<u8>)> = p
+        .outbox()
+        .unwrap()
+        .into_iter()
+        .filter(|(_, r)| r.topic == cfg.kafka.dead_letter_topic)
+        .map(|(_, r)| {
+            let reason = r.headers.iter().find(|(k, _)| k == headers::REASON).unwrap().1.clone();
+            (String::from_utf8(reason).unwrap(), r.payload)
+        })
+        .collect();
+    assert_eq!(
+        kafka,
+        vec![("malformed_json".into(), in_string), ("malformed_json".into(), not_json), ("malformed_json".into(), unfinished)]
+    );
+}

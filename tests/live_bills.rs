@@ -481,3 +481,46 @@ fn a_stop_between_emission_chunks_still_restates_the_later_month() {
     let april = &bills_in_outbox(&p)["A/2021-04"];
     assert_eq!((april.status, april.revision, april.content.total_amount), (BillStatus::Restated, 2, dec("0.80")));
 }
+
+/// Issue 25, point 8 (rule book section 8): a tombstone on the accounts
+/// topic removed the account's record, so its free tier and packs were gone
+/// and its past bills were restated as an unknown account's. Now it is
+/// dead-lettered (`account_tombstone`) and the last record stays in force,
+/// in memory and in the store.
+#[test]
+fn an_account_tombstone_is_dead_lettered_and_the_last_record_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = pack_account_with_april_and_may(dir.path());
+    let now = now_ms();
+    assert_eq!(p.emit(now, false).unwrap(), 2);
+    let before = bills_in_outbox(&p);
+    assert_eq!((before["A/2021-04"].content.total_amount, before["A/2021-04"].content.deductions[0].quantity), (dec("0.00"), GIB));
+
+    let tombstone = InputMessage { payload: None, ..account_message(1, "A", b"") };
+    assert_eq!(p.apply_accounts(&[tombstone]).unwrap(), 1);
+    // Nothing to restate: the bills are those of the record in force.
+    assert_eq!(p.emit(now, false).unwrap(), 0);
+    assert_eq!(bills_in_outbox(&p), before);
+    let dead = dead_letters(&p);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(header(&dead[0], headers::REASON), "account_tombstone");
+    assert_eq!((header(&dead[0], headers::SOURCE_TOPIC), header(&dead[0], headers::SOURCE_OFFSET)), (ACCOUNTS, "1"));
+    assert_eq!(
+        header(&dead[0], headers::DETAIL),
+        "tombstone (null value) for account `A`: a tombstone does not delete billing history, so the account's last record \
+         stays in force; to change the account, publish a new record for it"
+    );
+    assert_eq!((dead[0].key.as_deref(), dead[0].payload.as_slice()), (Some(&b"A"[..]), &b""[..]));
+
+    // Reopened from the store, the pack still applies: March spends it and
+    // April is restated to 0.80, as with the record never tombstoned.
+    drop(p);
+    let mut p = open(dir.path(), rules(None));
+    p.process(&batch(2, &[("A".to_string(), event("r-mar", "A", "2021-03-10T12:00:00+08:00", GIB))])).unwrap();
+    assert_eq!(p.emit(now, false).unwrap(), 2);
+    let b = bills_in_outbox(&p);
+    assert_eq!((b["A/2021-03"].content.deductions[0].pack_id.as_str(), b["A/2021-03"].content.total_amount), ("pk-1", dec("0.00")));
+    let april = &b["A/2021-04"];
+    assert!(april.content.account_known);
+    assert_eq!((april.status, april.revision, april.content.total_amount), (BillStatus::Restated, 2, dec("0.80")));
+}

@@ -101,7 +101,9 @@ fn dead_letter_header_schema_lists_every_reason_code_and_accepts_real_dead_lette
     cfg.kafka.input_topic = "events".into();
     let mut p = Pipeline::new(store, Rules::default(), Settings::from_config(&cfg), gatebill::metrics::Metrics::new()).unwrap();
     let future = SPEC_EVENT.replace("2020-11-05T10:15:30.123+08:00", "9999-01-01T00:00:00+08:00");
-    let payloads: [&[u8]; 3] = [b"{not json", future.as_bytes(), b"[]"];
+    // Over the producer's limit (cut to fit), and a tombstone.
+    let large = [&b"{"[..], &vec![b' '; 1_100_000]].concat();
+    let payloads: [Option<&[u8]>; 5] = [Some(b"{not json"), Some(future.as_bytes()), Some(b"[]"), Some(&large), None];
     let msgs: Vec<InputMessage> = payloads
         .iter()
         .enumerate()
@@ -110,13 +112,14 @@ fn dead_letter_header_schema_lists_every_reason_code_and_accepts_real_dead_lette
             partition: 3,
             offset: i as i64,
             key: Some(b"1250000001"),
-            payload: Some(p),
-            headers: vec![("trace".into(), b"abc".to_vec())],
+            payload: *p,
+            headers: vec![("trace".into(), b"abc".to_vec()), ("gatebill.reason".into(), b"forged".to_vec())],
         })
         .collect();
-    assert_eq!(p.process(&msgs).unwrap().rejected, 3);
+    assert_eq!(p.process(&msgs).unwrap().rejected, 5);
     let v = validator("dead-letter-headers.schema.json");
     let mut reasons = Vec::new();
+    let mut cut = Vec::new();
     // The outbox also holds the batch's changelog records.
     for (_, r) in p.outbox().unwrap().into_iter().filter(|(_, r)| r.topic == cfg.kafka.dead_letter_topic) {
         let headers: serde_json::Map<String, Value> =
@@ -124,8 +127,11 @@ fn dead_letter_header_schema_lists_every_reason_code_and_accepts_real_dead_lette
         let headers = Value::Object(headers);
         assert_valid(&v, &headers);
         reasons.push(headers["gatebill.reason"].as_str().unwrap().to_string());
+        cut.push(headers.get("gatebill.truncated").map(|v| v.as_str().unwrap().to_string()));
+        assert_eq!(headers["original.gatebill.reason"], "forged");
     }
-    assert_eq!(reasons, vec!["malformed_json", "future_time", "invalid_value"]);
+    assert_eq!(reasons, vec!["malformed_json", "future_time", "invalid_value", "malformed_json", "malformed_json"]);
+    assert_eq!(cut, vec![None, None, None, Some("payload".to_string()), None]);
 }
 
 /// Fields that do not apply to the backend type validate whatever their

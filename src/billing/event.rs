@@ -44,11 +44,15 @@ pub enum RejectReason {
     /// metered bytes and classification) differs from the copy already
     /// counted: an input error, not a retry. The first copy stays counted.
     ConflictingDuplicate,
+    /// A tombstone (null value) on the accounts topic: it does not delete
+    /// billing history, so it is not applied and the account's last record
+    /// stays in force (rule book section 8).
+    AccountTombstone,
 }
 
 impl RejectReason {
     /// Every reason, for metrics and documentation.
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::MalformedJson,
         RejectReason::MissingField,
         RejectReason::InvalidValue,
@@ -57,6 +61,7 @@ impl RejectReason {
         RejectReason::FutureTime,
         RejectReason::InvalidResourcePack,
         RejectReason::ConflictingDuplicate,
+        RejectReason::AccountTombstone,
     ];
 
     /// The stable reason code written to dead-letter headers.
@@ -70,6 +75,7 @@ impl RejectReason {
             RejectReason::FutureTime => "future_time",
             RejectReason::InvalidResourcePack => "invalid_resource_pack",
             RejectReason::ConflictingDuplicate => "conflicting_duplicate",
+            RejectReason::AccountTombstone => "account_tombstone",
         }
     }
 }
@@ -411,6 +417,19 @@ fn required<T>(v: Option<T>, what: &str) -> Result<T, DecodeError> {
 /// Rejects a message that is valid JSON but not an object (`null`, `[]`, `7`)
 /// as `invalid_value`, so that `missing_field` always means a real field.
 pub(crate) fn check_object(bytes: &[u8]) -> Result<(), DecodeError> {
+    // Not UTF-8 is `malformed_json` wherever the bad bytes are (the JSON
+    // parser would call bytes inside a string a syntax error, but skip them
+    // in an unknown field's value).
+    if let Err(e) = std::str::from_utf8(bytes) {
+        let at = e.valid_up_to();
+        return Err(DecodeError::new(
+            RejectReason::MalformedJson,
+            format!(
+                "the message is not UTF-8: byte 0x{:02x} at offset {at} does not continue a UTF-8 sequence; messages must be UTF-8 JSON",
+                bytes[at]
+            ),
+        ));
+    }
     match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
         Some(b'{') => Ok(()),
         _ => match serde_json::from_slice::<de::IgnoredAny>(bytes) {

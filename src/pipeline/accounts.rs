@@ -6,7 +6,7 @@
 use super::{InputMessage, Pipeline};
 use crate::billing::account::decode_account_checked;
 use crate::billing::calendar::Month;
-use crate::billing::event::{DecodeError, RejectReason};
+use crate::billing::event::{truncate, DecodeError, RejectReason};
 use crate::billing::AccountRecord;
 use crate::store::{PartitionState, StoreError};
 use std::borrow::Borrow;
@@ -56,11 +56,6 @@ impl AccountTable {
         self.0.replace(ById(record));
     }
 
-    /// Forgets `account`'s record.
-    pub fn remove(&mut self, account: &str) {
-        self.0.remove(account);
-    }
-
     /// Records held.
     pub fn len(&self) -> usize {
         self.0.len()
@@ -87,61 +82,56 @@ impl AccountTable {
 
 impl Pipeline {
     /// Applies account records (accounts topic): stores each changed record
-    /// and marks that account's months for recomputation. Bad records go to
-    /// the dead-letter topic; tombstones remove the record.
-    pub fn apply_accounts(&mut self, msgs: &[InputMessage]) -> Result<(), StoreError> {
+    /// and marks that account's months for recomputation. Bad records, and
+    /// tombstones (which do not delete billing history: the last record
+    /// stays in force, rule book section 8), go to the dead-letter topic
+    /// through the outbox. Returns how many dead letters it put there: the
+    /// caller delivers them without waiting for the next input batch.
+    pub fn apply_accounts(&mut self, msgs: &[InputMessage]) -> Result<u64, StoreError> {
         // A changed record marks the account's months with the partition
         // of its first marked month, which may not be the one a batch
         // knows (an account whose events came from two partitions).
         self.known_dirty.clear();
         let store = self.store.clone();
         let mut batch = store.batch();
+        let mut dead = 0u64;
         // Records that change the table, applied to memory once written.
-        let mut changed: HashMap<String, Option<AccountRecord>> = HashMap::new();
+        let mut changed: HashMap<String, AccountRecord> = HashMap::new();
         for m in msgs {
-            let decoded = match m.payload {
-                None => None,
+            let rejection = match m.payload {
+                None => Some(tombstone(m.key)),
                 Some(p) => match decode_account_checked(p) {
                     Ok(a) if m.key.is_some() && m.key != Some(a.record.account_id.as_bytes()) => {
-                        let err = DecodeError::new(RejectReason::KeyMismatch, "account record key is not its account_id");
-                        let (k, r) = self.dead_letter(m, &err);
-                        batch.put_outbox(&k, &r);
-                        continue;
+                        Some(DecodeError::new(RejectReason::KeyMismatch, "account record key is not its account_id"))
                     }
                     Ok(a) => {
                         // Invalid packs are left out and reported; the rest applies.
                         if let Some(err) = a.rejection() {
                             let (k, r) = self.dead_letter(m, &err);
                             batch.put_outbox(&k, &r);
+                            dead += 1;
                         }
-                        Some(a.record)
+                        let current = changed.get(&a.record.account_id).or_else(|| self.accounts.get(&a.record.account_id));
+                        if current != Some(&a.record) {
+                            let account_id = a.record.account_id.clone();
+                            batch.put_account(&account_id, p);
+                            let months = self.store.account_month_list(&account_id)?;
+                            let partition = self.account_partition(&account_id, &months)?;
+                            for month in months {
+                                batch.mark_dirty(&account_id, month, partition);
+                            }
+                            changed.insert(account_id, a.record);
+                        }
+                        None
                     }
-                    Err(err) => {
-                        let (k, r) = self.dead_letter(m, &err);
-                        batch.put_outbox(&k, &r);
-                        continue;
-                    }
+                    Err(err) => Some(err),
                 },
             };
-            let account_id = match (&decoded, m.key) {
-                (Some(a), _) => a.account_id.clone(),
-                (None, Some(k)) => String::from_utf8_lossy(k).into_owned(),
-                (None, None) => continue,
-            };
-            let current = match changed.get(&account_id) {
-                Some(c) => c.as_ref(),
-                None => self.accounts.get(&account_id),
-            };
-            if current == decoded.as_ref() {
-                continue;
+            if let Some(err) = rejection {
+                let (k, r) = self.dead_letter(m, &err);
+                batch.put_outbox(&k, &r);
+                dead += 1;
             }
-            batch.put_account(&account_id, if decoded.is_some() { m.payload.unwrap_or_default() } else { b"" });
-            let months = self.store.account_month_list(&account_id)?;
-            let partition = self.account_partition(&account_id, &months)?;
-            for month in months {
-                batch.mark_dirty(&account_id, month, partition);
-            }
-            changed.insert(account_id, decoded);
         }
         let mut by_partition: BTreeMap<i32, i64> = BTreeMap::new();
         for m in msgs {
@@ -153,14 +143,12 @@ impl Pipeline {
         }
         // Written first, mirrored after: a failed write leaves the table as on disk.
         self.store.write(batch)?;
-        for (id, record) in changed {
-            match record {
-                // Its `account_id` is `id` (the key above came from it).
-                Some(a) => self.accounts.insert(a),
-                None => self.accounts.remove(&id),
-            }
+        for (_, record) in changed {
+            self.accounts.insert(record);
         }
-        Ok(())
+        // Waiting in the outbox until the caller drains it.
+        self.metrics.outbox_pending.add(dead as i64);
+        Ok(dead)
     }
 
     /// The input partition an account's events come from, as its months'
@@ -173,6 +161,18 @@ impl Pipeline {
         }
         Ok(self.store.bill_state_many(&keys)?.into_iter().flatten().map(|s| s.partition).find(|p| *p >= 0).unwrap_or(-1))
     }
+}
+
+/// The rejection of a tombstone on the accounts topic.
+fn tombstone(key: Option<&[u8]>) -> DecodeError {
+    let account = key.map_or_else(|| "(no key)".to_string(), |k| format!("`{}`", truncate(&String::from_utf8_lossy(k), 64)));
+    DecodeError::new(
+        RejectReason::AccountTombstone,
+        format!(
+            "tombstone (null value) for account {account}: a tombstone does not delete billing history, so the account's last \
+             record stays in force; to change the account, publish a new record for it"
+        ),
+    )
 }
 
 #[cfg(test)]
@@ -194,15 +194,13 @@ mod tests {
         assert_eq!(t.get("a").map(|r| r.activated_at), Some(3));
         assert_eq!(t.get("b").map(|r| r.activated_at), Some(2));
         assert_eq!(t.get("c"), None);
-        t.remove("b");
-        assert_eq!(t.get("b"), None);
         let mut other = AccountTable::default();
         other.insert(record("c", 4));
         other.insert(record("a", 5));
         t.absorb(other);
         let mut all: Vec<(String, i64)> = t.take_all().map(|r| (r.account_id, r.activated_at)).collect();
         all.sort();
-        assert_eq!(all, vec![("a".to_string(), 5), ("c".to_string(), 4)]);
+        assert_eq!(all, vec![("a".to_string(), 5), ("b".to_string(), 2), ("c".to_string(), 4)]);
         assert_eq!(t.len(), 0);
     }
 }

@@ -156,7 +156,8 @@ pub fn encode_cells(cells: &[((u32, i64, u32), HourCell)], regions: &Interner) -
 
 /// Decodes, classifies and checks the key of one input message.
 pub fn decode_message<'m>(m: &InputMessage<'m>, require_keys: bool) -> Result<Billable<'m>, DecodeError> {
-    let b = decode_billable(m.payload.unwrap_or_default())?;
+    let Some(payload) = m.payload else { return Err(tombstone()) };
+    let b = decode_billable(payload)?;
     if !require_keys || m.key == Some(b.account_id.as_bytes()) {
         return Ok(b);
     }
@@ -169,6 +170,16 @@ pub fn decode_message<'m>(m: &InputMessage<'m>, require_keys: bool) -> Result<Bi
             truncate(&b.account_id, 64)
         ),
     ))
+}
+
+/// The rejection of a tombstone (a message with a null value) on the
+/// input topic: `malformed_json`, as an empty value is, with a detail that
+/// says what it is (README, decisions).
+pub fn tombstone() -> DecodeError {
+    DecodeError::new(
+        RejectReason::MalformedJson,
+        "tombstone: the message has no value (null); an access event is a JSON object, and events cannot be deleted",
+    )
 }
 
 /// Below this many items a batch is processed on one thread.

@@ -15,6 +15,19 @@ pub mod headers {
     pub const SOURCE_PARTITION: &str = "gatebill.source.partition";
     /// Source offset (decimal).
     pub const SOURCE_OFFSET: &str = "gatebill.source.offset";
+    /// On a dead letter cut to fit the producer's `message.max.bytes`:
+    /// what was cut, comma-separated, of `payload`, `headers` (the
+    /// original message's headers, dropped from the last) and `key`.
+    pub const TRUNCATED: &str = "gatebill.truncated";
+    /// On a cut dead letter: the original value's length in bytes (decimal).
+    pub const ORIGINAL_LENGTH: &str = "gatebill.original.length";
+    /// On a cut dead letter: the SHA-256 of the original value, 64
+    /// lowercase hex digits.
+    pub const ORIGINAL_SHA256: &str = "gatebill.original.sha256";
+    /// Prefix given to an original header whose name starts with
+    /// `gatebill.` (any case): carried as `original.gatebill.…`, so that
+    /// no input can pose as a gatebill header on its dead letter.
+    pub const CARRIED_PREFIX: &str = "original.";
 }
 
 /// One input message, borrowed from wherever it was read.

@@ -5,6 +5,7 @@
 
 mod accounts;
 pub mod batch;
+pub mod dead_letter;
 pub mod emit;
 mod message;
 mod outbox;
@@ -76,6 +77,10 @@ pub struct Settings {
     /// A key's provisional bill goes out at most once per this long,
     /// milliseconds (0: at every emission).
     pub provisional_interval_ms: i64,
+    /// The largest record the producer may send (its `message.max.bytes`):
+    /// a dead letter that would be larger is cut to fit
+    /// ([`dead_letter::fit`]); `usize::MAX` where dead letters go to a file.
+    pub dead_letter_max_bytes: usize,
 }
 
 impl Settings {
@@ -96,6 +101,12 @@ impl Settings {
             require_keys: true,
             changelog_topic: Some(cfg.kafka.changelog_topic.clone()),
             provisional_interval_ms: i64::try_from(cfg.worker.provisional_interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+            dead_letter_max_bytes: cfg
+                .kafka
+                .properties
+                .get("message.max.bytes")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(dead_letter::DEFAULT_MESSAGE_MAX_BYTES),
         }
     }
 }
@@ -206,22 +217,6 @@ fn usage_overflow(account: &str, month: Month, o: &TotalOverflow) -> DecodeError
             o.adds, o.quantity, o.total
         ),
     )
-}
-
-fn dead_letter(settings: &Settings, m: &InputMessage, err: &DecodeError) -> OutboxRecord {
-    let mut h = m.headers.clone();
-    h.push((headers::REASON.into(), err.reason.code().as_bytes().to_vec()));
-    h.push((headers::DETAIL.into(), err.detail.as_bytes().to_vec()));
-    h.push((headers::SOURCE_TOPIC.into(), m.topic.as_bytes().to_vec()));
-    h.push((headers::SOURCE_PARTITION.into(), m.partition.to_string().into_bytes()));
-    h.push((headers::SOURCE_OFFSET.into(), m.offset.to_string().into_bytes()));
-    OutboxRecord {
-        topic: settings.dead_letter_topic.clone(),
-        key: m.key.map(<[u8]>::to_vec),
-        payload: m.payload.map(<[u8]>::to_vec).unwrap_or_default(),
-        headers: h,
-        partition: None,
-    }
 }
 
 /// An empty dedupe mirror for the settings' window and input topic.
@@ -434,7 +429,7 @@ impl Pipeline {
         let key = outbox_dead_letter_key(self.next_dead_letter);
         self.next_dead_letter += self.shard.map_or(1, |s| u64::from(s.count));
         self.metrics.rejected.with_label_values(&[err.reason.code()]).inc();
-        (key, dead_letter(&self.settings, m, err))
+        (key, dead_letter::dead_letter(&self.settings, m, err))
     }
 
     /// Sends a message of the pending batch to the dead-letter topic.
@@ -849,6 +844,7 @@ mod tests {
             require_keys: true,
             changelog_topic: None,
             provisional_interval_ms: 0,
+            dead_letter_max_bytes: dead_letter::DEFAULT_MESSAGE_MAX_BYTES,
         }
     }
 
