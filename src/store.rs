@@ -772,6 +772,14 @@ impl Store {
         self.usage_scan().account_months(account)
     }
 
+    /// Whether no account-month has usage.
+    pub fn usage_is_empty(&self) -> Result<bool, StoreError> {
+        let mut it = self.db.raw_iterator_cf(self.cf(cf::USAGE));
+        it.seek_to_first();
+        it.status()?;
+        Ok(!it.valid())
+    }
+
     /// A reader of many accounts' months through one RocksDB iterator
     /// (making an iterator costs more than a seek): for loops over accounts.
     pub fn usage_scan(&self) -> UsageScan<'_> {

@@ -166,6 +166,16 @@ pub struct Pipeline {
     /// Emptied with everything pending (a discarded or abandoned step), on
     /// a reload, and with the interned ids.
     totals: HashMap<(u32, Month), MonthTotals, rustc_hash::FxBuildHasher>,
+    /// `totals` holds every account-month with usage on disk that this
+    /// pipeline can be fed, so a month it lacks has none and is not read:
+    /// true from a start on a store without usage (a new replay: no read
+    /// per account-month) for as long as this pipeline alone writes usage
+    /// and `totals` forgets nothing; false, for good, after anything else
+    /// (a reload once something was ingested or the store had usage, a
+    /// discarded step, a reset of the interned ids, the size bound, a
+    /// join). A file replay's shards hold disjoint accounts, so each
+    /// shard's `totals` covers what it can be fed.
+    totals_complete: bool,
     /// A step is staged and neither applied nor abandoned. Steps go one at
     /// a time: a batch staged with a mark skipped, then an emission that
     /// clears the month written before it, would lose the mark.
@@ -318,6 +328,7 @@ impl Pipeline {
         self.shard = None;
         // The shards wrote usage this pipeline did not see.
         self.totals.clear();
+        self.totals_complete = false;
         self.reload_partitions(&written)
     }
 
@@ -338,6 +349,7 @@ impl Pipeline {
         let next_changelog = store.next_outbox_seq(b'c')?;
         let rules_calendar = rules.calendar;
         let dedupe = dedupe_cache(&settings);
+        let totals_complete = store.usage_is_empty()?;
         Ok(Pipeline {
             store,
             rules,
@@ -360,6 +372,7 @@ impl Pipeline {
             regions: Interner::default(),
             known_dirty: Default::default(),
             totals: Default::default(),
+            totals_complete,
             staged: false,
         })
     }
@@ -407,6 +420,10 @@ impl Pipeline {
             self.dedupe.forget(p);
         }
         self.known_dirty.clear();
+        // A restore may have written usage: a month lacking from `totals`
+        // no longer means none, unless nothing was ingested and the store
+        // still has no usage.
+        self.totals_complete = self.totals_complete && self.totals.is_empty() && self.store.usage_is_empty()?;
         self.totals.clear();
         Ok(())
     }
@@ -566,6 +583,7 @@ impl Pipeline {
             let account = self.ids.intern(&b.account_id);
             let totals = match self.totals.get(&(account, month)) {
                 Some(t) => *t,
+                None if self.totals_complete => MonthTotals::default(),
                 None => self.store.usage(&b.account_id, month)?.map(|u| u.totals()).unwrap_or_default(),
             };
             match totals.add(&b.metered) {
@@ -606,6 +624,7 @@ impl Pipeline {
         self.dedupe = dedupe_cache(&self.settings);
         self.known_dirty.clear();
         self.totals.clear();
+        self.totals_complete = false;
     }
 
     /// Writes everything pending in one atomic, synced batch: usage deltas,
@@ -671,9 +690,11 @@ impl Pipeline {
                     self.ids = Interner::default();
                     self.known_dirty.clear();
                     self.totals.clear();
+                    self.totals_complete = false;
                 }
                 if self.totals.len() > KNOWN_DIRTY_MAX {
                     self.totals.clear();
+                    self.totals_complete = false;
                 }
                 if self.known_dirty.len() > KNOWN_DIRTY_MAX {
                     self.known_dirty.clear();
@@ -984,6 +1005,21 @@ mod tests {
             (bill.content.usage.calls, bill.content.usage.public_out_bytes, bill.content.chargeable.public_out_bytes),
             (1, max, max)
         );
+        // Usage written behind a pipeline's back (a restore from the
+        // changelog into a store that had none) is read after the reload
+        // that follows it.
+        let fresh = tempfile::tempdir().unwrap();
+        let mut q = open(fresh.path());
+        let april = Month::new(2021, 4).unwrap();
+        let mut written = crate::billing::usage::MonthUsage::default();
+        let april_hour = 1_617_588_000; // 2021-04-05T10:00:00+08:00
+        written.add(april_hour, "ap-guangzhou", &crate::billing::Metered { public_out_bytes: max, ..Default::default() });
+        let mut batch = q.store().batch();
+        batch.merge_usage_encoded("A", april, &written.encode());
+        q.store().write(batch).unwrap();
+        q.reload_partitions(&[0]).unwrap();
+        let late = sized("april", "2021-04-05T10:00:00+08:00", 1);
+        assert_eq!(q.process(&[msg(0, &late)]).unwrap().rejected, 1);
     }
 
     #[test]
