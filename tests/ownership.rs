@@ -93,11 +93,17 @@ async fn a_worker_that_lost_partitions_emits_no_bill_for_their_accounts_when_rec
     wait_for_restores(&w2.metrics.address).await;
     let all: BTreeSet<String> = f.expected.values().map(|b| b.content.account_id.clone()).collect();
 
-    // Every account record is deleted: every bill changes (account unknown).
+    // Every account record is replaced: activated long ago (no free tier in
+    // the traffic's months) with a calls pack `pk-new` that covers every
+    // call, so every bill changes. (Tombstones no longer delete a record:
+    // rule book section 8.)
     let changed = output_ends(&w1);
     let producer: FutureProducer = kafka::client_config(&w1.kafka, &[]).create().unwrap();
     for a in &all {
-        let r: FutureRecord<'_, str, [u8]> = FutureRecord::to(&w1.kafka.accounts_topic).key(a.as_str());
+        let record = format!(
+            r#"{{"account_id":"{a}","activated_at":"2000-01-01T00:00:00+08:00","resource_packs":[{{"id":"pk-new","item":"calls","quantity":1000000000,"valid_from":"2019-01-01T00:00:00+08:00","valid_until":"2022-01-01T00:00:00+08:00"}}]}}"#
+        );
+        let r: FutureRecord<'_, str, [u8]> = FutureRecord::to(&w1.kafka.accounts_topic).key(a.as_str()).payload(record.as_bytes());
         producer.send(r, Duration::from_secs(10)).await.unwrap();
     }
     let after = settled_records_since(&w1, &changed).await;
@@ -108,15 +114,16 @@ async fn a_worker_that_lost_partitions_emits_no_bill_for_their_accounts_when_rec
 
     // One record per bill: its owner's. Had W1 also billed W2's accounts,
     // their keys would appear twice.
-    let mut per_key: BTreeMap<String, Vec<(u64, bool)>> = BTreeMap::new();
+    let mut per_key: BTreeMap<String, Vec<(u64, Vec<String>)>> = BTreeMap::new();
     for r in bill_records_since(&w1, &changed) {
-        per_key.entry(r.key()).or_default().push((r.revision, r.content.account_known));
+        let packs = r.content.deductions.iter().map(|d| d.pack_id.clone()).collect();
+        per_key.entry(r.key()).or_default().push((r.revision, packs));
     }
     assert_eq!(after.len(), per_key.len());
     assert_eq!(per_key.len(), f.expected.len(), "every bill restated once");
     for (key, records) in &per_key {
         assert_eq!(records.len(), 1, "{key}: {records:?}");
-        assert!(!records[0].1, "{key}: the account is unknown now");
+        assert_eq!(records[0].1, ["pk-new"], "{key}: the new record's pack, and no free tier, now");
     }
     // W1's store: the accounts of the partitions W2 took are left marked
     // for when the partitions come back, their bills untouched; its own
