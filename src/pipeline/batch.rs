@@ -299,18 +299,17 @@ impl DedupeEntry {
 /// the byte counts and the backend decide). Two copies of one request id
 /// with different hashes are a conflict (spec section 8).
 pub fn content_hash(b: &Billable<'_>) -> u64 {
+    use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
     let m = &b.metered;
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(b.account_id.as_bytes());
-    h.update(&[0]);
-    h.update(b.region.as_bytes());
-    h.update(&[0]);
-    h.update(&b.time_ms.to_le_bytes());
-    h.update(&[u8::from(m.frontend_error)]);
-    h.update(&m.public_out_bytes.to_le_bytes());
-    h.update(&m.private_out_bytes.to_le_bytes());
-    h.update(&m.inbound_bytes.to_le_bytes());
-    h.digest()
+    let mut figures = [0u8; 33];
+    figures[..8].copy_from_slice(&b.time_ms.to_le_bytes());
+    figures[8..16].copy_from_slice(&m.public_out_bytes.to_le_bytes());
+    figures[16..24].copy_from_slice(&m.private_out_bytes.to_le_bytes());
+    figures[24..32].copy_from_slice(&m.inbound_bytes.to_le_bytes());
+    figures[32] = u8::from(m.frontend_error);
+    // One-shot hashes chained by seed (the streaming hasher's setup costs
+    // more than these short inputs).
+    xxh3_64_with_seed(&figures, xxh3_64_with_seed(b.region.as_bytes(), xxh3_64(b.account_id.as_bytes())))
 }
 
 /// The dedupe window (see [`DedupeCache`]).
@@ -478,14 +477,16 @@ impl DedupeCache {
         }
         let seen = bucket.seen.as_mut().expect("read above");
         let entry = DedupeEntry::new(id, content);
-        let outcome = match seen.get(&entry.key) {
-            None => {
-                seen.insert(entry.key, content);
+        let outcome = match seen.entry(entry.key) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(content);
                 bucket.new.push(entry.stored());
                 Seen::New
             }
-            Some(&counted) if counted == content || counted == DedupeEntry::legacy_content(id) => Seen::Repeat,
-            Some(&counted) => Seen::Conflict { counted },
+            std::collections::hash_map::Entry::Occupied(o) => match *o.get() {
+                counted if counted == content || counted == DedupeEntry::legacy_content(id) => Seen::Repeat,
+                counted => Seen::Conflict { counted },
+            },
         };
         bucket.last_offset = offset;
         bucket.topic = topic;

@@ -581,15 +581,15 @@ impl Pipeline {
                 }
             }
             let account = self.ids.intern(&b.account_id);
-            let totals = match self.totals.get(&(account, month)) {
-                Some(t) => *t,
-                None if self.totals_complete => MonthTotals::default(),
-                None => self.store.usage(&b.account_id, month)?.map(|u| u.totals()).unwrap_or_default(),
+            let totals = match self.totals.entry((account, month)) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) if self.totals_complete => v.insert(MonthTotals::default()),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(self.store.usage(&b.account_id, month)?.map(|u| u.totals()).unwrap_or_default())
+                }
             };
             match totals.add(&b.metered) {
-                Ok(t) => {
-                    self.totals.insert((account, month), t);
-                }
+                Ok(t) => *totals = t,
                 Err(overflow) => {
                     if let Some(id) = recorded {
                         self.dedupe.unrecord(m.partition, hour, id);
@@ -692,7 +692,8 @@ impl Pipeline {
                     self.totals.clear();
                     self.totals_complete = false;
                 }
-                if self.totals.len() > KNOWN_DIRTY_MAX {
+                // About 60 bytes an entry: 1M in all, split among shards.
+                if self.totals.len() > KNOWN_DIRTY_MAX / self.shard.map_or(1, |s| s.count as usize) {
                     self.totals.clear();
                     self.totals_complete = false;
                 }
