@@ -10,12 +10,12 @@
 use crate::billing::event::DecodeError;
 use crate::billing::scan::Billable;
 use crate::config::Checked;
+use crate::driver::{RunSummary, WorkerError};
 use crate::metrics::Metrics;
 use crate::pipeline::batch::decode_message;
 use crate::pipeline::emit::Route;
 use crate::pipeline::{now_ms, shard_of, BatchStats, InputMessage, Pipeline, Settings};
 use crate::store::{OutboxRecord, Store, StoreError};
-use crate::worker::{RunSummary, WorkerError};
 use rayon::prelude::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -384,7 +384,7 @@ pub async fn replay_file(
 ) -> Result<RunSummary, WorkerError> {
     let mut shutdown = std::pin::pin!(shutdown);
     // Polled once now, so that a signal handler is in place from here on.
-    let mut stop_asked = crate::worker::poll_now(shutdown.as_mut()).is_some();
+    let mut stop_asked = crate::driver::poll_now(shutdown.as_mut()).is_some();
     let rules = cfg.rules().clone();
     let store = Arc::new(Store::open_sized(&cfg.worker.state_dir, cfg.worker.store_memory())?);
     let mut settings = file_settings(cfg, input_topic(&store, input)?, &accounts);
@@ -401,7 +401,7 @@ pub async fn replay_file(
         Accounts::Topic => {
             let consumer = crate::kafka::plain_consumer(&cfg.kafka, &format!("{}-accounts", cfg.kafka.group_id))?;
             // Their dead letters go out with the replay's at the end.
-            crate::worker::load_accounts(&mut pipeline, &consumer, &cfg.kafka.accounts_topic)?;
+            crate::driver::load_accounts(&mut pipeline, &consumer, &cfg.kafka.accounts_topic)?;
             if pipeline.accounts_known() == 0 {
                 return Err(WorkerError::NoAccounts { topic: cfg.kafka.accounts_topic.clone(), brokers: cfg.kafka.brokers.clone() });
             }
@@ -472,7 +472,7 @@ pub async fn replay_file(
         if done {
             break;
         }
-        stop_asked = stop_asked || crate::worker::poll_now(shutdown.as_mut()).is_some();
+        stop_asked = stop_asked || crate::driver::poll_now(shutdown.as_mut()).is_some();
         if stop_asked {
             // What is pending is written, so that the next run resumes after it.
             flush_shards(&pool, &mut shards, &mut summary)?;

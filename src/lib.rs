@@ -5,7 +5,8 @@
 //!
 //! - [`pipeline`]: decode, dedupe, aggregate, emit bills, against the store;
 //! - [`store`]: the RocksDB state, written one atomic batch at a time;
-//! - [`worker`]: the Kafka driver of `run` and `replay`;
+//! - [`worker`]: the Kafka driver of `run` and `replay`; [`file_replay`]: the
+//!   file driver of `replay --input-file`; [`driver`]: what both share;
 //! - [`explain`]: why a bill is what it is, from a state directory;
 //! - [`kafka`], [`metrics`], [`inspect`], [`gen`], [`traffic`], [`config`], [`cli`].
 
@@ -13,6 +14,7 @@ pub mod billing;
 pub mod changelog;
 pub mod cli;
 pub mod config;
+pub mod driver;
 pub mod explain;
 pub mod file_replay;
 pub mod gathered;

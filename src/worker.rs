@@ -11,6 +11,8 @@
 //! 5. every `emit_interval_ms`, recompute changed bills into the outbox.
 
 use crate::config::Checked;
+use crate::driver::{apply_account_messages, load_accounts, poll_now};
+pub use crate::driver::{RunSummary, WorkerError};
 use crate::gathered::Gathered;
 use crate::kafka::{self, KafkaSetupError};
 use crate::metrics::{Health, Metrics};
@@ -18,7 +20,7 @@ use crate::pipeline::{now_ms, InputMessage, Pipeline, Settings};
 use crate::store::{Store, StoreError};
 use futures_util::StreamExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -27,71 +29,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-/// Why the worker stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
-    /// Configuration problem.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigFileError),
-    /// State store problem.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// Kafka setup problem.
-    #[error(transparent)]
-    Kafka(#[from] KafkaSetupError),
-    /// The transactional producer was fenced.
-    #[error(transparent)]
-    Transaction(#[from] kafka::TxnError),
-    /// An input or output file cannot be read or written.
-    #[error("{path}: {source}")]
-    Input {
-        /// The file.
-        path: std::path::PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// A backfill was to read the accounts topic, which holds no record.
-    #[error(
-        "the accounts topic {topic} at {brokers} holds no account record, so every account would be billed as unknown \
-         (no free tier, no packs): pass --accounts-file FILE, or --no-accounts to bill every account as unknown on purpose"
-    )]
-    NoAccounts {
-        /// The accounts topic.
-        topic: String,
-        /// Bootstrap servers.
-        brokers: String,
-    },
-    /// The threads that run a file replay's shards cannot be started.
-    #[error("cannot start {threads} threads for the shards: {source}; set worker.threads lower (0 = one per core)")]
-    Threads {
-        /// Threads asked for.
-        threads: usize,
-        /// Why.
-        source: rayon::ThreadPoolBuildError,
-    },
-    /// A file replay's input path was replayed into this state directory
-    /// before with other content.
-    #[error(
-        "{path} was replayed into this state directory before with other content (its first MiB differs), and the stored \
-         position (line {line}) belongs to that content: replay this file into another --state-dir, or give back the file \
-         that was replayed"
-    )]
-    OtherContent {
-        /// The input.
-        path: std::path::PathBuf,
-        /// Where the stored position stands.
-        line: i64,
-    },
-    /// The metrics address cannot be bound.
-    #[error("cannot listen for metrics on {address}: {source}; pass --metrics-address with a free port, or \"\" to disable")]
-    Metrics {
-        /// Address.
-        address: String,
-        /// Why.
-        source: std::io::Error,
-    },
-}
 
 /// Which loop to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,39 +73,6 @@ pub struct RunOptions {
     pub mode: Mode,
     /// Simulated crash point (tests).
     pub fault: Option<FaultPoint>,
-}
-
-/// What a run did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RunSummary {
-    /// Batches written.
-    pub batches: u64,
-    /// Input messages processed.
-    pub messages: u64,
-    /// Events billed.
-    pub billed: u64,
-    /// Messages dead-lettered.
-    pub rejected: u64,
-    /// Duplicates dropped.
-    pub duplicates: u64,
-    /// Input messages read again below a partition's stored position
-    /// (skipped as already processed).
-    pub reread: u64,
-    /// Bill records emitted.
-    pub bills_emitted: u64,
-    /// Transactions aborted (their batches forgotten and read again).
-    pub aborted: u64,
-    /// Outbox records whose delivery failed and stayed in the outbox for a retry.
-    pub delivery_failures: u64,
-    /// Blank input lines skipped (`replay --input-file`; a line of
-    /// nothing but whitespace is no message: neither billed nor
-    /// dead-lettered, and not in `messages`).
-    pub blank_lines: u64,
-    /// Whether the run stopped at a fault point.
-    pub crashed: bool,
-    /// A replay stopped (a signal) before the end of its input: it emitted
-    /// no bill (spec section 8); run again, it resumes from its positions.
-    pub interrupted: bool,
 }
 
 /// The input partitions this worker owns, as the rebalance callback alone
@@ -483,29 +387,9 @@ impl ConsumerContext for StoreOffsets {
     }
 }
 
-fn to_input(m: &OwnedMessage) -> InputMessage<'_> {
-    InputMessage {
-        topic: m.topic(),
-        partition: m.partition(),
-        offset: m.offset(),
-        key: m.key(),
-        payload: m.payload(),
-        headers: kafka::owned_headers(m.headers()),
-    }
-}
-
 /// How often (in messages) gathering a batch from librdkafka's queue looks
 /// at the batch deadline and at a stop request.
 const CHECK_EVERY: usize = 1024;
-
-/// Polls a future once, without waiting: its output if it is ready.
-pub(crate) fn poll_now<F: Future>(fut: F) -> Option<F::Output> {
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match std::pin::pin!(fut).poll(&mut cx) {
-        std::task::Poll::Ready(v) => Some(v),
-        std::task::Poll::Pending => None,
-    }
-}
 
 /// Counts acknowledged (committed) records by topic.
 fn count_produced<'a>(metrics: &Metrics, records: impl Iterator<Item = &'a crate::store::OutboxRecord>) {
@@ -561,40 +445,6 @@ async fn flush_outbox(
         })
         .await?;
     Ok(drained.failed)
-}
-
-/// Applies account-topic messages, as read, to the pipeline's account
-/// table; returns how many dead letters that put in the outbox.
-fn apply_account_messages(pipeline: &mut Pipeline, msgs: &[OwnedMessage]) -> Result<u64, StoreError> {
-    if msgs.is_empty() {
-        return Ok(0);
-    }
-    let msgs: Vec<InputMessage> = msgs.iter().map(to_input).collect();
-    pipeline.apply_accounts(&msgs)
-}
-
-/// Reads the accounts topic from the stored offsets to its current end;
-/// returns how many dead letters that put in the outbox.
-pub(crate) fn load_accounts(pipeline: &mut Pipeline, consumer: &BaseConsumer, topic: &str) -> Result<u64, WorkerError> {
-    let store = pipeline.store().clone();
-    let (ends, _) =
-        kafka::assign_to_end(consumer, topic, |p, low, _| Ok::<_, WorkerError>(store.partition(topic, p)?.map_or(low, |s| s.next_offset)))?;
-    let mut chunk: Vec<OwnedMessage> = Vec::new();
-    let mut dead = 0;
-    let read = kafka::read_to_end(consumer, ends, Duration::from_secs(120), |m| {
-        chunk.push(m.detach());
-        if chunk.len() >= 1000 {
-            dead += apply_account_messages(pipeline, &chunk)?;
-            chunk.clear();
-        }
-        Ok::<_, WorkerError>(())
-    })?;
-    dead += apply_account_messages(pipeline, &chunk)?;
-    if !read.unfinished.is_empty() {
-        tracing::warn!(partitions = ?read.unfinished, "accounts topic not read to its end: no record for 120 s; continuing, bills will be restated as records arrive");
-    }
-    tracing::info!(records = read.read, dead_letters = dead, "accounts table loaded");
-    Ok(dead)
 }
 
 /// Runs the worker until `shutdown` resolves (live), the end offsets are

@@ -95,6 +95,11 @@ fn no_import_cycle_among_modules() {
     }
     assert!(edges["pipeline"].contains("pipeline::batch"), "{edges:#?}");
     assert!(edges["worker"].contains("pipeline"), "{edges:#?}");
+    // The two drivers side by side: what both need is in `driver`.
+    for (a, b) in [("worker", "file_replay"), ("file_replay", "worker")] {
+        assert!(!edges[a].contains(b), "{a} imports {b}: put what both drivers need in src/driver.rs");
+    }
+    assert!(edges["file_replay"].contains("driver") && edges["worker"].contains("driver"), "{edges:#?}");
     // Depth-first search for a back edge.
     fn visit(n: &str, edges: &BTreeMap<String, BTreeSet<String>>, stack: &mut Vec<String>, done: &mut BTreeSet<String>) {
         if done.contains(n) {
