@@ -91,7 +91,7 @@ impl Pipeline {
         // A changed record marks the account's months with the partition
         // of its first marked month, which may not be the one a batch
         // knows (an account whose events came from two partitions).
-        self.known_dirty.clear();
+        self.known_dirty.forget();
         let store = self.store.clone();
         let mut batch = store.batch();
         let mut dead = 0u64;

@@ -298,7 +298,7 @@ impl Pipeline {
             // Out of the known marks now, before the write: a batch after
             // it marks the month again.
             if let Some(id) = self.ids.get(account) {
-                self.known_dirty.remove(&(id, *month));
+                self.known_dirty.clearing(id, *month);
             }
             if let Some(state) = state {
                 batch.put_bill_state(account, *month, state);

@@ -8,6 +8,7 @@ pub mod batch;
 pub mod dead_letter;
 pub mod emit;
 mod message;
+mod mirrors;
 mod outbox;
 pub mod policy;
 
@@ -19,12 +20,13 @@ use crate::billing::config::Rules;
 use crate::billing::event::{DecodeError, RejectReason};
 use crate::billing::scan::Billable;
 use crate::billing::usage::merge_encoded;
-use crate::billing::usage::{MonthTotals, TotalOverflow, MAX_MONTH_TOTAL};
+use crate::billing::usage::{TotalOverflow, MAX_MONTH_TOTAL};
 use crate::changelog::Change;
 use crate::metrics::Metrics;
 use crate::store::{outbox_dead_letter_key, OutboxRecord, PartitionState, Store, StoreError};
 use accounts::AccountTable;
 use batch::{content_hash, decode_all, encode_cells, DedupeCache, DedupeWindow, HourCell, Interner, Pending, Seen};
+use mirrors::{KnownMarks, MonthTotalsMirror, MONTH_TOTALS_MAX};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
@@ -151,40 +153,16 @@ pub struct Pipeline {
     month_ends: HashMap<Month, i64>,
     ids: Interner,
     regions: Interner,
-    /// Account-months (by interned id) whose dirty mark, with this
-    /// partition, is on disk: a batch skips writing it again. Only ever a
-    /// subset of the marks on disk: an entry goes in after the batch that
-    /// wrote the mark is written, and out when an emission stages the
-    /// month's clearing (before it is written); anything that could
-    /// change the marks otherwise empties it. A missing entry costs one
-    /// write; a wrong one would lose a bill, so when in doubt it is emptied.
-    known_dirty: HashMap<(u32, Month), i32, rustc_hash::FxBuildHasher>,
-    /// Each account-month's usage totals, stored plus pending, for the
-    /// months ingested since the last reset: read from the store at a
-    /// month's first event, then kept up to date, so an event that would
-    /// take a total past [`MAX_MONTH_TOTAL`] is rejected before it counts.
-    /// Emptied with everything pending (a discarded or abandoned step), on
-    /// a reload, and with the interned ids.
-    totals: HashMap<(u32, Month), MonthTotals, rustc_hash::FxBuildHasher>,
-    /// `totals` holds every account-month with usage on disk that this
-    /// pipeline can be fed, so a month it lacks has none and is not read:
-    /// true from a start on a store without usage (a new replay: no read
-    /// per account-month) for as long as this pipeline alone writes usage
-    /// and `totals` forgets nothing; false, for good, after anything else
-    /// (a reload once something was ingested or the store had usage, a
-    /// discarded step, a reset of the interned ids, the size bound, a
-    /// join). A file replay's shards hold disjoint accounts, so each
-    /// shard's `totals` covers what it can be fed.
-    totals_complete: bool,
+    /// The dirty marks known to be on disk ([`KnownMarks`]: a batch skips
+    /// writing them again).
+    known_dirty: KnownMarks,
+    /// Each ingested account-month's usage totals ([`MonthTotalsMirror`]).
+    totals: MonthTotalsMirror,
     /// A step is staged and neither applied nor abandoned. Steps go one at
     /// a time: a batch staged with a mark skipped, then an emission that
     /// clears the month written before it, would lose the mark.
     staged: bool,
 }
-
-/// Most entries [`Pipeline`]'s `known_dirty` keeps (about 24 MB): past it,
-/// it starts empty again.
-const KNOWN_DIRTY_MAX: usize = 1 << 20;
 
 /// The rejection of an event stamped too far ahead of the wall clock.
 fn future_time(time_ms: i64, now: i64, max_future_ms: i64) -> DecodeError {
@@ -327,8 +305,7 @@ impl Pipeline {
         self.next_dead_letter = self.store.next_dead_letter_seq()?;
         self.shard = None;
         // The shards wrote usage this pipeline did not see.
-        self.totals.clear();
-        self.totals_complete = false;
+        self.totals.forget();
         self.reload_partitions(&written)
     }
 
@@ -349,7 +326,7 @@ impl Pipeline {
         let next_changelog = store.next_outbox_seq(b'c')?;
         let rules_calendar = rules.calendar;
         let dedupe = dedupe_cache(&settings);
-        let totals_complete = store.usage_is_empty()?;
+        let totals = MonthTotalsMirror::new(store.usage_is_empty()?, MONTH_TOTALS_MAX / shard.map_or(1, |s| s.count as usize));
         Ok(Pipeline {
             store,
             rules,
@@ -370,9 +347,8 @@ impl Pipeline {
             month_ends: HashMap::new(),
             ids: Interner::default(),
             regions: Interner::default(),
-            known_dirty: Default::default(),
-            totals: Default::default(),
-            totals_complete,
+            known_dirty: KnownMarks::default(),
+            totals,
             staged: false,
         })
     }
@@ -419,12 +395,10 @@ impl Pipeline {
             };
             self.dedupe.forget(p);
         }
-        self.known_dirty.clear();
-        // A restore may have written usage: a month lacking from `totals`
-        // no longer means none, unless nothing was ingested and the store
-        // still has no usage.
-        self.totals_complete = self.totals_complete && self.totals.is_empty() && self.store.usage_is_empty()?;
-        self.totals.clear();
+        self.known_dirty.forget();
+        // A restore may have written usage.
+        let store = &self.store;
+        self.totals.reloaded(|| store.usage_is_empty())?;
         Ok(())
     }
 
@@ -581,13 +555,10 @@ impl Pipeline {
                 }
             }
             let account = self.ids.intern(&b.account_id);
-            let totals = match self.totals.entry((account, month)) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) if self.totals_complete => v.insert(MonthTotals::default()),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(self.store.usage(&b.account_id, month)?.map(|u| u.totals()).unwrap_or_default())
-                }
-            };
+            let store = &self.store;
+            let totals = self.totals.totals(account, month, || {
+                Ok::<_, StoreError>(store.usage(&b.account_id, month)?.map(|u| u.totals()).unwrap_or_default())
+            })?;
             match totals.add(&b.metered) {
                 Ok(t) => *totals = t,
                 Err(overflow) => {
@@ -622,9 +593,8 @@ impl Pipeline {
         self.staged = false;
         self.pending = Pending::default();
         self.dedupe = dedupe_cache(&self.settings);
-        self.known_dirty.clear();
-        self.totals.clear();
-        self.totals_complete = false;
+        self.known_dirty.forget();
+        self.totals.forget();
     }
 
     /// Writes everything pending in one atomic, synced batch: usage deltas,
@@ -682,24 +652,16 @@ impl Pipeline {
                 self.metrics.dedupe_reads.inc_by(reads);
                 self.metrics.dedupe_read_bytes.inc_by(bytes);
                 // The marks are on disk now.
-                self.known_dirty.extend(marked.into_iter().map(|(a, m, p)| ((a, m), p)));
+                self.known_dirty.written(marked);
                 // Interned ids only need to live as long as a batch (and
                 // the known marks, keyed by them): a long-running worker
                 // keeps the table bounded.
                 if self.ids.len() > 1_000_000 {
                     self.ids = Interner::default();
-                    self.known_dirty.clear();
-                    self.totals.clear();
-                    self.totals_complete = false;
+                    self.known_dirty.forget();
+                    self.totals.forget();
                 }
-                // About 60 bytes an entry: 1M in all, split among shards.
-                if self.totals.len() > KNOWN_DIRTY_MAX / self.shard.map_or(1, |s| s.count as usize) {
-                    self.totals.clear();
-                    self.totals_complete = false;
-                }
-                if self.known_dirty.len() > KNOWN_DIRTY_MAX {
-                    self.known_dirty.clear();
-                }
+                self.totals.written();
                 Ok(stats)
             }
             After::Emission { statuses, sent } => {
@@ -747,7 +709,7 @@ impl Pipeline {
         let mut marked = Vec::new();
         for (name, month, partition, range) in &groups {
             let account = cells[range.start].0 .0;
-            if self.known_dirty.get(&(account, *month)) != Some(partition) {
+            if !self.known_dirty.is_on_disk(account, *month, *partition) {
                 batch.mark_dirty(name, *month, *partition);
                 marked.push((account, *month, *partition));
             }

@@ -1,0 +1,170 @@
+//! What the pipeline knows of the store in memory, beyond the pending
+//! batch, each behind the only operations that change it, so that its
+//! invariant holds in one place: the dirty marks known to be on disk
+//! ([`KnownMarks`]) and each ingested account-month's usage totals
+//! ([`MonthTotalsMirror`]). Plain data over interned ids; it imports
+//! nothing of the pipeline.
+
+use crate::billing::calendar::Month;
+use crate::billing::usage::MonthTotals;
+use rustc_hash::FxBuildHasher;
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+
+/// Most entries [`KnownMarks`] keeps (about 24 MB): past it, it starts
+/// empty again.
+const KNOWN_MARKS_MAX: usize = 1 << 20;
+
+/// Most entries the month totals keep over a pipeline and the shards it is
+/// split into (about 60 bytes each).
+pub const MONTH_TOTALS_MAX: usize = 1 << 20;
+
+/// Account-months (by interned id) whose dirty mark, with this partition,
+/// is on disk: a batch skips writing it again.
+///
+/// Invariant: only ever a subset of the marks on disk. An entry goes in
+/// after the batch that wrote the mark is written ([`KnownMarks::written`])
+/// and out when an emission stages the month's clearing, before that is
+/// written ([`KnownMarks::clearing`]); anything else that could change the
+/// marks empties it ([`KnownMarks::forget`]: an abandoned or failed step, a
+/// partition's state reloaded, account records applied, a reset of the
+/// interned ids). A missing entry costs one write; a wrong one would lose a
+/// bill, so when in doubt it is emptied. It relies on steps going one at a
+/// time (a batch staged with a mark skipped, then an emission clearing
+/// that month written first, would lose the mark).
+#[derive(Default)]
+pub struct KnownMarks {
+    marks: HashMap<(u32, Month), i32, FxBuildHasher>,
+}
+
+impl KnownMarks {
+    /// Whether the mark of `(account, month)` with `partition` is on disk.
+    pub fn is_on_disk(&self, account: u32, month: Month, partition: i32) -> bool {
+        self.marks.get(&(account, month)) == Some(&partition)
+    }
+
+    /// The marks a batch wrote, once it is written.
+    pub fn written(&mut self, marks: impl IntoIterator<Item = (u32, Month, i32)>) {
+        self.marks.extend(marks.into_iter().map(|(a, m, p)| ((a, m), p)));
+        if self.marks.len() > KNOWN_MARKS_MAX {
+            self.forget();
+        }
+    }
+
+    /// An emission stages the clearing of a month's mark (before it is
+    /// written): a batch after it marks the month again.
+    pub fn clearing(&mut self, account: u32, month: Month) {
+        self.marks.remove(&(account, month));
+    }
+
+    /// Forgets every mark.
+    pub fn forget(&mut self) {
+        self.marks.clear();
+    }
+}
+
+/// Each ingested account-month's usage totals, stored plus pending, so an
+/// event that would take a total past
+/// [`crate::billing::usage::MAX_MONTH_TOTAL`] is rejected before it counts.
+///
+/// Invariant: an entry is the month's exact total on disk plus what the
+/// pending batch adds. It is read from the store at the month's first event,
+/// unless the mirror is *complete*: it holds every account-month with usage
+/// on disk that its pipeline can be fed, so a month it lacks has none.
+/// Complete from a start on a store without usage (a new replay reads
+/// nothing) for as long as its pipeline alone writes usage and it forgets
+/// nothing; a file replay's shards hold disjoint accounts, so each shard's
+/// mirror covers what it can be fed. Anything that may change usage behind
+/// it or drop pending usage forgets it for good ([`MonthTotalsMirror::forget`]:
+/// a discarded step, a reset of the interned ids, the size bound, a join;
+/// [`MonthTotalsMirror::reloaded`] after a restore).
+pub struct MonthTotalsMirror {
+    totals: HashMap<(u32, Month), MonthTotals, FxBuildHasher>,
+    complete: bool,
+    max_entries: usize,
+}
+
+impl MonthTotalsMirror {
+    /// An empty mirror: complete when the store has no usage; keeping at
+    /// most `max_entries`.
+    pub fn new(store_has_no_usage: bool, max_entries: usize) -> Self {
+        MonthTotalsMirror { totals: HashMap::default(), complete: store_has_no_usage, max_entries }
+    }
+
+    /// The totals of `(account, month)`, read with `read` (the stored
+    /// month's totals) at its first use unless the mirror is complete.
+    pub fn totals<E>(&mut self, account: u32, month: Month, read: impl FnOnce() -> Result<MonthTotals, E>) -> Result<&mut MonthTotals, E> {
+        Ok(match self.totals.entry((account, month)) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) if self.complete => v.insert(MonthTotals::default()),
+            Entry::Vacant(v) => v.insert(read()?),
+        })
+    }
+
+    /// A batch was written: past the size bound, the mirror is forgotten.
+    pub fn written(&mut self) {
+        if self.totals.len() > self.max_entries {
+            self.forget();
+        }
+    }
+
+    /// Partitions' state was reloaded (a restore may have written usage):
+    /// the mirror stays complete only if nothing was ingested and the
+    /// store still has no usage (`store_has_no_usage`, asked only then).
+    pub fn reloaded<E>(&mut self, store_has_no_usage: impl FnOnce() -> Result<bool, E>) -> Result<(), E> {
+        self.complete = self.complete && self.totals.is_empty() && store_has_no_usage()?;
+        self.totals.clear();
+        Ok(())
+    }
+
+    /// Forgets every entry, and that the mirror was complete.
+    pub fn forget(&mut self) {
+        self.totals.clear();
+        self.complete = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_marks_hold_what_was_written_until_cleared_or_forgotten() {
+        let march = Month::new(2021, 3).unwrap();
+        let mut k = KnownMarks::default();
+        k.written([(1, march, 0), (2, march, 3)]);
+        assert!(k.is_on_disk(1, march, 0) && k.is_on_disk(2, march, 3));
+        assert!(!k.is_on_disk(1, march, 1), "another partition's mark is not this one");
+        k.clearing(1, march);
+        assert!(!k.is_on_disk(1, march, 0) && k.is_on_disk(2, march, 3));
+        k.forget();
+        assert!(!k.is_on_disk(2, march, 3));
+    }
+
+    #[test]
+    fn a_complete_mirror_reads_nothing_until_it_is_forgotten_or_reloaded_onto_usage() {
+        let march = Month::new(2021, 3).unwrap();
+        let stored = MonthTotals { calls: 7, ..MonthTotals::default() };
+        let read = || Ok::<_, ()>(stored);
+        let unread = || -> Result<MonthTotals, ()> { panic!("a complete mirror reads nothing") };
+        let mut m = MonthTotalsMirror::new(true, 10);
+        assert_eq!(m.totals(1, march, unread).unwrap().calls, 0);
+        // Reloaded after ingesting: no longer complete.
+        m.reloaded(|| Ok::<_, ()>(true)).unwrap();
+        assert_eq!(m.totals(1, march, read).unwrap().calls, 7);
+        // Reloaded before ingesting, onto a store with usage: read.
+        let mut m = MonthTotalsMirror::new(true, 10);
+        m.reloaded(|| Ok::<_, ()>(false)).unwrap();
+        assert_eq!(m.totals(1, march, read).unwrap().calls, 7);
+        // Before ingesting, onto a store still without usage: complete.
+        let mut m = MonthTotalsMirror::new(true, 10);
+        m.reloaded(|| Ok::<_, ()>(true)).unwrap();
+        assert_eq!(m.totals(1, march, unread).unwrap().calls, 0);
+        // Past the bound, forgotten for good.
+        let mut m = MonthTotalsMirror::new(true, 1);
+        m.totals(1, march, unread).unwrap();
+        m.totals(2, march, unread).unwrap();
+        m.written();
+        assert_eq!(m.totals(1, march, read).unwrap().calls, 7);
+    }
+}
