@@ -21,6 +21,8 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
+echo "==> cargo clippy -- -D warnings (the library and binary as released: no fault-injection feature)"
+cargo clippy --locked -- -D warnings
 echo "==> cargo test"
 cargo test --locked --all-targets
 echo "==> cargo test --test zombie -- --ignored (needs tansu, which setup.sh installs)"

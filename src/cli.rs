@@ -515,7 +515,7 @@ fn rfc3339_ms(flag: &str, value: &str) -> std::result::Result<i64, String> {
 /// `gatebill run`: the long-lived worker.
 async fn run(cfg: Checked) -> Result<()> {
     init_logging(cfg.metrics.json_logs);
-    let s = worker::run(&cfg, RunOptions { mode: Mode::Live, fault: None }, shutdown_signal()).await?;
+    let s = worker::run(&cfg, RunOptions::new(Mode::Live), shutdown_signal()).await?;
     tracing::info!(
         batches = s.batches,
         billed = s.billed,
@@ -553,7 +553,7 @@ async fn replay(a: ReplayArgs, cfg: Checked) -> Result<()> {
             };
             crate::file_replay::replay_file(&cfg, input, accounts, sink, progress, shutdown_signal()).await?
         }
-        None => worker::run(&cfg, RunOptions { mode: Mode::Replay { from_ms, progress }, fault: None }, shutdown_signal()).await?,
+        None => worker::run(&cfg, RunOptions::new(Mode::Replay { from_ms, progress }), shutdown_signal()).await?,
     };
     println!("{}", replay_summary(&s, started.elapsed().as_secs_f64()));
     if s.interrupted {

@@ -663,18 +663,21 @@ impl Transactional {
         }
     }
 
-    /// A fault point for tests: begins a transaction and produces
-    /// `records` without committing it (the process then stops as a crash
+    /// A fault point for tests (`fault-injection` feature): begins a
+    /// transaction and produces `records` without committing it (the process then stops as a crash
     /// would; the next `init_transactions` with this id aborts it).
+    #[cfg(feature = "fault-injection")]
     pub async fn produce_only(&self, records: &[OutboxRecord]) {
         if self.producer.begin_transaction().is_ok() {
             self.produce(&records.iter().collect::<Vec<_>>()).await;
         }
     }
 
-    /// A fault point for tests: begins a transaction and produces what
+    /// A fault point for tests (`fault-injection` feature): begins a
+    /// transaction and produces what
     /// [`Transactional::commit`] produces before any other record (the
     /// changelog's), then nothing more: a writer that died between.
+    #[cfg(feature = "fault-injection")]
     pub async fn produce_changelog_only(&self, records: &[OutboxRecord]) {
         if self.producer.begin_transaction().is_ok() {
             let first: Vec<&OutboxRecord> = records.iter().filter(|r| r.topic == self.changelog_topic).collect();

@@ -167,8 +167,7 @@ pub async fn demo(events: u64, accounts: u64) -> Result<()> {
         spec.accounts, t.messages, t.duplicates, t.malformed
     );
     let cfg = cfg.checked()?;
-    let s = worker::run(&cfg, RunOptions { mode: Mode::Replay { from_ms: None, progress: false }, fault: None }, std::future::pending())
-        .await?;
+    let s = worker::run(&cfg, RunOptions::new(Mode::Replay { from_ms: None, progress: false }), std::future::pending()).await?;
     println!(
         "3/4 worker consumed {} messages: {} billed, {} duplicates dropped, {} dead-lettered, {} bills emitted",
         s.messages, s.billed, s.duplicates, s.rejected, s.bills_emitted

@@ -45,7 +45,10 @@ pub enum Mode {
     },
 }
 
-/// Where to stop abruptly, for restart tests: simulates a crash.
+/// Where to stop abruptly, for restart tests: simulates a crash. Only a
+/// build with the `fault-injection` feature (which the tests enable, see
+/// Cargo.toml) looks at it: in a release build every [`fault_point!`] is
+/// compiled out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultPoint {
     /// Return right after the n-th batch write, before producing anything.
@@ -66,13 +69,31 @@ pub enum FaultPoint {
     BeforeBillsProduced(u64),
 }
 
+/// A crash point of the restart tests: runs `$then` when the run was asked
+/// to stop at `$point` ([`RunOptions::fault`]); nothing at all without the
+/// `fault-injection` feature.
+macro_rules! fault_point {
+    ($worker:expr, $point:expr, $then:block) => {
+        #[cfg(feature = "fault-injection")]
+        if $worker.opts.fault == Some($point) $then
+    };
+}
+
 /// Options of one worker run.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     /// Live or replay.
     pub mode: Mode,
-    /// Simulated crash point (tests).
+    /// Simulated crash point (tests; looked at only with the
+    /// `fault-injection` feature).
     pub fault: Option<FaultPoint>,
+}
+
+impl RunOptions {
+    /// A run in `mode` with no crash point.
+    pub fn new(mode: Mode) -> Self {
+        RunOptions { mode, fault: None }
+    }
 }
 
 /// The input partitions this worker owns, as the rebalance callback alone
@@ -763,18 +784,17 @@ impl Worker {
                 // from the changelog (`Restorer`).
                 self.pipeline.ingest(&msgs)?;
                 let mut staged = self.pipeline.stage()?;
-                let n = self.summary.batches + 1;
                 let (records, positions) = (std::mem::take(&mut staged.records), staged.positions.clone());
-                if self.opts.fault == Some(FaultPoint::BeforeTxnCommit(n)) {
+                fault_point!(self, FaultPoint::BeforeTxnCommit(self.summary.batches + 1), {
                     self.txn.as_ref().expect("transactions on").produce_only(&records).await;
                     self.pipeline.abandon(staged);
                     return Ok(Step::Crash);
-                }
+                });
                 let committed = self.deliver(&records, &positions).await?;
-                if self.opts.fault == Some(FaultPoint::AfterTxnCommit(n)) {
+                fault_point!(self, FaultPoint::AfterTxnCommit(self.summary.batches + 1), {
                     self.pipeline.abandon(staged);
                     return Ok(Step::Crash);
-                }
+                });
                 if !committed {
                     self.pipeline.abandon(staged);
                     self.rewind();
@@ -798,9 +818,7 @@ impl Worker {
             if let Some(pb) = &self.progress {
                 advance(pb, msgs.len() as u64);
             }
-            if self.opts.fault == Some(FaultPoint::AfterWrite(self.summary.batches)) {
-                return Ok(Step::Crash);
-            }
+            fault_point!(self, FaultPoint::AfterWrite(self.summary.batches), { return Ok(Step::Crash) });
             if self.txn.is_none() {
                 self.summary.delivery_failures += flush(&mut self.pipeline, &self.producer, &self.metrics).await?;
             }
@@ -810,12 +828,8 @@ impl Worker {
                 // do not store transactional offset commits (the mock).
                 commit(&self.consumer, &self.pipeline, &self.assigned, &self.input_topic, CommitMode::Async);
             }
-            if self.opts.fault == Some(FaultPoint::AfterCommit(self.summary.batches)) {
-                return Ok(Step::Crash);
-            }
-            if self.opts.fault == Some(FaultPoint::StopAfter(self.summary.batches)) {
-                stopping = true;
-            }
+            fault_point!(self, FaultPoint::AfterCommit(self.summary.batches), { return Ok(Step::Crash) });
+            fault_point!(self, FaultPoint::StopAfter(self.summary.batches), { stopping = true });
         }
         self.gathered = batch;
         self.follow_accounts().await?;
@@ -968,11 +982,13 @@ impl Worker {
             let mut staged = self.pipeline.stage_emission(chunk)?;
             let records = std::mem::take(&mut staged.records);
             self.emission_chunks += u64::from(!records.is_empty());
-            if !records.is_empty() && self.opts.fault == Some(FaultPoint::BeforeBillsProduced(self.emission_chunks)) {
-                self.txn.as_ref().expect("transactions on").produce_changelog_only(&records).await;
-                self.pipeline.abandon(staged);
-                return Ok(true);
-            }
+            fault_point!(self, FaultPoint::BeforeBillsProduced(self.emission_chunks), {
+                if !records.is_empty() {
+                    self.txn.as_ref().expect("transactions on").produce_changelog_only(&records).await;
+                    self.pipeline.abandon(staged);
+                    return Ok(true);
+                }
+            });
             if records.is_empty() || self.deliver(&records, &BTreeMap::new()).await? {
                 self.pipeline.apply(staged)?;
                 self.summary.bills_emitted += bills;
