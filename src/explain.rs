@@ -7,6 +7,7 @@
 use crate::billing::explain::{explain, Explanation};
 use crate::billing::{decode_account, BillStatus, Month, PackItem, Rules};
 use crate::inspect::{human_bytes, printable};
+use crate::metrics::thousands as n;
 use crate::store::{BillState, Store, StoreError};
 use comfy_table::Table;
 use serde::Serialize;
@@ -73,18 +74,6 @@ pub fn from_state_dir(dir: &Path, account: &str, month: Month, rules: &Rules) ->
         content_hash: s.content_hash,
     });
     Ok(Explained { explanation, emitted })
-}
-
-fn n(v: u64) -> String {
-    let s = v.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn takes(t: &[crate::billing::entitlements::Take]) -> String {

@@ -52,20 +52,28 @@ async fn healthz_until(address: &str, within: Duration, want: impl Fn(&str, &str
 const OK: &str = "HTTP/1.1 200 OK";
 const NOT_OK: &str = "HTTP/1.1 503 Service Unavailable";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_is_503_while_the_broker_is_gone_and_ok_when_it_is_back() {
-    let mut f = fixture(31, 1_000, 2).await;
-    let address = free_address();
-    f.cfg.metrics.address = address.clone();
-    f.cfg.worker.health_stall_secs = 2;
+/// `gatebill run` in-process with `cfg`, until the sender is used.
+fn spawn_live(
+    cfg: &gatebill::config::Config,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<worker::RunSummary, worker::WorkerError>>) {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let cfg = f.cfg.clone().checked().unwrap();
+    let cfg = cfg.clone().checked().unwrap();
     let handle = tokio::spawn(async move {
         worker::run(&cfg, RunOptions { mode: Mode::Live, fault: None }, async move {
             let _ = rx.await;
         })
         .await
     });
+    (tx, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_is_503_while_the_broker_is_gone_and_ok_when_it_is_back() {
+    let mut f = fixture(31, 1_000, 2).await;
+    let address = free_address();
+    f.cfg.metrics.address = address.clone();
+    f.cfg.worker.health_stall_secs = 2;
+    let (tx, handle) = spawn_live(&f.cfg);
     wait_for_closed_bills(&f.cfg, &f.expected, Duration::from_secs(120)).await;
     let (_, body) = healthz_until(&address, Duration::from_secs(30), |s, _| s == OK).await;
     assert_eq!(body, "ok\n");
@@ -94,14 +102,7 @@ async fn healthz_is_503_through_a_transaction_abort_loop() {
     // Every produce refused for a while: each batch's transaction aborts
     // and the batch is read again.
     f.cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 300]);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let cfg = f.cfg.clone().checked().unwrap();
-    let handle = tokio::spawn(async move {
-        worker::run(&cfg, RunOptions { mode: Mode::Live, fault: None }, async move {
-            let _ = rx.await;
-        })
-        .await
-    });
+    let (tx, handle) = spawn_live(&f.cfg);
     let (_, body) = healthz_until(&address, Duration::from_secs(60), |s, _| s == NOT_OK).await;
     let n: u32 = body
         .strip_prefix("not ok: ")
