@@ -513,6 +513,12 @@ const TXN_COMMIT_TRIES: u32 = 5;
 /// about 30 s ([`TxnError::Unusable`]).
 const TXN_ABORT_TRIES: u32 = 3;
 const TXN_ABORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a transactional producer that gets no answer (a broker that
+/// drops a fenced producer's connections instead of refusing it, as tansu
+/// may) takes to give up and stop the worker: offsets and every commit try
+/// each wait [`TXN_TIMEOUT`], then every abort try [`TXN_ABORT_TIMEOUT`].
+pub const TXN_GIVE_UP: Duration =
+    Duration::from_secs(TXN_TIMEOUT.as_secs() * (TXN_COMMIT_TRIES as u64 + 1) + TXN_ABORT_TIMEOUT.as_secs() * TXN_ABORT_TRIES as u64);
 
 /// Why a transaction did not commit.
 #[derive(Debug, thiserror::Error)]
