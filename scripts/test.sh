@@ -25,6 +25,8 @@ echo "==> cargo clippy -- -D warnings (the library and binary as released: no fa
 cargo clippy --locked -- -D warnings
 echo "==> cargo test"
 cargo test --locked --all-targets
+echo "==> cargo test --doc (the examples in the docs, and what must not compile)"
+cargo test --locked --doc
 echo "==> cargo test --test zombie -- --ignored (needs tansu, which setup.sh installs)"
 cargo test --locked --test zombie -- --ignored
 echo "==> all checks passed"

@@ -1,7 +1,8 @@
 //! What both drivers of the pipeline share, the Kafka worker (`worker.rs`:
 //! `run` and `replay`) and the file replay (`file_replay.rs`): their
-//! errors, their run summary, loading the accounts topic, and polling a
-//! stop request. Neither driver imports the other; both import this.
+//! errors, their run summary, loading the accounts topic, polling a stop
+//! request, and the crash points of the restart tests. Neither driver
+//! imports the other; both import this.
 
 use crate::kafka::{self, KafkaSetupError};
 use crate::pipeline::{InputMessage, Pipeline};
@@ -10,6 +11,41 @@ use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::{Message, OwnedMessage};
 use std::future::Future;
 use std::time::Duration;
+
+/// Where to stop abruptly, for restart tests: simulates a crash. Only a
+/// build with the `fault-injection` feature (which the tests enable, see
+/// Cargo.toml) looks at it: in a release build every [`fault_point!`] is
+/// compiled out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// Return right after the n-th batch write, before producing anything.
+    AfterWrite(u64),
+    /// Return right after the n-th batch was written, produced and committed.
+    AfterCommit(u64),
+    /// Stop cleanly (as on shutdown) after the n-th batch was committed.
+    StopAfter(u64),
+    /// With transactions: return after the n-th batch's records were
+    /// produced in its transaction, before the commit.
+    BeforeTxnCommit(u64),
+    /// With transactions: return after the n-th batch's transaction
+    /// committed, before its state was written to the store.
+    AfterTxnCommit(u64),
+    /// With transactions: return after the n-th emission chunk's changelog
+    /// records were produced in its transaction, before its bills were
+    /// (a writer dying in the middle of an emission).
+    BeforeBillsProduced(u64),
+}
+
+/// A crash point of the restart tests: runs `$then` when `$fault` (the
+/// run's `Option<FaultPoint>`) is `$point`; nothing at all without the
+/// `fault-injection` feature.
+macro_rules! fault_point {
+    ($fault:expr, $point:expr, $then:block) => {
+        #[cfg(feature = "fault-injection")]
+        if $fault == Some($point) $then
+    };
+}
+pub(crate) use fault_point;
 
 /// Why the worker stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -10,14 +10,15 @@
 use crate::billing::event::DecodeError;
 use crate::billing::scan::Billable;
 use crate::config::Checked;
+pub use crate::delivery::base64;
+use crate::delivery::{Delivery, FileDelivery, InputPosition, OutboxDelivery};
 use crate::driver::{RunSummary, WorkerError};
 use crate::metrics::Metrics;
 use crate::pipeline::batch::decode_message;
-use crate::pipeline::emit::Route;
 use crate::pipeline::{now_ms, shard_of, BatchStats, InputMessage, Pipeline, Settings};
-use crate::store::{OutboxRecord, Store, StoreError};
+use crate::store::{Store, StoreError};
 use rayon::prelude::*;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -239,42 +240,6 @@ fn read_chunks(
     (rx, recycle)
 }
 
-/// Standard base64 (RFC 4648, with padding): how a file replay's dead
-/// letter carries bytes that are not UTF-8.
-pub fn base64(bytes: &[u8]) -> String {
-    base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
-}
-
-/// Writes records to NDJSON files and syncs them: bills as they are, dead
-/// letters as `{"headers": {..}, "payload": "<text>"}`, or with
-/// `"payload_base64"` instead of `"payload"` when the bytes are not UTF-8.
-fn write_files(out: &Path, records: &[(Vec<u8>, OutboxRecord)], bills_topic: &str) -> std::io::Result<()> {
-    let dead_path = PathBuf::from(format!("{}.dead-letters", out.display()));
-    let open = |p: &Path| std::fs::OpenOptions::new().create(true).append(true).open(p);
-    let mut bills = std::io::BufWriter::new(open(out)?);
-    let mut dead = std::io::BufWriter::new(open(&dead_path)?);
-    for (_, r) in records {
-        if r.topic == bills_topic {
-            bills.write_all(&r.payload)?;
-            bills.write_all(b"\n")?;
-        } else {
-            let headers: serde_json::Map<String, serde_json::Value> =
-                r.headers.iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned().into())).collect();
-            // The exact bytes: as text when they are UTF-8, else in base64
-            // under another name (never U+FFFD in place of a byte).
-            let line = match std::str::from_utf8(&r.payload) {
-                Ok(text) => serde_json::json!({ "headers": headers, "payload": text }),
-                Err(_) => serde_json::json!({ "headers": headers, "payload_base64": base64(&r.payload) }),
-            };
-            serde_json::to_writer(&mut dead, &line)?;
-            dead.write_all(b"\n")?;
-        }
-    }
-    bills.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    dead.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok(())
-}
-
 /// Applies an accounts file's lines after the last one applied before.
 fn load_accounts_file(pipeline: &mut Pipeline, path: &Path) -> Result<(), WorkerError> {
     let input = |source| WorkerError::Input { path: path.to_path_buf(), source };
@@ -384,24 +349,42 @@ pub async fn replay_file(
 ) -> Result<RunSummary, WorkerError> {
     let mut shutdown = std::pin::pin!(shutdown);
     // Polled once now, so that a signal handler is in place from here on.
-    let mut stop_asked = crate::driver::poll_now(shutdown.as_mut()).is_some();
-    let rules = cfg.rules().clone();
+    let stop_asked = crate::driver::poll_now(shutdown.as_mut()).is_some();
+    let mut pipeline = open_pipeline(cfg, input, &accounts, &sink)?;
+    // The account records first: events are billed with them from the start.
+    load_account_records(cfg, &mut pipeline, &accounts)?;
+    let reader = open_input(input).map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
+    let pb = progress.then(line_progress);
+    let started = std::time::Instant::now();
+    let summary = Shards::start(cfg, &mut pipeline)?.replay(reader, input, pb.as_ref(), stop_asked, shutdown.as_mut())?;
+    tracing::info!(process_seconds = crate::metrics::rounded(started.elapsed().as_secs_f64(), 3), "input processed");
+    let mut delivery = open_delivery(cfg, sink, &pipeline).await?;
+    let summary = deliver(&mut delivery, &mut pipeline, summary).await?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok(summary)
+}
+
+/// The pipeline of a replay of `input`: offsets under `file:<path>`, no key
+/// check, no changelog; a file sink takes a dead letter of any size.
+fn open_pipeline(cfg: &Checked, input: &Path, accounts: &Accounts, sink: &Sink) -> Result<Pipeline, WorkerError> {
     let store = Arc::new(Store::open_sized(&cfg.worker.state_dir, cfg.worker.store_memory())?);
-    let mut settings = file_settings(cfg, input_topic(&store, input)?, &accounts);
+    let mut settings = file_settings(cfg, input_topic(&store, input)?, accounts);
     if let Sink::File(_) = sink {
-        // A file takes a dead letter of any size.
         settings.dead_letter_max_bytes = usize::MAX;
     }
-    let topic = settings.input_topic.clone();
-    let metrics = Metrics::new();
-    let mut pipeline = Pipeline::new(store, rules, settings, metrics.clone())?;
-    // The account records first: events are billed with them from the start.
-    match &accounts {
-        Accounts::File(f) => load_accounts_file(&mut pipeline, f)?,
+    Ok(Pipeline::new(store, cfg.rules().clone(), settings, Metrics::new())?)
+}
+
+/// Loads the account records from where `accounts` says.
+fn load_account_records(cfg: &Checked, pipeline: &mut Pipeline, accounts: &Accounts) -> Result<(), WorkerError> {
+    match accounts {
+        Accounts::File(f) => load_accounts_file(pipeline, f)?,
         Accounts::Topic => {
             let consumer = crate::kafka::plain_consumer(&cfg.kafka, &format!("{}-accounts", cfg.kafka.group_id))?;
             // Their dead letters go out with the replay's at the end.
-            crate::driver::load_accounts(&mut pipeline, &consumer, &cfg.kafka.accounts_topic)?;
+            crate::driver::load_accounts(pipeline, &consumer, &cfg.kafka.accounts_topic)?;
             if pipeline.accounts_known() == 0 {
                 return Err(WorkerError::NoAccounts { topic: cfg.kafka.accounts_topic.clone(), brokers: cfg.kafka.brokers.clone() });
             }
@@ -410,103 +393,49 @@ pub async fn replay_file(
             tracing::warn!("no account records (--no-accounts): every account is billed as unknown, without free tier or packs")
         }
     }
-    let reader = open_input(input).map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
-    // The events are split by account over shards, each a pipeline with its
-    // own batch, dedupe buckets and position (its partition), run on every
-    // core; each shard's write is atomic for its own lines.
-    let threads = match cfg.worker.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let count = shard_count(pipeline.store(), &topic, FILE_SHARDS)?;
-    tracing::info!(shards = count, threads, "input split by account");
-    // Threads kept for the whole replay, each shard a task on them (a
-    // thread that finishes its shard early takes the next).
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("gatebill-shard-{i}"))
-        .build()
-        .map_err(|source| WorkerError::Threads { threads, source })?;
-    let mut shards = pipeline.split(count)?;
-    let start = (0..count as i32).zip(&shards).map(|(p, s)| s.next_offset(p).unwrap_or(0)).min().unwrap_or(0);
-    let pb = progress.then(|| {
-        let pb = indicatif::ProgressBar::new_spinner();
-        pb.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} {human_pos} lines  {rate}  {elapsed}")
-                .expect("valid template")
-                .with_key("rate", crate::metrics::progress_rate),
-        );
-        pb
-    });
-    let mut summary = RunSummary::default();
-    let batch_size = cfg.worker.file_batch_size as u64;
-    // A reader thread fills one buffer per chunk of lines (no allocation per
-    // line) while the shards decode and aggregate the previous chunk; every
-    // shard writes its batch once `batch_size` lines are pending in all.
-    let chunk_lines = cfg.worker.file_batch_size.min(CHUNK_LINES);
-    let (chunks, recycle) = read_chunks(reader, chunk_lines, start);
-    let started = std::time::Instant::now();
-    for chunk in chunks.iter() {
-        let chunk = chunk.map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
-        summary.blank_lines += chunk.blank;
-        let by_shard = decode_by_shard(&pool, &chunk, &topic, count);
-        let now = now_ms();
-        let last_line = chunk.last_line;
-        let ingest = |p: &mut Pipeline, (shard, slices): (i32, Vec<Vec<Decoded>>)| {
-            p.ingest_decoded(slices.into_iter().flatten(), now)?;
-            p.advance_to(shard, last_line);
-            Ok::<_, StoreError>(())
-        };
-        for r in on_shards(&pool, &mut shards, (0..).zip(by_shard).collect(), ingest) {
-            r?;
+    Ok(())
+}
+
+/// The spinner of a file replay: lines read, their rate, time elapsed.
+fn line_progress() -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new_spinner();
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {human_pos} lines  {rate}  {elapsed}")
+            .expect("valid template")
+            .with_key("rate", crate::metrics::progress_rate),
+    );
+    pb
+}
+
+/// Where the bills go: NDJSON files, or the output topic through the
+/// outbox (the topics made sure of first).
+async fn open_delivery(cfg: &Checked, sink: Sink, pipeline: &Pipeline) -> Result<Delivery, WorkerError> {
+    Ok(match sink {
+        Sink::File(out) => Delivery::File(FileDelivery::new(out, cfg.kafka.output_topic.clone())),
+        Sink::Kafka => {
+            crate::kafka::ensure_topics(&cfg.kafka).await?;
+            Delivery::Outbox(OutboxDelivery::new(crate::kafka::producer(&cfg.kafka)?, pipeline.metrics().clone()))
         }
-        if let Some(pb) = &pb {
-            pb.set_position(chunk.last_line as u64);
-        }
-        let done = chunk.done;
-        let pending: u64 = shards.iter().map(Pipeline::pending_messages).sum();
-        if pending >= batch_size || (done && pending > 0) {
-            flush_shards(&pool, &mut shards, &mut summary)?;
-        }
-        let _ = recycle.send(chunk);
-        if done {
-            break;
-        }
-        stop_asked = stop_asked || crate::driver::poll_now(shutdown.as_mut()).is_some();
-        if stop_asked {
-            // What is pending is written, so that the next run resumes after it.
-            flush_shards(&pool, &mut shards, &mut summary)?;
-            summary.interrupted = true;
-            break;
-        }
-    }
-    pipeline.join(shards)?;
-    tracing::info!(process_seconds = crate::metrics::rounded(started.elapsed().as_secs_f64(), 3), "input processed");
+    })
+}
+
+/// Emits every bill (all months closed: a replay's input has ended), unless
+/// the replay was interrupted, then delivers what is left in the outbox
+/// (the dead letters) a page at a time.
+async fn deliver(delivery: &mut Delivery, pipeline: &mut Pipeline, mut summary: RunSummary) -> Result<RunSummary, WorkerError> {
     let (processed_at, cpu) = (std::time::Instant::now(), crate::metrics::process_cpu_seconds());
-    summary.bills_emitted = match &sink {
+    if summary.interrupted {
         // An interrupted replay emits no bill (spec section 8): its dirty
         // marks stay for the run that resumes it.
-        _ if summary.interrupted => {
-            tracing::warn!(
-                messages = summary.messages,
-                "replay interrupted before the end of its input: no bill emitted; run the same command again to resume"
-            );
-            0
-        }
-        Sink::File(out) => {
-            // Bills go straight to the file, a chunk at a time; each chunk
-            // is committed after its lines are synced.
-            let mut plan = pipeline.emission(now_ms(), true)?;
-            let mut emitted = 0;
-            while let Some(chunk) = pipeline.next_emission(&mut plan)? {
-                write_files(out, &chunk.records, &cfg.kafka.output_topic)
-                    .map_err(|source| WorkerError::Input { path: out.clone(), source })?;
-                emitted += pipeline.commit_emission(chunk, Route::Delivered)?;
-            }
-            emitted
-        }
-        Sink::Kafka => pipeline.emit(now_ms(), true)?,
-    } as u64;
+        tracing::warn!(
+            messages = summary.messages,
+            "replay interrupted before the end of its input: no bill emitted; run the same command again to resume"
+        );
+    } else {
+        let emitted = delivery.emit(pipeline, now_ms(), true, &InputPosition::default()).await?;
+        summary.bills_emitted = emitted.bills;
+        summary.delivery_failures += emitted.failed;
+    }
     let cpu_us_per_bill = crate::metrics::cpu_us_per(cpu, summary.bills_emitted);
     tracing::info!(
         emit_seconds = crate::metrics::rounded(processed_at.elapsed().as_secs_f64(), 3),
@@ -514,28 +443,108 @@ pub async fn replay_file(
         cpu_us_per_bill,
         "bills computed"
     );
-    // Drain the outbox a page at a time (memory stays bounded however many bills).
-    let drained = match &sink {
-        Sink::File(out) => {
-            let topic = &cfg.kafka.output_topic;
-            pipeline
-                .drain_outbox(|page| {
-                    let written = write_files(out, &page, topic).map(|()| page);
-                    std::future::ready(written.map_err(|source| WorkerError::Input { path: out.clone(), source }))
-                })
-                .await?
-        }
-        Sink::Kafka => {
-            crate::kafka::ensure_topics(&cfg.kafka).await?;
-            let producer = &crate::kafka::producer(&cfg.kafka)?;
-            pipeline.drain_outbox(|page| async move { Ok::<_, WorkerError>(crate::kafka::produce_all(producer, &page).await) }).await?
-        }
-    };
-    summary.delivery_failures += drained.failed;
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
+    summary.delivery_failures += delivery.drain(pipeline).await?;
     Ok(summary)
+}
+
+/// A replay's shards: the events split by account over pipelines, each
+/// with its own batch, dedupe buckets and position (its partition), run on
+/// every core; each shard's write is atomic for its own lines.
+struct Shards<'p> {
+    parent: &'p mut Pipeline,
+    shards: Vec<Pipeline>,
+    pool: rayon::ThreadPool,
+    topic: String,
+    count: u32,
+    batch_size: u64,
+    chunk_lines: usize,
+}
+
+impl<'p> Shards<'p> {
+    /// Splits `parent` into its shards ([`shard_count`]) on threads kept
+    /// for the whole replay (`worker.threads`; a thread that finishes its
+    /// shard early takes the next).
+    fn start(cfg: &Checked, parent: &'p mut Pipeline) -> Result<Shards<'p>, WorkerError> {
+        let threads = match cfg.worker.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let topic = parent.settings().input_topic.clone();
+        let count = shard_count(parent.store(), &topic, FILE_SHARDS)?;
+        tracing::info!(shards = count, threads, "input split by account");
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("gatebill-shard-{i}"))
+            .build()
+            .map_err(|source| WorkerError::Threads { threads, source })?;
+        let shards = parent.split(count)?;
+        let (batch_size, chunk_lines) = (cfg.worker.file_batch_size as u64, cfg.worker.file_batch_size.min(CHUNK_LINES));
+        Ok(Shards { parent, shards, pool, topic, count, batch_size, chunk_lines })
+    }
+
+    /// Reads the input from the line after the one every shard has written,
+    /// a chunk at a time: a reader thread fills one buffer per chunk (no
+    /// allocation per line) while the shards decode and aggregate the
+    /// previous chunk; every shard writes its batch once `batch_size` lines
+    /// are pending in all. Stops early at a chunk boundary once `shutdown`
+    /// resolves. Joins the shards back into the parent pipeline.
+    fn replay(
+        mut self,
+        reader: Box<dyn BufRead + Send>,
+        input: &Path,
+        pb: Option<&indicatif::ProgressBar>,
+        mut stop_asked: bool,
+        mut shutdown: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<RunSummary, WorkerError> {
+        let mut summary = RunSummary::default();
+        let start = (0..self.count as i32).zip(&self.shards).map(|(p, s)| s.next_offset(p).unwrap_or(0)).min().unwrap_or(0);
+        let (chunks, recycle) = read_chunks(reader, self.chunk_lines, start);
+        for chunk in chunks.iter() {
+            let chunk = chunk.map_err(|source| WorkerError::Input { path: input.to_path_buf(), source })?;
+            summary.blank_lines += chunk.blank;
+            self.ingest(&chunk)?;
+            if let Some(pb) = pb {
+                pb.set_position(chunk.last_line as u64);
+            }
+            let done = chunk.done;
+            let pending: u64 = self.shards.iter().map(Pipeline::pending_messages).sum();
+            if pending >= self.batch_size || (done && pending > 0) {
+                self.flush(&mut summary)?;
+            }
+            let _ = recycle.send(chunk);
+            if done {
+                break;
+            }
+            stop_asked = stop_asked || crate::driver::poll_now(shutdown.as_mut()).is_some();
+            if stop_asked {
+                // What is pending is written, so that the next run resumes after it.
+                self.flush(&mut summary)?;
+                summary.interrupted = true;
+                break;
+            }
+        }
+        self.parent.join(self.shards)?;
+        Ok(summary)
+    }
+
+    /// Decodes a chunk on every core and hands each shard its lines; every
+    /// shard's position moves past the chunk, also one with no line in it,
+    /// so that a resumed replay starts after the chunk.
+    fn ingest(&mut self, chunk: &Chunk) -> Result<(), StoreError> {
+        let by_shard = decode_by_shard(&self.pool, chunk, &self.topic, self.count);
+        let (now, last_line) = (now_ms(), chunk.last_line);
+        let ingest = |p: &mut Pipeline, (shard, slices): (i32, Vec<Vec<Decoded>>)| {
+            p.ingest_decoded(slices.into_iter().flatten(), now)?;
+            p.advance_to(shard, last_line);
+            Ok::<_, StoreError>(())
+        };
+        on_shards(&self.pool, &mut self.shards, (0..).zip(by_shard).collect(), ingest).into_iter().collect()
+    }
+
+    /// Writes every shard's pending batch ([`flush_shards`]).
+    fn flush(&mut self, summary: &mut RunSummary) -> Result<(), StoreError> {
+        flush_shards(&self.pool, &mut self.shards, summary)
+    }
 }
 
 #[cfg(test)]

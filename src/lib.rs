@@ -7,6 +7,7 @@
 //! - [`store`]: the RocksDB state, written one atomic batch at a time;
 //! - [`worker`]: the Kafka driver of `run` and `replay`; [`file_replay`]: the
 //!   file driver of `replay --input-file`; [`driver`]: what both share;
+//!   [`delivery`]: how either makes a staged step durable downstream;
 //! - [`explain`]: why a bill is what it is, from a state directory;
 //! - [`kafka`], [`metrics`], [`inspect`], [`gen`], [`traffic`], [`config`], [`cli`].
 
@@ -14,6 +15,7 @@ pub mod billing;
 pub mod changelog;
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod driver;
 pub mod explain;
 pub mod file_replay;

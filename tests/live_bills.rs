@@ -10,7 +10,7 @@ use gatebill::billing::reference::{aggregate_messages, bills};
 use gatebill::billing::{decode_account, BillRecord, BillStatus, BillingConfig, PackItem, Rules};
 use gatebill::config::Config;
 use gatebill::metrics::Metrics;
-use gatebill::pipeline::emit::Route;
+use gatebill::pipeline::Records;
 use gatebill::pipeline::{headers, now_ms, InputMessage, Pipeline, Settings};
 use gatebill::store::{OutboxRecord, Store};
 use proptest::prelude::*;
@@ -472,7 +472,7 @@ fn a_stop_between_emission_chunks_still_restates_the_later_month() {
     let mut plan = p.emission(now, false).unwrap();
     let first = p.next_emission(&mut plan).unwrap().unwrap();
     assert_eq!(first.records.last().map(|(_, r)| r.key.clone().unwrap()), Some(b"A/2021-03".to_vec()));
-    p.commit_emission(first, Route::Delivered).unwrap();
+    p.stage_emission(first, Records::Captured).unwrap().apply().unwrap();
     let stopped = p.next_emission(&mut plan).unwrap();
     assert!(stopped.is_some());
     drop((stopped, plan));

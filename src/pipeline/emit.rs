@@ -5,7 +5,7 @@
 
 use super::batch::par_slices;
 use super::policy::{self, effective_watermark, next_record, Emitted, PartitionClock};
-use super::{After, Pipeline, Staged};
+use super::{After, Pipeline, Records, Staged, Step};
 use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
 use crate::billing::calendar::Month;
 use crate::billing::entitlements::months_are_independent;
@@ -145,7 +145,8 @@ impl Pipeline {
         let mut plan = self.emission(now, force_idle)?;
         let mut emitted = 0;
         while let Some(chunk) = self.next_emission(&mut plan)? {
-            emitted += self.commit_emission(chunk, Route::Outbox)?;
+            emitted += chunk.records.len();
+            self.stage_emission(chunk, Records::Outbox)?.apply()?;
         }
         Ok(emitted)
     }
@@ -160,8 +161,8 @@ impl Pipeline {
     /// Computes the next chunk of up to 1,024 bills of `plan`: the records
     /// of the changed ones, and the bill states and cleared dirty marks to
     /// write with them. Writes nothing: the caller delivers the records
-    /// where it wants ([`Route`]) and commits the chunk with
-    /// [`Pipeline::commit_emission`]. `None` when the plan is done.
+    /// where it wants and stages the chunk with
+    /// [`Pipeline::stage_emission`]. `None` when the plan is done.
     pub fn next_emission(&mut self, plan: &mut EmissionPlan) -> Result<Option<Emission>, StoreError> {
         let (from, to) = (plan.next, (plan.next + EMIT_CHUNK).min(plan.todo.len()));
         if from >= to {
@@ -259,37 +260,23 @@ impl Pipeline {
         Some(((outbox_bill_key(&key), record), BillState { revision, status, content_hash: bill.content_hash, partition }))
     }
 
-    /// Writes a chunk of [`Pipeline::next_emission`] in one atomic batch:
-    /// the cleared dirty marks, the new bill states, and (for
-    /// [`Route::Outbox`]) the records. A caller that delivered the records
-    /// itself ([`Route::Delivered`], a file sink) commits only after the
-    /// delivery: a crash in between recomputes and delivers the same records
-    /// again, as a crash between producing and acknowledging an outbox
-    /// record would. Returns how many records the chunk emitted.
-    pub fn commit_emission(&mut self, chunk: Emission, route: Route) -> Result<usize, StoreError> {
-        let emitted = chunk.records.len();
-        let staged = self.stage_emission_as(chunk, route, false)?;
-        self.apply(staged)?;
-        Ok(emitted)
+    /// Stages a chunk of [`Pipeline::next_emission`] as one atomic write:
+    /// the cleared dirty marks, the new bill states, and the records (into
+    /// the outbox with [`Records::Outbox`]; with [`Records::Captured`] the
+    /// caller delivers them, bills and their changelog records, before
+    /// [`Staged::apply`]: a crash in between recomputes and delivers the
+    /// same records again, as a crash between producing and acknowledging
+    /// an outbox record would).
+    pub fn stage_emission(&mut self, chunk: Emission, records: Records) -> Result<Staged<'_>, StoreError> {
+        let step = self.stage_emission_step(chunk, records);
+        Ok(Staged { pipeline: self, step: Some(step) })
     }
 
-    /// Like [`Pipeline::commit_emission`], for a caller that delivers the
-    /// bill records and their changelog records itself (in a Kafka
-    /// transaction) before the chunk is written: computes the write and
-    /// captures every record; then [`Pipeline::apply`] or
-    /// [`Pipeline::abandon`].
-    pub fn stage_emission(&mut self, chunk: Emission) -> Result<Staged, StoreError> {
-        self.stage_emission_as(chunk, Route::Outbox, true)
-    }
-
-    fn stage_emission_as(&mut self, chunk: Emission, route: Route, capture: bool) -> Result<Staged, StoreError> {
-        assert!(!self.staged, "a step was staged before the last one was applied or abandoned");
+    fn stage_emission_step(&mut self, chunk: Emission, records: Records) -> Step {
         let store = self.store.clone();
-        let mut batch = if capture { store.capturing_batch() } else { store.batch() };
-        if route == Route::Outbox {
-            for (key, record) in &chunk.records {
-                batch.put_outbox(key, record);
-            }
+        let mut batch = if records == Records::Captured { store.capturing_batch() } else { store.batch() };
+        for (key, record) in &chunk.records {
+            batch.put_outbox(key, record);
         }
         let mut statuses = Vec::new();
         let mut sent = Vec::new();
@@ -314,8 +301,7 @@ impl Pipeline {
             }
         }
         let (wb, records) = batch.into_staged();
-        self.staged = true;
-        Ok(Staged { wb, records, positions: BTreeMap::new(), after: After::Emission { statuses, sent } })
+        Step { wb, records, positions: BTreeMap::new(), after: After::Emission { statuses, sent } }
     }
 }
 
@@ -359,12 +345,3 @@ fn bill_key_hash(account: &str, month: Month) -> u64 {
 /// A recomputed bill's next record (keyed as in the outbox) and state;
 /// `None`: unchanged since its last record.
 type BillChange = Option<((Vec<u8>, OutboxRecord), BillState)>;
-
-/// Where the records of an [`Emission`] go when it is committed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
-    /// Into the outbox, in the same write: produced by a drain.
-    Outbox,
-    /// The caller delivered them already (a file it wrote and synced).
-    Delivered,
-}

@@ -158,10 +158,6 @@ pub struct Pipeline {
     known_dirty: KnownMarks,
     /// Each ingested account-month's usage totals ([`MonthTotalsMirror`]).
     totals: MonthTotalsMirror,
-    /// A step is staged and neither applied nor abandoned. Steps go one at
-    /// a time: a batch staged with a mark skipped, then an emission that
-    /// clears the month written before it, would lose the mark.
-    staged: bool,
 }
 
 /// The rejection of an event stamped too far ahead of the wall clock.
@@ -349,7 +345,6 @@ impl Pipeline {
             regions: Interner::default(),
             known_dirty: KnownMarks::default(),
             totals,
-            staged: false,
         })
     }
 
@@ -361,6 +356,11 @@ impl Pipeline {
     /// Accounts with a record in the account table.
     pub fn accounts_known(&self) -> usize {
         self.accounts.len()
+    }
+
+    /// The metrics it counts in.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The settings.
@@ -590,7 +590,6 @@ impl Pipeline {
     /// Forgets everything pending and every in-memory mirror of the store,
     /// after a failed step: the next batch starts from what is on disk.
     fn discard_pending(&mut self) {
-        self.staged = false;
         self.pending = Pending::default();
         self.dedupe = dedupe_cache(&self.settings);
         self.known_dirty.forget();
@@ -599,69 +598,40 @@ impl Pipeline {
 
     /// Writes everything pending in one atomic, synced batch: usage deltas,
     /// dedupe keys, offsets and watermarks, dirty marks, dead letters (and
-    /// changelog records) in the outbox.
+    /// changelog records) in the outbox: [`Pipeline::stage`] with
+    /// [`Records::Outbox`], applied.
     pub fn flush(&mut self) -> Result<BatchStats, StoreError> {
-        let result = self.stage_pending(false).and_then(|staged| self.apply(staged));
-        if result.is_err() {
-            self.discard_pending();
+        self.stage(Records::Outbox)?.apply()
+    }
+
+    /// Computes the write of everything pending without writing it: the one
+    /// way a batch reaches the store. The returned [`Staged`] borrows the
+    /// pipeline until it is applied ([`Staged::apply`]) or abandoned
+    /// ([`Staged::abandon`], or dropped), so a second step cannot be staged
+    /// while one is (the dirty marks a batch skips rely on it: a batch
+    /// staged with a mark skipped, then an emission that clears the month
+    /// written before it, would lose the mark). With [`Records::Captured`]
+    /// the dead letters and changelog records are handed to the caller to
+    /// deliver first (in a Kafka transaction). Nothing in memory leads the
+    /// store in between: what staging changed is reset by an abandon.
+    pub fn stage(&mut self, records: Records) -> Result<Staged<'_>, StoreError> {
+        match self.stage_pending(records == Records::Captured) {
+            Ok(step) => Ok(Staged { pipeline: self, step: Some(step) }),
+            Err(e) => {
+                self.discard_pending();
+                Err(e)
+            }
         }
-        result
     }
 
-    /// Computes the write of everything pending without writing it, the
-    /// dead letters and changelog records captured for the caller to
-    /// deliver first (in a Kafka transaction); then [`Pipeline::apply`], or
-    /// [`Pipeline::abandon`] when the delivery failed. Nothing in memory
-    /// leads the store in between: what staging changed is reset by
-    /// `abandon`. One step at a time: staging another batch or an emission
-    /// before this one is applied or abandoned panics (the dirty marks a
-    /// batch skips rely on it).
-    pub fn stage(&mut self) -> Result<Staged, StoreError> {
-        let result = self.stage_pending(true);
-        if result.is_err() {
-            self.discard_pending();
-        }
-        result
-    }
-
-    /// Forgets a staged batch that was not delivered (and everything
-    /// pending): the next batch starts from what is on disk, and the input
-    /// must be read again from [`Pipeline::next_offset`].
-    pub fn abandon(&mut self, staged: Staged) {
-        drop(staged);
-        self.discard_pending();
-    }
-
-    /// Writes a staged batch and brings memory in line with it.
-    pub fn apply(&mut self, staged: Staged) -> Result<BatchStats, StoreError> {
+    /// Writes a staged step and brings memory in line with it.
+    fn write_step(&mut self, step: Step) -> Result<BatchStats, StoreError> {
         let t = Instant::now();
-        self.staged = false;
-        self.store.write_staged(staged.wb)?;
-        match staged.after {
+        self.store.write_staged(step.wb)?;
+        match step.after {
             After::Input { stats, touched, marked } => {
                 self.metrics.batch_write_seconds.observe(t.elapsed().as_secs_f64());
-                self.metrics.events_billed.inc_by(stats.billed);
-                self.metrics.duplicates.inc_by(stats.duplicates);
-                self.partitions.extend(touched);
-                // The batch is written: idle buckets' hashes can be read back.
-                let held = self.dedupe.shrink_to_budget();
-                if self.shard.is_none() {
-                    self.metrics.dedupe_memory.set(held as i64);
-                }
-                let (reads, bytes) = self.dedupe.take_reads();
-                self.metrics.dedupe_reads.inc_by(reads);
-                self.metrics.dedupe_read_bytes.inc_by(bytes);
-                // The marks are on disk now.
-                self.known_dirty.written(marked);
-                // Interned ids only need to live as long as a batch (and
-                // the known marks, keyed by them): a long-running worker
-                // keeps the table bounded.
-                if self.ids.len() > 1_000_000 {
-                    self.ids = Interner::default();
-                    self.known_dirty.forget();
-                    self.totals.forget();
-                }
-                self.totals.written();
+                self.after_input(&stats, touched, marked);
                 Ok(stats)
             }
             After::Emission { statuses, sent } => {
@@ -679,8 +649,33 @@ impl Pipeline {
         }
     }
 
-    fn stage_pending(&mut self, capture: bool) -> Result<Staged, StoreError> {
-        assert!(!self.staged, "a step was staged before the last one was applied or abandoned");
+    /// Memory brought in line with a written input batch.
+    fn after_input(&mut self, stats: &BatchStats, touched: BTreeMap<i32, PartitionState>, marked: Vec<(u32, Month, i32)>) {
+        self.metrics.events_billed.inc_by(stats.billed);
+        self.metrics.duplicates.inc_by(stats.duplicates);
+        self.partitions.extend(touched);
+        // The batch is written: idle buckets' hashes can be read back.
+        let held = self.dedupe.shrink_to_budget();
+        if self.shard.is_none() {
+            self.metrics.dedupe_memory.set(held as i64);
+        }
+        let (reads, bytes) = self.dedupe.take_reads();
+        self.metrics.dedupe_reads.inc_by(reads);
+        self.metrics.dedupe_read_bytes.inc_by(bytes);
+        // The marks are on disk now.
+        self.known_dirty.written(marked);
+        // Interned ids only need to live as long as a batch (and
+        // the known marks, keyed by them): a long-running worker
+        // keeps the table bounded.
+        if self.ids.len() > 1_000_000 {
+            self.ids = Interner::default();
+            self.known_dirty.forget();
+            self.totals.forget();
+        }
+        self.totals.written();
+    }
+
+    fn stage_pending(&mut self, capture: bool) -> Result<Step, StoreError> {
         let pending = std::mem::take(&mut self.pending);
         let store = self.store.clone();
         let mut batch = if capture { store.capturing_batch() } else { store.batch() };
@@ -749,8 +744,7 @@ impl Pipeline {
         }
         let positions = pending.touched.iter().map(|(p, s)| (*p, s.next_offset)).collect();
         let (wb, records) = batch.into_staged();
-        self.staged = true;
-        Ok(Staged { wb, records, positions, after: After::Input { stats: pending.stats, touched: pending.touched, marked } })
+        Ok(Step { wb, records, positions, after: After::Input { stats: pending.stats, touched: pending.touched, marked } })
     }
 
     /// Queues a changelog record for input partition `partition` in `batch`
@@ -776,31 +770,123 @@ impl Pipeline {
     }
 }
 
-/// State changes computed and not yet written, with the records to
-/// deliver before they are ([`Pipeline::stage`],
-/// [`Pipeline::stage_emission`]): written by [`Pipeline::apply`] once the
-/// records are delivered, or forgotten by [`Pipeline::abandon`].
-pub struct Staged {
-    wb: rocksdb::WriteBatch,
-    /// Records to deliver before the state is written: dead letters,
-    /// changelog records, bills.
-    pub records: Vec<OutboxRecord>,
-    /// The next input offset of each partition this batch read, once
+/// How a staged step's records (dead letters, changelog records, bills)
+/// travel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Records {
+    /// Into the outbox, in the step's own write: a drain delivers them.
+    Outbox,
+    /// Handed to the caller ([`Staged::take_records`]), who delivers them
+    /// before [`Staged::apply`] (a Kafka transaction, a file).
+    Captured,
+}
+
+/// A step computed and not yet written ([`Pipeline::stage`],
+/// [`Pipeline::stage_emission`]): written by [`Staged::apply`] once its
+/// records are delivered, or forgotten by [`Staged::abandon`] (as it is
+/// when dropped unapplied, on an early return). It borrows the pipeline
+/// mutably, so nothing else can be staged, ingested or emitted meanwhile:
+///
+/// ```compile_fail
+/// # fn twice(p: &mut gatebill::pipeline::Pipeline) {
+/// use gatebill::pipeline::Records;
+/// let first = p.stage(Records::Captured).unwrap();
+/// let second = p.stage(Records::Captured).unwrap(); // error: `*p` is already borrowed
+/// first.apply().unwrap();
+/// # }
+/// ```
+///
+/// One after the other:
+///
+/// ```
+/// # fn twice(p: &mut gatebill::pipeline::Pipeline) {
+/// use gatebill::pipeline::Records;
+/// let first = p.stage(Records::Captured).unwrap();
+/// first.apply().unwrap();
+/// let second = p.stage(Records::Captured).unwrap();
+/// second.abandon();
+/// # }
+/// ```
+#[must_use = "a staged step is written by apply, or forgotten by abandon"]
+pub struct Staged<'p> {
+    pipeline: &'p mut Pipeline,
+    /// `None` once applied or abandoned.
+    step: Option<Step>,
+}
+
+impl Staged<'_> {
+    /// The captured records to deliver before [`Staged::apply`] (empty with
+    /// [`Records::Outbox`], or when taken already).
+    pub fn take_records(&mut self) -> Vec<OutboxRecord> {
+        self.step.as_mut().map(|s| std::mem::take(&mut s.records)).unwrap_or_default()
+    }
+
+    /// The next input offset of each partition the batch read, once
     /// written (empty for an emission).
-    pub positions: BTreeMap<i32, i64>,
+    pub fn positions(&self) -> &BTreeMap<i32, i64> {
+        static NONE: BTreeMap<i32, i64> = BTreeMap::new();
+        self.step.as_ref().map_or(&NONE, |s| &s.positions)
+    }
+
+    /// The pipeline as it was before this step (its stored positions).
+    pub fn pipeline(&self) -> &Pipeline {
+        self.pipeline
+    }
+
+    /// Writes the step (one atomic, synced write) and brings memory in line
+    /// with it. A failed write forgets everything pending, as an abandon.
+    pub fn apply(mut self) -> Result<BatchStats, StoreError> {
+        let step = self.step.take().expect("a staged step is applied once");
+        let result = self.pipeline.write_step(step);
+        if result.is_err() {
+            self.pipeline.discard_pending();
+        }
+        result
+    }
+
+    /// Forgets a step that was not delivered (and everything pending): the
+    /// next batch starts from what is on disk, and the input must be read
+    /// again from [`Pipeline::next_offset`].
+    pub fn abandon(mut self) {
+        self.step = None;
+        self.pipeline.discard_pending();
+    }
+
+    /// Entries the step writes (tests).
+    #[cfg(test)]
+    fn entries(&self) -> usize {
+        self.step.as_ref().map_or(0, |s| s.wb.len())
+    }
+}
+
+impl Drop for Staged<'_> {
+    fn drop(&mut self) {
+        if self.step.take().is_some() {
+            self.pipeline.discard_pending();
+        }
+    }
+}
+
+impl std::fmt::Debug for Staged<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let records = self.step.as_ref().map_or(0, |s| s.records.len());
+        f.debug_struct("Staged").field("records", &records).field("positions", self.positions()).finish_non_exhaustive()
+    }
+}
+
+/// What a [`Staged`] holds: the write, its captured records, and what
+/// memory is brought up to after it.
+struct Step {
+    wb: rocksdb::WriteBatch,
+    records: Vec<OutboxRecord>,
+    positions: BTreeMap<i32, i64>,
     after: After,
 }
 
-/// What [`Pipeline::apply`] brings memory up to after the write.
+/// What [`Staged::apply`] brings memory up to after the write.
 enum After {
     Input { stats: BatchStats, touched: BTreeMap<i32, PartitionState>, marked: Vec<(u32, Month, i32)> },
     Emission { statuses: Vec<crate::billing::BillStatus>, sent: Vec<(u64, Option<i64>)> },
-}
-
-impl std::fmt::Debug for Staged {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Staged").field("records", &self.records.len()).field("positions", &self.positions).finish_non_exhaustive()
-    }
 }
 
 #[cfg(test)]
@@ -870,9 +956,9 @@ mod tests {
         // Writes one batch of the message at `offset`; the write's entries.
         let batch = |p: &mut Pipeline, offset: usize| {
             p.ingest(&[msg(offset as i64, &payloads[offset])]).unwrap();
-            let staged = p.stage().unwrap();
-            let entries = staged.wb.len();
-            p.apply(staged).unwrap();
+            let staged = p.stage(Records::Captured).unwrap();
+            let entries = staged.entries();
+            staged.apply().unwrap();
             entries
         };
         let marked = vec![("A".to_string(), march, 0)];
@@ -889,8 +975,7 @@ mod tests {
         // A batch abandoned (not written) forgets what it knew: the next
         // one writes the mark, though it is on disk.
         p.ingest(&[msg(3, &payloads[3])]).unwrap();
-        let staged = p.stage().unwrap();
-        p.abandon(staged);
+        p.stage(Records::Captured).unwrap().abandon();
         assert_eq!(batch(&mut p, 3), first);
         assert_eq!(batch(&mut p, 4), first - 1);
         assert_eq!(p.store().usage("A", march).unwrap().unwrap().calls(), 5);
@@ -983,17 +1068,6 @@ mod tests {
         q.reload_partitions(&[0]).unwrap();
         let late = sized("april", "2021-04-05T10:00:00+08:00", 1);
         assert_eq!(q.process(&[msg(0, &late)]).unwrap().rejected, 1);
-    }
-
-    #[test]
-    #[should_panic(expected = "a step was staged before the last one was applied or abandoned")]
-    fn a_step_staged_before_the_last_one_is_written_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut p = open(dir.path());
-        let e = event("r1", "2021-03-05T10:00:00+08:00");
-        p.ingest(&[msg(0, &e)]).unwrap();
-        let _first = p.stage().unwrap();
-        let _ = p.stage();
     }
 
     #[test]

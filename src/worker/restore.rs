@@ -1,0 +1,240 @@
+//! Restoring a partition assigned to this worker from the changelog
+//! ([`crate::changelog`]) when another worker moved it past what this store
+//! holds. Run by the loop (never by the rebalance callback) while the
+//! partition is paused.
+
+use crate::config::KafkaConfig;
+use crate::driver::WorkerError;
+use crate::kafka::{self, KafkaSetupError};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a restore's changelog read may see no record before it gives
+/// up. It runs in the loop, once per partition assigned (the loop reads
+/// nothing else meanwhile), so it is kept short. A read_committed reader also stops at a dead
+/// writer's open transaction until the broker aborts it (at the writer's
+/// `transaction.timeout.ms`, 60 s): a takeover sooner than 30 s before that
+/// (a `session.timeout.ms` below 30 s) can stop short (README, Scaling).
+/// Waiting the transaction timeout out instead made a resumed zombie on
+/// tansu, whose own open transaction held its restore, stop too late to
+/// learn it was fenced (tests/zombie.rs).
+const RESTORE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Brings a partition assigned to this worker up to the state its last
+/// owner left in the changelog ([`crate::changelog`]).
+pub struct Restorer {
+    /// Reads changelog partitions by assignment.
+    changelog: BaseConsumer,
+    /// A client of the worker's group that never joins it: asks for the
+    /// group's committed offsets.
+    group: BaseConsumer,
+    topic: String,
+    metrics: Arc<Metrics>,
+    /// Workers write the changelog in transactions with the offsets: a
+    /// record past the committed offset (none committed: 0) never committed.
+    transactions: bool,
+    /// The last run of this store did not stop cleanly (with transactions):
+    /// every partition is restored at its first assignment, whatever its
+    /// stored position, since a crash between a transaction's commit and
+    /// the state write leaves committed changes (bill revisions, which do
+    /// not move the position) only in the changelog.
+    unclean: bool,
+    /// Partitions restored since this worker started.
+    restored: Mutex<BTreeSet<i32>>,
+}
+
+impl Restorer {
+    /// The restorer of a worker of `k`'s group; `unclean`: the last run on
+    /// this store did not stop cleanly.
+    pub(super) fn new(k: &KafkaConfig, metrics: Arc<Metrics>, unclean: bool) -> Result<Restorer, KafkaSetupError> {
+        Ok(Restorer {
+            changelog: kafka::restore_consumer(k, &format!("{}-changelog", k.group_id))?,
+            group: kafka::plain_consumer(k, &k.group_id)?,
+            topic: k.changelog_topic.clone(),
+            metrics,
+            transactions: k.transactions,
+            unclean: k.transactions && unclean,
+            restored: Mutex::default(),
+        })
+    }
+
+    /// Restores `partition` when another worker moved it past what this
+    /// store holds: the store has no position for it, or the group's
+    /// committed offset is ahead of the stored one. Reads the partition's
+    /// changelog from its start and writes the result in one batch. Returns
+    /// the records read, or `None` when nothing needed restoring or the
+    /// read did not reach the end (then the stored state, consistent in
+    /// itself, is kept).
+    pub(super) fn restore(&self, store: &Store, input_topic: &str, partition: i32) -> Result<Option<u64>, WorkerError> {
+        let local = store.partition(input_topic, partition)?.map(|s| s.next_offset);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(input_topic, partition);
+        let committed = match self.group.committed_offsets(tpl, Duration::from_secs(10)) {
+            Ok(c) => c.find_partition(input_topic, partition).and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, partition, "cannot read the group's committed offset; restoring from the changelog");
+                None
+            }
+        };
+        let first_since_unclean_stop = self.unclean && self.restored.lock().expect("not poisoned").insert(partition);
+        // The stored state is at least as far as the group's: kept, but the
+        // bill states another owner wrote since this store last saw the
+        // changelog are read, so that no revision it sent is sent again
+        // with other content (a broker that does not store transactional
+        // offset commits, like the mock cluster, can show a committed
+        // offset behind what the other owner processed).
+        let keep_own = match (local, committed) {
+            _ if first_since_unclean_stop => false,
+            (Some(l), Some(c)) => c <= l,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if keep_own {
+            return self.raise_bill_states(store, input_topic, partition);
+        }
+        let started = Instant::now();
+        self.metrics.partitions_restoring.inc();
+        let label = partition.to_string();
+        // With transactions, whatever committed carries its offsets: records
+        // past them (from 0 when none are committed) are of transactions
+        // that did not commit, which some brokers deliver anyway.
+        // The stored position counts as committed too: with transactions it
+        // is written only after its transaction committed (a broker that
+        // does not store transactional offset commits, like the mock
+        // cluster, shows only the plain commit that follows, later).
+        let known = match (committed, local) {
+            (Some(c), Some(l)) => Some(c.max(l)),
+            (c, l) => c.or(l),
+        };
+        let cut = if self.transactions { Some(known.unwrap_or(0)) } else { committed };
+        let mut restore = crate::changelog::Restore::up_to(cut);
+        let read = kafka::read_partition(&self.changelog, &self.topic, partition, 0, RESTORE_PATIENCE, |m| {
+            offer_changelog_record(&mut restore, partition, m);
+            Ok::<_, WorkerError>(())
+        });
+        self.metrics.partitions_restoring.dec();
+        let (_, end) = read?;
+        let (records, bytes) = (restore.records, restore.bytes);
+        self.metrics.restore_records.with_label_values(&[&label]).inc_by(records);
+        self.metrics.restore_bytes.with_label_values(&[&label]).inc_by(bytes);
+        let Some(end) = end else {
+            tracing::error!(
+                partition,
+                records,
+                patience_secs = RESTORE_PATIENCE.as_secs(),
+                "the changelog partition was not read to its end (no record within the patience); keeping the stored state, the partition resumes from it (with an empty store: from the input's beginning, and bill revisions restart); check the broker and the changelog topic"
+            );
+            return Ok(None);
+        };
+        let mut restored = restore.finish();
+        restored.changelog_end = Some(end);
+        let position = restored.position.map(|p| p.next_offset);
+        restored.write(store, input_topic, partition, first_since_unclean_stop)?;
+        let seconds = crate::metrics::rounded(started.elapsed().as_secs_f64(), 3);
+        self.metrics.restore_seconds.with_label_values(&[&label]).set(seconds);
+        tracing::info!(
+            partition,
+            records,
+            bytes,
+            seconds,
+            account_months = restored.usage.len(),
+            bills = restored.bills.len(),
+            ?position,
+            stored_before = ?local,
+            ?committed,
+            "partition restored from the changelog"
+        );
+        Ok(Some(records))
+    }
+
+    /// Records, for partitions given up, the changelog's end offsets as
+    /// read before they were revoked ([`Store::changelog_seen`]): if one
+    /// comes back, only bill states written after them are read. An end
+    /// read before the revocation is at or before anything the next owner
+    /// writes; older than the revocation, it only makes that read longer.
+    pub(super) fn note_changelog_seen(&self, store: &Store, ends: &BTreeMap<i32, i64>) {
+        if ends.is_empty() {
+            return;
+        }
+        let mut b = store.batch();
+        for (&p, &end) in ends {
+            b.put_changelog_seen(p, end);
+        }
+        if let Err(e) = store.write(b) {
+            tracing::warn!(error = %e, "cannot record the changelog's ends; the partitions' next restores read their bill states from further back");
+        }
+    }
+
+    /// For a store that keeps its own state of `partition`: reads the bill
+    /// states written to the changelog since this store last saw it
+    /// ([`Store::changelog_seen`]; never seen: from the start) and raises
+    /// the revisions held to them, marking their months to be recomputed
+    /// (a next revision follows where this store's bill differs).
+    fn raise_bill_states(&self, store: &Store, input_topic: &str, partition: i32) -> Result<Option<u64>, WorkerError> {
+        let from = store.changelog_seen(partition)?.unwrap_or(0);
+        let mut restore = crate::changelog::Restore::bills_only();
+        let (_, end) = kafka::read_partition(&self.changelog, &self.topic, partition, from, RESTORE_PATIENCE, |m| {
+            if crate::changelog::is_bill_state(m.key()) {
+                offer_changelog_record(&mut restore, partition, m);
+            } else {
+                restore.records += 1;
+            }
+            Ok::<_, WorkerError>(())
+        })?;
+        let records = restore.records;
+        let label = partition.to_string();
+        self.metrics.restore_records.with_label_values(&[&label]).inc_by(records);
+        self.metrics.restore_bytes.with_label_values(&[&label]).inc_by(restore.bytes);
+        let Some(end) = end else {
+            tracing::error!(
+                partition,
+                records,
+                from,
+                patience_secs = RESTORE_PATIENCE.as_secs(),
+                "the changelog partition's bill states were not read to its end (no record within the patience); keeping the revisions held: one another owner sent may be sent again with other content; check the broker and the changelog topic"
+            );
+            return Ok(None);
+        };
+        let mut restored = restore.finish();
+        restored.changelog_end = Some(end);
+        restored.write(store, input_topic, partition, false)?;
+        if records > 0 {
+            tracing::info!(
+                partition,
+                records,
+                from,
+                end,
+                bills = restored.bills.len(),
+                "bill states read from the changelog; the stored state is kept"
+            );
+        }
+        Ok(Some(records))
+    }
+}
+
+/// Hands a changelog record to a restore (skipped with a warning when it
+/// lacks its key, value or next-offset header, or cannot be read).
+fn offer_changelog_record(restore: &mut crate::changelog::Restore, partition: i32, m: &BorrowedMessage<'_>) {
+    let next_offset = m
+        .headers()
+        .and_then(|h| h.iter().find(|x| x.key == crate::changelog::NEXT_OFFSET))
+        .and_then(|x| std::str::from_utf8(x.value?).ok()?.parse::<i64>().ok());
+    let (Some(next_offset), Some(key), Some(value)) = (next_offset, m.key(), m.payload()) else {
+        tracing::warn!(partition, offset = m.offset(), "changelog record without key, value or next-offset header; skipped");
+        return;
+    };
+    let confirmed = !m.headers().is_some_and(|h| h.iter().any(|x| x.key == crate::changelog::UNCONFIRMED));
+    match crate::changelog::Change::decode(key, value) {
+        Ok(change) => restore.offer_bill(next_offset, change, key.len() + value.len(), confirmed),
+        Err(e) => tracing::warn!(error = %e, partition, offset = m.offset(), "unreadable changelog record; skipped"),
+    }
+}
