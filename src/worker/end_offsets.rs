@@ -7,6 +7,7 @@
 use crate::kafka::KafkaSetupError;
 use crate::metrics::{Health, Metrics};
 use crate::pipeline::Pipeline;
+use crate::store::Store;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,9 @@ use std::time::{Duration, Instant};
 pub struct EndOffsets {
     latest: Arc<Mutex<HashMap<i32, i64>>>,
     stop: Arc<AtomicBool>,
+    every: Duration,
+    /// When the state size gauges were last refreshed.
+    last_sizes: Option<Instant>,
 }
 
 /// End offsets by partition, shared between threads.
@@ -56,12 +60,27 @@ impl EndOffsets {
                 }
             })
             .map_err(|e| KafkaSetupError::Thread(e.to_string()))?;
-        Ok(EndOffsets { latest, stop })
+        Ok(EndOffsets { latest, stop, every, last_sizes: None })
+    }
+
+    /// Hands the latest end offsets to the pipeline, the lag gauges and
+    /// the health; refreshes the state size gauges every period.
+    pub fn refresh(&mut self, pipeline: &mut Pipeline, metrics: &Metrics, owned: &[i32], health: &Health, store: &Store) {
+        self.report(pipeline, metrics, owned, health);
+        if self.last_sizes.is_none_or(|t| t.elapsed() >= self.every) {
+            self.last_sizes = Some(Instant::now());
+            for (cf, bytes) in store.sizes() {
+                metrics.state_bytes.with_label_values(&[cf]).set(bytes as i64);
+            }
+            for (kind, bytes) in store.memory() {
+                metrics.rocksdb_memory.with_label_values(&[kind]).set(bytes as i64);
+            }
+        }
     }
 
     /// Hands the latest end offsets to the pipeline, the lag gauge, and
     /// the health (the lag of the partitions `owned`).
-    pub fn report(&self, pipeline: &mut Pipeline, metrics: &Metrics, owned: &[i32], health: &Health) {
+    fn report(&self, pipeline: &mut Pipeline, metrics: &Metrics, owned: &[i32], health: &Health) {
         let latest = self.latest.lock().expect("not poisoned").clone();
         let mut owned_lag = 0u64;
         for (p, high) in latest {

@@ -31,13 +31,14 @@ use crate::store::Store;
 use end_offsets::{EndOffsets, Topics};
 use futures_util::StreamExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::topic_partition_list::Offset;
+use rebalance::Owned;
 pub use rebalance::{Ownership, StoreOffsets};
 use replay::Bounds;
 use restore::Restorer;
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Which loop to run.
@@ -114,20 +115,6 @@ enum Step {
     Crash,
 }
 
-/// The partitions this worker owns and what it does when they change.
-struct Owned {
-    /// What the rebalance callback says this worker owns.
-    ownership: Arc<Mutex<Ownership>>,
-    /// The [`Ownership`] version last acted on.
-    seen: u64,
-    /// The partitions owned, as last handed to the pipeline.
-    assigned: Vec<i32>,
-    /// Restores partitions assigned from the changelog.
-    restorer: Restorer,
-    /// Notified by the rebalance callback: wakes the gathering of a batch.
-    wake: Arc<tokio::sync::Notify>,
-}
-
 /// The loop's timings.
 struct Timers {
     batch_size: usize,
@@ -135,8 +122,6 @@ struct Timers {
     emit_every: Duration,
     last_emit: Instant,
     started: Instant,
-    lag_every: Duration,
-    last_sizes: Option<Instant>,
 }
 
 /// The worker of `run` and `replay`: its clients, its pipeline and its
@@ -187,7 +172,7 @@ impl Worker {
             Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone(), health.clone())))
         };
         // A failed start stops the metrics endpoint too.
-        match Worker::connect(cfg, opts, store, metrics, health).await {
+        match connect(cfg, opts, store, metrics, health).await {
             Ok(mut w) => {
                 w.metrics_task = metrics_task;
                 Ok(w)
@@ -200,90 +185,10 @@ impl Worker {
             }
         }
     }
+}
 
-    /// The part of [`Worker::start`] after the metrics endpoint.
-    async fn connect(
-        cfg: &Checked,
-        opts: RunOptions,
-        store: Arc<Store>,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-    ) -> Result<Worker, WorkerError> {
-        let k = &cfg.kafka;
-        let unclean = mark_running(&cfg.worker.state_dir)?;
-        if unclean && k.transactions {
-            tracing::warn!("the last run on this state directory did not stop cleanly: partitions are restored from the changelog as they are assigned");
-        }
-        let owned = Owned {
-            ownership: Arc::default(),
-            seen: 0,
-            assigned: Vec::new(),
-            restorer: Restorer::new(k, metrics.clone(), unclean)?,
-            wake: Arc::default(),
-        };
-        let changelog_ends: end_offsets::SharedEnds = Arc::default();
-        let ctx = StoreOffsets {
-            store: store.clone(),
-            topic: k.input_topic.clone(),
-            ownership: owned.ownership.clone(),
-            changelog_ends: changelog_ends.clone(),
-            wake: owned.wake.clone(),
-        };
-        let clients = kafka::worker_clients(k, ctx).await?;
-        let mut pipeline = Pipeline::new(store.clone(), cfg.rules().clone(), Settings::from_config(cfg), metrics.clone())?;
-        let mut delivery = open_delivery(cfg, clients.producer, &metrics, &health, opts.fault).await?;
-        let mut summary = RunSummary::default();
-        // Anything written but not acknowledged before the last stop goes first.
-        summary.delivery_failures += delivery.drain(&mut pipeline).await?;
-        if load_accounts(&mut pipeline, &clients.accounts, &k.accounts_topic)? > 0 {
-            // The account records' dead letters go out now, not with the
-            // first input batch (or, with transactions, at the stop).
-            summary.delivery_failures += delivery.drain(&mut pipeline).await?;
-        }
-        let consumer = clients.events;
-        let bounds = match &opts.mode {
-            Mode::Live => {
-                // A group member bills only what the group assigns it.
-                pipeline.set_assignment(&[], now_ms());
-                consumer
-                    .subscribe(&[&k.input_topic])
-                    .map_err(|source| KafkaSetupError::Client { what: format!("subscribing to {}", k.input_topic), source })?;
-                None
-            }
-            Mode::Replay { from_ms, progress } => {
-                let bounds = Bounds::assign(&consumer, &pipeline, &k.input_topic, *from_ms, *progress)?;
-                // A replay assigns itself every partition: no rebalance callback.
-                owned.ownership.lock().expect("not poisoned").assign(bounds.ends.keys().map(|p| (*p, Offset::Invalid)));
-                Some(bounds)
-            }
-        };
-        // End offsets (lag, and idleness needs them) are asked for at once,
-        // then every LAG_EVERY, or every idle period if that is shorter; the
-        // state size gauges are refreshed as often.
-        let topics =
-            Topics { input: k.input_topic.clone(), changelog: bounds.is_none().then(|| (k.changelog_topic.clone(), changelog_ends)) };
-        let end_offsets = EndOffsets::start(clients.lag, topics, lag_every(cfg), health.clone())?;
-        Ok(Worker {
-            fault: opts.fault,
-            input_topic: k.input_topic.clone(),
-            state_dir: cfg.worker.state_dir.clone(),
-            store,
-            metrics,
-            health,
-            metrics_task: None,
-            pipeline,
-            delivery,
-            consumer: Arc::new(consumer),
-            accounts: clients.accounts,
-            owned,
-            bounds,
-            timers: Timers::new(cfg),
-            end_offsets,
-            summary,
-            gathered: Gathered::default(),
-        })
-    }
-
+/// The loop.
+impl Worker {
     /// A consumer-group member (`run`), not a replay.
     fn live(&self) -> bool {
         self.bounds.is_none()
@@ -320,7 +225,7 @@ impl Worker {
             }
             self.timers.last_emit = Instant::now();
         }
-        self.refresh_gauges();
+        self.end_offsets.refresh(&mut self.pipeline, &self.metrics, &self.owned.assigned, &self.health, &self.store);
         Ok(next)
     }
 
@@ -420,69 +325,11 @@ impl Worker {
         }
     }
 
-    /// Acts on what the rebalance callback recorded since the last look:
-    /// notes the changelog's ends of partitions given up; drops the
-    /// messages of revoked partitions from the batch being gathered
-    /// ([`Gathered::drop_partitions`]: the worker no longer owns them, so it
-    /// must not write their state or offsets; the partitions' next owner,
-    /// this worker again after an eager rebalance, reads them from the
-    /// stored position); restores and resumes the partitions assigned; and
-    /// hands the pipeline the partitions owned now.
+    /// Acts on what the rebalance callback recorded since the last look
+    /// ([`Owned::follow`]).
     fn follow_ownership(&mut self, batch: &mut Gathered) -> Result<(), WorkerError> {
-        let changes = self.owned.ownership.lock().expect("not poisoned").take_changes(&mut self.owned.seen);
-        let Some(changes) = changes else { return Ok(()) };
-        self.owned.restorer.note_changelog_seen(&self.store, &changes.changelog_seen);
-        let dropped = batch.drop_partitions(&changes.revoked);
-        if dropped > 0 {
-            tracing::info!(
-                messages = dropped,
-                partitions = ?changes.revoked,
-                "dropped messages of revoked partitions gathered before the revocation; the partitions' next owner reads them from the stored position"
-            );
-        }
-        if self.live() {
-            self.restore_assigned(&changes.assigned);
-        }
-        // Partitions (re)assigned since the last look may have been
-        // restored on disk: the pipeline reads their state again.
-        let added: Vec<i32> =
-            changes.owned.iter().copied().filter(|p| !self.owned.assigned.contains(p) || changes.revoked.contains(p)).collect();
-        self.pipeline.reload_partitions(&added)?;
-        if changes.owned != self.owned.assigned {
-            self.pipeline.set_assignment(&changes.owned, now_ms());
-            self.owned.assigned = changes.owned;
-        }
-        Ok(())
-    }
-
-    /// Restores partitions the callback assigned (paused) from the
-    /// changelog, positions each again where the restore moved it, and
-    /// resumes them. A restore that fails leaves the stored state.
-    fn restore_assigned(&self, assigned: &BTreeMap<i32, Offset>) {
-        if assigned.is_empty() {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (&p, &at) in assigned {
-            if let Err(e) = self.owned.restorer.restore(&self.store, &self.input_topic, p) {
-                tracing::error!(error = %e, partition = p, "restoring from the changelog failed; the partition resumes from the stored state");
-            }
-            let now = match self.store.partition(&self.input_topic, p) {
-                Ok(Some(s)) => Offset::Offset(s.next_offset),
-                _ => at,
-            };
-            // Read from where it was assigned, the restored position's
-            // offsets before it would only be skipped as processed.
-            if now != at {
-                if let Err(e) = self.consumer.seek(&self.input_topic, p, now, Duration::from_secs(10)) {
-                    tracing::warn!(error = %e, partition = p, "cannot move the partition to its restored position; what is before it is read and skipped");
-                }
-            }
-            tpl.add_partition(&self.input_topic, p);
-        }
-        if let Err(e) = self.consumer.resume(&tpl) {
-            tracing::error!(error = %e, "cannot resume the partitions assigned");
-        }
+        let live = self.live();
+        self.owned.follow(&self.consumer, &self.store, &mut self.pipeline, batch, live)
     }
 
     /// Keeps the accounts table current: applies what the accounts topic
@@ -506,7 +353,10 @@ impl Worker {
         }
         Ok(())
     }
+}
 
+/// The stop.
+impl Worker {
     /// The clean stop (shutdown asked for, or replay done): bills for
     /// everything processed, the outbox delivered, offsets committed.
     async fn finish(&mut self) -> Result<(), WorkerError> {
@@ -603,21 +453,6 @@ impl Worker {
         }
     }
 
-    /// Hands the end offsets to the pipeline and the lag gauges; refreshes
-    /// the state size gauges every `lag_every`.
-    fn refresh_gauges(&mut self) {
-        self.end_offsets.report(&mut self.pipeline, &self.metrics, &self.owned.assigned, &self.health);
-        if self.timers.last_sizes.is_none_or(|t| t.elapsed() >= self.timers.lag_every) {
-            self.timers.last_sizes = Some(Instant::now());
-            for (cf, bytes) in self.store.sizes() {
-                self.metrics.state_bytes.with_label_values(&[cf]).set(bytes as i64);
-            }
-            for (kind, bytes) in self.store.memory() {
-                self.metrics.rocksdb_memory.with_label_values(&[kind]).set(bytes as i64);
-            }
-        }
-    }
-
     /// What every exit does: the progress bar cleared, the metrics endpoint
     /// stopped.
     fn teardown(&mut self) {
@@ -626,6 +461,97 @@ impl Worker {
         }
         if let Some(t) = self.metrics_task.take() {
             t.abort();
+        }
+    }
+}
+
+/// The part of [`Worker::start`] after the metrics endpoint: the clients,
+/// the pipeline and the delivery; what the last stop left in the outbox
+/// delivered; the account table; the group joined, or the replay's
+/// partitions assigned.
+async fn connect(
+    cfg: &Checked,
+    opts: RunOptions,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> Result<Worker, WorkerError> {
+    let k = &cfg.kafka;
+    let unclean = mark_running(&cfg.worker.state_dir)?;
+    if unclean && k.transactions {
+        tracing::warn!(
+            "the last run on this state directory did not stop cleanly: partitions are restored from the changelog as they are assigned"
+        );
+    }
+    let owned = Owned::new(Restorer::new(k, metrics.clone(), unclean)?, &k.input_topic);
+    let changelog_ends: end_offsets::SharedEnds = Arc::default();
+    let ctx = StoreOffsets {
+        store: store.clone(),
+        topic: k.input_topic.clone(),
+        ownership: owned.ownership.clone(),
+        changelog_ends: changelog_ends.clone(),
+        wake: owned.wake.clone(),
+    };
+    let clients = kafka::worker_clients(k, ctx).await?;
+    let mut pipeline = Pipeline::new(store.clone(), cfg.rules().clone(), Settings::from_config(cfg), metrics.clone())?;
+    let mut delivery = open_delivery(cfg, clients.producer, &metrics, &health, opts.fault).await?;
+    let mut summary = RunSummary::default();
+    // Anything written but not acknowledged before the last stop goes first.
+    summary.delivery_failures += delivery.drain(&mut pipeline).await?;
+    if load_accounts(&mut pipeline, &clients.accounts, &k.accounts_topic)? > 0 {
+        // The account records' dead letters go out now, not with the
+        // first input batch (or, with transactions, at the stop).
+        summary.delivery_failures += delivery.drain(&mut pipeline).await?;
+    }
+    let bounds = join_or_assign(&clients.events, &mut pipeline, &owned, k, &opts.mode)?;
+    // End offsets (lag, and idleness needs them) are asked for at once,
+    // then every LAG_EVERY, or every idle period if that is shorter; the
+    // state size gauges are refreshed as often.
+    let topics = Topics { input: k.input_topic.clone(), changelog: bounds.is_none().then(|| (k.changelog_topic.clone(), changelog_ends)) };
+    let end_offsets = EndOffsets::start(clients.lag, topics, lag_every(cfg), health.clone())?;
+    Ok(Worker {
+        fault: opts.fault,
+        input_topic: k.input_topic.clone(),
+        state_dir: cfg.worker.state_dir.clone(),
+        store,
+        metrics,
+        health,
+        metrics_task: None,
+        pipeline,
+        delivery,
+        consumer: Arc::new(clients.events),
+        accounts: clients.accounts,
+        owned,
+        bounds,
+        timers: Timers::new(cfg),
+        end_offsets,
+        summary,
+        gathered: Gathered::default(),
+    })
+}
+
+/// Live: subscribes to the input topic (a group member bills only what the
+/// group assigns it). Replay: assigns every partition to its end offset
+/// ([`Bounds`]) and records them as owned (no rebalance callback).
+fn join_or_assign(
+    consumer: &StreamConsumer<StoreOffsets>,
+    pipeline: &mut Pipeline,
+    owned: &Owned,
+    k: &crate::config::KafkaConfig,
+    mode: &Mode,
+) -> Result<Option<Bounds>, WorkerError> {
+    match mode {
+        Mode::Live => {
+            pipeline.set_assignment(&[], now_ms());
+            consumer
+                .subscribe(&[&k.input_topic])
+                .map_err(|source| KafkaSetupError::Client { what: format!("subscribing to {}", k.input_topic), source })?;
+            Ok(None)
+        }
+        Mode::Replay { from_ms, progress } => {
+            let bounds = Bounds::assign(consumer, pipeline, &k.input_topic, *from_ms, *progress)?;
+            owned.ownership.lock().expect("not poisoned").assign(bounds.ends.keys().map(|p| (*p, Offset::Invalid)));
+            Ok(Some(bounds))
         }
     }
 }
@@ -651,8 +577,6 @@ impl Timers {
             emit_every: Duration::from_millis(cfg.worker.emit_interval_ms),
             last_emit: Instant::now(),
             started: Instant::now(),
-            lag_every: lag_every(cfg),
-            last_sizes: None,
         }
     }
 }

@@ -6,13 +6,18 @@
 //! what to restore from the changelog and when, and resumes the partitions
 //! after.
 
+use super::restore::Restorer;
+use crate::driver::WorkerError;
+use crate::gathered::Gathered;
+use crate::pipeline::{now_ms, Pipeline};
 use crate::store::Store;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// The input partitions this worker owns, as the rebalance callback alone
 /// tells it (never by asking the consumer), and the changes the loop has
@@ -89,6 +94,102 @@ impl Ownership {
             changelog_seen: std::mem::take(&mut self.changelog_seen),
             owned: self.assigned(),
         })
+    }
+}
+
+/// The partitions a worker owns, and what it does when they change: the
+/// loop's side of the rebalance callback.
+pub struct Owned {
+    /// What the rebalance callback says this worker owns.
+    pub ownership: Arc<Mutex<Ownership>>,
+    /// The [`Ownership`] version last acted on.
+    seen: u64,
+    /// The partitions owned, as last handed to the pipeline.
+    pub assigned: Vec<i32>,
+    /// Restores partitions assigned from the changelog.
+    restorer: Restorer,
+    /// Notified by the rebalance callback: wakes the gathering of a batch.
+    pub wake: Arc<tokio::sync::Notify>,
+    /// The input topic.
+    topic: String,
+}
+
+impl Owned {
+    /// Nothing owned yet.
+    pub fn new(restorer: Restorer, topic: &str) -> Owned {
+        Owned { ownership: Arc::default(), seen: 0, assigned: Vec::new(), restorer, wake: Arc::default(), topic: topic.to_string() }
+    }
+
+    /// Acts on what the rebalance callback recorded since the last look:
+    /// notes the changelog's ends of partitions given up; drops the
+    /// messages of revoked partitions from the batch being gathered
+    /// ([`Gathered::drop_partitions`]: the worker no longer owns them, so it
+    /// must not write their state or offsets; the partitions' next owner,
+    /// this worker again after an eager rebalance, reads them from the
+    /// stored position); restores and resumes the partitions assigned (a
+    /// group member: `restore`); and hands the pipeline the partitions
+    /// owned now.
+    pub fn follow(
+        &mut self,
+        consumer: &StreamConsumer<StoreOffsets>,
+        store: &Store,
+        pipeline: &mut Pipeline,
+        batch: &mut Gathered,
+        restore: bool,
+    ) -> Result<(), WorkerError> {
+        let changes = self.ownership.lock().expect("not poisoned").take_changes(&mut self.seen);
+        let Some(changes) = changes else { return Ok(()) };
+        self.restorer.note_changelog_seen(store, &changes.changelog_seen);
+        let dropped = batch.drop_partitions(&changes.revoked);
+        if dropped > 0 {
+            tracing::info!(
+                messages = dropped,
+                partitions = ?changes.revoked,
+                "dropped messages of revoked partitions gathered before the revocation; the partitions' next owner reads them from the stored position"
+            );
+        }
+        if restore {
+            self.restore_assigned(consumer, store, &changes.assigned);
+        }
+        // Partitions (re)assigned since the last look may have been
+        // restored on disk: the pipeline reads their state again.
+        let added: Vec<i32> = changes.owned.iter().copied().filter(|p| !self.assigned.contains(p) || changes.revoked.contains(p)).collect();
+        pipeline.reload_partitions(&added)?;
+        if changes.owned != self.assigned {
+            pipeline.set_assignment(&changes.owned, now_ms());
+            self.assigned = changes.owned;
+        }
+        Ok(())
+    }
+
+    /// Restores partitions the callback assigned (paused) from the
+    /// changelog, positions each again where the restore moved it, and
+    /// resumes them. A restore that fails leaves the stored state.
+    fn restore_assigned(&self, consumer: &StreamConsumer<StoreOffsets>, store: &Store, assigned: &BTreeMap<i32, Offset>) {
+        if assigned.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (&p, &at) in assigned {
+            if let Err(e) = self.restorer.restore(store, &self.topic, p) {
+                tracing::error!(error = %e, partition = p, "restoring from the changelog failed; the partition resumes from the stored state");
+            }
+            let now = match store.partition(&self.topic, p) {
+                Ok(Some(s)) => Offset::Offset(s.next_offset),
+                _ => at,
+            };
+            // Read from where it was assigned, the offsets before the
+            // restored position would only be skipped as processed.
+            if now != at {
+                if let Err(e) = consumer.seek(&self.topic, p, now, Duration::from_secs(10)) {
+                    tracing::warn!(error = %e, partition = p, "cannot move the partition to its restored position; what is before it is read and skipped");
+                }
+            }
+            tpl.add_partition(&self.topic, p);
+        }
+        if let Err(e) = consumer.resume(&tpl) {
+            tracing::error!(error = %e, "cannot resume the partitions assigned");
+        }
     }
 }
 

@@ -73,18 +73,7 @@ impl Restorer {
     /// itself, is kept).
     pub(super) fn restore(&self, store: &Store, input_topic: &str, partition: i32) -> Result<Option<u64>, WorkerError> {
         let local = store.partition(input_topic, partition)?.map(|s| s.next_offset);
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(input_topic, partition);
-        let committed = match self.group.committed_offsets(tpl, Duration::from_secs(10)) {
-            Ok(c) => c.find_partition(input_topic, partition).and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, partition, "cannot read the group's committed offset; restoring from the changelog");
-                None
-            }
-        };
+        let committed = self.committed(input_topic, partition);
         let first_since_unclean_stop = self.unclean && self.restored.lock().expect("not poisoned").insert(partition);
         // The stored state is at least as far as the group's: kept, but the
         // bill states another owner wrote since this store last saw the
@@ -101,9 +90,39 @@ impl Restorer {
         if keep_own {
             return self.raise_bill_states(store, input_topic, partition);
         }
+        self.read_whole(store, input_topic, partition, (local, committed), first_since_unclean_stop)
+    }
+
+    /// The group's committed offset of `partition`, if it has one (and it
+    /// can be read).
+    fn committed(&self, input_topic: &str, partition: i32) -> Option<i64> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(input_topic, partition);
+        match self.group.committed_offsets(tpl, Duration::from_secs(10)) {
+            Ok(c) => c.find_partition(input_topic, partition).and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, partition, "cannot read the group's committed offset; restoring from the changelog");
+                None
+            }
+        }
+    }
+
+    /// Reads `partition`'s changelog from its start and writes what it
+    /// holds in one batch (`overwrite`: over what the store has). `local`
+    /// and `committed`: the stored and the group's positions.
+    fn read_whole(
+        &self,
+        store: &Store,
+        input_topic: &str,
+        partition: i32,
+        (local, committed): (Option<i64>, Option<i64>),
+        overwrite: bool,
+    ) -> Result<Option<u64>, WorkerError> {
         let started = Instant::now();
         self.metrics.partitions_restoring.inc();
-        let label = partition.to_string();
         // With transactions, whatever committed carries its offsets: records
         // past them (from 0 when none are committed) are of transactions
         // that did not commit, which some brokers deliver anyway.
@@ -123,9 +142,7 @@ impl Restorer {
         });
         self.metrics.partitions_restoring.dec();
         let (_, end) = read?;
-        let (records, bytes) = (restore.records, restore.bytes);
-        self.metrics.restore_records.with_label_values(&[&label]).inc_by(records);
-        self.metrics.restore_bytes.with_label_values(&[&label]).inc_by(bytes);
+        let (records, bytes) = (self.count_read(partition, &restore), restore.bytes);
         let Some(end) = end else {
             tracing::error!(
                 partition,
@@ -138,9 +155,9 @@ impl Restorer {
         let mut restored = restore.finish();
         restored.changelog_end = Some(end);
         let position = restored.position.map(|p| p.next_offset);
-        restored.write(store, input_topic, partition, first_since_unclean_stop)?;
+        restored.write(store, input_topic, partition, overwrite)?;
         let seconds = crate::metrics::rounded(started.elapsed().as_secs_f64(), 3);
-        self.metrics.restore_seconds.with_label_values(&[&label]).set(seconds);
+        self.metrics.restore_seconds.with_label_values(&[&partition.to_string()]).set(seconds);
         tracing::info!(
             partition,
             records,
@@ -174,6 +191,15 @@ impl Restorer {
         }
     }
 
+    /// Counts what a read of `partition`'s changelog went through in the
+    /// metrics; returns the records.
+    fn count_read(&self, partition: i32, restore: &crate::changelog::Restore) -> u64 {
+        let label = partition.to_string();
+        self.metrics.restore_records.with_label_values(&[&label]).inc_by(restore.records);
+        self.metrics.restore_bytes.with_label_values(&[&label]).inc_by(restore.bytes);
+        restore.records
+    }
+
     /// For a store that keeps its own state of `partition`: reads the bill
     /// states written to the changelog since this store last saw it
     /// ([`Store::changelog_seen`]; never seen: from the start) and raises
@@ -190,10 +216,7 @@ impl Restorer {
             }
             Ok::<_, WorkerError>(())
         })?;
-        let records = restore.records;
-        let label = partition.to_string();
-        self.metrics.restore_records.with_label_values(&[&label]).inc_by(records);
-        self.metrics.restore_bytes.with_label_values(&[&label]).inc_by(restore.bytes);
+        let records = self.count_read(partition, &restore);
         let Some(end) = end else {
             tracing::error!(
                 partition,
