@@ -241,7 +241,7 @@ impl Worker {
         batch: &mut Gathered,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<bool, WorkerError> {
-        let (consumer, wake) = (Arc::clone(&self.consumer), Arc::clone(&self.owned.wake));
+        let consumer = Arc::clone(&self.consumer);
         let mut stream = consumer.stream();
         let deadline = tokio::time::Instant::now() + self.timers.batch_wait;
         while batch.len() < self.timers.batch_size {
@@ -251,17 +251,13 @@ impl Worker {
                 None => tokio::select! {
                     biased;
                     _ = shutdown.as_mut() => return Ok(true),
-                    // A rebalance ran its callback inside the poll.
-                    _ = wake.notified() => {
-                        self.follow_ownership(batch)?;
-                        continue;
-                    }
                     r = tokio::time::timeout_at(deadline, stream.next()) => r.unwrap_or_default(),
                 },
             };
             match next {
                 Some(Ok(m)) => {
                     batch.push(&m);
+                    // A rebalance runs its callback inside the poll.
                     self.follow_ownership(batch)?;
                 }
                 Some(Err(e)) => {
@@ -490,7 +486,6 @@ async fn connect(
         topic: k.input_topic.clone(),
         ownership: owned.ownership.clone(),
         changelog_ends: changelog_ends.clone(),
-        wake: owned.wake.clone(),
     };
     let clients = kafka::worker_clients(k, ctx).await?;
     let mut pipeline = Pipeline::new(store.clone(), cfg.rules().clone(), Settings::from_config(cfg), metrics.clone())?;

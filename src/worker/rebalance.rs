@@ -2,9 +2,9 @@
 //! from inside the consumer's poll; it only records: it positions each
 //! assigned partition at the offset the store holds (a local read), assigns
 //! it paused, and notes it and every revocation in the shared
-//! [`Ownership`], then wakes the loop. The loop ([`super::Worker`]) decides
-//! what to restore from the changelog and when, and resumes the partitions
-//! after.
+//! [`Ownership`]. The loop ([`Owned::follow`], after every message it
+//! gathers and at the start of every step) decides what to restore from the
+//! changelog and when, and resumes the partitions after.
 
 use super::restore::Restorer;
 use crate::driver::WorkerError;
@@ -108,8 +108,6 @@ pub struct Owned {
     pub assigned: Vec<i32>,
     /// Restores partitions assigned from the changelog.
     restorer: Restorer,
-    /// Notified by the rebalance callback: wakes the gathering of a batch.
-    pub wake: Arc<tokio::sync::Notify>,
     /// The input topic.
     topic: String,
 }
@@ -117,7 +115,7 @@ pub struct Owned {
 impl Owned {
     /// Nothing owned yet.
     pub fn new(restorer: Restorer, topic: &str) -> Owned {
-        Owned { ownership: Arc::default(), seen: 0, assigned: Vec::new(), restorer, wake: Arc::default(), topic: topic.to_string() }
+        Owned { ownership: Arc::default(), seen: 0, assigned: Vec::new(), restorer, topic: topic.to_string() }
     }
 
     /// Acts on what the rebalance callback recorded since the last look:
@@ -194,7 +192,7 @@ impl Owned {
 }
 
 /// Consumer context: records every assignment and revocation in the shared
-/// [`Ownership`] and wakes the loop, so that a group offset never decides
+/// [`Ownership`], so that a group offset never decides
 /// where billing resumes and nothing slow runs inside librdkafka's poll.
 pub struct StoreOffsets {
     pub(super) store: Arc<Store>,
@@ -202,8 +200,6 @@ pub struct StoreOffsets {
     pub(super) ownership: Arc<Mutex<Ownership>>,
     /// The changelog's end offsets as last read ([`super::end_offsets`]).
     pub(super) changelog_ends: Arc<Mutex<BTreeMap<i32, i64>>>,
-    /// Wakes the loop out of gathering a batch.
-    pub(super) wake: Arc<tokio::sync::Notify>,
 }
 
 impl StoreOffsets {
@@ -266,7 +262,6 @@ impl ConsumerContext for StoreOffsets {
                 let _ = base.unassign();
             }
         }
-        self.wake.notify_one();
     }
 }
 
