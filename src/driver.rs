@@ -34,6 +34,9 @@ pub enum FaultPoint {
     /// records were produced in its transaction, before its bills were
     /// (a writer dying in the middle of an emission).
     BeforeBillsProduced(u64),
+    /// The restore of partition `.0` waits `.1` seconds before it reads
+    /// the changelog (a restore longer than `max.poll.interval.ms`).
+    SlowRestore(i32, u64),
 }
 
 /// A crash point of the restart tests: runs `$then` when `$fault` (the
@@ -138,6 +141,9 @@ pub struct RunSummary {
     /// nothing but whitespace is no message: neither billed nor
     /// dead-lettered, and not in `messages`).
     pub blank_lines: u64,
+    /// Rebalances that assigned this worker partitions (live): 1 for a
+    /// worker that joined once and kept its membership.
+    pub assignments: u64,
     /// Whether the run stopped at a fault point.
     pub crashed: bool,
     /// A replay stopped (a signal) before the end of its input: it emitted

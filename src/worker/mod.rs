@@ -35,7 +35,7 @@ use rdkafka::topic_partition_list::Offset;
 use rebalance::Owned;
 pub use rebalance::{Ownership, StoreOffsets};
 use replay::Bounds;
-use restore::Restorer;
+use restore::{RestoreThread, Restorer};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -324,8 +324,9 @@ impl Worker {
     /// Acts on what the rebalance callback recorded since the last look
     /// ([`Owned::follow`]).
     fn follow_ownership(&mut self, batch: &mut Gathered) -> Result<(), WorkerError> {
-        let live = self.live();
-        self.owned.follow(&self.consumer, &self.store, &mut self.pipeline, batch, live)
+        self.owned.follow(&self.consumer, &self.store, &mut self.pipeline, batch)?;
+        self.summary.assignments = self.owned.assignments;
+        Ok(())
     }
 
     /// Keeps the accounts table current: applies what the accounts topic
@@ -479,7 +480,13 @@ async fn connect(
             "the last run on this state directory did not stop cleanly: partitions are restored from the changelog as they are assigned"
         );
     }
-    let owned = Owned::new(Restorer::new(k, metrics.clone(), unclean)?, &k.input_topic);
+    let restores = match opts.mode {
+        Mode::Live => {
+            Some(RestoreThread::start(Restorer::new(k, metrics.clone(), unclean)?, store.clone(), k.input_topic.clone(), opts.fault)?)
+        }
+        Mode::Replay { .. } => None,
+    };
+    let owned = Owned::new(restores, &k.input_topic);
     let changelog_ends: end_offsets::SharedEnds = Arc::default();
     let ctx = StoreOffsets {
         store: store.clone(),

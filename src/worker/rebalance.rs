@@ -6,7 +6,7 @@
 //! gathers and at the start of every step) decides what to restore from the
 //! changelog and when, and resumes the partitions after.
 
-use super::restore::Restorer;
+use super::restore::{note_changelog_seen, RestoreThread};
 use crate::driver::WorkerError;
 use crate::gathered::Gathered;
 use crate::pipeline::{now_ms, Pipeline};
@@ -104,90 +104,139 @@ pub struct Owned {
     pub ownership: Arc<Mutex<Ownership>>,
     /// The [`Ownership`] version last acted on.
     seen: u64,
-    /// The partitions owned, as last handed to the pipeline.
+    /// The partitions owned and restored, as last handed to the pipeline:
+    /// the ones it bills and whose offsets go to the group.
     pub assigned: Vec<i32>,
-    /// Restores partitions assigned from the changelog.
-    restorer: Restorer,
+    /// Partitions assigned and paused while the restore thread restores
+    /// them, with the generation of their assignment.
+    restoring: BTreeMap<i32, u64>,
+    /// Assignments seen, numbering restores.
+    generation: u64,
+    /// Restores partitions assigned from the changelog (`None`: a replay,
+    /// which restores nothing).
+    restores: Option<RestoreThread>,
+    /// Rebalances that assigned partitions.
+    pub assignments: u64,
     /// The input topic.
     topic: String,
 }
 
 impl Owned {
-    /// Nothing owned yet.
-    pub fn new(restorer: Restorer, topic: &str) -> Owned {
-        Owned { ownership: Arc::default(), seen: 0, assigned: Vec::new(), restorer, topic: topic.to_string() }
+    /// Nothing owned yet; `restores`: the thread that restores what is
+    /// assigned (a group member), or `None` (a replay).
+    pub fn new(restores: Option<RestoreThread>, topic: &str) -> Owned {
+        Owned {
+            ownership: Arc::default(),
+            seen: 0,
+            assigned: Vec::new(),
+            restoring: BTreeMap::new(),
+            generation: 0,
+            restores,
+            assignments: 0,
+            topic: topic.to_string(),
+        }
     }
 
     /// Acts on what the rebalance callback recorded since the last look:
-    /// notes the changelog's ends of partitions given up; drops the
-    /// messages of revoked partitions from the batch being gathered
-    /// ([`Gathered::drop_partitions`]: the worker no longer owns them, so it
-    /// must not write their state or offsets; the partitions' next owner,
-    /// this worker again after an eager rebalance, reads them from the
-    /// stored position); restores and resumes the partitions assigned (a
-    /// group member: `restore`); and hands the pipeline the partitions
-    /// owned now.
+    /// notes the changelog's ends of partitions given up; cancels their
+    /// restores; asks the restore thread for the partitions assigned (they
+    /// stay paused); resumes those whose restore finished, at their
+    /// restored position; drops the messages of partitions revoked or not
+    /// yet restored from the batch being gathered
+    /// ([`Gathered::drop_partitions`]: the worker must not write their state
+    /// or offsets; whoever bills them next reads them from the stored
+    /// position); and hands the pipeline the partitions it bills now.
     pub fn follow(
         &mut self,
         consumer: &StreamConsumer<StoreOffsets>,
         store: &Store,
         pipeline: &mut Pipeline,
         batch: &mut Gathered,
-        restore: bool,
     ) -> Result<(), WorkerError> {
         let changes = self.ownership.lock().expect("not poisoned").take_changes(&mut self.seen);
-        let Some(changes) = changes else { return Ok(()) };
-        self.restorer.note_changelog_seen(store, &changes.changelog_seen);
-        let dropped = batch.drop_partitions(&changes.revoked);
+        if changes.is_none() && self.restoring.is_empty() {
+            return Ok(());
+        }
+        let changes =
+            changes.unwrap_or_else(|| Changes { owned: self.ownership.lock().expect("not poisoned").assigned(), ..Changes::default() });
+        note_changelog_seen(store, &changes.changelog_seen);
+        self.ask_restores(&changes);
+        let restored = self.resume_restored(consumer, store);
+        let mut dropping = changes.revoked.clone();
+        dropping.extend(self.restoring.keys());
+        let dropped = batch.drop_partitions(&dropping);
         if dropped > 0 {
             tracing::info!(
                 messages = dropped,
-                partitions = ?changes.revoked,
-                "dropped messages of revoked partitions gathered before the revocation; the partitions' next owner reads them from the stored position"
+                partitions = ?dropping,
+                "dropped messages of partitions revoked or not yet restored; they are read again from the stored position"
             );
         }
-        if restore {
-            self.restore_assigned(consumer, store, &changes.assigned);
-        }
-        // Partitions (re)assigned since the last look may have been
-        // restored on disk: the pipeline reads their state again.
-        let added: Vec<i32> = changes.owned.iter().copied().filter(|p| !self.assigned.contains(p) || changes.revoked.contains(p)).collect();
+        // Partitions billed from now on, (re)assigned or restored since the
+        // last look: the pipeline reads their state again.
+        let active: Vec<i32> = changes.owned.iter().copied().filter(|p| !self.restoring.contains_key(p)).collect();
+        let added: Vec<i32> =
+            active.iter().copied().filter(|p| !self.assigned.contains(p) || changes.revoked.contains(p) || restored.contains(p)).collect();
         pipeline.reload_partitions(&added)?;
-        if changes.owned != self.assigned {
-            pipeline.set_assignment(&changes.owned, now_ms());
-            self.assigned = changes.owned;
+        if active != self.assigned {
+            pipeline.set_assignment(&active, now_ms());
+            self.assigned = active;
         }
         Ok(())
     }
 
-    /// Restores partitions the callback assigned (paused) from the
-    /// changelog, positions each again where the restore moved it, and
-    /// resumes them. A restore that fails leaves the stored state.
-    fn restore_assigned(&self, consumer: &StreamConsumer<StoreOffsets>, store: &Store, assigned: &BTreeMap<i32, Offset>) {
-        if assigned.is_empty() {
-            return;
-        }
-        let mut tpl = TopicPartitionList::new();
-        for (&p, &at) in assigned {
-            if let Err(e) = self.restorer.restore(store, &self.topic, p) {
-                tracing::error!(error = %e, partition = p, "restoring from the changelog failed; the partition resumes from the stored state");
-            }
-            let now = match store.partition(&self.topic, p) {
-                Ok(Some(s)) => Offset::Offset(s.next_offset),
-                _ => at,
-            };
-            // Read from where it was assigned, the offsets before the
-            // restored position would only be skipped as processed.
-            if now != at {
-                if let Err(e) = consumer.seek(&self.topic, p, now, Duration::from_secs(10)) {
-                    tracing::warn!(error = %e, partition = p, "cannot move the partition to its restored position; what is before it is read and skipped");
+    /// Cancels the restores of partitions revoked and asks for those of
+    /// partitions assigned (a replay's are billed at once).
+    fn ask_restores(&mut self, changes: &Changes) {
+        for p in &changes.revoked {
+            if self.restoring.remove(p).is_some() {
+                if let Some(r) = &self.restores {
+                    r.cancel(*p);
                 }
             }
+        }
+        if changes.assigned.is_empty() {
+            return;
+        }
+        self.assignments += 1;
+        let Some(r) = &self.restores else { return };
+        self.generation += 1;
+        for &p in changes.assigned.keys() {
+            self.restoring.insert(p, self.generation);
+            r.ask(p, self.generation);
+        }
+    }
+
+    /// Resumes the partitions whose restore finished (and that are still
+    /// wanted), each moved to its restored position first (also when the
+    /// restore moved nothing: a message of it read before, and dropped, is
+    /// read again). Returns them.
+    fn resume_restored(&mut self, consumer: &StreamConsumer<StoreOffsets>, store: &Store) -> BTreeSet<i32> {
+        let Some(r) = &self.restores else { return BTreeSet::new() };
+        let mut tpl = TopicPartitionList::new();
+        let mut restored = BTreeSet::new();
+        for (p, generation) in r.finished() {
+            if self.restoring.get(&p) != Some(&generation) {
+                continue;
+            }
+            self.restoring.remove(&p);
+            let at = match store.partition(&self.topic, p) {
+                Ok(Some(s)) => Offset::Offset(s.next_offset),
+                _ => Offset::Beginning,
+            };
+            if let Err(e) = consumer.seek(&self.topic, p, at, Duration::from_secs(10)) {
+                tracing::warn!(error = %e, partition = p, "cannot move the partition to its restored position");
+            }
             tpl.add_partition(&self.topic, p);
+            restored.insert(p);
         }
-        if let Err(e) = consumer.resume(&tpl) {
-            tracing::error!(error = %e, "cannot resume the partitions assigned");
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.resume(&tpl) {
+                tracing::error!(error = %e, "cannot resume the restored partitions");
+            }
+            tracing::info!(partitions = ?restored, "partitions restored; reading them");
         }
+        restored
     }
 }
 

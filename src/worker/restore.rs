@@ -1,7 +1,9 @@
 //! Restoring a partition assigned to this worker from the changelog
 //! ([`crate::changelog`]) when another worker moved it past what this store
-//! holds. Run by the loop (never by the rebalance callback) while the
-//! partition is paused.
+//! holds. Run by a thread of its own ([`RestoreThread`]), one partition at a
+//! time, while the partition is paused and the loop goes on polling the
+//! consumer and processing the other partitions: a restore of any length
+//! keeps the worker in its group.
 
 use crate::config::KafkaConfig;
 use crate::driver::WorkerError;
@@ -11,8 +13,9 @@ use crate::store::Store;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How long a restore's changelog read may see no record before it gives
@@ -71,7 +74,7 @@ impl Restorer {
     /// the records read, or `None` when nothing needed restoring or the
     /// read did not reach the end (then the stored state, consistent in
     /// itself, is kept).
-    pub(super) fn restore(&self, store: &Store, input_topic: &str, partition: i32) -> Result<Option<u64>, WorkerError> {
+    fn restore(&self, store: &Store, input_topic: &str, partition: i32, wanted: &dyn Fn() -> bool) -> Result<Option<u64>, WorkerError> {
         let local = store.partition(input_topic, partition)?.map(|s| s.next_offset);
         let committed = self.committed(input_topic, partition);
         let first_since_unclean_stop = self.unclean && self.restored.lock().expect("not poisoned").insert(partition);
@@ -88,9 +91,9 @@ impl Restorer {
             (None, _) => false,
         };
         if keep_own {
-            return self.raise_bill_states(store, input_topic, partition);
+            return self.raise_bill_states(store, input_topic, partition, wanted);
         }
-        self.read_whole(store, input_topic, partition, (local, committed), first_since_unclean_stop)
+        self.read_whole(store, input_topic, partition, (local, committed), first_since_unclean_stop, wanted)
     }
 
     /// The group's committed offset of `partition`, if it has one (and it
@@ -120,6 +123,7 @@ impl Restorer {
         partition: i32,
         (local, committed): (Option<i64>, Option<i64>),
         overwrite: bool,
+        wanted: &dyn Fn() -> bool,
     ) -> Result<Option<u64>, WorkerError> {
         let started = Instant::now();
         self.metrics.partitions_restoring.inc();
@@ -137,11 +141,12 @@ impl Restorer {
         let cut = if self.transactions { Some(known.unwrap_or(0)) } else { committed };
         let mut restore = crate::changelog::Restore::up_to(cut);
         let read = kafka::read_partition(&self.changelog, &self.topic, partition, 0, RESTORE_PATIENCE, |m| {
+            still_wanted(&restore, wanted)?;
             offer_changelog_record(&mut restore, partition, m);
-            Ok::<_, WorkerError>(())
+            Ok::<_, ReadStop>(())
         });
         self.metrics.partitions_restoring.dec();
-        let (_, end) = read?;
+        let Some((_, end)) = ReadStop::finished(read, partition)? else { return Ok(None) };
         let (records, bytes) = (self.count_read(partition, &restore), restore.bytes);
         let Some(end) = end else {
             tracing::error!(
@@ -173,24 +178,6 @@ impl Restorer {
         Ok(Some(records))
     }
 
-    /// Records, for partitions given up, the changelog's end offsets as
-    /// read before they were revoked ([`Store::changelog_seen`]): if one
-    /// comes back, only bill states written after them are read. An end
-    /// read before the revocation is at or before anything the next owner
-    /// writes; older than the revocation, it only makes that read longer.
-    pub(super) fn note_changelog_seen(&self, store: &Store, ends: &BTreeMap<i32, i64>) {
-        if ends.is_empty() {
-            return;
-        }
-        let mut b = store.batch();
-        for (&p, &end) in ends {
-            b.put_changelog_seen(p, end);
-        }
-        if let Err(e) = store.write(b) {
-            tracing::warn!(error = %e, "cannot record the changelog's ends; the partitions' next restores read their bill states from further back");
-        }
-    }
-
     /// Counts what a read of `partition`'s changelog went through in the
     /// metrics; returns the records.
     fn count_read(&self, partition: i32, restore: &crate::changelog::Restore) -> u64 {
@@ -205,17 +192,25 @@ impl Restorer {
     /// ([`Store::changelog_seen`]; never seen: from the start) and raises
     /// the revisions held to them, marking their months to be recomputed
     /// (a next revision follows where this store's bill differs).
-    fn raise_bill_states(&self, store: &Store, input_topic: &str, partition: i32) -> Result<Option<u64>, WorkerError> {
+    fn raise_bill_states(
+        &self,
+        store: &Store,
+        input_topic: &str,
+        partition: i32,
+        wanted: &dyn Fn() -> bool,
+    ) -> Result<Option<u64>, WorkerError> {
         let from = store.changelog_seen(partition)?.unwrap_or(0);
         let mut restore = crate::changelog::Restore::bills_only();
-        let (_, end) = kafka::read_partition(&self.changelog, &self.topic, partition, from, RESTORE_PATIENCE, |m| {
+        let read = kafka::read_partition(&self.changelog, &self.topic, partition, from, RESTORE_PATIENCE, |m| {
+            still_wanted(&restore, wanted)?;
             if crate::changelog::is_bill_state(m.key()) {
                 offer_changelog_record(&mut restore, partition, m);
             } else {
                 restore.records += 1;
             }
-            Ok::<_, WorkerError>(())
-        })?;
+            Ok::<_, ReadStop>(())
+        });
+        let Some((_, end)) = ReadStop::finished(read, partition)? else { return Ok(None) };
         let records = self.count_read(partition, &restore);
         let Some(end) = end else {
             tracing::error!(
@@ -241,6 +236,149 @@ impl Restorer {
             );
         }
         Ok(Some(records))
+    }
+}
+
+/// Records, for partitions given up, the changelog's end offsets as
+/// read before they were revoked ([`Store::changelog_seen`]): if one
+/// comes back, only bill states written after them are read. An end
+/// read before the revocation is at or before anything the next owner
+/// writes; older than the revocation, it only makes that read longer.
+pub(super) fn note_changelog_seen(store: &Store, ends: &BTreeMap<i32, i64>) {
+    if ends.is_empty() {
+        return;
+    }
+    let mut b = store.batch();
+    for (&p, &end) in ends {
+        b.put_changelog_seen(p, end);
+    }
+    if let Err(e) = store.write(b) {
+        tracing::warn!(error = %e, "cannot record the changelog's ends; the partitions' next restores read their bill states from further back");
+    }
+}
+
+/// Why a changelog read stopped before its end.
+enum ReadStop {
+    /// The partition was revoked (or assigned again) meanwhile: the
+    /// restore is dropped, nothing of it written.
+    Cancelled,
+    /// It failed.
+    Failed(WorkerError),
+}
+
+impl From<KafkaSetupError> for ReadStop {
+    fn from(e: KafkaSetupError) -> Self {
+        ReadStop::Failed(e.into())
+    }
+}
+
+impl ReadStop {
+    /// A read's result: `None` when it was cancelled (logged).
+    fn finished<T>(read: Result<T, ReadStop>, partition: i32) -> Result<Option<T>, WorkerError> {
+        match read {
+            Ok(t) => Ok(Some(t)),
+            Err(ReadStop::Cancelled) => {
+                tracing::info!(partition, "restore dropped: the partition was revoked while it was restored");
+                Ok(None)
+            }
+            Err(ReadStop::Failed(e)) => Err(e),
+        }
+    }
+}
+
+/// Every 4,096 records of a read: whether the restore is still wanted.
+fn still_wanted(restore: &crate::changelog::Restore, wanted: &dyn Fn() -> bool) -> Result<(), ReadStop> {
+    if restore.records.is_multiple_of(4096) && !wanted() {
+        return Err(ReadStop::Cancelled);
+    }
+    Ok(())
+}
+
+/// The thread that restores partitions apart from the loop, one at a time
+/// in the order asked.
+pub struct RestoreThread {
+    jobs: Option<mpsc::Sender<(i32, u64)>>,
+    done: mpsc::Receiver<(i32, u64)>,
+    /// The generation of the assignment each partition is to be restored
+    /// for: a job of another generation (revoked, or assigned again since)
+    /// is dropped.
+    wanted: Arc<Mutex<HashMap<i32, u64>>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RestoreThread {
+    /// Starts the thread over `restorer`, writing into `store`.
+    pub(super) fn start(
+        restorer: Restorer,
+        store: Arc<Store>,
+        input_topic: String,
+        fault: Option<crate::driver::FaultPoint>,
+    ) -> Result<RestoreThread, KafkaSetupError> {
+        let (jobs, inbox) = mpsc::channel::<(i32, u64)>();
+        let (outbox, done) = mpsc::channel();
+        let wanted: Arc<Mutex<HashMap<i32, u64>>> = Arc::default();
+        let w = wanted.clone();
+        let handle = std::thread::Builder::new()
+            .name("gatebill-restore".into())
+            .spawn(move || {
+                for (partition, generation) in inbox {
+                    let is_wanted = || w.lock().expect("not poisoned").get(&partition) == Some(&generation);
+                    if !is_wanted() {
+                        continue;
+                    }
+                    slow_restore(fault, partition);
+                    if let Err(e) = restorer.restore(&store, &input_topic, partition, &is_wanted) {
+                        tracing::error!(error = %e, partition, "restoring from the changelog failed; the partition resumes from the stored state");
+                    }
+                    if outbox.send((partition, generation)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| KafkaSetupError::Thread(e.to_string()))?;
+        Ok(RestoreThread { jobs: Some(jobs), done, wanted, handle: Some(handle) })
+    }
+
+    /// Asks for `partition` to be restored for its assignment `generation`.
+    pub(super) fn ask(&self, partition: i32, generation: u64) {
+        self.wanted.lock().expect("not poisoned").insert(partition, generation);
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send((partition, generation));
+        }
+    }
+
+    /// Drops the restore of `partition`, asked or running.
+    pub(super) fn cancel(&self, partition: i32) {
+        self.wanted.lock().expect("not poisoned").remove(&partition);
+    }
+
+    /// The restores finished since the last call: (partition, generation).
+    pub(super) fn finished(&self) -> Vec<(i32, u64)> {
+        self.done.try_iter().collect()
+    }
+}
+
+impl Drop for RestoreThread {
+    fn drop(&mut self) {
+        // Every restore cancelled, the queue closed: the thread ends after
+        // at most one poll of its read.
+        self.wanted.lock().expect("not poisoned").clear();
+        self.jobs = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The test crash point [`crate::driver::FaultPoint::SlowRestore`].
+#[cfg_attr(not(feature = "fault-injection"), allow(unused_variables))]
+fn slow_restore(fault: Option<crate::driver::FaultPoint>, partition: i32) {
+    #[cfg(feature = "fault-injection")]
+    if let Some(crate::driver::FaultPoint::SlowRestore(p, secs)) = fault {
+        if p == partition {
+            tracing::warn!(partition, secs, "fault point: the restore waits before it reads");
+            std::thread::sleep(Duration::from_secs(secs));
+        }
     }
 }
 
