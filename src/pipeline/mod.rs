@@ -420,7 +420,7 @@ impl Pipeline {
         let key = outbox_dead_letter_key(self.next_dead_letter);
         self.next_dead_letter += self.shard.map_or(1, |s| u64::from(s.count));
         self.metrics.rejected.with_label_values(&[err.reason.code()]).inc();
-        (key, dead_letter::dead_letter(&self.settings, m, err))
+        (key, dead_letter::dead_letter(&self.settings.dead_letter_topic, self.settings.dead_letter_max_bytes, m, err))
     }
 
     /// Sends a message of the pending batch to the dead-letter topic.
