@@ -1,6 +1,7 @@
 //! Guards of ARCHITECTURE.md's structural invariants: the billing core does
-//! no I/O, and no two modules of `src/` import each other (directly or
-//! around a loop).
+//! no I/O, no two modules of `src/` import each other (directly or around a
+//! loop), and the pipeline's functions and `impl` blocks stay short enough
+//! to read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -386,4 +387,84 @@ fn a_planted_cycle_through_use_super_braces_is_reported() {
     // Without the child's import of its parent, no cycle.
     let fixed = modules(&[("pipeline", "use emit::X;"), ("pipeline::emit", "use super::batch::Y;"), ("pipeline::batch", "")]);
     assert_eq!(find_cycle(&import_graph(&fixed)), None);
+}
+
+/// The functions and `impl` blocks of a file's code: (what, first line,
+/// lines from its `fn` or `impl` line to its closing brace). What is
+/// `impl Trait for X` or `fn name`; a function without a body (a trait's)
+/// is left out, as is `impl` in a type (`x: impl Iterator`), which does
+/// not begin a line.
+fn spans(code: &str) -> Vec<(String, usize, usize)> {
+    let s: Vec<char> = strip(code).chars().collect();
+    let line_at = |i: usize| s[..i].iter().filter(|c| **c == '\n').count() + 1;
+    let mut out = Vec::new();
+    for (i, _) in s.iter().enumerate() {
+        let before = if i == 0 { '\n' } else { s[i - 1] };
+        let word = |w: &str| {
+            !is_ident(before)
+                && w.chars().enumerate().all(|(k, c)| s.get(i + k) == Some(&c))
+                && s.get(i + w.len()).is_some_and(|c| c.is_whitespace() || *c == '<')
+        };
+        let line_start = s[..i].iter().rev().take_while(|c| **c != '\n').all(|c| c.is_whitespace());
+        let is_fn = word("fn") && s.get(i + 3).is_some_and(|c| is_ident(*c));
+        let is_impl = word("impl") && line_start;
+        if !is_fn && !is_impl {
+            continue;
+        }
+        // The body: the first `{` before any `;`, to its matching `}`.
+        let Some(open) = (i..s.len()).find(|&k| s[k] == '{' || s[k] == ';').filter(|&k| s[k] == '{') else { continue };
+        let mut depth = 0;
+        let Some(close) = (open..s.len()).find(|&k| {
+            depth += match s[k] {
+                '{' => 1,
+                '}' => -1,
+                _ => 0,
+            };
+            depth == 0
+        }) else {
+            continue;
+        };
+        let head: String = s[i..open].iter().collect::<String>().split_whitespace().collect::<Vec<_>>().join(" ");
+        let what = if is_fn { head.split(['(', '<']).next().unwrap_or("").to_string() } else { head };
+        out.push((what, line_at(i), line_at(close) - line_at(i) + 1));
+    }
+    out
+}
+
+/// Longest a function may be, in lines from its `fn` to its closing brace.
+const MAX_FN_LINES: usize = 60;
+/// Longest an `impl` block may be.
+const MAX_IMPL_LINES: usize = 250;
+
+/// The folders and files under `src/` whose functions and `impl` blocks are
+/// held to [`MAX_FN_LINES`] and [`MAX_IMPL_LINES`]. To hold more of the
+/// code to it, add them here: `"worker"`, `"file_replay.rs"`, `"delivery"`.
+const SHORT_CODE: &[&str] = &["pipeline"];
+
+#[test]
+fn functions_and_impl_blocks_are_short() {
+    let mut offenders = Vec::new();
+    for place in SHORT_CODE {
+        let path = src().join(place);
+        let files = if path.is_dir() { rust_files(&path) } else { vec![path] };
+        assert!(!files.is_empty(), "{place}: no Rust files");
+        for f in files {
+            for (what, line, len) in spans(&std::fs::read_to_string(&f).unwrap()) {
+                let max = if what.starts_with("impl") { MAX_IMPL_LINES } else { MAX_FN_LINES };
+                if len > max {
+                    offenders.push(format!("{}:{line}: `{what}` is {len} lines (at most {max})", f.strip_prefix(src()).unwrap().display()));
+                }
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "too long to read on a screen or two:\n{}", offenders.join("\n"));
+}
+
+#[test]
+fn spans_measure_functions_and_impl_blocks() {
+    let code = "impl A {\n    fn f(&self) -> impl Iterator<Item = u8> {\n        let s = \"}\";\n        [1].into_iter()\n    }\n}\n\
+                trait T {\n    fn g();\n}\nfn h<'a>(x: impl Fn(&'a str)) {\n    x('}'.to_string().as_str())\n}\n";
+    let got = spans(code);
+    let got: Vec<(&str, usize, usize)> = got.iter().map(|(w, l, n)| (w.as_str(), *l, *n)).collect();
+    assert_eq!(got, vec![("impl A", 1, 6), ("fn f", 2, 4), ("fn h", 10, 3)]);
 }
