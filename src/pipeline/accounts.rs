@@ -3,12 +3,14 @@
 //! recomputation, with the partition its events come from (emission leaves
 //! the months of partitions the worker does not own to their owner).
 
-use super::{InputMessage, Pipeline};
-use crate::billing::account::decode_account_checked;
+use super::context::{shard_of, Context};
+use super::message::InputMessage;
+use super::numbers::OutboxNumbers;
+use crate::billing::account::{decode_account, decode_account_checked, DecodedAccount};
 use crate::billing::calendar::Month;
 use crate::billing::event::{truncate, DecodeError, RejectReason};
 use crate::billing::AccountRecord;
-use crate::store::{PartitionState, StoreError};
+use crate::store::{Batch, PartitionState, Store, StoreError};
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -46,6 +48,18 @@ impl Borrow<str> for ById {
 }
 
 impl AccountTable {
+    /// The records stored (each under its own account_id:
+    /// [`AccountTable::apply`]); one that no longer decodes is left out.
+    pub fn load(store: &Store) -> Result<AccountTable, StoreError> {
+        let mut table = AccountTable::default();
+        for (_, raw) in store.accounts()? {
+            if let Ok(a) = decode_account(&raw) {
+                table.insert(a);
+            }
+        }
+        Ok(table)
+    }
+
     /// The record of `account`.
     pub fn get(&self, account: &str) -> Option<&AccountRecord> {
         self.0.get(account).map(|r| &r.0)
@@ -78,59 +92,44 @@ impl AccountTable {
             self.insert(r);
         }
     }
-}
 
-impl Pipeline {
+    /// Moves every record out into `count` tables, the records of shard `i`
+    /// ([`shard_of`]) into the `i`-th.
+    pub fn split(&mut self, count: u32) -> Vec<AccountTable> {
+        let mut parts: Vec<AccountTable> = (0..count).map(|_| AccountTable::default()).collect();
+        // Taken, not drained: the table's memory goes with it.
+        for a in self.take_all() {
+            parts[shard_of(&a.account_id, count) as usize].insert(a);
+        }
+        parts
+    }
+
     /// Applies account records (accounts topic): stores each changed record
-    /// and marks that account's months for recomputation. Bad records, and
-    /// tombstones (which do not delete billing history: the last record
-    /// stays in force, rule book section 8), go to the dead-letter topic
-    /// through the outbox. Returns how many dead letters it put there: the
-    /// caller delivers them without waiting for the next input batch.
-    pub fn apply_accounts(&mut self, msgs: &[InputMessage]) -> Result<u64, StoreError> {
-        // A changed record marks the account's months with the partition
-        // of its first marked month, which may not be the one a batch
-        // knows (an account whose events came from two partitions).
-        self.known_dirty.forget();
-        let store = self.store.clone();
-        let mut batch = store.batch();
+    /// and marks that account's months for recomputation, and mirrors it
+    /// here once written. Bad records, and tombstones (which do not delete
+    /// billing history: the last record stays in force, rule book section
+    /// 8), go to the dead-letter topic through the outbox. Returns how many
+    /// dead letters it put there: the caller delivers them without waiting
+    /// for the next input batch.
+    pub fn apply(&mut self, cx: &Context, numbers: &mut OutboxNumbers, msgs: &[InputMessage]) -> Result<u64, StoreError> {
+        let mut batch = cx.store.batch();
         let mut dead = 0u64;
         // Records that change the table, applied to memory once written.
         let mut changed: HashMap<String, AccountRecord> = HashMap::new();
         for m in msgs {
-            let rejection = match m.payload {
-                None => Some(tombstone(m.key)),
-                Some(p) => match decode_account_checked(p) {
-                    Ok(a) if m.key.is_some() && m.key != Some(a.record.account_id.as_bytes()) => {
-                        Some(DecodeError::new(RejectReason::KeyMismatch, "account record key is not its account_id"))
+            match checked(m) {
+                Ok((a, payload)) => {
+                    // Invalid packs are left out and reported; the rest applies.
+                    if let Some(err) = a.rejection() {
+                        put_dead_letter(cx, numbers, &mut batch, m, &err);
+                        dead += 1;
                     }
-                    Ok(a) => {
-                        // Invalid packs are left out and reported; the rest applies.
-                        if let Some(err) = a.rejection() {
-                            let (k, r) = self.dead_letter(m, &err);
-                            batch.put_outbox(&k, &r);
-                            dead += 1;
-                        }
-                        let current = changed.get(&a.record.account_id).or_else(|| self.accounts.get(&a.record.account_id));
-                        if current != Some(&a.record) {
-                            let account_id = a.record.account_id.clone();
-                            batch.put_account(&account_id, p);
-                            let months = self.store.account_month_list(&account_id)?;
-                            let partition = self.account_partition(&account_id, &months)?;
-                            for month in months {
-                                batch.mark_dirty(&account_id, month, partition);
-                            }
-                            changed.insert(account_id, a.record);
-                        }
-                        None
-                    }
-                    Err(err) => Some(err),
-                },
-            };
-            if let Some(err) = rejection {
-                let (k, r) = self.dead_letter(m, &err);
-                batch.put_outbox(&k, &r);
-                dead += 1;
+                    self.stage_change(cx, &mut batch, &mut changed, a.record, payload)?;
+                }
+                Err(err) => {
+                    put_dead_letter(cx, numbers, &mut batch, m, &err);
+                    dead += 1;
+                }
             }
         }
         let mut by_partition: BTreeMap<i32, i64> = BTreeMap::new();
@@ -139,28 +138,71 @@ impl Pipeline {
             *e = (*e).max(m.offset + 1);
         }
         for (p, next) in by_partition {
-            batch.put_partition(&self.settings.accounts_topic, p, PartitionState { next_offset: next, watermark_ms: 0 });
+            batch.put_partition(&cx.settings.accounts_topic, p, PartitionState { next_offset: next, watermark_ms: 0 });
         }
         // Written first, mirrored after: a failed write leaves the table as on disk.
-        self.store.write(batch)?;
+        cx.store.write(batch)?;
         for (_, record) in changed {
-            self.accounts.insert(record);
+            self.insert(record);
         }
         // Waiting in the outbox until the caller drains it.
-        self.metrics.outbox_pending.add(dead as i64);
+        cx.metrics.outbox_pending.add(dead as i64);
         Ok(dead)
     }
 
-    /// The input partition an account's events come from, as its months'
-    /// dirty marks or last bills record it (-1 when none does). Events are
-    /// keyed by account, so an account lives in one partition.
-    fn account_partition(&self, account: &str, months: &[Month]) -> Result<i32, StoreError> {
-        let keys: Vec<(&str, Month)> = months.iter().map(|m| (account, *m)).collect();
-        if let Some(p) = self.store.dirty_many(&keys)?.into_iter().flatten().find(|p| *p >= 0) {
-            return Ok(p);
+    /// Stages an account record into `batch` when it changes the account
+    /// (as last `changed` in this batch, or in the table): the record (as
+    /// `payload`), and the account's months marked dirty.
+    fn stage_change(
+        &self,
+        cx: &Context,
+        batch: &mut Batch<'_>,
+        changed: &mut HashMap<String, AccountRecord>,
+        record: AccountRecord,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        let current = changed.get(&record.account_id).or_else(|| self.get(&record.account_id));
+        if current != Some(&record) {
+            let account_id = record.account_id.clone();
+            batch.put_account(&account_id, payload);
+            let months = cx.store.account_month_list(&account_id)?;
+            let partition = account_partition(&cx.store, &account_id, &months)?;
+            for month in months {
+                batch.mark_dirty(&account_id, month, partition);
+            }
+            changed.insert(account_id, record);
         }
-        Ok(self.store.bill_state_many(&keys)?.into_iter().flatten().map(|s| s.partition).find(|p| *p >= 0).unwrap_or(-1))
+        Ok(())
     }
+}
+
+/// An account record decoded and checked, with its bytes; or why it is
+/// not applied: a tombstone, a key that is not its account_id, or bytes
+/// that are no account record.
+fn checked<'m>(m: &InputMessage<'m>) -> Result<(DecodedAccount, &'m [u8]), DecodeError> {
+    let Some(payload) = m.payload else { return Err(tombstone(m.key)) };
+    let a = decode_account_checked(payload)?;
+    if m.key.is_some() && m.key != Some(a.record.account_id.as_bytes()) {
+        return Err(DecodeError::new(RejectReason::KeyMismatch, "account record key is not its account_id"));
+    }
+    Ok((a, payload))
+}
+
+/// Puts the dead letter of an account record in the outbox.
+fn put_dead_letter(cx: &Context, numbers: &mut OutboxNumbers, batch: &mut Batch<'_>, m: &InputMessage, err: &DecodeError) {
+    let (key, record) = numbers.dead_letter(cx, m, err);
+    batch.put_outbox(&key, &record);
+}
+
+/// The input partition an account's events come from, as its months'
+/// dirty marks or last bills record it (-1 when none does). Events are
+/// keyed by account, so an account lives in one partition.
+fn account_partition(store: &Store, account: &str, months: &[Month]) -> Result<i32, StoreError> {
+    let keys: Vec<(&str, Month)> = months.iter().map(|m| (account, *m)).collect();
+    if let Some(p) = store.dirty_many(&keys)?.into_iter().flatten().find(|p| *p >= 0) {
+        return Ok(p);
+    }
+    Ok(store.bill_state_many(&keys)?.into_iter().flatten().map(|s| s.partition).find(|p| *p >= 0).unwrap_or(-1))
 }
 
 /// The rejection of a tombstone on the accounts topic.

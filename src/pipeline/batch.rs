@@ -371,6 +371,17 @@ pub struct DedupeCache {
     reads: (u64, u64),
 }
 
+/// A partition's buckets as stored (their sets unread), at its first use.
+fn read_index(store: &impl BucketSource, partition: i32) -> Result<FxHashMap<i64, Bucket>, StoreError> {
+    let index = store.dedupe_index(partition)?;
+    Ok(index
+        .into_iter()
+        .map(|(hour, last_offset, topic)| {
+            (hour, Bucket { seen: None, new: Vec::new(), last_offset, topic, reset: false, touched: false, used: 0 })
+        })
+        .collect())
+}
+
 /// Buckets used in this many of the latest writes keep their sets in memory
 /// whatever the budget: a late event for the hour before, or a Kafka batch
 /// that happened to hold nothing of a partition, must not cost a read of
@@ -443,16 +454,7 @@ impl DedupeCache {
         let (window, topic) = (self.window, self.topic);
         let buckets = match self.partitions.get_mut(&partition) {
             Some(b) => b,
-            None => {
-                let index = store.dedupe_index(partition)?;
-                let buckets = index
-                    .into_iter()
-                    .map(|(hour, last_offset, topic)| {
-                        (hour, Bucket { seen: None, new: Vec::new(), last_offset, topic, reset: false, touched: false, used: 0 })
-                    })
-                    .collect();
-                self.partitions.entry(partition).or_insert(buckets)
-            }
+            None => self.partitions.entry(partition).or_insert(read_index(store, partition)?),
         };
         let clock = self.clock;
         let empty = |reset| Bucket {

@@ -10,7 +10,7 @@
 //!   partition (a record the producer refuses aborts its transaction, and
 //!   the batch would be read again forever).
 
-use super::{headers, InputMessage, Settings};
+use super::message::{headers, InputMessage};
 use crate::billing::event::DecodeError;
 use crate::store::OutboxRecord;
 use sha2::{Digest, Sha256};
@@ -33,9 +33,10 @@ fn budget(message_max_bytes: usize) -> usize {
     message_max_bytes - (message_max_bytes / 4).min(4096)
 }
 
-/// The dead letter of `m`, rejected for `err`, cut to fit the settings'
-/// `dead_letter_max_bytes`.
-pub(super) fn dead_letter(settings: &Settings, m: &InputMessage, err: &DecodeError) -> OutboxRecord {
+/// The dead letter of `m`, rejected for `err`, for `topic`, cut to fit
+/// `max_bytes` (the settings' `dead_letter_topic` and
+/// `dead_letter_max_bytes`).
+pub(super) fn dead_letter(topic: &str, max_bytes: usize, m: &InputMessage, err: &DecodeError) -> OutboxRecord {
     let mut h: Vec<(String, Vec<u8>)> = Vec::with_capacity(m.headers.len() + 8);
     h.extend(m.headers.iter().map(|(k, v)| (carried_name(k), v.clone())));
     let carried = h.len();
@@ -45,13 +46,13 @@ pub(super) fn dead_letter(settings: &Settings, m: &InputMessage, err: &DecodeErr
     h.push((headers::SOURCE_PARTITION.into(), m.partition.to_string().into_bytes()));
     h.push((headers::SOURCE_OFFSET.into(), m.offset.to_string().into_bytes()));
     let mut record = OutboxRecord {
-        topic: settings.dead_letter_topic.clone(),
+        topic: topic.to_string(),
         key: m.key.map(<[u8]>::to_vec),
         payload: m.payload.map(<[u8]>::to_vec).unwrap_or_default(),
         headers: h,
         partition: None,
     };
-    fit(&mut record, carried, settings.dead_letter_max_bytes);
+    fit(&mut record, carried, max_bytes);
     record
 }
 
@@ -132,17 +133,13 @@ mod tests {
     use super::*;
     use crate::billing::event::RejectReason;
 
-    fn settings(max: usize) -> Settings {
-        Settings { dead_letter_max_bytes: max, ..Settings::from_config(&crate::config::Config::default()) }
-    }
-
     fn header<'r>(r: &'r OutboxRecord, name: &str) -> Option<&'r str> {
         r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| std::str::from_utf8(v).unwrap())
     }
 
     fn letter(max: usize, payload: &[u8], original: Vec<(String, Vec<u8>)>) -> OutboxRecord {
         let m = InputMessage { topic: "events", partition: 2, offset: 7, key: Some(b"acct"), payload: Some(payload), headers: original };
-        dead_letter(&settings(max), &m, &DecodeError::new(RejectReason::MalformedJson, "EOF while parsing"))
+        dead_letter("dead", max, &m, &DecodeError::new(RejectReason::MalformedJson, "EOF while parsing"))
     }
 
     #[test]

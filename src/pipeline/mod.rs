@@ -1,215 +1,66 @@
 //! The processing pipeline between the input and the state store, with no
 //! Kafka in it: decode, dedupe, aggregate, and one atomic write per batch;
 //! bill emission into the outbox; outbox acknowledgement. The Kafka driver
-//! (`worker.rs`) feeds it messages and produces what it leaves in the outbox.
+//! (`worker/`) and the file replay feed it messages and deliver what it
+//! stages or leaves in the outbox.
+//!
+//! [`Pipeline`] composes rooms, each a type that owns its state and the
+//! only code that changes it, in its own file; none of them imports this
+//! one (they import each other and `context::Context`, what every room
+//! reads): the input partitions' positions and clocks (`positions.rs`), the
+//! pending batch and the mirrors it is checked against (`ingest.rs`),
+//! emission (`emit.rs`), the account table (`accounts.rs`), the numbers of
+//! dead letters and changelog records (`numbers.rs`), and the outbox's way
+//! out (`outbox.rs`). What crosses rooms is here: a step staged by one
+//! room and applied to several ([`Staged`]), and the split into shards.
 
 mod accounts;
 pub mod batch;
+mod context;
 pub mod dead_letter;
 pub mod emit;
+mod ingest;
 mod message;
 mod mirrors;
+mod numbers;
 mod outbox;
 pub mod policy;
+mod positions;
 
+pub use context::{shard_of, Settings, Shard};
 pub use message::{headers, BatchStats, InputMessage};
+pub use outbox::{Drained, OUTBOX_PAGE};
 
-use crate::billing::account::decode_account;
-use crate::billing::calendar::{Month, PlaceCache};
 use crate::billing::config::Rules;
-use crate::billing::event::{DecodeError, RejectReason};
+use crate::billing::event::DecodeError;
 use crate::billing::scan::Billable;
-use crate::billing::usage::merge_encoded;
-use crate::billing::usage::{TotalOverflow, MAX_MONTH_TOTAL};
-use crate::changelog::Change;
 use crate::metrics::Metrics;
-use crate::store::{outbox_dead_letter_key, OutboxRecord, PartitionState, Store, StoreError};
+use crate::store::{Batch, OutboxRecord, Store, StoreError};
 use accounts::AccountTable;
-use batch::{content_hash, decode_all, encode_cells, DedupeCache, DedupeWindow, HourCell, Interner, Pending, Seen};
-use mirrors::{KnownMarks, MonthTotalsMirror, MONTH_TOTALS_MAX};
-use std::collections::{BTreeMap, HashMap};
+use context::Context;
+use emit::{Emission, EmissionPlan, EmissionWritten, Emitter, Reads};
+use ingest::{Ingest, InputWritten};
+use numbers::OutboxNumbers;
+use positions::Positions;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Outbox records handed to a sink at a time by [`Pipeline::drain_outbox`].
-pub const OUTBOX_PAGE: usize = 4096;
-
-/// What one [`Pipeline::drain_outbox`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Drained {
-    /// Records handed to the sink.
-    pub offered: u64,
-    /// Records the sink did not deliver; they stay in the outbox.
-    pub failed: u64,
-}
-
-/// The pipeline's settings, from the configuration.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    /// Input topic (offsets are stored under its name).
-    pub input_topic: String,
-    /// Accounts topic.
-    pub accounts_topic: String,
-    /// Bill records go here.
-    pub output_topic: String,
-    /// Rejected messages go here.
-    pub dead_letter_topic: String,
-    /// Whether to drop repeated request_ids.
-    pub dedupe: bool,
-    /// Dedupe window behind the partition watermark, seconds.
-    pub dedupe_window_secs: i64,
-    /// Dedupe window in input messages per partition.
-    pub dedupe_window_messages: i64,
-    /// Bytes of request-id hashes the dedupe mirror keeps in memory past a
-    /// write, about ([`DedupeCache::shrink_to_budget`]).
-    pub dedupe_memory_bytes: usize,
-    /// Events stamped further than this ahead of the wall clock are
-    /// dead-lettered (`future_time`), milliseconds.
-    pub max_future_ms: i64,
-    /// Grace after month end before a bill is final, milliseconds.
-    pub grace_ms: i64,
-    /// A partition idle this long follows the wall clock, milliseconds.
-    pub idle_after_ms: i64,
-    /// Require the message key to be the event's account_id (Kafka input);
-    /// false for files, whose lines have no key.
-    pub require_keys: bool,
-    /// Where each batch's state changes also go ([`crate::changelog`]),
-    /// through the outbox; `None` (file replay): nowhere.
-    pub changelog_topic: Option<String>,
-    /// A key's provisional bill goes out at most once per this long,
-    /// milliseconds (0: at every emission).
-    pub provisional_interval_ms: i64,
-    /// The largest record the producer may send (its `message.max.bytes`):
-    /// a dead letter that would be larger is cut to fit
-    /// ([`dead_letter::fit`]); `usize::MAX` where dead letters go to a file.
-    pub dead_letter_max_bytes: usize,
-}
-
-impl Settings {
-    /// Settings from a checked configuration.
-    pub fn from_config(cfg: &crate::config::Config) -> Settings {
-        Settings {
-            input_topic: cfg.kafka.input_topic.clone(),
-            accounts_topic: cfg.kafka.accounts_topic.clone(),
-            output_topic: cfg.kafka.output_topic.clone(),
-            dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
-            dedupe: cfg.worker.dedupe,
-            dedupe_window_secs: cfg.worker.dedupe_window_hours as i64 * 3600,
-            dedupe_window_messages: i64::try_from(cfg.worker.dedupe_window_messages).unwrap_or(i64::MAX),
-            dedupe_memory_bytes: crate::config::mb_bytes(cfg.worker.dedupe_memory_mb),
-            max_future_ms: cfg.worker.max_future_secs as i64 * 1000,
-            grace_ms: cfg.worker.grace_period_secs as i64 * 1000,
-            idle_after_ms: cfg.worker.idle_after_secs as i64 * 1000,
-            require_keys: true,
-            changelog_topic: Some(cfg.kafka.changelog_topic.clone()),
-            provisional_interval_ms: i64::try_from(cfg.worker.provisional_interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
-            dead_letter_max_bytes: cfg
-                .kafka
-                .properties
-                .get("message.max.bytes")
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(dead_letter::DEFAULT_MESSAGE_MAX_BYTES),
-        }
-    }
-}
-
-/// The pipeline over one state store.
+/// The pipeline over one state store: its rooms, and what they all read.
 pub struct Pipeline {
-    store: Arc<Store>,
-    rules: Rules,
-    settings: Settings,
-    metrics: Arc<Metrics>,
+    /// The store, rules, settings, metrics and shard every room reads.
+    cx: Context,
+    /// The input partitions' positions and clocks, and the assignment.
+    positions: Positions,
+    /// The batch being built, and the mirrors of the store it is checked
+    /// against (dedupe, month totals, known dirty marks).
+    ingest: Ingest,
+    /// When provisional bills were sent.
+    emitter: Emitter,
+    /// The account records, mirrored from the store.
     accounts: AccountTable,
-    /// Cache of the stored partition states of the input topic.
-    partitions: HashMap<i32, PartitionState>,
-    /// Wall-clock ms of the last input message (or of the assignment) per
-    /// assigned partition: a partition is idle only while it is assigned and
-    /// quiet, never merely because a rebalance or restart paused reading.
-    last_input_ms: HashMap<i32, i64>,
-    /// When each key (a hash of account and month) whose last record is
-    /// provisional was emitted, wall-clock ms: the next provisional one
-    /// waits `provisional_interval_ms`. In memory only: after a restart a
-    /// key's next provisional bill goes out at the first emission.
-    provisional_sent: HashMap<u64, i64>,
-    /// Last known end offset per partition: a partition with a backlog is
-    /// never idle, however long it waits for its turn.
-    high_watermarks: HashMap<i32, i64>,
-    /// The input partitions this pipeline bills: `None` (file replay, a
-    /// pipeline without a consumer group) bills every one; a worker sets it
-    /// from its assignment ([`Pipeline::set_assignment`]).
-    owned: Option<std::collections::BTreeSet<i32>>,
-    next_dead_letter: u64,
-    /// The accounts this pipeline is fed, when it is one of several
-    /// ([`Pipeline::split`]); its dead-letter numbers advance by the shard
-    /// count.
-    shard: Option<Shard>,
-    /// Next sequence number of changelog records in the outbox.
-    next_changelog: u64,
-    /// The batch being built since the last flush.
-    pending: Pending,
-    /// Request ids seen in the dedupe window, mirrored from the store.
-    dedupe: DedupeCache,
-    place: PlaceCache,
-    month_ends: HashMap<Month, i64>,
-    ids: Interner,
-    regions: Interner,
-    /// The dirty marks known to be on disk ([`KnownMarks`]: a batch skips
-    /// writing them again).
-    known_dirty: KnownMarks,
-    /// Each ingested account-month's usage totals ([`MonthTotalsMirror`]).
-    totals: MonthTotalsMirror,
-}
-
-/// The rejection of an event stamped too far ahead of the wall clock.
-fn future_time(time_ms: i64, now: i64, max_future_ms: i64) -> DecodeError {
-    let time = chrono::DateTime::from_timestamp_millis(time_ms).map_or_else(|| format!("{time_ms} ms"), |t| t.to_rfc3339());
-    DecodeError::new(
-        RejectReason::FutureTime,
-        format!(
-            "event time {time} is {} s ahead of the wall clock, more than worker.max_future_secs = {}; \
-             check the gateway's clock, or raise worker.max_future_secs and replay this message",
-            (time_ms - now) / 1000,
-            max_future_ms / 1000
-        ),
-    )
-}
-
-/// The rejection of a repeated request id whose billed content differs
-/// from the copy counted (spec section 8: the first copy stays counted).
-fn conflicting_duplicate(b: &Billable<'_>, month: Month) -> DecodeError {
-    let m = &b.metered;
-    DecodeError::new(
-        RejectReason::ConflictingDuplicate,
-        format!(
-            "request_id {:?} was counted before in this partition and hour with other billed content (time, account, region, \
-             client network, frontend flag, byte counts or backend differ); this copy (account {:?}, month {month}, time {} ms, region {:?}, \
-             public/private/inbound bytes {}/{}/{}, frontend_error {}) is not counted, the first stays; \
-             give distinct calls distinct request ids",
-            b.request_id, b.account_id, b.time_ms, b.region, m.public_out_bytes, m.private_out_bytes, m.inbound_bytes, m.frontend_error
-        ),
-    )
-}
-
-/// The rejection of an event that would take a month's usage total past
-/// [`MAX_MONTH_TOTAL`] (spec section 8: it counts nowhere).
-fn usage_overflow(account: &str, month: Month, o: &TotalOverflow) -> DecodeError {
-    DecodeError::new(
-        RejectReason::InvalidValue,
-        format!(
-            "usage overflow: {} {} added to account {account:?}'s {month} total of {} would exceed {MAX_MONTH_TOTAL} (2^53 - 1), \
-             the most a bill carries exactly; the event is not counted. Check the gateway's byte counts",
-            o.adds, o.quantity, o.total
-        ),
-    )
-}
-
-/// An empty dedupe mirror for the settings' window and input topic.
-fn dedupe_cache(s: &Settings) -> DedupeCache {
-    DedupeCache::new(
-        DedupeWindow { event_time_secs: s.dedupe_window_secs, messages: s.dedupe_window_messages },
-        &s.input_topic,
-        s.dedupe_memory_bytes,
-    )
+    /// The next numbers of dead letters and changelog records.
+    numbers: OutboxNumbers,
 }
 
 /// Wall-clock now in epoch ms.
@@ -217,48 +68,13 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// A partition's state in the pending batch: first touched, what is stored.
-fn pending_position<'p>(pending: &'p mut Pending, stored: &HashMap<i32, PartitionState>, partition: i32) -> &'p mut PartitionState {
-    pending.touched.entry(partition).or_insert_with(|| stored.get(&partition).copied().unwrap_or_default())
-}
-
-/// One of several pipelines over one store that split the accounts between
-/// them by a hash of the account id ([`shard_of`]; [`Pipeline::split`]): a
-/// file replay runs one per shard, on every core, each shard's events
-/// being its partition (see `file_replay.rs`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Shard {
-    /// This pipeline's shard, below `count`.
-    pub index: u32,
-    /// How many shards split the accounts.
-    pub count: u32,
-}
-
-impl Shard {
-    /// Whether an account is this shard's.
-    pub fn holds(&self, account: &str) -> bool {
-        shard_of(account, self.count) == self.index
-    }
-}
-
-/// The shard of an account among `count`: a hash of its id, the same on
-/// every machine and in every version (it places the events of a sharded
-/// file replay, whose positions are kept per shard).
-pub fn shard_of(account: &str, count: u32) -> u32 {
-    (xxhash_rust::xxh3::xxh3_64(account.as_bytes()) % u64::from(count.max(1))) as u32
-}
-
+/// Construction, the split into shards, and the rooms' state read or set
+/// from outside.
 impl Pipeline {
     /// A pipeline over an opened store; loads account records and offsets.
     pub fn new(store: Arc<Store>, rules: Rules, settings: Settings, metrics: Arc<Metrics>) -> Result<Pipeline, StoreError> {
-        let mut accounts = AccountTable::default();
-        for (_, raw) in store.accounts()? {
-            // Stored under its own account_id (`apply_accounts`).
-            if let Ok(a) = decode_account(&raw) {
-                accounts.insert(a);
-            }
-        }
-        Pipeline::with_accounts(store, rules, settings, metrics, accounts, None)
+        let accounts = AccountTable::load(&store)?;
+        Pipeline::with_accounts(Context { store, rules, settings, metrics, shard: None }, accounts)
     }
 
     /// Splits this pipeline into `count` pipelines over the same store and
@@ -269,20 +85,17 @@ impl Pipeline {
     /// Nothing may be pending here.
     pub fn split(&mut self, count: u32) -> Result<Vec<Pipeline>, StoreError> {
         let count = count.max(1);
-        let mut parts: Vec<AccountTable> = (0..count).map(|_| AccountTable::default()).collect();
-        // Taken, not drained: the table's memory goes with it.
-        for a in self.accounts.take_all() {
-            parts[shard_of(&a.account_id, count) as usize].insert(a);
-        }
-        parts
+        let cx = &self.cx;
+        self.accounts
+            .split(count)
             .into_iter()
             .enumerate()
             .map(|(i, accounts)| {
-                let shard = Shard { index: i as u32, count };
                 // The shards share the dedupe mirror's memory budget.
-                let settings =
-                    Settings { dedupe_memory_bytes: self.settings.dedupe_memory_bytes / count as usize, ..self.settings.clone() };
-                Pipeline::with_accounts(self.store.clone(), self.rules.clone(), settings, self.metrics.clone(), accounts, Some(shard))
+                let settings = Settings { dedupe_memory_bytes: cx.settings.dedupe_memory_bytes / count as usize, ..cx.settings.clone() };
+                let shard = Some(Shard { index: i as u32, count });
+                let cx = Context { store: cx.store.clone(), rules: cx.rules.clone(), settings, metrics: cx.metrics.clone(), shard };
+                Pipeline::with_accounts(cx, accounts)
             })
             .collect()
     }
@@ -294,63 +107,31 @@ impl Pipeline {
         let mut written = Vec::new();
         self.accounts.reserve(shards.iter().map(|s| s.accounts.len()).sum());
         for shard in shards {
-            written.extend(shard.partitions.keys().copied());
+            written.extend(shard.positions.partitions());
             self.accounts.absorb(shard.accounts);
         }
         // The shards numbered dead letters apart; this one goes on after them.
-        self.next_dead_letter = self.store.next_dead_letter_seq()?;
-        self.shard = None;
+        self.numbers.rejoined(&self.cx.store)?;
+        self.cx.shard = None;
         // The shards wrote usage this pipeline did not see.
-        self.totals.forget();
+        self.ingest.forget_totals();
         self.reload_partitions(&written)
     }
 
-    fn with_accounts(
-        store: Arc<Store>,
-        rules: Rules,
-        settings: Settings,
-        metrics: Arc<Metrics>,
-        accounts: AccountTable,
-        shard: Option<Shard>,
-    ) -> Result<Pipeline, StoreError> {
-        let partitions: HashMap<i32, PartitionState> = store.partitions(&settings.input_topic)?.into_iter().collect();
-        let mut next_dead_letter = store.next_dead_letter_seq()?;
-        if let Some(s) = shard {
-            let (index, count) = (u64::from(s.index), u64::from(s.count));
-            next_dead_letter += (index + count - next_dead_letter % count) % count;
-        }
-        let next_changelog = store.next_outbox_seq(b'c')?;
-        let rules_calendar = rules.calendar;
-        let dedupe = dedupe_cache(&settings);
-        let totals = MonthTotalsMirror::new(store.usage_is_empty()?, MONTH_TOTALS_MAX / shard.map_or(1, |s| s.count as usize));
+    fn with_accounts(cx: Context, accounts: AccountTable) -> Result<Pipeline, StoreError> {
         Ok(Pipeline {
-            store,
-            rules,
-            settings,
-            metrics,
+            positions: Positions::load(&cx.store, &cx.settings.input_topic)?,
+            numbers: OutboxNumbers::load(&cx.store, cx.shard)?,
+            ingest: Ingest::new(&cx)?,
+            emitter: Emitter::default(),
             accounts,
-            partitions,
-            last_input_ms: HashMap::new(),
-            provisional_sent: HashMap::new(),
-            high_watermarks: HashMap::new(),
-            owned: None,
-            next_dead_letter,
-            shard,
-            next_changelog,
-            pending: Pending::default(),
-            dedupe,
-            place: PlaceCache::new(rules_calendar),
-            month_ends: HashMap::new(),
-            ids: Interner::default(),
-            regions: Interner::default(),
-            known_dirty: KnownMarks::default(),
-            totals,
+            cx,
         })
     }
 
     /// The store.
     pub fn store(&self) -> &Arc<Store> {
-        &self.store
+        &self.cx.store
     }
 
     /// Accounts with a record in the account table.
@@ -360,46 +141,34 @@ impl Pipeline {
 
     /// The metrics it counts in.
     pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
+        &self.cx.metrics
     }
 
     /// The settings.
     pub fn settings(&self) -> &Settings {
-        &self.settings
+        &self.cx.settings
     }
 
     /// Next input offset to process for a partition, if it has state.
     pub fn next_offset(&self, partition: i32) -> Option<i64> {
-        self.partitions.get(&partition).map(|s| s.next_offset)
+        self.positions.next_offset(partition)
     }
 
     /// Records the partitions currently assigned: from now on only their
     /// accounts' bills are emitted ([`Pipeline::owns`]); newly assigned ones
     /// start their idle clock now.
     pub fn set_assignment(&mut self, assigned: &[i32], now: i64) {
-        self.owned = Some(assigned.iter().copied().collect());
-        self.last_input_ms.retain(|p, _| assigned.contains(p));
-        for p in assigned {
-            self.last_input_ms.entry(*p).or_insert(now);
-        }
+        self.positions.set_assignment(assigned, now);
     }
 
     /// Reads the partitions' positions from the store again and forgets their
     /// dedupe buckets in memory: their state on disk was replaced (a restore
     /// from the changelog when they were assigned).
     pub fn reload_partitions(&mut self, partitions: &[i32]) -> Result<(), StoreError> {
-        for &p in partitions {
-            match self.store.partition(&self.settings.input_topic, p)? {
-                Some(s) => self.partitions.insert(p, s),
-                None => self.partitions.remove(&p),
-            };
-            self.dedupe.forget(p);
-        }
-        self.known_dirty.forget();
+        self.ingest.reloading(partitions);
+        self.positions.reload(&self.cx.store, &self.cx.settings.input_topic, partitions)?;
         // A restore may have written usage.
-        let store = &self.store;
-        self.totals.reloaded(|| store.usage_is_empty())?;
-        Ok(())
+        self.ingest.reloaded(&self.cx.store)
     }
 
     /// Whether bills of accounts whose events come from `partition` are this
@@ -407,29 +176,57 @@ impl Pipeline {
     /// the assigned ones. -1 (an account-month whose partition no mark or
     /// bill records) stays with whoever holds it.
     pub fn owns(&self, partition: i32) -> bool {
-        partition < 0 || self.owned.as_ref().is_none_or(|o| o.contains(&partition))
+        self.positions.owns(partition)
     }
 
     /// Records a partition's end offset as last seen on the broker.
     pub fn set_high_watermark(&mut self, partition: i32, high: i64) {
-        self.high_watermarks.insert(partition, high);
+        self.positions.set_high_watermark(partition, high);
     }
 
-    /// A dead letter for a message, with its outbox key.
-    fn dead_letter(&mut self, m: &InputMessage, err: &DecodeError) -> (Vec<u8>, OutboxRecord) {
-        let key = outbox_dead_letter_key(self.next_dead_letter);
-        self.next_dead_letter += self.shard.map_or(1, |s| u64::from(s.count));
-        self.metrics.rejected.with_label_values(&[err.reason.code()]).inc();
-        (key, dead_letter::dead_letter(&self.settings, m, err))
+    /// Applies account records (accounts topic): stores each changed record
+    /// and marks that account's months for recomputation. Bad records, and
+    /// tombstones (which do not delete billing history: the last record
+    /// stays in force, rule book section 8), go to the dead-letter topic
+    /// through the outbox. Returns how many dead letters it put there: the
+    /// caller delivers them without waiting for the next input batch.
+    pub fn apply_accounts(&mut self, msgs: &[InputMessage]) -> Result<u64, StoreError> {
+        // A changed record marks the account's months with the partition
+        // of its first marked month, which may not be the one a batch
+        // knows (an account whose events came from two partitions).
+        self.ingest.forget_marks();
+        self.accounts.apply(&self.cx, &mut self.numbers, msgs)
     }
 
-    /// Sends a message of the pending batch to the dead-letter topic.
-    fn reject(&mut self, m: &InputMessage, err: &DecodeError) {
-        let letter = self.dead_letter(m, err);
-        self.pending.dead_letters.push(letter);
-        self.pending.stats.rejected += 1;
+    /// Every record waiting to be produced.
+    pub fn outbox(&self) -> Result<Vec<(Vec<u8>, OutboxRecord)>, StoreError> {
+        outbox::outbox(&self.cx.store, &self.cx.metrics)
     }
 
+    /// The one way out of the outbox: hands it to `deliver` a page of
+    /// [`OUTBOX_PAGE`] records at a time, in key order, and acknowledges the
+    /// records `deliver` returns as delivered ([`Pipeline::acknowledge`]).
+    /// Memory stays bounded by a page, however large the outbox. Returns
+    /// the records offered and those not delivered (they stay for a retry).
+    pub async fn drain_outbox<E, F, Fut>(&mut self, deliver: F) -> Result<Drained, E>
+    where
+        E: From<StoreError>,
+        F: FnMut(Vec<(Vec<u8>, OutboxRecord)>) -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<(Vec<u8>, OutboxRecord)>, E>>,
+    {
+        outbox::drain(&self.cx.store, &self.cx.metrics, deliver).await
+    }
+
+    /// Deletes delivered outbox records, unless a newer record replaced one
+    /// since it was read (then the newer one is still to be produced).
+    pub fn acknowledge(&mut self, delivered: &[(Vec<u8>, OutboxRecord)]) -> Result<(), StoreError> {
+        outbox::acknowledge(&self.cx.store, delivered)
+    }
+}
+
+/// The steps: input batches and emission chunks, each staged by its room
+/// and applied to all.
+impl Pipeline {
     /// Processes a batch of input-topic messages in one atomic write: usage,
     /// dedupe keys, partition offsets, dirty marks and dead letters.
     pub fn process(&mut self, msgs: &[InputMessage]) -> Result<BatchStats, StoreError> {
@@ -446,13 +243,7 @@ impl Pipeline {
     /// [`Pipeline::ingest`] with the wall clock given (epoch ms): it dates
     /// the partitions' last input and bounds trusted event times.
     pub fn ingest_at(&mut self, msgs: &[InputMessage], now: i64) -> Result<(), StoreError> {
-        // 1. Skip what was processed before; advance offsets.
-        let todo: Vec<&InputMessage> = msgs.iter().filter(|m| self.admit(m, now)).collect();
-        self.metrics.events_consumed.inc_by(todo.len() as u64);
-        // 2. Decode and classify, on every core for large batches.
-        let decoded = decode_all(&todo, self.settings.require_keys);
-        // 3. In order: reject, drop duplicates, aggregate.
-        self.aggregate_or_discard(todo.into_iter().zip(decoded), false, now)
+        self.ingest.ingest(&self.cx, &mut self.positions, &mut self.numbers, msgs, now)
     }
 
     /// [`Pipeline::ingest_at`] for messages the caller decoded already
@@ -464,7 +255,7 @@ impl Pipeline {
         items: impl IntoIterator<Item = (M, Result<Billable<'m>, DecodeError>)>,
         now: i64,
     ) -> Result<(), StoreError> {
-        self.aggregate_or_discard(items.into_iter(), true, now)
+        self.ingest.aggregate(&self.cx, &mut self.positions, &mut self.numbers, items.into_iter(), true, now)
     }
 
     /// Moves a partition's position in the pending batch to at least
@@ -472,128 +263,12 @@ impl Pipeline {
     /// chunk, also one that had no line in it, so that a resumed replay
     /// starts after the chunk.
     pub fn advance_to(&mut self, partition: i32, next_offset: i64) {
-        let state = pending_position(&mut self.pending, &self.partitions, partition);
-        state.next_offset = state.next_offset.max(next_offset);
+        self.ingest.advance_to(&self.positions, partition, next_offset);
     }
 
-    /// Whether a message is new to the pending batch (its offset not
-    /// processed before); advances its partition's offset if so.
-    fn admit(&mut self, m: &InputMessage, now: i64) -> bool {
-        let state = pending_position(&mut self.pending, &self.partitions, m.partition);
-        if m.offset < state.next_offset {
-            self.pending.stats.already_processed += 1;
-            self.metrics.input_reread.with_label_values(&[&m.partition.to_string()]).inc();
-            return false;
-        }
-        state.next_offset = m.offset + 1;
-        if let Some(t) = self.last_input_ms.get_mut(&m.partition) {
-            *t = now;
-        }
-        true
-    }
-
-    fn aggregate_or_discard<'m, M: std::borrow::Borrow<InputMessage<'m>>>(
-        &mut self,
-        items: impl Iterator<Item = (M, Result<Billable<'m>, DecodeError>)>,
-        admit: bool,
-        now: i64,
-    ) -> Result<(), StoreError> {
-        let result = self.aggregate(items, admit, now);
-        if result.is_err() {
-            self.discard_pending();
-        }
-        result
-    }
-
-    /// In input order: skips messages processed before (when `admit`; else
-    /// the caller did), rejects, drops duplicates, aggregates.
-    fn aggregate<'m, M: std::borrow::Borrow<InputMessage<'m>>>(
-        &mut self,
-        items: impl Iterator<Item = (M, Result<Billable<'m>, DecodeError>)>,
-        admit: bool,
-        now: i64,
-    ) -> Result<(), StoreError> {
-        let latest_trusted = now.saturating_add(self.settings.max_future_ms);
-        let mut consumed = 0u64;
-        for (m, d) in items {
-            let m = m.borrow();
-            if admit {
-                if !self.admit(m, now) {
-                    continue;
-                }
-                consumed += 1;
-            }
-            let b = match d {
-                Ok(b) if b.time_ms > latest_trusted => {
-                    let err = future_time(b.time_ms, now, self.settings.max_future_ms);
-                    self.reject(m, &err);
-                    continue;
-                }
-                Ok(b) => b,
-                Err(err) => {
-                    self.reject(m, &err);
-                    continue;
-                }
-            };
-            debug_assert!(self.shard.is_none_or(|s| s.holds(&b.account_id)), "an event of another shard's account");
-            let (month, hour) = self.place.place(b.time_ms);
-            let mut recorded = None;
-            if self.settings.dedupe {
-                let id = xxhash_rust::xxh3::xxh3_128(b.request_id.as_bytes());
-                let content = content_hash(&b);
-                let wm = self.pending.touched.get(&m.partition).expect("touched in pass 1").watermark_ms;
-                match self.dedupe.insert(self.store.as_ref(), m.partition, m.offset, wm, hour, id, content)? {
-                    Seen::New => recorded = Some(id),
-                    Seen::Repeat => {
-                        self.pending.stats.duplicates += 1;
-                        continue;
-                    }
-                    Seen::Conflict { .. } => {
-                        self.reject(m, &conflicting_duplicate(&b, month));
-                        continue;
-                    }
-                }
-            }
-            let account = self.ids.intern(&b.account_id);
-            let store = &self.store;
-            let totals = self.totals.totals(account, month, || {
-                Ok::<_, StoreError>(store.usage(&b.account_id, month)?.map(|u| u.totals()).unwrap_or_default())
-            })?;
-            match totals.add(&b.metered) {
-                Ok(t) => *totals = t,
-                Err(overflow) => {
-                    if let Some(id) = recorded {
-                        self.dedupe.unrecord(m.partition, hour, id);
-                    }
-                    self.reject(m, &usage_overflow(&b.account_id, month, &overflow));
-                    continue;
-                }
-            }
-            let end_ms = match self.month_ends.get(&month) {
-                Some(e) => *e,
-                None => *self.month_ends.entry(month).or_insert(self.rules.calendar.month_end(month) * 1000),
-            };
-            let state = self.pending.touched.get_mut(&m.partition).expect("touched in pass 1");
-            if end_ms + self.settings.grace_ms <= state.watermark_ms {
-                self.metrics.late_events.inc();
-            }
-            state.watermark_ms = state.watermark_ms.max(b.time_ms);
-            let region = self.regions.intern(&b.region);
-            let cell = self.pending.hours.entry((account, hour, region)).or_insert(HourCell::new(month, m.partition));
-            cell.add(&b.metered);
-            self.pending.stats.billed += 1;
-        }
-        self.metrics.events_consumed.inc_by(consumed);
-        Ok(())
-    }
-
-    /// Forgets everything pending and every in-memory mirror of the store,
-    /// after a failed step: the next batch starts from what is on disk.
-    fn discard_pending(&mut self) {
-        self.pending = Pending::default();
-        self.dedupe = dedupe_cache(&self.settings);
-        self.known_dirty.forget();
-        self.totals.forget();
+    /// Messages ingested since the last flush (offsets already processed included).
+    pub fn pending_messages(&self) -> u64 {
+        self.ingest.pending_messages()
     }
 
     /// Writes everything pending in one atomic, synced batch: usage deltas,
@@ -615,158 +290,107 @@ impl Pipeline {
     /// deliver first (in a Kafka transaction). Nothing in memory leads the
     /// store in between: what staging changed is reset by an abandon.
     pub fn stage(&mut self, records: Records) -> Result<Staged<'_>, StoreError> {
-        match self.stage_pending(records == Records::Captured) {
-            Ok(step) => Ok(Staged { pipeline: self, step: Some(step) }),
+        let mut batch = records.batch(&self.cx.store);
+        match self.ingest.stage(&self.cx, &self.positions, &mut self.numbers, &mut batch) {
+            Ok(written) => {
+                let positions = written.positions();
+                Ok(self.staged(batch.into_staged(), positions, After::Input(written)))
+            }
             Err(e) => {
-                self.discard_pending();
+                self.ingest.discard(&self.cx.settings);
                 Err(e)
             }
         }
     }
 
+    /// Recomputes every dirty bill, and every provisional bill whose month
+    /// has closed, and writes the changed records to the outbox with a higher
+    /// revision: [`Pipeline::emission`] chunk by chunk, each committed to the
+    /// outbox. Returns how many records were emitted.
+    pub fn emit(&mut self, now: i64, force_idle: bool) -> Result<usize, StoreError> {
+        let mut plan = self.emission(now, force_idle)?;
+        let mut emitted = 0;
+        while let Some(chunk) = self.next_emission(&mut plan)? {
+            emitted += chunk.records.len();
+            self.stage_emission(chunk, Records::Outbox)?.apply()?;
+        }
+        Ok(emitted)
+    }
+
+    /// What an emission will recompute: every dirty bill, every provisional
+    /// one whose month has closed, and the later months of accounts with
+    /// packs among them, of the partitions this pipeline owns
+    /// ([`Pipeline::owns`]); a provisional bill sent less than
+    /// `provisional_interval_ms` ago waits. Taken a chunk at a time with
+    /// [`Pipeline::next_emission`].
+    pub fn emission(&self, now: i64, force_idle: bool) -> Result<EmissionPlan, StoreError> {
+        self.emitter.plan(&self.reads(), now, force_idle)
+    }
+
+    /// Computes the next chunk of up to 1,024 bills of `plan`: the records
+    /// of the changed ones, and the bill states and cleared dirty marks to
+    /// write with them. Writes nothing: the caller delivers the records
+    /// where it wants and stages the chunk with
+    /// [`Pipeline::stage_emission`]. `None` when the plan is done.
+    pub fn next_emission(&mut self, plan: &mut EmissionPlan) -> Result<Option<Emission>, StoreError> {
+        self.reads().next_chunk(plan)
+    }
+
+    /// Stages a chunk of [`Pipeline::next_emission`] as one atomic write:
+    /// the cleared dirty marks, the new bill states, and the records (into
+    /// the outbox with [`Records::Outbox`]; with [`Records::Captured`] the
+    /// caller delivers them, bills and their changelog records, before
+    /// [`Staged::apply`]: a crash in between recomputes and delivers the
+    /// same records again, as a crash between producing and acknowledging
+    /// an outbox record would).
+    pub fn stage_emission(&mut self, chunk: Emission, records: Records) -> Result<Staged<'_>, StoreError> {
+        let mut batch = records.batch(&self.cx.store);
+        let written = emit::stage(chunk, &mut batch, &self.cx, &self.positions, &mut self.ingest, &mut self.numbers);
+        Ok(self.staged(batch.into_staged(), BTreeMap::new(), After::Emission(written)))
+    }
+
+    /// Forgets when provisional bills were sent: the next emission sends
+    /// every change (a clean stop's last emission).
+    pub fn release_provisional_holds(&mut self) {
+        self.emitter.release_provisional_holds();
+    }
+
+    /// What an emission reads of the rooms.
+    fn reads(&self) -> Reads<'_> {
+        Reads { cx: &self.cx, positions: &self.positions, accounts: &self.accounts }
+    }
+
+    /// A step staged, holding the pipeline until it is applied or abandoned.
+    fn staged(
+        &mut self,
+        (wb, records): (rocksdb::WriteBatch, Vec<OutboxRecord>),
+        positions: BTreeMap<i32, i64>,
+        after: After,
+    ) -> Staged<'_> {
+        Staged { pipeline: self, step: Some(Step { wb, records, positions, after }) }
+    }
+
     /// Writes a staged step and brings memory in line with it.
     fn write_step(&mut self, step: Step) -> Result<BatchStats, StoreError> {
         let t = Instant::now();
-        self.store.write_staged(step.wb)?;
+        self.cx.store.write_staged(step.wb)?;
         match step.after {
-            After::Input { stats, touched, marked } => {
-                self.metrics.batch_write_seconds.observe(t.elapsed().as_secs_f64());
-                self.after_input(&stats, touched, marked);
-                Ok(stats)
+            After::Input(written) => {
+                self.cx.metrics.batch_write_seconds.observe(t.elapsed().as_secs_f64());
+                Ok(self.ingest.written(&self.cx, &mut self.positions, written))
             }
-            After::Emission { statuses, sent } => {
-                for status in statuses {
-                    self.metrics.bills_emitted.with_label_values(&[status.as_str()]).inc();
-                }
-                for (key, at) in sent {
-                    match at {
-                        Some(at) => self.provisional_sent.insert(key, at),
-                        None => self.provisional_sent.remove(&key),
-                    };
-                }
+            After::Emission(written) => {
+                self.emitter.written(&self.cx.metrics, written);
                 Ok(BatchStats::default())
             }
         }
     }
 
-    /// Memory brought in line with a written input batch.
-    fn after_input(&mut self, stats: &BatchStats, touched: BTreeMap<i32, PartitionState>, marked: Vec<(u32, Month, i32)>) {
-        self.metrics.events_billed.inc_by(stats.billed);
-        self.metrics.duplicates.inc_by(stats.duplicates);
-        self.partitions.extend(touched);
-        // The batch is written: idle buckets' hashes can be read back.
-        let held = self.dedupe.shrink_to_budget();
-        if self.shard.is_none() {
-            self.metrics.dedupe_memory.set(held as i64);
-        }
-        let (reads, bytes) = self.dedupe.take_reads();
-        self.metrics.dedupe_reads.inc_by(reads);
-        self.metrics.dedupe_read_bytes.inc_by(bytes);
-        // The marks are on disk now.
-        self.known_dirty.written(marked);
-        // Interned ids only need to live as long as a batch (and
-        // the known marks, keyed by them): a long-running worker
-        // keeps the table bounded.
-        if self.ids.len() > 1_000_000 {
-            self.ids = Interner::default();
-            self.known_dirty.forget();
-            self.totals.forget();
-        }
-        self.totals.written();
-    }
-
-    fn stage_pending(&mut self, capture: bool) -> Result<Step, StoreError> {
-        let pending = std::mem::take(&mut self.pending);
-        let store = self.store.clone();
-        let mut batch = if capture { store.capturing_batch() } else { store.batch() };
-        // Usage: one merge operand per account-month, its hours in order,
-        // written in key order (RocksDB's memtable inserts sorted keys fastest).
-        let mut cells: Vec<((u32, i64, u32), HourCell)> = pending.hours.into_iter().collect();
-        cells.sort_unstable_by_key(|(k, _)| *k);
-        let mut groups: Vec<(&str, Month, i32, std::ops::Range<usize>)> = Vec::new();
-        let mut i = 0;
-        while i < cells.len() {
-            let ((account, _, _), first) = cells[i];
-            let mut j = i;
-            while j < cells.len() && cells[j].0 .0 == account && cells[j].1.month == first.month {
-                j += 1;
-            }
-            groups.push((self.ids.name(account), first.month, first.partition, i..j));
-            i = j;
-        }
-        groups.sort_unstable_by(|a, b| (a.0.len(), a.0, a.1).cmp(&(b.0.len(), b.0, b.1)));
-        let deltas: Vec<Vec<u8>> = groups.iter().map(|(_, _, _, range)| encode_cells(&cells[range.clone()], &self.regions)).collect();
-        for ((name, month, _, _), delta) in groups.iter().zip(&deltas) {
-            batch.merge_usage_encoded(name, *month, delta);
-        }
-        // Dirty marks, but for months marked so already (with the same
-        // partition) by a written batch and not cleared since.
-        let mut marked = Vec::new();
-        for (name, month, partition, range) in &groups {
-            let account = cells[range.start].0 .0;
-            if !self.known_dirty.is_on_disk(account, *month, *partition) {
-                batch.mark_dirty(name, *month, *partition);
-                marked.push((account, *month, *partition));
-            }
-        }
-        for (key, record) in &pending.dead_letters {
-            batch.put_outbox(key, record);
-        }
-        let mut changes: Option<Vec<(i32, Change)>> = self.settings.changelog_topic.as_ref().map(|_| Vec::new());
-        if let Some(changes) = changes.as_mut() {
-            // The changelog carries each month's usage absolute: what is on
-            // disk plus this batch's delta.
-            let keys: Vec<(&str, Month)> = groups.iter().map(|(a, m, _, _)| (*a, *m)).collect();
-            for (((name, month, partition, _), delta), current) in groups.iter().zip(&deltas).zip(store.usage_raw_many(&keys)?) {
-                let usage = match current {
-                    Some(c) => merge_encoded([c.as_slice(), delta.as_slice()])?,
-                    None => delta.clone(),
-                };
-                changes.push((*partition, Change::Usage { account: name.to_string(), month: *month, usage }));
-            }
-        }
-        self.dedupe.write_changes(&mut batch, changes.as_mut());
-        for (p, s) in &pending.touched {
-            batch.put_partition(&self.settings.input_topic, *p, *s);
-            if self.settings.dedupe {
-                self.dedupe.prune(&mut batch, *p, s.next_offset - 1, s.watermark_ms);
-            }
-            if let Some(changes) = changes.as_mut() {
-                changes.push((*p, Change::Position(*s)));
-            }
-        }
-        if let Some(changes) = changes {
-            let next: HashMap<i32, i64> = pending.touched.iter().map(|(p, s)| (*p, s.next_offset)).collect();
-            for (p, change) in changes {
-                let next_offset = next.get(&p).copied().unwrap_or_else(|| self.next_offset(p).unwrap_or(0));
-                self.put_change(&mut batch, p, next_offset, &change);
-            }
-        }
-        let positions = pending.touched.iter().map(|(p, s)| (*p, s.next_offset)).collect();
-        let (wb, records) = batch.into_staged();
-        Ok(Step { wb, records, positions, after: After::Input { stats: pending.stats, touched: pending.touched, marked } })
-    }
-
-    /// Queues a changelog record for input partition `partition` in `batch`
-    /// (nothing without a changelog topic).
-    pub(crate) fn put_change(&mut self, batch: &mut crate::store::Batch<'_>, partition: i32, next_offset: i64, change: &Change) {
-        let Some(topic) = &self.settings.changelog_topic else { return };
-        let (key, payload) = change.encode();
-        let record = OutboxRecord {
-            topic: topic.clone(),
-            key: Some(key),
-            payload,
-            headers: vec![(crate::changelog::NEXT_OFFSET.into(), next_offset.to_string().into_bytes())],
-            partition: Some(partition),
-        };
-        batch.put_outbox(&crate::store::outbox_changelog_key(self.next_changelog), &record);
-        self.next_changelog += 1;
-    }
-
-    /// Messages ingested since the last flush (offsets already processed included).
-    pub fn pending_messages(&self) -> u64 {
-        let s = &self.pending.stats;
-        s.billed + s.rejected + s.duplicates + s.already_processed
+    /// Forgets everything pending and every in-memory mirror of the store,
+    /// after a failed or abandoned step: the next batch starts from what is
+    /// on disk.
+    fn discard_pending(&mut self) {
+        self.ingest.discard(&self.cx.settings);
     }
 }
 
@@ -779,6 +403,16 @@ pub enum Records {
     /// Handed to the caller ([`Staged::take_records`]), who delivers them
     /// before [`Staged::apply`] (a Kafka transaction, a file).
     Captured,
+}
+
+impl Records {
+    /// A batch whose records travel this way.
+    fn batch(self, store: &Store) -> Batch<'_> {
+        match self {
+            Records::Outbox => store.batch(),
+            Records::Captured => store.capturing_batch(),
+        }
+    }
 }
 
 /// A step computed and not yet written ([`Pipeline::stage`],
@@ -883,15 +517,17 @@ struct Step {
     after: After,
 }
 
-/// What [`Staged::apply`] brings memory up to after the write.
+/// What [`Staged::apply`] brings memory up to after the write, each room's
+/// own.
 enum After {
-    Input { stats: BatchStats, touched: BTreeMap<i32, PartitionState>, marked: Vec<(u32, Month, i32)> },
-    Emission { statuses: Vec<crate::billing::BillStatus>, sent: Vec<(u64, Option<i64>)> },
+    Input(InputWritten),
+    Emission(EmissionWritten),
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::billing::calendar::Month;
     use crate::billing::BillRecord;
     use crate::billing::BillStatus;
     use std::collections::BTreeMap;
@@ -1018,7 +654,7 @@ mod tests {
             assert!(detail.starts_with(r#"request_id "same" was counted before"#), "{detail}");
             assert_eq!(payload, &b);
         }
-        assert_eq!(p.metrics.rejected.with_label_values(&["conflicting_duplicate"]).get(), 2);
+        assert_eq!(p.metrics().rejected.with_label_values(&["conflicting_duplicate"]).get(), 2);
         assert_eq!(p.emit(now_ms(), false).unwrap(), 1);
         let bill = &bills(&p)["A/2021-03"];
         assert_eq!((bill.content.usage.calls, bill.content.usage.public_out_bytes), (1, 100));
