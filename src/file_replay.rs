@@ -603,6 +603,46 @@ mod tests {
     /// billed twice), every malformed line dead-lettered once, the core's
     /// bills; a state directory from before replays were sharded (a
     /// partition-0 position, no recorded count) goes on with one shard.
+    /// A checked configuration over a state directory `state` under `dir`.
+    fn file_config(dir: &Path, state: &str, threads: usize, dedupe: bool) -> Checked {
+        let mut cfg = Config::default();
+        cfg.worker.state_dir = dir.join(state);
+        cfg.worker.file_batch_size = 1_000;
+        cfg.worker.threads = threads;
+        cfg.worker.dedupe = dedupe;
+        cfg.checked().unwrap()
+    }
+
+    /// As a crash between the shards' writes leaves it: the first chunk of
+    /// `input` ingested by every shard, written by the even shards only.
+    /// Returns what they wrote and the chunk's last line.
+    fn write_the_even_shards(cfg: &Checked, input: &Path, accounts: &Path) -> (BatchStats, i64) {
+        let store = Arc::new(Store::open(&cfg.worker.state_dir).unwrap());
+        let settings = file_settings(cfg, path_topic(input), &Accounts::File(accounts.to_path_buf()));
+        let topic = settings.input_topic.clone();
+        let mut pipeline = Pipeline::new(store.clone(), cfg.rules().clone(), settings, Metrics::new()).unwrap();
+        load_accounts_file(&mut pipeline, accounts).unwrap();
+        let count = shard_count(&store, &topic, FILE_SHARDS).unwrap();
+        let mut shards = pipeline.split(count).unwrap();
+        let (chunks, _recycle) = read_chunks(open_input(input).unwrap(), 1_000, 0);
+        let chunk = chunks.recv().unwrap().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (i, slices) in decode_by_shard(&pool, &chunk, &topic, count).into_iter().enumerate() {
+            shards[i].ingest_decoded(slices.into_iter().flatten(), now_ms()).unwrap();
+            shards[i].advance_to(i as i32, chunk.last_line);
+        }
+        let mut written = BatchStats::default();
+        for i in (0..count as usize).step_by(2) {
+            let s = shards[i].flush().unwrap();
+            written.billed += s.billed;
+            written.rejected += s.rejected;
+        }
+        let positions = store.partitions(&topic).unwrap();
+        assert_eq!(positions.keys().copied().collect::<Vec<_>>(), (0..count as i32).step_by(2).collect::<Vec<_>>());
+        assert!(positions.values().all(|p| p.next_offset == chunk.last_line));
+        (written, chunk.last_line)
+    }
+
     #[tokio::test]
     async fn a_sharded_replay_resumes_each_shard_from_its_own_position() {
         let dir = tempfile::tempdir().unwrap();
@@ -620,14 +660,7 @@ mod tests {
         let truth = crate::traffic::write_file(&input, &spec).unwrap();
         let accounts = crate::traffic::accounts_file_for(&input);
         crate::traffic::write_accounts_file(&accounts, &spec).unwrap();
-        let config = |state: &str, threads: usize, dedupe: bool| {
-            let mut cfg = Config::default();
-            cfg.worker.state_dir = dir.path().join(state);
-            cfg.worker.file_batch_size = 1_000;
-            cfg.worker.threads = threads;
-            cfg.worker.dedupe = dedupe;
-            cfg.checked().unwrap()
-        };
+        let config = |state: &str, threads: usize, dedupe: bool| file_config(dir.path(), state, threads, dedupe);
         let with_dedupe = core_bills(&spec, true);
         for threads in [1, 3] {
             let out = dir.path().join(format!("bills-{threads}.ndjson"));
@@ -647,32 +680,7 @@ mod tests {
         // Dedupe off: the first chunk ingested by every shard; the even
         // shards write it, the odd ones do not.
         let cfg = config("crashed", 2, false);
-        let (written, chunk_lines) = {
-            let store = Arc::new(Store::open(&cfg.worker.state_dir).unwrap());
-            let settings = file_settings(&cfg, path_topic(&input), &Accounts::File(accounts.clone()));
-            let topic = settings.input_topic.clone();
-            let mut pipeline = Pipeline::new(store.clone(), cfg.rules().clone(), settings, Metrics::new()).unwrap();
-            load_accounts_file(&mut pipeline, &accounts).unwrap();
-            let count = shard_count(&store, &topic, FILE_SHARDS).unwrap();
-            let mut shards = pipeline.split(count).unwrap();
-            let (chunks, _recycle) = read_chunks(open_input(&input).unwrap(), 1_000, 0);
-            let chunk = chunks.recv().unwrap().unwrap();
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-            for (i, slices) in decode_by_shard(&pool, &chunk, &topic, count).into_iter().enumerate() {
-                shards[i].ingest_decoded(slices.into_iter().flatten(), now_ms()).unwrap();
-                shards[i].advance_to(i as i32, chunk.last_line);
-            }
-            let mut written = BatchStats::default();
-            for i in (0..count as usize).step_by(2) {
-                let s = shards[i].flush().unwrap();
-                written.billed += s.billed;
-                written.rejected += s.rejected;
-            }
-            let positions = store.partitions(&topic).unwrap();
-            assert_eq!(positions.keys().copied().collect::<Vec<_>>(), (0..count as i32).step_by(2).collect::<Vec<_>>());
-            assert!(positions.values().all(|p| p.next_offset == chunk.last_line));
-            (written, chunk.last_line)
-        };
+        let (written, chunk_lines) = write_the_even_shards(&cfg, &input, &accounts);
         assert!(written.billed > 0 && written.billed < chunk_lines as u64);
         let out = dir.path().join("bills-crashed.ndjson");
         // Resumed on 5 threads: the count stays 16.
@@ -689,20 +697,31 @@ mod tests {
         assert_eq!(Store::open(&cfg.worker.state_dir).unwrap().partitions(&topic).unwrap().len(), FILE_SHARDS as usize);
 
         // A directory from before sharding: partition 0 only, no count.
-        let cfg = config("legacy", 3, true);
-        let topic = path_topic(&input);
+        legacy_directory_goes_on_with_one_shard(&config("legacy", 3, true), &input, &accounts, truth.unique_events, &with_dedupe).await;
+    }
+
+    /// A state directory from before sharding (a partition-0 position, no
+    /// recorded count) replays `input` with one shard.
+    async fn legacy_directory_goes_on_with_one_shard(
+        cfg: &Checked,
+        input: &Path,
+        accounts: &Path,
+        unique_events: u64,
+        with_dedupe: &BTreeMap<String, String>,
+    ) {
+        let topic = path_topic(input);
         {
             let store = Store::open(&cfg.worker.state_dir).unwrap();
             let mut batch = store.batch();
             batch.put_partition(&topic, 0, crate::store::PartitionState::default());
             store.write(batch).unwrap();
         }
-        let out = dir.path().join("bills-legacy.ndjson");
-        let s = replay_file(&cfg, &input, Accounts::File(accounts.clone()), Sink::File(out.clone()), false, std::future::pending())
+        let out = cfg.worker.state_dir.with_extension("bills.ndjson");
+        let s = replay_file(cfg, input, Accounts::File(accounts.to_path_buf()), Sink::File(out.clone()), false, std::future::pending())
             .await
             .unwrap();
-        assert_eq!(s.billed, truth.unique_events);
-        assert_eq!(bills(&out), with_dedupe);
+        assert_eq!(s.billed, unique_events);
+        assert_eq!(&bills(&out), with_dedupe);
         assert_eq!(Store::open(&cfg.worker.state_dir).unwrap().partitions(&topic).unwrap().keys().copied().collect::<Vec<_>>(), vec![0]);
     }
 }

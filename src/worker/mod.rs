@@ -474,19 +474,7 @@ async fn connect(
     health: Arc<Health>,
 ) -> Result<Worker, WorkerError> {
     let k = &cfg.kafka;
-    let unclean = mark_running(&cfg.worker.state_dir)?;
-    if unclean && k.transactions {
-        tracing::warn!(
-            "the last run on this state directory did not stop cleanly: partitions are restored from the changelog as they are assigned"
-        );
-    }
-    let restores = match opts.mode {
-        Mode::Live => {
-            Some(RestoreThread::start(Restorer::new(k, metrics.clone(), unclean)?, store.clone(), k.input_topic.clone(), opts.fault)?)
-        }
-        Mode::Replay { .. } => None,
-    };
-    let owned = Owned::new(restores, &k.input_topic);
+    let owned = open_owned(cfg, &opts, &store, &metrics)?;
     let changelog_ends: end_offsets::SharedEnds = Arc::default();
     let ctx = StoreOffsets {
         store: store.clone(),
@@ -530,6 +518,27 @@ async fn connect(
         summary,
         gathered: Gathered::default(),
     })
+}
+
+/// What the worker owns, nothing yet, with the thread that restores what
+/// it is assigned (a group member; a replay restores nothing). Marks the
+/// state directory as in use; a mark left by the last run (it did not stop
+/// cleanly) makes every partition's first restore read the changelog.
+fn open_owned(cfg: &Checked, opts: &RunOptions, store: &Arc<Store>, metrics: &Arc<Metrics>) -> Result<Owned, WorkerError> {
+    let k = &cfg.kafka;
+    let unclean = mark_running(&cfg.worker.state_dir)?;
+    if unclean && k.transactions {
+        tracing::warn!(
+            "the last run on this state directory did not stop cleanly: partitions are restored from the changelog as they are assigned"
+        );
+    }
+    let restores = match opts.mode {
+        Mode::Live => {
+            Some(RestoreThread::start(Restorer::new(k, metrics.clone(), unclean)?, store.clone(), k.input_topic.clone(), opts.fault)?)
+        }
+        Mode::Replay { .. } => None,
+    };
+    Ok(Owned::new(restores, &k.input_topic))
 }
 
 /// Live: subscribes to the input topic (a group member bills only what the

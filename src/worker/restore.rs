@@ -159,8 +159,21 @@ impl Restorer {
         };
         let mut restored = restore.finish();
         restored.changelog_end = Some(end);
-        let position = restored.position.map(|p| p.next_offset);
         restored.write(store, input_topic, partition, overwrite)?;
+        self.log_restored(partition, &restored, started, (local, committed), (records, bytes));
+        Ok(Some(records))
+    }
+
+    /// Reports a restore read whole: its time in the metrics, what it
+    /// wrote in the log.
+    fn log_restored(
+        &self,
+        partition: i32,
+        restored: &crate::changelog::Restored,
+        started: Instant,
+        (local, committed): (Option<i64>, Option<i64>),
+        (records, bytes): (u64, u64),
+    ) {
         let seconds = crate::metrics::rounded(started.elapsed().as_secs_f64(), 3);
         self.metrics.restore_seconds.with_label_values(&[&partition.to_string()]).set(seconds);
         tracing::info!(
@@ -170,12 +183,11 @@ impl Restorer {
             seconds,
             account_months = restored.usage.len(),
             bills = restored.bills.len(),
-            ?position,
+            position = ?restored.position.map(|p| p.next_offset),
             stored_before = ?local,
             ?committed,
             "partition restored from the changelog"
         );
-        Ok(Some(records))
     }
 
     /// Counts what a read of `partition`'s changelog went through in the
