@@ -7,28 +7,30 @@
 //! with `kafka::read_partition` (`worker.rs`, `Restorer`).
 //!
 //! One compacted topic with as many partitions as the input: input
-//! partition p's state goes to changelog partition p. Keys (first byte the
-//! kind):
+//! partition p's state goes to changelog partition p. Format 2 (this one);
+//! keys (first byte the kind):
 //!
 //! | key | value | a restore keeps |
 //! | --- | --- | --- |
-//! | `u` + account-month | the month's usage, absolute (encoded `MonthUsage`) | the record with the highest `next_offset` header at most the last `o` |
-//! | `d` + hour + batch offset | reset flag, last offset, topic hash, the hashes the batch added | every one, in order (a reset empties the bucket first) |
+//! | `h` + account-month + hour start | the hour's usage, absolute (a `MonthUsage` of that hour alone) | per hour, the record with the highest `next_offset` header at most the last `o`; the month is its hours together |
+//! | `e` + hour + sequence | one batch's additions to the hour's dedupe bucket: last offset, topic hash, hashes | per key, as for `h`; a bucket is its records in sequence order |
 //! | `b` + account-month | the last emitted bill state | the highest revision, marked to be sent again if unconfirmed ([`Restore::offer_bill`]) |
 //! | `o` | next offset and watermark of the input partition | the highest next offset |
 //!
-//! Every record carries the header [`NEXT_OFFSET`]: the input partition's
-//! next offset after the batch that wrote it. A batch's records are written
-//! in one state write and produced in order, `o` last; a restore applies
-//! only records whose header is at most the last `o` it read, so a batch
-//! whose records were only partly produced (the writer died while
-//! producing) is not applied, and the new owner reads that batch's input
-//! again. With transactions, records whose header is past the group's
-//! committed offset (transactions that did not commit, which brokers that
-//! deliver aborted data show) are ignored too, except bill states
-//! ([`Restore::up_to`]).
-
+//! A record's size follows what one batch changed (one account-hour, one
+//! batch's hashes in one bucket), never the month so far. When the store
+//! drops a dedupe bucket (its window passed, or it restarted empty), the
+//! bucket's `e` records are deleted with tombstones (a key with no value),
+//! so the compacted topic holds about what the stores hold: usage per
+//! account-hour, the live buckets, a bill state per account-month and a
+//! position.
+//!
+//! Format 1 (before this one) wrote `u` (a month's usage so far) and `d`
+//! records instead of `h` and `e`; a restore that meets one stops with
+//! [`StoreError::OldChangelog`] (README, "Upgrading").
+//!
 use crate::billing::calendar::Month;
+use crate::billing::usage::merge_encoded;
 use crate::store::{account_month_key, decode_bill_state, decode_partition_state, encode_bill_state, encode_partition_state};
 use crate::store::{parse_account_month_key, BillState, PartitionState, Store, StoreError};
 use std::collections::BTreeMap;
@@ -51,23 +53,26 @@ pub fn is_bill_state(key: Option<&[u8]>) -> bool {
 /// One change of a partition's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// An account-month's usage, absolute.
-    Usage {
+    /// An account-hour's usage, absolute.
+    UsageHour {
         /// Account.
         account: String,
         /// Month.
         month: Month,
-        /// Encoded `MonthUsage`.
+        /// UTC epoch second the local hour starts at.
+        hour_start: i64,
+        /// Encoded `MonthUsage` holding that hour alone.
         usage: Vec<u8>,
     },
-    /// Request-id hashes a batch added to an hour's dedupe bucket.
+    /// Request-id hashes one batch added to an hour's dedupe bucket: the
+    /// bucket's record number `seq` (0, 1, ... since it started empty).
     Dedupe {
         /// Event hour (epoch hours).
         hour: i64,
-        /// The offset of the batch's last message in the bucket (keys the record).
+        /// The record's number within the bucket.
+        seq: u32,
+        /// The offset of the batch's last message in the bucket.
         last_offset: i64,
-        /// The bucket restarted empty (expired) before these hashes.
-        reset: bool,
         /// Hash of the input topic.
         topic: u64,
         /// 16-byte hashes.
@@ -84,53 +89,78 @@ pub enum Change {
     },
     /// Where the input partition stands.
     Position(PartitionState),
+    /// A record deleted (a tombstone: the key with no value): a dedupe
+    /// record of a bucket the store dropped.
+    Gone {
+        /// The deleted record's key.
+        key: Vec<u8>,
+    },
+}
+
+/// The key of a dedupe record.
+pub fn dedupe_key(hour: i64, seq: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(13);
+    k.push(b'e');
+    k.extend_from_slice(&hour.to_be_bytes());
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 impl Change {
-    /// The record's key and value.
+    /// The record's key and value (a tombstone's value is empty and is
+    /// produced as no value: [`TOMBSTONE`]).
     pub fn encode(&self) -> (Vec<u8>, Vec<u8>) {
         match self {
-            Change::Usage { account, month, usage } => (kind(b'u', &account_month_key(account, *month)), usage.clone()),
-            Change::Dedupe { hour, last_offset, reset, topic, hashes } => {
-                let mut k = vec![b'd'];
-                k.extend_from_slice(&hour.to_be_bytes());
-                k.extend_from_slice(&last_offset.to_be_bytes());
-                let mut v = vec![u8::from(*reset)];
+            Change::UsageHour { account, month, hour_start, usage } => {
+                let mut k = kind(b'h', &account_month_key(account, *month));
+                k.extend_from_slice(&hour_start.to_be_bytes());
+                (k, usage.clone())
+            }
+            Change::Dedupe { hour, seq, last_offset, topic, hashes } => {
+                let mut v = Vec::with_capacity(16 + hashes.len());
                 v.extend_from_slice(&last_offset.to_be_bytes());
                 v.extend_from_slice(&topic.to_be_bytes());
                 v.extend_from_slice(hashes);
-                (k, v)
+                (dedupe_key(*hour, *seq), v)
             }
             Change::Bill { account, month, state } => (kind(b'b', &account_month_key(account, *month)), encode_bill_state(state)),
             Change::Position(s) => (vec![b'o'], encode_partition_state(s)),
+            Change::Gone { key } => (key.clone(), Vec::new()),
         }
     }
 
-    /// A record read back.
-    pub fn decode(key: &[u8], value: &[u8]) -> Result<Change, StoreError> {
+    /// A record read back (`value` `None`: a tombstone).
+    pub fn decode(key: &[u8], value: Option<&[u8]>) -> Result<Change, StoreError> {
         let bad = |detail: &str| StoreError::Corrupt { cf: "changelog", detail: detail.into() };
-        let account_month = || parse_account_month_key(&key[1..]).ok_or_else(|| bad("bad account-month key"));
+        let Some(value) = value else { return Ok(Change::Gone { key: key.to_vec() }) };
         match key.first() {
-            Some(b'u') => {
-                let (account, month) = account_month()?;
-                Ok(Change::Usage { account, month, usage: value.to_vec() })
+            Some(b'h') if key.len() > 9 => {
+                let (am, hour) = key[1..].split_at(key.len() - 9);
+                let (account, month) = parse_account_month_key(am).ok_or_else(|| bad("bad account-month key"))?;
+                let hour_start = i64::from_be_bytes(hour.try_into().expect("8 bytes"));
+                Ok(Change::UsageHour { account, month, hour_start, usage: value.to_vec() })
             }
-            Some(b'd') if key.len() == 17 && value.len() >= 17 && (value.len() - 17).is_multiple_of(16) => Ok(Change::Dedupe {
+            Some(b'e') if key.len() == 13 && value.len() >= 16 && (value.len() - 16).is_multiple_of(16) => Ok(Change::Dedupe {
                 hour: i64::from_be_bytes(key[1..9].try_into().expect("8 bytes")),
-                last_offset: i64::from_be_bytes(value[1..9].try_into().expect("8 bytes")),
-                reset: value[0] == 1,
-                topic: u64::from_be_bytes(value[9..17].try_into().expect("8 bytes")),
-                hashes: value[17..].to_vec(),
+                seq: u32::from_be_bytes(key[9..13].try_into().expect("4 bytes")),
+                last_offset: i64::from_be_bytes(value[..8].try_into().expect("8 bytes")),
+                topic: u64::from_be_bytes(value[8..16].try_into().expect("8 bytes")),
+                hashes: value[16..].to_vec(),
             }),
             Some(b'b') => {
-                let (account, month) = account_month()?;
+                let (account, month) = parse_account_month_key(&key[1..]).ok_or_else(|| bad("bad account-month key"))?;
                 Ok(Change::Bill { account, month, state: decode_bill_state(value)? })
             }
             Some(b'o') => Ok(Change::Position(decode_partition_state(value)?)),
+            Some(&k @ (b'u' | b'd')) => Err(StoreError::OldChangelog { kind: char::from(k) }),
             _ => Err(bad("unknown record kind")),
         }
     }
 }
+
+/// Header of a changelog record produced as a tombstone (no value); the
+/// producer drops it ([`crate::kafka`]).
+pub const TOMBSTONE: &str = "gatebill.tombstone";
 
 fn kind(k: u8, rest: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(rest.len() + 1);
@@ -143,9 +173,12 @@ fn kind(k: u8, rest: &[u8]) -> Vec<u8> {
 /// module doc.
 #[derive(Debug, Default)]
 pub struct Restore {
-    /// Per account-month, its absolute usage by the batch (next offset) that wrote it.
-    usage: BTreeMap<(String, Month), BTreeMap<i64, Vec<u8>>>,
-    dedupe: Vec<(i64, Change)>,
+    /// Per account-month and hour, its absolute usage by the batch (next
+    /// offset) that wrote it.
+    usage: BTreeMap<(String, Month), HourVersions>,
+    /// Per dedupe record key (hour, seq): (last offset, topic, hashes) by
+    /// the batch that wrote it; `None`: deleted.
+    dedupe: BTreeMap<(i64, u32), Versions<Option<DedupeValue>>>,
     /// Per account-month, the bill state kept and whether it was confirmed.
     bills: BTreeMap<(String, Month), (BillState, bool)>,
     position: Option<PartitionState>,
@@ -160,15 +193,43 @@ pub struct Restore {
     pub bytes: u64,
 }
 
+/// A key's values by the next offset of the batch that wrote each (a later
+/// record of the same batch, a retry, replaces it).
+type Versions<T> = BTreeMap<i64, T>;
+
+/// An account-month's hours: hour start -> its usage by batch.
+type HourVersions = BTreeMap<i64, Versions<Vec<u8>>>;
+
+/// A dedupe record's value: last offset, topic hash, hashes.
+type DedupeValue = (i64, u64, Vec<u8>);
+
+/// One dedupe bucket as restored: its hashes in record order, the offset
+/// and topic hash of its last event, and how many records it has in the
+/// changelog (the next one's number).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RestoredBucket {
+    /// Event hour (epoch hours).
+    pub hour: i64,
+    /// Offset of the bucket's last event.
+    pub last_offset: i64,
+    /// Hash of that event's input topic.
+    pub topic: u64,
+    /// 16-byte hashes.
+    pub hashes: Vec<u8>,
+    /// Records of the bucket in the changelog (numbered 0..records).
+    pub records: u32,
+}
+
 /// What a restore writes into the state store.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Restored {
     /// Where the input partition continues.
     pub position: Option<PartitionState>,
-    /// Account-months with their absolute usage.
-    pub usage: Vec<(String, Month, Vec<u8>)>,
-    /// Dedupe changes to apply in order.
-    pub dedupe: Vec<Change>,
+    /// Account-months with their hours' usage (each an encoded
+    /// `MonthUsage` of one hour), merged into the month when written.
+    pub usage: Vec<(String, Month, Vec<Vec<u8>>)>,
+    /// Dedupe buckets, each whole.
+    pub dedupe: Vec<RestoredBucket>,
     /// The last bill per account-month.
     pub bills: Vec<(String, Month, BillState)>,
     /// The changelog partition's end offset the read reached: the next
@@ -220,29 +281,37 @@ impl Restore {
             return;
         }
         match change {
-            Change::Usage { account, month, usage } => {
-                // A later record of the same batch (a retry) replaces it.
-                self.usage.entry((account, month)).or_default().insert(next_offset, usage);
+            Change::UsageHour { account, month, hour_start, usage } => {
+                self.usage.entry((account, month)).or_default().entry(hour_start).or_default().insert(next_offset, usage);
             }
-            Change::Dedupe { .. } => self.dedupe.push((next_offset, change)),
-            Change::Bill { account, month, state } => {
-                // The highest revision; of equal ones a confirmation, else
-                // the later (a chunk sent again after an abort).
-                match self.bills.entry((account, month)) {
-                    std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert((state, confirmed));
-                    }
-                    std::collections::btree_map::Entry::Occupied(mut o) => {
-                        let (held, held_confirmed) = o.get();
-                        if state.revision > held.revision || (state.revision == held.revision && (confirmed || !held_confirmed)) {
-                            o.insert((state, confirmed));
-                        }
-                    }
+            Change::Dedupe { hour, seq, last_offset, topic, hashes } => {
+                self.dedupe.entry((hour, seq)).or_default().insert(next_offset, Some((last_offset, topic, hashes)));
+            }
+            Change::Gone { key } => {
+                if let Some(k) = parse_dedupe_key(&key) {
+                    self.dedupe.entry(k).or_default().insert(next_offset, None);
                 }
             }
+            Change::Bill { account, month, state } => self.keep_bill(account, month, state, confirmed),
             Change::Position(s) => {
                 if self.position.is_none_or(|p| s.next_offset >= p.next_offset) {
                     self.position = Some(s);
+                }
+            }
+        }
+    }
+
+    /// The highest revision; of equal ones a confirmation, else the later
+    /// (a chunk sent again after an abort).
+    fn keep_bill(&mut self, account: String, month: Month, state: BillState, confirmed: bool) {
+        match self.bills.entry((account, month)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((state, confirmed));
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                let (held, held_confirmed) = o.get();
+                if state.revision > held.revision || (state.revision == held.revision && (confirmed || !held_confirmed)) {
+                    o.insert((state, confirmed));
                 }
             }
         }
@@ -257,22 +326,38 @@ impl Restore {
             return Restored { bills, ..Restored::default() };
         };
         let upto = position.next_offset;
-        Restored {
-            position: Some(position),
-            // Each month's usage as of the last batch at or before the position.
-            usage: self
-                .usage
-                .into_iter()
-                .filter_map(|((a, m), mut by_batch)| {
-                    let last = by_batch.range(..=upto).next_back().map(|(o, _)| *o)?;
-                    by_batch.remove(&last).map(|u| (a, m, u))
-                })
-                .collect(),
-            dedupe: self.dedupe.into_iter().filter(|(o, _)| *o <= upto).map(|(_, c)| c).collect(),
-            bills,
-            changelog_end: None,
+        let usage = self
+            .usage
+            .into_iter()
+            .map(|((a, m), hours)| (a, m, hours.into_values().filter_map(|v| as_of(v, upto)).collect::<Vec<_>>()))
+            .filter(|(_, _, hours)| !hours.is_empty())
+            .collect();
+        let mut dedupe: Vec<RestoredBucket> = Vec::new();
+        for ((hour, seq), by_batch) in self.dedupe {
+            let Some(Some((last_offset, topic, hashes))) = as_of(by_batch, upto) else { continue };
+            match dedupe.last_mut() {
+                Some(b) if b.hour == hour => {
+                    b.hashes.extend_from_slice(&hashes);
+                    (b.last_offset, b.topic, b.records) = (last_offset, topic, seq + 1);
+                }
+                _ => dedupe.push(RestoredBucket { hour, last_offset, topic, hashes, records: seq + 1 }),
+            }
         }
+        Restored { position: Some(position), usage, dedupe, bills, changelog_end: None }
     }
+}
+
+/// A key's value as of the last batch at or before `upto`.
+fn as_of<T>(by_batch: Versions<T>, upto: i64) -> Option<T> {
+    by_batch.into_iter().take_while(|(o, _)| *o <= upto).last().map(|(_, v)| v)
+}
+
+/// The (hour, seq) of a dedupe record's key.
+fn parse_dedupe_key(key: &[u8]) -> Option<(i64, u32)> {
+    if key.len() != 13 || key[0] != b'e' {
+        return None;
+    }
+    Some((i64::from_be_bytes(key[1..9].try_into().ok()?), u32::from_be_bytes(key[9..13].try_into().ok()?)))
 }
 
 /// A bill state seen but not confirmed: its bill may or may not have
@@ -303,24 +388,21 @@ impl Restored {
         let r = self;
         let mut b = store.batch();
         if replace {
-            for (hour, _, _) in store.dedupe_index(partition)? {
+            for (hour, ..) in store.dedupe_index(partition)? {
                 b.delete_dedupe(partition, hour);
             }
         }
-        for (a, m, u) in &r.usage {
-            b.put_usage_encoded(a, *m, u);
+        for (a, m, hours) in &r.usage {
+            b.put_usage_encoded(a, *m, &merge_encoded(hours.iter().map(Vec::as_slice))?);
             b.mark_dirty(a, *m, partition);
         }
-        for c in &r.dedupe {
-            if let Change::Dedupe { hour, last_offset, reset, topic, hashes } = c {
-                if *reset {
-                    b.delete_dedupe(partition, *hour);
-                }
-                if !hashes.is_empty() {
-                    b.append_dedupe(partition, *hour, hashes);
-                }
-                b.put_dedupe_index(partition, *hour, *last_offset, *topic);
+        // Each bucket whole, over what the store held of it.
+        for d in &r.dedupe {
+            b.delete_dedupe(partition, d.hour);
+            if !d.hashes.is_empty() {
+                b.append_dedupe(partition, d.hour, &d.hashes);
             }
+            b.put_dedupe_index(partition, d.hour, d.last_offset, d.topic, d.records);
         }
         let keys: Vec<(&str, Month)> = r.bills.iter().map(|(a, m, _)| (a.as_str(), *m)).collect();
         for ((a, m, s), held) in r.bills.iter().zip(store.bill_state_many(&keys)?) {
@@ -352,6 +434,8 @@ mod tests {
     use crate::billing::BillStatus;
 
     const MARCH: Month = Month { year: 2021, month: 3 };
+    /// 2021-03-05T10:00:00+08:00.
+    const HOUR: i64 = 1_614_909_600;
 
     fn bill(revision: u64) -> BillState {
         BillState { revision, status: BillStatus::Final, content_hash: format!("h{revision}"), partition: 2 }
@@ -360,15 +444,57 @@ mod tests {
     #[test]
     fn every_kind_of_record_reads_back_as_written() {
         for c in [
-            Change::Usage { account: "A".into(), month: MARCH, usage: vec![1, 2, 3] },
-            Change::Dedupe { hour: -5, last_offset: 77, reset: true, topic: 9, hashes: vec![7; 32] },
+            Change::UsageHour { account: "A".into(), month: MARCH, hour_start: HOUR, usage: vec![1, 2, 3] },
+            Change::Dedupe { hour: -5, last_offset: 77, seq: 3, topic: 9, hashes: vec![7; 32] },
             Change::Bill { account: "B".into(), month: MARCH, state: bill(4) },
             Change::Position(PartitionState { next_offset: 10, watermark_ms: 1_000 }),
         ] {
             let (k, v) = c.encode();
-            assert_eq!(Change::decode(&k, &v).unwrap(), c);
+            assert_eq!(Change::decode(&k, Some(&v)).unwrap(), c);
         }
-        assert!(Change::decode(b"x", b"").is_err());
+        // A tombstone is the key with no value.
+        let gone = Change::Gone { key: dedupe_key(-5, 3) };
+        assert_eq!(Change::decode(&gone.encode().0, None).unwrap(), gone);
+        assert!(Change::decode(b"x", Some(b"")).is_err());
+        // Format 1's month usage and dedupe records are refused with what to do.
+        for old in [&b"u"[..], &b"d"[..]] {
+            let e = Change::decode(old, Some(b"1")).unwrap_err();
+            assert!(matches!(e, StoreError::OldChangelog { .. }), "{e}");
+            assert!(e.to_string().contains("delete the changelog topic"), "{e}");
+        }
+    }
+
+    /// A dedupe bucket is its records in sequence order; one that restarted
+    /// empty deletes its earlier records (tombstones) and numbers from 0;
+    /// the month's usage is its hours, each as of the last batch written.
+    #[test]
+    fn buckets_and_months_are_restored_from_their_records_tombstones_applied() {
+        let at = |o: i64| Change::Position(PartitionState { next_offset: o, watermark_ms: 0 });
+        let d = |seq, last_offset, fill| Change::Dedupe { hour: 7, seq, last_offset, topic: 1, hashes: vec![fill; 16] };
+        let hour = |h: i64, v: u8| Change::UsageHour { account: "A".into(), month: MARCH, hour_start: HOUR + h * 3600, usage: vec![v] };
+        let mut r = Restore::default();
+        r.offer(10, d(0, 9, 1), 1);
+        r.offer(10, hour(0, 1), 1);
+        r.offer(20, d(1, 19, 2), 1);
+        r.offer(20, hour(0, 2), 1);
+        r.offer(20, hour(1, 5), 1);
+        r.offer(20, Change::Dedupe { hour: 8, seq: 0, last_offset: 18, topic: 1, hashes: vec![9; 16] }, 1);
+        // Hour 8's bucket expired: its only record deleted.
+        r.offer(30, Change::Gone { key: dedupe_key(8, 0) }, 1);
+        r.offer(30, at(30), 1);
+        let done = r.finish();
+        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![vec![2], vec![5]])]);
+        let hashes: Vec<u8> = [vec![1; 16], vec![2; 16]].concat();
+        assert_eq!(done.dedupe, vec![RestoredBucket { hour: 7, last_offset: 19, topic: 1, hashes, records: 2 }]);
+        // Hour 7 restarted empty: records 0 and 1 deleted, a new 0.
+        let mut r = Restore::default();
+        r.offer(10, d(0, 9, 1), 1);
+        r.offer(20, d(1, 19, 2), 1);
+        r.offer(40, Change::Gone { key: dedupe_key(7, 0) }, 1);
+        r.offer(40, Change::Gone { key: dedupe_key(7, 1) }, 1);
+        r.offer(40, d(0, 39, 3), 1);
+        r.offer(40, at(40), 1);
+        assert_eq!(r.finish().dedupe, vec![RestoredBucket { hour: 7, last_offset: 39, topic: 1, hashes: vec![3; 16], records: 1 }]);
     }
 
     /// A writer died while producing its last batch (offsets 10..20): the
@@ -376,14 +502,14 @@ mod tests {
     /// the last complete batch, and the new owner reads the batch again.
     #[test]
     fn a_partly_produced_batch_is_not_applied() {
-        let usage = |v: u8| Change::Usage { account: "A".into(), month: MARCH, usage: vec![v] };
+        let usage = |v: u8| Change::UsageHour { account: "A".into(), month: MARCH, hour_start: HOUR, usage: vec![v] };
         let at = |o: i64| Change::Position(PartitionState { next_offset: o, watermark_ms: o * 100 });
         let mut r = Restore::default();
         r.offer(10, usage(1), 1);
-        r.offer(10, Change::Dedupe { hour: 1, last_offset: 9, reset: false, topic: 1, hashes: vec![1; 16] }, 1);
+        r.offer(10, Change::Dedupe { hour: 1, last_offset: 9, seq: 0, topic: 1, hashes: vec![1; 16] }, 1);
         r.offer(10, at(10), 1);
         r.offer(20, usage(2), 1);
-        r.offer(20, Change::Dedupe { hour: 1, last_offset: 19, reset: false, topic: 1, hashes: vec![2; 16] }, 1);
+        r.offer(20, Change::Dedupe { hour: 1, last_offset: 19, seq: 0, topic: 1, hashes: vec![2; 16] }, 1);
         // A record delivered twice (an outbox retry) changes nothing.
         r.offer(10, usage(1), 1);
         r.offer(10, Change::Bill { account: "A".into(), month: MARCH, state: bill(3) }, 1);
@@ -391,7 +517,7 @@ mod tests {
         assert_eq!(r.records, 8);
         let done = r.finish();
         assert_eq!(done.position, Some(PartitionState { next_offset: 10, watermark_ms: 1_000 }));
-        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![1])]);
+        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![vec![1]])]);
         assert_eq!(done.dedupe.len(), 1);
         assert_eq!(done.bills, vec![("A".to_string(), MARCH, bill(3))]);
     }
@@ -399,16 +525,16 @@ mod tests {
     #[test]
     fn later_batches_replace_usage_and_positions_only_move_forward() {
         let mut r = Restore::default();
-        r.offer(10, Change::Usage { account: "A".into(), month: MARCH, usage: vec![1] }, 1);
+        r.offer(10, Change::UsageHour { account: "A".into(), month: MARCH, hour_start: HOUR, usage: vec![1] }, 1);
         r.offer(10, Change::Position(PartitionState { next_offset: 10, watermark_ms: 0 }), 1);
-        r.offer(30, Change::Usage { account: "A".into(), month: MARCH, usage: vec![3] }, 1);
+        r.offer(30, Change::UsageHour { account: "A".into(), month: MARCH, hour_start: HOUR, usage: vec![3] }, 1);
         r.offer(30, Change::Position(PartitionState { next_offset: 30, watermark_ms: 0 }), 1);
         // A stale record produced late (a restarted old owner's outbox).
-        r.offer(20, Change::Usage { account: "A".into(), month: MARCH, usage: vec![2] }, 1);
+        r.offer(20, Change::UsageHour { account: "A".into(), month: MARCH, hour_start: HOUR, usage: vec![2] }, 1);
         r.offer(20, Change::Position(PartitionState { next_offset: 20, watermark_ms: 0 }), 1);
         let done = r.finish();
         assert_eq!(done.position.unwrap().next_offset, 30);
-        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![3])]);
+        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![vec![3]])]);
     }
 
     /// A writer died in the middle of a bill chunk: March's and April's
@@ -500,9 +626,9 @@ mod tests {
         store.write(b).unwrap();
 
         let mut r = Restore::bills_only();
-        r.offer(400, Change::Usage { account: "A".into(), month: MARCH, usage: vec![9] }, 1);
+        r.offer(400, Change::UsageHour { account: "A".into(), month: MARCH, hour_start: HOUR, usage: vec![9] }, 1);
         r.offer(400, Change::Position(PartitionState { next_offset: 400, watermark_ms: 2 }), 1);
-        r.offer(400, Change::Dedupe { hour: 1, last_offset: 399, reset: true, topic: 1, hashes: vec![2; 16] }, 1);
+        r.offer(400, Change::Dedupe { hour: 1, last_offset: 399, seq: 0, topic: 1, hashes: vec![2; 16] }, 1);
         r.offer(27, Change::Bill { account: "A".into(), month: MARCH, state: state(2, "theirs") }, 1);
         r.offer(27, Change::Bill { account: "A".into(), month: APRIL, state: state(2, "theirs") }, 1);
         let mut done = r.finish();
@@ -525,19 +651,19 @@ mod tests {
     /// offset is 20), and its records are delivered anyway: they are ignored.
     #[test]
     fn records_past_the_committed_offset_are_ignored() {
-        let usage = |v: u8| Change::Usage { account: "A".into(), month: MARCH, usage: vec![v] };
+        let usage = |v: u8| Change::UsageHour { account: "A".into(), month: MARCH, hour_start: HOUR, usage: vec![v] };
         let at = |o: i64| Change::Position(PartitionState { next_offset: o, watermark_ms: o * 100 });
         let mut r = Restore::up_to(Some(20));
         r.offer(20, usage(1), 1);
         r.offer(20, at(20), 1);
         r.offer(30, usage(2), 1);
-        r.offer(30, Change::Dedupe { hour: 1, last_offset: 29, reset: false, topic: 1, hashes: vec![2; 16] }, 1);
+        r.offer(30, Change::Dedupe { hour: 1, last_offset: 29, seq: 0, topic: 1, hashes: vec![2; 16] }, 1);
         r.offer(30, at(30), 1);
         r.offer(30, Change::Bill { account: "A".into(), month: MARCH, state: bill(5) }, 1);
         let done = r.finish();
         assert_eq!(done.position.unwrap().next_offset, 20);
         assert_eq!(done.bills, vec![("A".to_string(), MARCH, bill(5))], "revisions only rise (a confirmed state)");
-        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![1])]);
+        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![vec![1]])]);
         assert!(done.dedupe.is_empty());
     }
 }

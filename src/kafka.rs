@@ -451,13 +451,22 @@ async fn produce_acked_marking(
         acked.push(false);
         let mark = unconfirmed(rec);
         let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len() + usize::from(mark));
+        // A changelog tombstone goes out as its key with no value.
+        let mut tombstone = false;
         for (k, v) in &rec.headers {
+            if k == crate::changelog::TOMBSTONE {
+                tombstone = true;
+                continue;
+            }
             headers = headers.insert(Header { key: k, value: Some(v) });
         }
         if mark {
             headers = headers.insert(Header { key: crate::changelog::UNCONFIRMED, value: Some(&b"1"[..]) });
         }
-        let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&rec.topic).payload(&rec.payload[..]).headers(headers);
+        let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&rec.topic).headers(headers);
+        if !tombstone {
+            fr = fr.payload(&rec.payload[..]);
+        }
         if let Some(k) = &rec.key {
             fr = fr.key(&k[..]);
         }

@@ -78,6 +78,16 @@ pub enum StoreError {
          give a directory, e.g. --state-dir gatebill-state, or unset the variable for the default"
     )]
     EmptyPath,
+    /// A changelog record of format 1 (gatebill before changelog format 2).
+    #[error(
+        "the changelog holds a record of format 1 (kind `{kind}`), written by a gatebill before changelog format 2, which this \
+         gatebill does not read: stop every worker of the group cleanly (SIGTERM), delete the changelog topic (or set \
+         kafka.changelog_topic to a new one), and start the group again with the same state directories (README, \"Upgrading\")"
+    )]
+    OldChangelog {
+        /// The record's kind (`u` or `d`).
+        kind: char,
+    },
     /// The directory holds files that are not a gatebill store.
     #[error(
         "{dir} is not a gatebill state directory ({what}). gatebill does not turn a directory with other files \
@@ -378,6 +388,10 @@ pub fn parse_account_month_key(k: &[u8]) -> Option<(String, Month)> {
     let ord = u32::from_be_bytes(k.get(2 + len..6 + len)?.try_into().ok()?);
     Some((account, Month::from_ordinal(ord)))
 }
+
+/// A dedupe bucket's index entry ([`Store::dedupe_index`]): event hour,
+/// offset and topic hash of its last event, its changelog records.
+pub type BucketIndex = (i64, i64, u64, u32);
 
 /// The `offsets` entries of [`Store::changelog_seen`]: a name no Kafka
 /// topic can have (`#` is not allowed in topic names).
@@ -741,8 +755,10 @@ impl Store {
     }
 
     /// Every live dedupe bucket of a partition: (event hour, input offset of
-    /// the last event placed in it, hash of that event's input topic).
-    pub fn dedupe_index(&self, partition: i32) -> Result<Vec<(i64, i64, u64)>, StoreError> {
+    /// the last event placed in it, hash of that event's input topic, its
+    /// records in the changelog: 0 for an entry written before changelog
+    /// format 2).
+    pub fn dedupe_index(&self, partition: i32) -> Result<Vec<BucketIndex>, StoreError> {
         let prefix = partition.to_be_bytes();
         let mut out = Vec::new();
         for item in self.db.iterator_cf(self.cf(cf::DEDUPE_INDEX), IteratorMode::From(&prefix, rocksdb::Direction::Forward)) {
@@ -752,12 +768,13 @@ impl Store {
             }
             let bad = || StoreError::Corrupt { cf: cf::DEDUPE_INDEX, detail: "bad entry".into() };
             let hour = <[u8; 8]>::try_from(&k[4..]).map_err(|_| bad())?;
-            if v.len() != 16 {
+            if v.len() != 16 && v.len() != 20 {
                 return Err(bad());
             }
             let last = i64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
-            let topic = u64::from_be_bytes(v[8..].try_into().expect("8 bytes"));
-            out.push(((u64::from_be_bytes(hour) ^ (1 << 63)) as i64, last, topic));
+            let topic = u64::from_be_bytes(v[8..16].try_into().expect("8 bytes"));
+            let records = v.get(16..20).map_or(0, |r| u32::from_be_bytes(r.try_into().expect("4 bytes")));
+            out.push(((u64::from_be_bytes(hour) ^ (1 << 63)) as i64, last, topic, records));
         }
         Ok(out)
     }
@@ -1005,10 +1022,12 @@ impl Batch<'_> {
     }
 
     /// Records the input offset (and input topic hash) of the last event
-    /// placed in a partition's hour.
-    pub fn put_dedupe_index(&mut self, partition: i32, hour: i64, last_offset: i64, topic: u64) {
+    /// placed in a partition's hour, and how many changelog records the
+    /// bucket has.
+    pub fn put_dedupe_index(&mut self, partition: i32, hour: i64, last_offset: i64, topic: u64, records: u32) {
         let mut v = last_offset.to_be_bytes().to_vec();
         v.extend_from_slice(&topic.to_be_bytes());
+        v.extend_from_slice(&records.to_be_bytes());
         self.wb.put_cf(self.store.cf(cf::DEDUPE_INDEX), dedupe_key(partition, hour), v);
     }
 
@@ -1300,16 +1319,16 @@ mod tests {
         assert_eq!(s.outbox().unwrap(), vec![(outbox_dead_letter_key(5), rec)]);
         assert_eq!(s.next_dead_letter_seq().unwrap(), 6);
         let mut b = s.batch();
-        b.put_dedupe_index(0, 3600, 10, 7);
-        b.put_dedupe_index(0, -7200, 11, 7);
-        b.put_dedupe_index(1, 0, 12, 8);
+        b.put_dedupe_index(0, 3600, 10, 7, 0);
+        b.put_dedupe_index(0, -7200, 11, 7, 2);
+        b.put_dedupe_index(1, 0, 12, 8, 1);
         s.write(b).unwrap();
-        assert_eq!(s.dedupe_index(0).unwrap(), vec![(-7200, 11, 7), (3600, 10, 7)]);
+        assert_eq!(s.dedupe_index(0).unwrap(), vec![(-7200, 11, 7, 2), (3600, 10, 7, 0)]);
         let mut b = s.batch();
         b.delete_dedupe(0, 3600);
         s.write(b).unwrap();
-        assert_eq!(s.dedupe_index(0).unwrap(), vec![(-7200, 11, 7)]);
-        assert_eq!(s.dedupe_index(1).unwrap(), vec![(0, 12, 8)]);
+        assert_eq!(s.dedupe_index(0).unwrap(), vec![(-7200, 11, 7, 2)]);
+        assert_eq!(s.dedupe_index(1).unwrap(), vec![(0, 12, 8, 1)]);
         let mut b = s.batch();
         b.append_dedupe(0, 7200, &[4; 16]);
         s.write(b).unwrap();

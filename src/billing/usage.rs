@@ -189,12 +189,26 @@ impl MonthUsage {
     /// Adds another month's usage to this one. Commutative and associative.
     pub fn merge(&mut self, other: &MonthUsage) {
         for h in other.hours() {
-            let i = self.slot(h.hour_start);
-            self.add_counters(i, [h.calls, h.frontend_error_calls, h.private_out_bytes, h.inbound_bytes]);
-            for (r, b) in h.public_out_bytes() {
-                self.add_public(i, r, b);
-            }
+            self.add_view(&h);
         }
+    }
+
+    /// Adds one hour of another month's usage to this one.
+    pub fn add_view(&mut self, h: &HourView<'_>) {
+        let i = self.slot(h.hour_start);
+        self.add_counters(i, [h.calls, h.frontend_error_calls, h.private_out_bytes, h.inbound_bytes]);
+        for (r, b) in h.public_out_bytes() {
+            self.add_public(i, r, b);
+        }
+    }
+
+    /// The hour starting at `hour_start` alone (empty when it has no usage).
+    pub fn only_hour(&self, hour_start: i64) -> MonthUsage {
+        let mut out = MonthUsage::default();
+        if let Some(h) = self.hour(hour_start) {
+            out.add_view(&h);
+        }
+        out
     }
 
     /// The hours in chronological order.

@@ -9,21 +9,22 @@ use crate::billing::event::{truncate, DecodeError, RejectReason};
 use crate::billing::scan::{decode_billable, Billable};
 use crate::billing::usage::{encode_rows, HourRow};
 use crate::billing::Metered;
-use crate::changelog::Change;
-use crate::store::{Batch, OutboxRecord, PartitionState, Store, StoreError};
+use crate::changelog::{dedupe_key, Change};
+use crate::store::{Batch, BucketIndex, OutboxRecord, PartitionState, Store, StoreError};
 use rayon::prelude::*;
 
 /// Where the dedupe mirror reads what it does not hold yet: the state
 /// store in the pipeline, a map in tests.
 pub trait BucketSource {
-    /// Every stored bucket of a partition: (event hour, last offset, topic hash).
-    fn dedupe_index(&self, partition: i32) -> Result<Vec<(i64, i64, u64)>, StoreError>;
+    /// Every stored bucket of a partition: (event hour, last offset, topic
+    /// hash, changelog records).
+    fn dedupe_index(&self, partition: i32) -> Result<Vec<BucketIndex>, StoreError>;
     /// The request-id hashes of one bucket, 16 bytes each.
     fn dedupe_bucket(&self, partition: i32, hour: i64) -> Result<Vec<u8>, StoreError>;
 }
 
 impl BucketSource for Store {
-    fn dedupe_index(&self, partition: i32) -> Result<Vec<(i64, i64, u64)>, StoreError> {
+    fn dedupe_index(&self, partition: i32) -> Result<Vec<BucketIndex>, StoreError> {
         Store::dedupe_index(self, partition)
     }
 
@@ -235,6 +236,11 @@ struct Bucket {
     /// The cache's write count ([`DedupeCache::write_changes`]) when an
     /// event last went into this bucket.
     used: u64,
+    /// Changelog records of the bucket (numbered 0..records).
+    records: u32,
+    /// Changelog records of the bucket this one replaced when it restarted
+    /// empty, to be deleted (tombstones) with the next write.
+    dropped: u32,
 }
 
 /// The memory a set of request-id entries holds, about: hashbrown keeps 8
@@ -376,8 +382,8 @@ fn read_index(store: &impl BucketSource, partition: i32) -> Result<FxHashMap<i64
     let index = store.dedupe_index(partition)?;
     Ok(index
         .into_iter()
-        .map(|(hour, last_offset, topic)| {
-            (hour, Bucket { seen: None, new: Vec::new(), last_offset, topic, reset: false, touched: false, used: 0 })
+        .map(|(hour, last_offset, topic, records)| {
+            (hour, Bucket { seen: None, new: Vec::new(), last_offset, topic, reset: false, touched: false, used: 0, records, dropped: 0 })
         })
         .collect())
 }
@@ -457,7 +463,7 @@ impl DedupeCache {
             None => self.partitions.entry(partition).or_insert(read_index(store, partition)?),
         };
         let clock = self.clock;
-        let empty = |reset| Bucket {
+        let empty = |reset, dropped| Bucket {
             seen: Some(FxHashMap::default()),
             new: Vec::new(),
             last_offset: offset,
@@ -465,10 +471,12 @@ impl DedupeCache {
             reset,
             touched: true,
             used: clock,
+            records: 0,
+            dropped,
         };
-        let bucket = buckets.entry(hour).or_insert_with(|| empty(false));
+        let bucket = buckets.entry(hour).or_insert_with(|| empty(false, 0));
         if !window.live(hour, bucket.last_offset, bucket.topic == topic, offset, watermark_ms) {
-            *bucket = empty(true);
+            *bucket = empty(true, bucket.records.max(bucket.dropped));
         }
         if bucket.seen.is_none() {
             let stored = store.dedupe_bucket(partition, hour)?;
@@ -514,7 +522,9 @@ impl DedupeCache {
 
     /// Adds what changed since the last call to a write batch: per touched
     /// bucket, its new hashes (replacing the stored ones after a reset) and
-    /// its last offset.
+    /// its last offset; with `changed`, the changelog records: the bucket's
+    /// next numbered record, after tombstones of the records of a bucket it
+    /// replaced.
     pub fn write_changes(&mut self, batch: &mut Batch<'_>, mut changed: Option<&mut Vec<(i32, Change)>>) {
         for (p, buckets) in &mut self.partitions {
             for (hour, b) in buckets.iter_mut().filter(|(_, b)| b.touched) {
@@ -526,10 +536,14 @@ impl DedupeCache {
                 if !hashes.is_empty() {
                     batch.append_dedupe(*p, *hour, &hashes);
                 }
-                batch.put_dedupe_index(*p, *hour, b.last_offset, b.topic);
                 if let Some(out) = changed.as_mut() {
-                    out.push((*p, Change::Dedupe { hour: *hour, last_offset: b.last_offset, reset: b.reset, topic: b.topic, hashes }));
+                    for seq in 0..std::mem::take(&mut b.dropped) {
+                        out.push((*p, Change::Gone { key: dedupe_key(*hour, seq) }));
+                    }
+                    out.push((*p, Change::Dedupe { hour: *hour, seq: b.records, last_offset: b.last_offset, topic: b.topic, hashes }));
+                    b.records += 1;
                 }
+                batch.put_dedupe_index(*p, *hour, b.last_offset, b.topic, b.records);
                 b.reset = false;
                 b.touched = false;
             }
@@ -544,14 +558,27 @@ impl DedupeCache {
 
     /// Deletes (from memory and, in the batch, from the store) a partition's
     /// buckets that have expired for every message after `last_offset`, the
-    /// partition's watermark being `watermark_ms`.
-    pub fn prune(&mut self, batch: &mut Batch<'_>, partition: i32, last_offset: i64, watermark_ms: i64) {
+    /// partition's watermark being `watermark_ms`; with `changed`, their
+    /// changelog records too (tombstones).
+    pub fn prune(
+        &mut self,
+        batch: &mut Batch<'_>,
+        partition: i32,
+        last_offset: i64,
+        watermark_ms: i64,
+        mut changed: Option<&mut Vec<(i32, Change)>>,
+    ) {
         let (window, topic) = (self.window, self.topic);
         if let Some(buckets) = self.partitions.get_mut(&partition) {
             buckets.retain(|hour, b| {
                 let live = window.live(*hour, b.last_offset, b.topic == topic, last_offset + 1, watermark_ms);
                 if !live {
                     batch.delete_dedupe(partition, *hour);
+                    if let Some(out) = changed.as_mut() {
+                        for seq in 0..b.records.max(b.dropped) {
+                            out.push((partition, Change::Gone { key: dedupe_key(*hour, seq) }));
+                        }
+                    }
                 }
                 live
             });
@@ -569,8 +596,8 @@ mod tests {
     struct Stored(BTreeMap<(i32, i64), (i64, u64, Vec<u128>)>);
 
     impl BucketSource for Stored {
-        fn dedupe_index(&self, partition: i32) -> Result<Vec<(i64, i64, u64)>, StoreError> {
-            Ok(self.0.iter().filter(|((p, _), _)| *p == partition).map(|((_, h), (last, topic, _))| (*h, *last, *topic)).collect())
+        fn dedupe_index(&self, partition: i32) -> Result<Vec<BucketIndex>, StoreError> {
+            Ok(self.0.iter().filter(|((p, _), _)| *p == partition).map(|((_, h), (last, topic, _))| (*h, *last, *topic, 0)).collect())
         }
         fn dedupe_bucket(&self, partition: i32, hour: i64) -> Result<Vec<u8>, StoreError> {
             Ok(self.0.get(&(partition, hour)).map(|(_, _, ids)| ids.iter().flat_map(|h| h.to_be_bytes()).collect()).unwrap_or_default())

@@ -9,13 +9,13 @@
 use super::batch::{content_hash, decode_all, encode_cells, DedupeCache, DedupeWindow, HourCell, Interner, Pending, Seen};
 use super::context::{Context, Settings};
 use super::message::{BatchStats, InputMessage};
-use super::mirrors::{KnownMarks, MonthTotalsMirror, MONTH_TOTALS_MAX};
+use super::mirrors::{HourMirror, HourValues, KnownMarks, MonthTotalsMirror, MONTH_TOTALS_MAX};
 use super::numbers::OutboxNumbers;
 use super::positions::Positions;
 use crate::billing::calendar::{Month, PlaceCache};
 use crate::billing::event::{DecodeError, RejectReason};
 use crate::billing::scan::Billable;
-use crate::billing::usage::{merge_encoded, TotalOverflow, MAX_MONTH_TOTAL};
+use crate::billing::usage::{MonthUsage, TotalOverflow, MAX_MONTH_TOTAL};
 use crate::changelog::Change;
 use crate::store::{Batch, PartitionState, Store, StoreError};
 use std::borrow::Borrow;
@@ -43,6 +43,9 @@ pub struct Ingest {
     known_dirty: KnownMarks,
     /// Each ingested account-month's usage totals ([`MonthTotalsMirror`]).
     totals: MonthTotalsMirror,
+    /// Each ingested account-month's latest hours ([`HourMirror`]): the
+    /// changelog's usage records, absolute, without reading the month.
+    hours: HourMirror,
 }
 
 /// What a staged input batch brings memory up to once it is written
@@ -53,6 +56,8 @@ pub struct InputWritten {
     touched: BTreeMap<i32, PartitionState>,
     /// The dirty marks the batch writes (by interned account id).
     marked: Vec<(u32, Month, i32)>,
+    /// The hours of usage the batch writes, absolute ([`HourMirror::written`]).
+    hours: HourValues,
 }
 
 impl InputWritten {
@@ -87,6 +92,7 @@ impl Ingest {
             regions: Interner::default(),
             known_dirty: KnownMarks::default(),
             totals: MonthTotalsMirror::new(cx.store.usage_is_empty()?, totals_max),
+            hours: HourMirror::new(cx.store.usage_is_empty()?, totals_max),
         })
     }
 
@@ -253,6 +259,7 @@ impl Ingest {
         self.dedupe = dedupe_cache(settings);
         self.known_dirty.forget();
         self.totals.forget();
+        self.hours.forget();
     }
 
     /// Stages everything pending into `batch`, and empties it: usage deltas,
@@ -286,15 +293,18 @@ impl Ingest {
         for (key, record) in &pending.dead_letters {
             batch.put_outbox(key, record);
         }
-        let mut changes = match cx.settings.changelog_topic {
-            Some(_) => Some(usage_changes(&cx.store, &groups, &deltas)?),
-            None => None,
+        let (mut changes, hours) = match cx.settings.changelog_topic {
+            Some(_) => {
+                let (changes, hours) = usage_changes(&mut self.hours, &cx.store, &groups, &deltas)?;
+                (Some(changes), hours)
+            }
+            None => (None, Vec::new()),
         };
         self.dedupe.write_changes(batch, changes.as_mut());
         for (p, s) in &pending.touched {
             batch.put_partition(&cx.settings.input_topic, *p, *s);
             if cx.settings.dedupe {
-                self.dedupe.prune(batch, *p, s.next_offset - 1, s.watermark_ms);
+                self.dedupe.prune(batch, *p, s.next_offset - 1, s.watermark_ms, changes.as_mut());
             }
             if let Some(changes) = changes.as_mut() {
                 changes.push((*p, Change::Position(*s)));
@@ -304,7 +314,7 @@ impl Ingest {
             let next_offset = pending.touched.get(&p).map_or_else(|| positions.next_offset(p).unwrap_or(0), |s| s.next_offset);
             numbers.put_change(&cx.settings, batch, p, next_offset, &change);
         }
-        Ok(InputWritten { stats: pending.stats, touched: pending.touched, marked })
+        Ok(InputWritten { stats: pending.stats, touched: pending.touched, marked, hours })
     }
 
     /// Memory brought in line with a written input batch: its positions,
@@ -322,8 +332,9 @@ impl Ingest {
         let (reads, bytes) = self.dedupe.take_reads();
         cx.metrics.dedupe_reads.inc_by(reads);
         cx.metrics.dedupe_read_bytes.inc_by(bytes);
-        // The marks are on disk now.
+        // The marks and the hours' usage are on disk now.
         self.known_dirty.written(w.marked);
+        self.hours.written(w.hours);
         // Interned ids only need to live as long as a batch (and
         // the known marks, keyed by them): a long-running worker
         // keeps the table bounded.
@@ -331,6 +342,7 @@ impl Ingest {
             self.ids = Interner::default();
             self.known_dirty.forget();
             self.totals.forget();
+            self.hours.forget();
         }
         self.totals.written();
         w.stats
@@ -348,7 +360,8 @@ impl Ingest {
     /// After a reload, which may have written usage: the month totals are
     /// read again ([`MonthTotalsMirror::reloaded`]).
     pub fn reloaded(&mut self, store: &Store) -> Result<(), StoreError> {
-        self.totals.reloaded(|| store.usage_is_empty())
+        self.totals.reloaded(|| store.usage_is_empty())?;
+        self.hours.reloaded(|| store.usage_is_empty())
     }
 
     /// An emission stages the clearing of a month's dirty mark (before it
@@ -366,9 +379,11 @@ impl Ingest {
         self.known_dirty.forget();
     }
 
-    /// Forgets the month totals: others wrote usage (the shards of a split).
+    /// Forgets the month totals and hours: others wrote usage (the shards
+    /// of a split).
     pub fn forget_totals(&mut self) {
         self.totals.forget();
+        self.hours.forget();
     }
 
     /// Messages ingested since the last flush (offsets already processed included).
@@ -396,19 +411,29 @@ fn month_groups<'i>(cells: &[((u32, i64, u32), HourCell)], ids: &'i Interner) ->
     groups
 }
 
-/// The changelog records of a batch's usage: each month's usage absolute,
-/// what is on disk plus the batch's delta, for the partition of its events.
-fn usage_changes(store: &Store, groups: &[MonthGroup<'_>], deltas: &[Vec<u8>]) -> Result<Vec<(i32, Change)>, StoreError> {
-    let keys: Vec<(&str, Month)> = groups.iter().map(|g| (g.account, g.month)).collect();
+/// The changelog records of a batch's usage: each account-hour it
+/// touched, absolute (on disk plus the batch's delta, [`HourMirror`]),
+/// for the partition of its events; and those values, for the mirror
+/// once the batch is written.
+fn usage_changes(
+    mirror: &mut HourMirror,
+    store: &Store,
+    groups: &[MonthGroup<'_>],
+    deltas: &[Vec<u8>],
+) -> Result<(Vec<(i32, Change)>, HourValues), StoreError> {
     let mut changes = Vec::new();
-    for ((g, delta), current) in groups.iter().zip(deltas).zip(store.usage_raw_many(&keys)?) {
-        let usage = match current {
-            Some(c) => merge_encoded([c.as_slice(), delta.as_slice()])?,
-            None => delta.clone(),
-        };
-        changes.push((g.partition, Change::Usage { account: g.account.to_string(), month: g.month, usage }));
+    let mut hours = Vec::with_capacity(groups.len());
+    for (g, delta) in groups.iter().zip(deltas) {
+        let delta = MonthUsage::decode(delta)?;
+        let absolute = mirror.absolute(g.id, g.month, &delta, || store.usage(g.account, g.month))?;
+        for (hour_start, usage) in &absolute {
+            let usage = usage.encode();
+            changes
+                .push((g.partition, Change::UsageHour { account: g.account.to_string(), month: g.month, hour_start: *hour_start, usage }));
+        }
+        hours.push(((g.id, g.month), absolute));
     }
-    Ok(changes)
+    Ok((changes, hours))
 }
 
 /// An empty dedupe mirror for the settings' window and input topic.

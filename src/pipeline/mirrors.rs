@@ -6,9 +6,10 @@
 //! nothing of the pipeline.
 
 use crate::billing::calendar::Month;
-use crate::billing::usage::MonthTotals;
+use crate::billing::usage::{MonthTotals, MonthUsage};
 use rustc_hash::FxBuildHasher;
 use std::collections::hash_map::Entry;
+use std::collections::BTreeMap;
 use std::collections::HashMap;
 
 /// Most entries [`KnownMarks`] keeps (about 24 MB): past it, it starts
@@ -124,6 +125,141 @@ impl MonthTotalsMirror {
     }
 }
 
+/// The hours a batch wrote of each account-month it touched, absolute
+/// (hour start, that hour's usage alone), keyed by (interned account, month).
+pub type HourValues = Vec<((u32, Month), Vec<(i64, MonthUsage)>)>;
+
+/// How many of an account-month's latest hours [`HourMirror`] keeps.
+pub const RECENT_HOURS: usize = 3;
+
+/// The latest hours of each ingested account-month's usage as on disk, so
+/// that a batch's changelog records carry each account-hour it touched,
+/// absolute, without reading the month so far (whose size grows with the
+/// month).
+///
+/// Invariant, per account-month with an entry: every hour at or after its
+/// `floor` that has usage on disk is among its `hours`, with its value on
+/// disk. An hour below the floor (a late event) is read from the stored
+/// month. An entry is made at the month's first batch: empty when the
+/// mirror is *complete* (as [`MonthTotalsMirror`]: a start on a store
+/// without usage, nothing changed behind it since), else from the stored
+/// month's latest hours. Values change only once their batch is written
+/// ([`HourMirror::written`]); anything that may change usage behind it
+/// forgets it ([`HourMirror::forget`], [`HourMirror::reloaded`]).
+pub struct HourMirror {
+    months: HashMap<(u32, Month), RecentHours, FxBuildHasher>,
+    complete: bool,
+    max_entries: usize,
+}
+
+/// One account-month's latest hours ([`HourMirror`]).
+#[derive(Debug, Default)]
+struct RecentHours {
+    floor: i64,
+    /// Hour start -> the hour's usage alone.
+    hours: BTreeMap<i64, MonthUsage>,
+}
+
+impl RecentHours {
+    /// From the month as stored (`None`: no usage).
+    fn from_stored(month: Option<&MonthUsage>) -> RecentHours {
+        let Some(m) = month.filter(|m| !m.is_empty()) else { return RecentHours { floor: i64::MIN, hours: BTreeMap::new() } };
+        let latest: Vec<i64> = m.hours().map(|h| h.hour_start).collect();
+        let keep = &latest[latest.len().saturating_sub(RECENT_HOURS)..];
+        RecentHours { floor: keep[0], hours: keep.iter().map(|&h| (h, m.only_hour(h))).collect() }
+    }
+
+    /// Keeps the latest [`RECENT_HOURS`]; an hour at or after the floor
+    /// that leaves raises the floor past it.
+    fn trim(&mut self) {
+        while self.hours.len() > RECENT_HOURS {
+            let (first, _) = self.hours.pop_first().expect("not empty");
+            if first >= self.floor {
+                self.floor = first + 1;
+            }
+        }
+    }
+}
+
+impl HourMirror {
+    /// An empty mirror: complete when the store has no usage; keeping at
+    /// most `max_entries` account-months.
+    pub fn new(store_has_no_usage: bool, max_entries: usize) -> Self {
+        HourMirror { months: HashMap::default(), complete: store_has_no_usage, max_entries }
+    }
+
+    /// Each hour of `delta` (a batch's usage of one account-month) as it
+    /// will be on disk once the batch is written: the stored hour plus the
+    /// delta. `read` reads the stored month; it is called at most once, and
+    /// only at the month's first batch (unless the mirror is complete) or
+    /// for an hour below the floor.
+    pub fn absolute<E>(
+        &mut self,
+        account: u32,
+        month: Month,
+        delta: &MonthUsage,
+        read: impl FnOnce() -> Result<Option<MonthUsage>, E>,
+    ) -> Result<Vec<(i64, MonthUsage)>, E> {
+        let mut read = Some(read);
+        let mut stored: Option<Option<MonthUsage>> = None;
+        let entry = match self.months.entry((account, month)) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) if self.complete => v.insert(RecentHours { floor: i64::MIN, hours: BTreeMap::new() }),
+            Entry::Vacant(v) => {
+                let m = (read.take().expect("unread"))()?;
+                let recent = RecentHours::from_stored(m.as_ref());
+                stored = Some(m);
+                v.insert(recent)
+            }
+        };
+        let mut out = Vec::with_capacity(delta.hours().len());
+        for h in delta.hours() {
+            let mut hour = match entry.hours.get(&h.hour_start) {
+                Some(known) => known.clone(),
+                None if h.hour_start >= entry.floor => MonthUsage::default(),
+                None => {
+                    if stored.is_none() {
+                        stored = Some((read.take().expect("read once"))()?);
+                    }
+                    stored.as_ref().and_then(Option::as_ref).map(|m| m.only_hour(h.hour_start)).unwrap_or_default()
+                }
+            };
+            hour.add_view(&h);
+            out.push((h.hour_start, hour));
+        }
+        Ok(out)
+    }
+
+    /// A batch was written with these hours' values (from
+    /// [`HourMirror::absolute`]); past the size bound, the mirror is
+    /// forgotten.
+    pub fn written(&mut self, updates: HourValues) {
+        for (key, hours) in updates {
+            if let Some(entry) = self.months.get_mut(&key) {
+                entry.hours.extend(hours);
+                entry.trim();
+            }
+        }
+        if self.months.len() > self.max_entries {
+            self.forget();
+        }
+    }
+
+    /// Partitions' state was reloaded (a restore may have written usage):
+    /// as [`MonthTotalsMirror::reloaded`].
+    pub fn reloaded<E>(&mut self, store_has_no_usage: impl FnOnce() -> Result<bool, E>) -> Result<(), E> {
+        self.complete = self.complete && self.months.is_empty() && store_has_no_usage()?;
+        self.months.clear();
+        Ok(())
+    }
+
+    /// Forgets every entry, and that the mirror was complete.
+    pub fn forget(&mut self) {
+        self.months.clear();
+        self.complete = false;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,5 +302,49 @@ mod tests {
         m.totals(2, march, unread).unwrap();
         m.written();
         assert_eq!(m.totals(1, march, read).unwrap().calls, 7);
+    }
+
+    #[test]
+    fn the_hour_mirror_gives_each_hour_absolute_reading_the_month_only_when_it_must() {
+        let march = Month::new(2021, 3).unwrap();
+        let hour = |h: i64, calls: u64| {
+            let mut m = MonthUsage::default();
+            for _ in 0..calls {
+                m.add(h * 3600, "eu", &crate::billing::Metered { public_out_bytes: 10, ..Default::default() });
+            }
+            m
+        };
+        let calls = |out: &[(i64, MonthUsage)]| out.iter().map(|(h, u)| (*h / 3600, u.calls())).collect::<Vec<_>>();
+        let unread = || -> Result<Option<MonthUsage>, ()> { panic!("read the month") };
+        // On disk: hours 1..=5 with 1..=5 calls.
+        let mut disk = MonthUsage::default();
+        for h in 1..=5 {
+            disk.merge(&hour(h, h as u64));
+        }
+        let mut m = HourMirror::new(false, 10);
+        // The first batch reads the month: hour 5 is 5 + 2, hour 6 is new.
+        let mut delta = hour(5, 2);
+        delta.merge(&hour(6, 1));
+        let out = m.absolute(1, march, &delta, || Ok::<_, ()>(Some(disk.clone()))).unwrap();
+        assert_eq!(calls(&out), vec![(5, 7), (6, 1)]);
+        m.written(vec![((1, march), out)]);
+        // The next batch reads nothing: hours 4 (kept), 6 (written) and 7 (new).
+        let mut delta = hour(4, 1);
+        delta.merge(&hour(6, 1));
+        delta.merge(&hour(7, 1));
+        let out = m.absolute(1, march, &delta, unread).unwrap();
+        assert_eq!(calls(&out), vec![(4, 5), (6, 2), (7, 1)]);
+        m.written(vec![((1, march), out)]);
+        // Hour 2 is below the floor (only the latest 3 hours are kept): read.
+        let out = m.absolute(1, march, &hour(2, 1), || Ok::<_, ()>(Some(disk.clone()))).unwrap();
+        assert_eq!(calls(&out), vec![(2, 3)]);
+        // Not written (an abandoned batch): nothing changed.
+        let out = m.absolute(1, march, &hour(7, 1), unread).unwrap();
+        assert_eq!(calls(&out), vec![(7, 2)]);
+        // A complete mirror (a store without usage) reads nothing; forgotten, it reads.
+        let mut m = HourMirror::new(true, 10);
+        assert_eq!(calls(&m.absolute(1, march, &hour(3, 1), unread).unwrap()), vec![(3, 1)]);
+        m.forget();
+        assert_eq!(calls(&m.absolute(1, march, &hour(3, 1), || Ok::<_, ()>(Some(disk.clone()))).unwrap()), vec![(3, 4)]);
     }
 }

@@ -54,13 +54,11 @@ impl OutboxNumbers {
     pub fn put_change(&mut self, settings: &Settings, batch: &mut Batch<'_>, partition: i32, next_offset: i64, change: &Change) {
         let Some(topic) = &settings.changelog_topic else { return };
         let (key, payload) = change.encode();
-        let record = OutboxRecord {
-            topic: topic.clone(),
-            key: Some(key),
-            payload,
-            headers: vec![(crate::changelog::NEXT_OFFSET.into(), next_offset.to_string().into_bytes())],
-            partition: Some(partition),
-        };
+        let mut headers = vec![(crate::changelog::NEXT_OFFSET.into(), next_offset.to_string().into_bytes())];
+        if matches!(change, Change::Gone { .. }) {
+            headers.push((crate::changelog::TOMBSTONE.into(), Vec::new()));
+        }
+        let record = OutboxRecord { topic: topic.clone(), key: Some(key), payload, headers, partition: Some(partition) };
         batch.put_outbox(&outbox_changelog_key(self.next_changelog), &record);
         self.next_changelog += 1;
     }

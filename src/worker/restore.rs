@@ -9,7 +9,7 @@ use crate::config::KafkaConfig;
 use crate::driver::WorkerError;
 use crate::kafka::{self, KafkaSetupError};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -142,8 +142,7 @@ impl Restorer {
         let mut restore = crate::changelog::Restore::up_to(cut);
         let read = kafka::read_partition(&self.changelog, &self.topic, partition, 0, RESTORE_PATIENCE, |m| {
             still_wanted(&restore, wanted)?;
-            offer_changelog_record(&mut restore, partition, m);
-            Ok::<_, ReadStop>(())
+            offer_changelog_record(&mut restore, partition, m)
         });
         self.metrics.partitions_restoring.dec();
         let Some((_, end)) = ReadStop::finished(read, partition)? else { return Ok(None) };
@@ -216,11 +215,11 @@ impl Restorer {
         let read = kafka::read_partition(&self.changelog, &self.topic, partition, from, RESTORE_PATIENCE, |m| {
             still_wanted(&restore, wanted)?;
             if crate::changelog::is_bill_state(m.key()) {
-                offer_changelog_record(&mut restore, partition, m);
+                offer_changelog_record(&mut restore, partition, m)
             } else {
                 restore.records += 1;
+                Ok(())
             }
-            Ok::<_, ReadStop>(())
         });
         let Some((_, end)) = ReadStop::finished(read, partition)? else { return Ok(None) };
         let records = self.count_read(partition, &restore);
@@ -394,20 +393,24 @@ fn slow_restore(fault: Option<crate::driver::FaultPoint>, partition: i32) {
     }
 }
 
-/// Hands a changelog record to a restore (skipped with a warning when it
-/// lacks its key, value or next-offset header, or cannot be read).
-fn offer_changelog_record(restore: &mut crate::changelog::Restore, partition: i32, m: &BorrowedMessage<'_>) {
+/// Hands a changelog record (a tombstone: no value) to a restore; skipped
+/// with a warning when it lacks its key or next-offset header, or cannot be
+/// read. A record of changelog format 1 stops the read: this gatebill does
+/// not read that format (README, "Upgrading").
+fn offer_changelog_record(restore: &mut crate::changelog::Restore, partition: i32, m: &BorrowedMessage<'_>) -> Result<(), ReadStop> {
     let next_offset = m
         .headers()
         .and_then(|h| h.iter().find(|x| x.key == crate::changelog::NEXT_OFFSET))
         .and_then(|x| std::str::from_utf8(x.value?).ok()?.parse::<i64>().ok());
-    let (Some(next_offset), Some(key), Some(value)) = (next_offset, m.key(), m.payload()) else {
-        tracing::warn!(partition, offset = m.offset(), "changelog record without key, value or next-offset header; skipped");
-        return;
+    let (Some(next_offset), Some(key)) = (next_offset, m.key()) else {
+        tracing::warn!(partition, offset = m.offset(), "changelog record without key or next-offset header; skipped");
+        return Ok(());
     };
     let confirmed = !m.headers().is_some_and(|h| h.iter().any(|x| x.key == crate::changelog::UNCONFIRMED));
-    match crate::changelog::Change::decode(key, value) {
-        Ok(change) => restore.offer_bill(next_offset, change, key.len() + value.len(), confirmed),
+    match crate::changelog::Change::decode(key, m.payload()) {
+        Ok(change) => restore.offer_bill(next_offset, change, key.len() + m.payload_len(), confirmed),
+        Err(e @ StoreError::OldChangelog { .. }) => return Err(ReadStop::Failed(e.into())),
         Err(e) => tracing::warn!(error = %e, partition, offset = m.offset(), "unreadable changelog record; skipped"),
     }
+    Ok(())
 }

@@ -214,8 +214,8 @@ pub fn history(cfg: &Config, keys: &[&str]) -> String {
         }
     });
     read(&cfg.kafka.changelog_topic, &mut |m| {
-        let (Some(k), Some(v)) = (m.key(), m.payload()) else { return };
-        let Ok(change) = Change::decode(k, v) else { return };
+        let Some(k) = m.key() else { return };
+        let Ok(change) = Change::decode(k, m.payload()) else { return };
         let header = |name: &str| {
             m.headers()
                 .and_then(|h| h.iter().find(|x| x.key == name))
@@ -224,8 +224,8 @@ pub fn history(cfg: &Config, keys: &[&str]) -> String {
         let next = header(NEXT_OFFSET).unwrap_or_default();
         let unconfirmed = if header(UNCONFIRMED).is_some() { " unconfirmed" } else { "" };
         let what = match &change {
-            Change::Usage { account, month, usage } if keys.contains(&format!("{account}/{month}").as_str()) => format!(
-                "{account}/{month} usage {} calls",
+            Change::UsageHour { account, month, hour_start, usage } if keys.contains(&format!("{account}/{month}").as_str()) => format!(
+                "{account}/{month} hour {hour_start} usage {} calls",
                 gatebill::billing::usage::MonthUsage::decode(usage).map(|u| u.calls()).unwrap_or_default()
             ),
             Change::Bill { account, month, state } if keys.contains(&format!("{account}/{month}").as_str()) => {
