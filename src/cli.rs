@@ -120,6 +120,12 @@ pub struct CountTopicArgs {
     /// Topic to read (default: the input topic).
     #[arg(long)]
     topic: Option<String>,
+    /// Do not stop at the end offsets the broker reports: read until no
+    /// message came for SECS seconds, counting every message (for brokers
+    /// whose end offsets stop short, such as tansu, and for logs that end in
+    /// a transaction marker, never delivered as a message).
+    #[arg(long, value_name = "SECS")]
+    until_idle: Option<u64>,
 }
 
 /// The four topic flags, of `run`, `replay` and `dev-broker`.
@@ -712,14 +718,33 @@ fn count_topic(a: CountTopicArgs, k: KafkaConfig) -> Result<()> {
     })?;
     let started = std::time::Instant::now();
     let mut bytes = 0u64;
-    let read = crate::kafka::read_to_end(&consumer, ends, Duration::from_secs(10), |m| {
+    let mut count = |m: &rdkafka::message::BorrowedMessage<'_>| {
         bytes += (rdkafka::Message::key(m).map_or(0, <[u8]>::len) + rdkafka::Message::payload(m).map_or(0, <[u8]>::len)) as u64;
         Ok::<_, CliError>(())
-    })?;
+    };
+    let (read, secs) = match a.until_idle {
+        Some(idle) => {
+            // Every assigned partition, to whatever comes; the rate's
+            // time ends at the last message, not after the idle wait.
+            let (mut read, mut last) = (crate::kafka::ReadToEnd::default(), started);
+            while last.elapsed() < Duration::from_secs(idle) {
+                match consumer.poll(Duration::from_millis(200)) {
+                    Some(Ok(m)) => {
+                        read.read += 1;
+                        last = std::time::Instant::now();
+                        count(&m)?;
+                    }
+                    Some(Err(e)) => tracing::warn!(error = %e, "error while counting {topic}"),
+                    None => {}
+                }
+            }
+            (read, (last - started).as_secs_f64())
+        }
+        None => (crate::kafka::read_to_end(&consumer, ends, Duration::from_secs(10), count)?, started.elapsed().as_secs_f64()),
+    };
     if !read.unfinished.is_empty() {
         return Err(format!("no message for 10 s before the end offsets of partitions {:?}", read.unfinished).into());
     }
-    let secs = started.elapsed().as_secs_f64();
     println!(
         "counted {} of {total} messages ({bytes} bytes of keys and values) in {secs:.2} s: {:.0} msg/s",
         read.read,
