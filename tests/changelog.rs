@@ -15,9 +15,12 @@ use rdkafka::message::Message;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-/// Every record of the changelog topic, in log order per partition:
-/// ((partition, key), value or `None` for a tombstone).
-fn changelog(cfg: &gatebill::config::Config) -> Vec<((i32, Vec<u8>), Option<usize>)> {
+/// A changelog record: (partition, key), and its value's length (`None`:
+/// a tombstone).
+type Record = ((i32, Vec<u8>), Option<usize>);
+
+/// Every record of the changelog topic, in log order per partition.
+fn changelog(cfg: &gatebill::config::Config) -> Vec<Record> {
     let (consumer, ends) = gatebill::inspect::open(&cfg.kafka, &cfg.kafka.changelog_topic).unwrap();
     let mut out = Vec::new();
     gatebill::kafka::read_to_end(&consumer, ends, Duration::from_secs(30), |m| {
@@ -29,7 +32,7 @@ fn changelog(cfg: &gatebill::config::Config) -> Vec<((i32, Vec<u8>), Option<usiz
 }
 
 /// Live keys by kind (the key's first byte), and records by kind.
-fn kinds(records: &[((i32, Vec<u8>), Option<usize>)]) -> (BTreeMap<u8, usize>, BTreeMap<u8, usize>) {
+fn kinds(records: &[Record]) -> (BTreeMap<u8, usize>, BTreeMap<u8, usize>) {
     let mut latest: BTreeMap<&(i32, Vec<u8>), Option<usize>> = BTreeMap::new();
     let mut written: BTreeMap<u8, usize> = BTreeMap::new();
     for (key, value) in records {
