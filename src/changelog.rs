@@ -26,11 +26,15 @@
 //! position.
 //!
 //! Format 1 (before this one) wrote `u` (a month's usage so far) and `d`
-//! records instead of `h` and `e`; a restore that meets one stops with
-//! [`StoreError::OldChangelog`] (README, "Upgrading").
+//! (one batch's hashes, keyed by the batch) records instead of `h` and `e`.
+//! A restore still reads them, as the base that format 2 records replace:
+//! a month is its latest `u` record with the hours that have `h` records
+//! replaced by them, a bucket its `d` records in order then its `e`
+//! records. They are never rewritten or deleted, so they stay in the
+//! topic; [`Restore::format1`] counts them (README, "Upgrading").
 //!
 use crate::billing::calendar::Month;
-use crate::billing::usage::merge_encoded;
+use crate::billing::usage::{merge_encoded, MonthUsage};
 use crate::store::{account_month_key, decode_bill_state, decode_partition_state, encode_bill_state, encode_partition_state};
 use crate::store::{parse_account_month_key, BillState, PartitionState, Store, StoreError};
 use std::collections::BTreeMap;
@@ -89,6 +93,29 @@ pub enum Change {
     },
     /// Where the input partition stands.
     Position(PartitionState),
+    /// Format 1: an account-month's usage so far (read as the base of its
+    /// hours).
+    MonthUsage {
+        /// Account.
+        account: String,
+        /// Month.
+        month: Month,
+        /// Encoded `MonthUsage`.
+        usage: Vec<u8>,
+    },
+    /// Format 1: request-id hashes a batch added to an hour's bucket.
+    DedupeBatch {
+        /// Event hour (epoch hours).
+        hour: i64,
+        /// The offset of the batch's last message in the bucket.
+        last_offset: i64,
+        /// The bucket restarted empty before these hashes.
+        reset: bool,
+        /// Hash of the input topic.
+        topic: u64,
+        /// 16-byte hashes.
+        hashes: Vec<u8>,
+    },
     /// A record deleted (a tombstone: the key with no value): a dedupe
     /// record of a bucket the store dropped.
     Gone {
@@ -126,6 +153,17 @@ impl Change {
             Change::Bill { account, month, state } => (kind(b'b', &account_month_key(account, *month)), encode_bill_state(state)),
             Change::Position(s) => (vec![b'o'], encode_partition_state(s)),
             Change::Gone { key } => (key.clone(), Vec::new()),
+            Change::MonthUsage { account, month, usage } => (kind(b'u', &account_month_key(account, *month)), usage.clone()),
+            Change::DedupeBatch { hour, last_offset, reset, topic, hashes } => {
+                let mut k = vec![b'd'];
+                k.extend_from_slice(&hour.to_be_bytes());
+                k.extend_from_slice(&last_offset.to_be_bytes());
+                let mut v = vec![u8::from(*reset)];
+                v.extend_from_slice(&last_offset.to_be_bytes());
+                v.extend_from_slice(&topic.to_be_bytes());
+                v.extend_from_slice(hashes);
+                (k, v)
+            }
         }
     }
 
@@ -152,7 +190,17 @@ impl Change {
                 Ok(Change::Bill { account, month, state: decode_bill_state(value)? })
             }
             Some(b'o') => Ok(Change::Position(decode_partition_state(value)?)),
-            Some(&k @ (b'u' | b'd')) => Err(StoreError::OldChangelog { kind: char::from(k) }),
+            Some(b'u') => {
+                let (account, month) = parse_account_month_key(&key[1..]).ok_or_else(|| bad("bad account-month key"))?;
+                Ok(Change::MonthUsage { account, month, usage: value.to_vec() })
+            }
+            Some(b'd') if key.len() == 17 && value.len() >= 17 && (value.len() - 17).is_multiple_of(16) => Ok(Change::DedupeBatch {
+                hour: i64::from_be_bytes(key[1..9].try_into().expect("8 bytes")),
+                last_offset: i64::from_be_bytes(value[1..9].try_into().expect("8 bytes")),
+                reset: value[0] == 1,
+                topic: u64::from_be_bytes(value[9..17].try_into().expect("8 bytes")),
+                hashes: value[17..].to_vec(),
+            }),
             _ => Err(bad("unknown record kind")),
         }
     }
@@ -179,6 +227,10 @@ pub struct Restore {
     /// Per dedupe record key (hour, seq): (last offset, topic, hashes) by
     /// the batch that wrote it; `None`: deleted.
     dedupe: BTreeMap<(i64, u32), Versions<Option<DedupeValue>>>,
+    /// Format 1: per account-month, its usage so far by batch.
+    months: BTreeMap<(String, Month), Versions<Vec<u8>>>,
+    /// Format 1: dedupe records in log order, with their batch.
+    batches: Vec<(i64, Change)>,
     /// Per account-month, the bill state kept and whether it was confirmed.
     bills: BTreeMap<(String, Month), (BillState, bool)>,
     position: Option<PartitionState>,
@@ -191,6 +243,8 @@ pub struct Restore {
     pub records: u64,
     /// Bytes of keys and values read.
     pub bytes: u64,
+    /// Records of format 1 read.
+    pub format1: u64,
 }
 
 /// A key's values by the next offset of the batch that wrote each (a later
@@ -220,14 +274,48 @@ pub struct RestoredBucket {
     pub records: u32,
 }
 
+/// One account-month's usage as restored: a format-1 record of the month
+/// so far (`base`, encoded `MonthUsage`), and the hours with format-2
+/// records (hour start, that hour alone, encoded), which replace the base's.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RestoredMonth {
+    /// Account.
+    pub account: String,
+    /// Month.
+    pub month: Month,
+    /// Format 1's month so far, if any.
+    pub base: Option<Vec<u8>>,
+    /// Format 2's hours.
+    pub hours: Vec<(i64, Vec<u8>)>,
+}
+
+impl RestoredMonth {
+    /// The month's usage: the base's hours that have no record of their
+    /// own, and the hours' records.
+    pub fn usage(&self) -> Result<Vec<u8>, StoreError> {
+        let Some(base) = &self.base else {
+            return Ok(merge_encoded(self.hours.iter().map(|(_, h)| h.as_slice()))?);
+        };
+        let base = MonthUsage::decode(base)?;
+        let mut month = MonthUsage::default();
+        let replaced: std::collections::BTreeSet<i64> = self.hours.iter().map(|(h, _)| *h).collect();
+        for h in base.hours().filter(|h| !replaced.contains(&h.hour_start)) {
+            month.add_view(&h);
+        }
+        for (_, h) in &self.hours {
+            month.merge(&MonthUsage::decode(h)?);
+        }
+        Ok(month.encode())
+    }
+}
+
 /// What a restore writes into the state store.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Restored {
     /// Where the input partition continues.
     pub position: Option<PartitionState>,
-    /// Account-months with their hours' usage (each an encoded
-    /// `MonthUsage` of one hour), merged into the month when written.
-    pub usage: Vec<(String, Month, Vec<Vec<u8>>)>,
+    /// Account-months with their usage.
+    pub usage: Vec<RestoredMonth>,
     /// Dedupe buckets, each whole.
     pub dedupe: Vec<RestoredBucket>,
     /// The last bill per account-month.
@@ -287,6 +375,14 @@ impl Restore {
             Change::Dedupe { hour, seq, last_offset, topic, hashes } => {
                 self.dedupe.entry((hour, seq)).or_default().insert(next_offset, Some((last_offset, topic, hashes)));
             }
+            Change::MonthUsage { account, month, usage } => {
+                self.format1 += 1;
+                self.months.entry((account, month)).or_default().insert(next_offset, usage);
+            }
+            Change::DedupeBatch { .. } => {
+                self.format1 += 1;
+                self.batches.push((next_offset, change));
+            }
             Change::Gone { key } => {
                 if let Some(k) = parse_dedupe_key(&key) {
                     self.dedupe.entry(k).or_default().insert(next_offset, None);
@@ -326,25 +422,67 @@ impl Restore {
             return Restored { bills, ..Restored::default() };
         };
         let upto = position.next_offset;
-        let usage = self
-            .usage
-            .into_iter()
-            .map(|((a, m), hours)| (a, m, hours.into_values().filter_map(|v| as_of(v, upto)).collect::<Vec<_>>()))
-            .filter(|(_, _, hours)| !hours.is_empty())
-            .collect();
-        let mut dedupe: Vec<RestoredBucket> = Vec::new();
+        let usage = restored_months(self.months, self.usage, upto);
+        let mut dedupe = format1_buckets(self.batches, upto);
         for ((hour, seq), by_batch) in self.dedupe {
             let Some(Some((last_offset, topic, hashes))) = as_of(by_batch, upto) else { continue };
-            match dedupe.last_mut() {
-                Some(b) if b.hour == hour => {
-                    b.hashes.extend_from_slice(&hashes);
-                    (b.last_offset, b.topic, b.records) = (last_offset, topic, seq + 1);
-                }
-                _ => dedupe.push(RestoredBucket { hour, last_offset, topic, hashes, records: seq + 1 }),
-            }
+            let b = bucket(&mut dedupe, hour);
+            b.hashes.extend_from_slice(&hashes);
+            (b.last_offset, b.topic, b.records) = (last_offset, topic, seq + 1);
         }
         Restored { position: Some(position), usage, dedupe, bills, changelog_end: None }
     }
+}
+
+/// Each account-month's usage as of `upto`: its format-1 month so far and
+/// its format-2 hours.
+fn restored_months(
+    months: BTreeMap<(String, Month), Versions<Vec<u8>>>,
+    hours: BTreeMap<(String, Month), HourVersions>,
+    upto: i64,
+) -> Vec<RestoredMonth> {
+    let mut out: BTreeMap<(String, Month), RestoredMonth> = BTreeMap::new();
+    for ((account, month), by_batch) in months {
+        if let Some(base) = as_of(by_batch, upto) {
+            out.insert((account.clone(), month), RestoredMonth { account, month, base: Some(base), hours: Vec::new() });
+        }
+    }
+    for ((account, month), by_hour) in hours {
+        let hours: Vec<(i64, Vec<u8>)> = by_hour.into_iter().filter_map(|(h, v)| as_of(v, upto).map(|u| (h, u))).collect();
+        if !hours.is_empty() {
+            out.entry((account.clone(), month)).or_insert_with(|| RestoredMonth { account, month, base: None, hours: Vec::new() }).hours =
+                hours;
+        }
+    }
+    out.into_values().collect()
+}
+
+/// The bucket of `hour` among `buckets`, added empty if absent.
+fn bucket(buckets: &mut Vec<RestoredBucket>, hour: i64) -> &mut RestoredBucket {
+    let at = match buckets.iter().position(|b| b.hour == hour) {
+        Some(i) => i,
+        None => {
+            buckets.push(RestoredBucket { hour, ..RestoredBucket::default() });
+            buckets.len() - 1
+        }
+    };
+    &mut buckets[at]
+}
+
+/// Format 1's buckets as of `upto`: each hour's batch records in log order
+/// (a reset empties the bucket first).
+fn format1_buckets(batches: Vec<(i64, Change)>, upto: i64) -> Vec<RestoredBucket> {
+    let mut out: Vec<RestoredBucket> = Vec::new();
+    for (_, change) in batches.into_iter().filter(|(o, _)| *o <= upto) {
+        let Change::DedupeBatch { hour, last_offset, reset, topic, hashes } = change else { continue };
+        let b = bucket(&mut out, hour);
+        if reset {
+            b.hashes.clear();
+        }
+        b.hashes.extend_from_slice(&hashes);
+        (b.last_offset, b.topic) = (last_offset, topic);
+    }
+    out
 }
 
 /// A key's value as of the last batch at or before `upto`.
@@ -392,9 +530,9 @@ impl Restored {
                 b.delete_dedupe(partition, hour);
             }
         }
-        for (a, m, hours) in &r.usage {
-            b.put_usage_encoded(a, *m, &merge_encoded(hours.iter().map(Vec::as_slice))?);
-            b.mark_dirty(a, *m, partition);
+        for m in &r.usage {
+            b.put_usage_encoded(&m.account, m.month, &m.usage()?);
+            b.mark_dirty(&m.account, m.month, partition);
         }
         // Each bucket whole, over what the store held of it.
         for d in &r.dedupe {
@@ -437,6 +575,11 @@ mod tests {
     /// 2021-03-05T10:00:00+08:00.
     const HOUR: i64 = 1_614_909_600;
 
+    /// Account A's March restored from format-2 hours alone.
+    fn month(hours: Vec<(i64, Vec<u8>)>) -> RestoredMonth {
+        RestoredMonth { account: "A".into(), month: MARCH, base: None, hours }
+    }
+
     fn bill(revision: u64) -> BillState {
         BillState { revision, status: BillStatus::Final, content_hash: format!("h{revision}"), partition: 2 }
     }
@@ -456,11 +599,13 @@ mod tests {
         let gone = Change::Gone { key: dedupe_key(-5, 3) };
         assert_eq!(Change::decode(&gone.encode().0, None).unwrap(), gone);
         assert!(Change::decode(b"x", Some(b"")).is_err());
-        // Format 1's month usage and dedupe records are refused with what to do.
-        for old in [&b"u"[..], &b"d"[..]] {
-            let e = Change::decode(old, Some(b"1")).unwrap_err();
-            assert!(matches!(e, StoreError::OldChangelog { .. }), "{e}");
-            assert!(e.to_string().contains("delete the changelog topic"), "{e}");
+        // Format 1's records read back too.
+        for c in [
+            Change::MonthUsage { account: "A".into(), month: MARCH, usage: vec![1, 2] },
+            Change::DedupeBatch { hour: -5, last_offset: 77, reset: true, topic: 9, hashes: vec![7; 32] },
+        ] {
+            let (k, v) = c.encode();
+            assert_eq!(Change::decode(&k, Some(&v)).unwrap(), c);
         }
     }
 
@@ -483,7 +628,7 @@ mod tests {
         r.offer(30, Change::Gone { key: dedupe_key(8, 0) }, 1);
         r.offer(30, at(30), 1);
         let done = r.finish();
-        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![vec![2], vec![5]])]);
+        assert_eq!(done.usage, vec![month(vec![(HOUR, vec![2]), (HOUR + 3600, vec![5])])]);
         let hashes: Vec<u8> = [vec![1; 16], vec![2; 16]].concat();
         assert_eq!(done.dedupe, vec![RestoredBucket { hour: 7, last_offset: 19, topic: 1, hashes, records: 2 }]);
         // Hour 7 restarted empty: records 0 and 1 deleted, a new 0.
@@ -517,7 +662,7 @@ mod tests {
         assert_eq!(r.records, 8);
         let done = r.finish();
         assert_eq!(done.position, Some(PartitionState { next_offset: 10, watermark_ms: 1_000 }));
-        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![vec![1]])]);
+        assert_eq!(done.usage, vec![month(vec![(HOUR, vec![1])])]);
         assert_eq!(done.dedupe.len(), 1);
         assert_eq!(done.bills, vec![("A".to_string(), MARCH, bill(3))]);
     }
@@ -534,7 +679,7 @@ mod tests {
         r.offer(20, Change::Position(PartitionState { next_offset: 20, watermark_ms: 0 }), 1);
         let done = r.finish();
         assert_eq!(done.position.unwrap().next_offset, 30);
-        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![vec![3]])]);
+        assert_eq!(done.usage, vec![month(vec![(HOUR, vec![3])])]);
     }
 
     /// A writer died in the middle of a bill chunk: March's and April's
@@ -663,7 +808,39 @@ mod tests {
         let done = r.finish();
         assert_eq!(done.position.unwrap().next_offset, 20);
         assert_eq!(done.bills, vec![("A".to_string(), MARCH, bill(5))], "revisions only rise (a confirmed state)");
-        assert_eq!(done.usage, vec![("A".to_string(), MARCH, vec![vec![1]])]);
+        assert_eq!(done.usage, vec![month(vec![(HOUR, vec![1])])]);
         assert!(done.dedupe.is_empty());
+    }
+
+    /// A changelog written by format 1 then format 2 (an upgraded group): a
+    /// month is its format-1 month so far with the hours format 2 wrote
+    /// replaced; a bucket its format-1 batches, then its format-2 records.
+    #[test]
+    fn format_1_records_are_the_base_that_format_2_records_replace() {
+        use crate::billing::usage::MonthUsage;
+        let hour = |h: i64, calls: u64| {
+            let mut m = MonthUsage::default();
+            for _ in 0..calls {
+                m.add(HOUR + h * 3600, "eu", &crate::billing::Metered { public_out_bytes: 10, ..Default::default() });
+            }
+            m
+        };
+        let mut so_far = hour(0, 2);
+        so_far.merge(&hour(1, 3));
+        let mut r = Restore::default();
+        r.offer(10, Change::MonthUsage { account: "A".into(), month: MARCH, usage: so_far.encode() }, 1);
+        r.offer(10, Change::DedupeBatch { hour: 7, last_offset: 9, reset: false, topic: 1, hashes: vec![1; 16] }, 1);
+        r.offer(10, Change::Position(PartitionState { next_offset: 10, watermark_ms: 0 }), 1);
+        // Format 2 from offset 10 on: hour 1 grows to 4 calls, hour 2 is new.
+        r.offer(20, Change::UsageHour { account: "A".into(), month: MARCH, hour_start: HOUR + 3600, usage: hour(1, 4).encode() }, 1);
+        r.offer(20, Change::UsageHour { account: "A".into(), month: MARCH, hour_start: HOUR + 7200, usage: hour(2, 1).encode() }, 1);
+        r.offer(20, Change::Dedupe { hour: 7, seq: 0, last_offset: 19, topic: 1, hashes: vec![2; 16] }, 1);
+        r.offer(20, Change::Position(PartitionState { next_offset: 20, watermark_ms: 0 }), 1);
+        assert_eq!(r.format1, 2);
+        let done = r.finish();
+        let usage = MonthUsage::decode(&done.usage[0].usage().unwrap()).unwrap();
+        assert_eq!(usage.hours().map(|h| (h.hour_start - HOUR, h.calls)).collect::<Vec<_>>(), vec![(0, 2), (3600, 4), (7200, 1)]);
+        let hashes: Vec<u8> = [vec![1; 16], vec![2; 16]].concat();
+        assert_eq!(done.dedupe, vec![RestoredBucket { hour: 7, last_offset: 19, topic: 1, hashes, records: 1 }]);
     }
 }

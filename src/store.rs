@@ -78,16 +78,6 @@ pub enum StoreError {
          give a directory, e.g. --state-dir gatebill-state, or unset the variable for the default"
     )]
     EmptyPath,
-    /// A changelog record of format 1 (gatebill before changelog format 2).
-    #[error(
-        "the changelog holds a record of format 1 (kind `{kind}`), written by a gatebill before changelog format 2, which this \
-         gatebill does not read: stop every worker of the group cleanly (SIGTERM), delete the changelog topic (or set \
-         kafka.changelog_topic to a new one), and start the group again with the same state directories (README, \"Upgrading\")"
-    )]
-    OldChangelog {
-        /// The record's kind (`u` or `d`).
-        kind: char,
-    },
     /// The directory holds files that are not a gatebill store.
     #[error(
         "{dir} is not a gatebill state directory ({what}). gatebill does not turn a directory with other files \

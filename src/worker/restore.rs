@@ -9,7 +9,7 @@ use crate::config::KafkaConfig;
 use crate::driver::WorkerError;
 use crate::kafka::{self, KafkaSetupError};
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -156,6 +156,7 @@ impl Restorer {
             );
             return Ok(None);
         };
+        warn_format1(partition, restore.format1);
         let mut restored = restore.finish();
         restored.changelog_end = Some(end);
         restored.write(store, input_topic, partition, overwrite)?;
@@ -265,6 +266,19 @@ pub(super) fn note_changelog_seen(store: &Store, ends: &BTreeMap<i32, i64>) {
     }
     if let Err(e) = store.write(b) {
         tracing::warn!(error = %e, "cannot record the changelog's ends; the partitions' next restores read their bill states from further back");
+    }
+}
+
+/// A restore read records of changelog format 1: says what they are and
+/// what to do about them.
+fn warn_format1(partition: i32, records: u64) {
+    if records > 0 {
+        tracing::warn!(
+            partition,
+            records,
+            "the changelog holds records of format 1 (a gatebill before changelog format 2): read as the base of their months and \
+             dedupe buckets, but never rewritten or deleted, so the topic keeps them; to shed them, see README, Upgrading"
+        );
     }
 }
 
@@ -395,8 +409,7 @@ fn slow_restore(fault: Option<crate::driver::FaultPoint>, partition: i32) {
 
 /// Hands a changelog record (a tombstone: no value) to a restore; skipped
 /// with a warning when it lacks its key or next-offset header, or cannot be
-/// read. A record of changelog format 1 stops the read: this gatebill does
-/// not read that format (README, "Upgrading").
+/// read.
 fn offer_changelog_record(restore: &mut crate::changelog::Restore, partition: i32, m: &BorrowedMessage<'_>) -> Result<(), ReadStop> {
     let next_offset = m
         .headers()
@@ -409,7 +422,6 @@ fn offer_changelog_record(restore: &mut crate::changelog::Restore, partition: i3
     let confirmed = !m.headers().is_some_and(|h| h.iter().any(|x| x.key == crate::changelog::UNCONFIRMED));
     match crate::changelog::Change::decode(key, m.payload()) {
         Ok(change) => restore.offer_bill(next_offset, change, key.len() + m.payload_len(), confirmed),
-        Err(e @ StoreError::OldChangelog { .. }) => return Err(ReadStop::Failed(e.into())),
         Err(e) => tracing::warn!(error = %e, partition, offset = m.offset(), "unreadable changelog record; skipped"),
     }
     Ok(())
