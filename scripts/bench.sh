@@ -9,6 +9,8 @@
 #   PEER=0 scripts/bench.sh               # skip tansu and Quix Streams
 #   BIG=0 scripts/bench.sh                # skip the 1,000,000-account row
 #   BIG_EVENTS=20000000 BIG_ACCOUNTS=1000000 (defaults of that row)
+#   CHANGELOG=0 scripts/bench.sh          # skip the changelog rows (tansu)
+#   CHANGELOG_EVENTS=2000000 (default)    # events of each changelog row
 #
 # Rows:
 #   core path    replay --input-file over a generated NDJSON file (skewed, 30
@@ -30,6 +32,9 @@
 #   peer         scripts/peer_quix.py, the same account-month aggregation in
 #                Quix Streams (RocksDB state), over the same topic on tansu,
 #                beside gatebill's replay of that topic
+#   changelog    scripts/changelog-rows.sh: a `run` worker over the same
+#                stream spread over 1 day and over 30 days of event time, on
+#                tansu: changelog bytes and worker CPU per event, restore rates
 # State per account-hour: `gatebill compact` of the dedupe-off state, bytes
 # of every column family except dedupe, over the active account-hours.
 # The embedded broker keeps at most ~100,000 message sets per partition, so
@@ -233,6 +238,14 @@ if [ "$PEER" = 1 ]; then
     'BEGIN { printf "Peer, same tansu topic: gatebill uses %.1fx less CPU per event than Quix Streams and runs %.1fx faster; gatebill end to end on tansu = %.0f%% of its floor.", q / g, gr / qr, 100 * gr / f }')
 fi
 
+CHANGELOG_TABLE="Changelog rows skipped (CHANGELOG=0)." CHANGELOG_COMMAND=""
+if [ "${CHANGELOG:-1}" = 1 ]; then
+  # shellcheck source=scripts/changelog-rows.sh
+  . scripts/changelog-rows.sh
+  trap 'kill $BROKER_PID $TANSU_PID $CL_PIDS 2>/dev/null || true; rm -rf "$WORK"' EXIT
+  ACCOUNTS=2000 changelog_rows "$BIN" "${CHANGELOG_EVENTS:-2000000}" 8 "$WORK"
+fi
+
 RATIO=$(awk -v f="$(field "$FLOOR_ROW" 3)" -v e="$(field "$E2E_ROW" 3)" 'BEGIN { printf "%.0f%%", 100 * e / f }')
 {
   echo "# Benchmarks"
@@ -254,6 +267,10 @@ RATIO=$(awk -v f="$(field "$FLOOR_ROW" 3)" -v e="$(field "$E2E_ROW" 3)" 'BEGIN {
   echo "Transactions (kafka.transactions, the default) against none, same topic: $(field "$E2E_ROW" 3) vs $(field "$E2E_NOTX_ROW" 3) events/s, $(field "$E2E_ROW" 4) vs $(field "$E2E_NOTX_ROW" 4) CPU-s per million events. Changelog written by the transactional replay: $CHANGELOG_RECORDS records, $CHANGELOG_BYTES bytes of keys and values = $(awk -v b="$CHANGELOG_BYTES" -v n="$BROKER_EVENTS" 'BEGIN { printf "%.1f", b / n }') bytes per event. Restore (a \`run\` worker with an empty state directory after another stopped): $RESTORE_LINE."
   echo
   echo "Compacted state without dedupe keys, dedupe-on runs (\`gatebill compact\`; the table's last column is the directory as the run left it, with dedupe hashes awaiting compaction and the WAL): $SCALING."
+  echo
+  echo "Changelog by event-time spread ($CHANGELOG_COMMAND):"
+  echo
+  echo "$CHANGELOG_TABLE"
   echo
   echo "State after the dedupe-off core run, compacted (\`gatebill compact\`), every column family but dedupe: $STATE_BYTES bytes over $ACCOUNT_HOURS active account-hours = $(awk -v b="$STATE_BYTES" -v h="$ACCOUNT_HOURS" 'BEGIN { printf "%.1f", b / h }') bytes per account-hour."
 } >"$WORK/table.md"
