@@ -9,7 +9,7 @@
 use super::batch::{content_hash, decode_all, encode_cells, DedupeCache, DedupeWindow, HourCell, Interner, Pending, Seen};
 use super::context::{Context, Settings};
 use super::message::{BatchStats, InputMessage};
-use super::mirrors::{HourMirror, HourValues, KnownMarks, MonthTotalsMirror, MONTH_TOTALS_MAX};
+use super::mirrors::{HourMirror, HourValues, KnownMarks, MonthTotalsMirror, HOUR_MIRROR_MAX, MONTH_TOTALS_MAX};
 use super::numbers::OutboxNumbers;
 use super::positions::Positions;
 use crate::billing::calendar::{Month, PlaceCache};
@@ -92,7 +92,7 @@ impl Ingest {
             regions: Interner::default(),
             known_dirty: KnownMarks::default(),
             totals: MonthTotalsMirror::new(cx.store.usage_is_empty()?, totals_max),
-            hours: HourMirror::new(cx.store.usage_is_empty()?, totals_max),
+            hours: HourMirror::new(cx.store.usage_is_empty()?, HOUR_MIRROR_MAX / cx.shard.map_or(1, |s| s.count as usize)),
         })
     }
 

@@ -129,6 +129,12 @@ impl MonthTotalsMirror {
 /// (hour start, that hour's usage alone), keyed by (interned account, month).
 pub type HourValues = Vec<((u32, Month), Vec<(i64, MonthUsage)>)>;
 
+/// Account-months [`HourMirror`] keeps before it forgets them all: its
+/// entries hold up to [`RECENT_HOURS`] hours each, several hundred bytes,
+/// so about 100 MB at the bound. A worker billing more account-months at
+/// once than this reads a month again at its next batch after each forget.
+pub const HOUR_MIRROR_MAX: usize = 1 << 17;
+
 /// How many of an account-month's latest hours [`HourMirror`] keeps.
 pub const RECENT_HOURS: usize = 3;
 
