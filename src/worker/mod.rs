@@ -206,6 +206,7 @@ impl Worker {
         let mut batch = std::mem::take(&mut self.gathered);
         batch.clear();
         let stopping = self.gather(&mut batch, shutdown).await?;
+        self.owned.drop_unrestored(&mut batch);
         let mut next = if stopping { Step::Stop } else { Step::Continue };
         if !batch.is_empty() {
             match self.write_batch(&batch).await? {

@@ -154,14 +154,18 @@ impl Owned {
         batch: &mut Gathered,
     ) -> Result<(), WorkerError> {
         let changes = self.ownership.lock().expect("not poisoned").take_changes(&mut self.seen);
-        if changes.is_none() && self.restoring.is_empty() {
-            return Ok(());
+        if let Some(c) = &changes {
+            note_changelog_seen(store, &c.changelog_seen);
+            self.ask_restores(c);
         }
-        let changes =
-            changes.unwrap_or_else(|| Changes { owned: self.ownership.lock().expect("not poisoned").assigned(), ..Changes::default() });
-        note_changelog_seen(store, &changes.changelog_seen);
-        self.ask_restores(&changes);
-        let restored = self.resume_restored(consumer, store);
+        let restored = if self.restoring.is_empty() { BTreeSet::new() } else { self.resume_restored(consumer, store) };
+        // Nothing changed and no restore finished (the common case, looked
+        // at after every message): nothing to do.
+        let Some(changes) = changes.or_else(|| {
+            (!restored.is_empty()).then(|| Changes { owned: self.ownership.lock().expect("not poisoned").assigned(), ..Changes::default() })
+        }) else {
+            return Ok(());
+        };
         let mut dropping = changes.revoked.clone();
         dropping.extend(self.restoring.keys());
         let dropped = batch.drop_partitions(&dropping);
@@ -183,6 +187,20 @@ impl Owned {
             self.assigned = active;
         }
         Ok(())
+    }
+
+    /// Drops from a batch about to be written the messages of partitions
+    /// still being restored (assigned paused, but a fetch may have raced
+    /// the pause): their state is the restore thread's to write.
+    pub fn drop_unrestored(&self, batch: &mut Gathered) {
+        if self.restoring.is_empty() {
+            return;
+        }
+        let restoring: BTreeSet<i32> = self.restoring.keys().copied().collect();
+        let dropped = batch.drop_partitions(&restoring);
+        if dropped > 0 {
+            tracing::info!(messages = dropped, partitions = ?restoring, "dropped messages of partitions not yet restored; they are read again from the restored position");
+        }
     }
 
     /// Cancels the restores of partitions revoked and asks for those of
