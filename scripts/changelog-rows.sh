@@ -187,7 +187,7 @@ cl_stream() {
     -v rr="$r_records" -v rm="$r_months" -v rs="$r_secs" '
     function rate(x) { return rs > 0 ? sprintf("%.0f", x / rs) : "-" }
     BEGIN { printf "| %s | %d | %d | %.1f MB | %.1f | %.2f s | %.2f s | %s | %s |", l, n, r, b / 1e6, b / n, (c1 - c0) / (n / 1e6), ct / (n / 1e6), rate(rr), rate(rm) }')")
-  CL_FIGURES+=("$(awk -v n="$consumed" -v b="$bytes" -v c0="$cpu0" -v c1="$cpu1" 'BEGIN { printf "%.6f %.6f", b / n, (c1 - c0) / n }')")
+  CL_FIGURES+=("$(awk -v n="$consumed" -v b="$bytes" -v c0="$cpu0" -v c1="$cpu1" 'BEGIN { printf "%.6f %.6f", b / n, (c1 - c0) / n * 1e6 }')")
   CL_NOTES+=("$label: input topic $input messages, $input_bytes bytes of keys and values read back (gen wrote $wrote); worker: $consumed consumed, $committed transactions committed, $aborted aborted, CPU $cpu0 s before the first event, $cpu1 s at the last commit, $cpu_total s before the SIGTERM; restore: $n_restored partitions, $r_records records, $r_bytes bytes, $r_months account-months in $r_secs s; $((SECONDS - started)) s for the stream.")
   echo "${CL_ROWS[-1]}" >&2
 }

@@ -7,32 +7,35 @@
 //! with `kafka::read_partition` (`worker.rs`, `Restorer`).
 //!
 //! One compacted topic with as many partitions as the input: input
-//! partition p's state goes to changelog partition p. Format 2 (this one);
+//! partition p's state goes to changelog partition p. Format 3 (this one);
 //! keys (first byte the kind):
 //!
 //! | key | value | a restore keeps |
 //! | --- | --- | --- |
-//! | `h` + account-month + hour start | the hour's usage, absolute (a `MonthUsage` of that hour alone) | per hour, the record with the highest `next_offset` header at most the last `o`; the month is its hours together |
-//! | `e` + hour + sequence | one batch's additions to the hour's dedupe bucket: last offset, topic hash, hashes | per key, as for `h`; a bucket is its records in sequence order |
+//! | `k` + account-month + block | the block's usage, absolute ([`encode_block`]: the hours of one [`BLOCK_HOURS`] block, compactly) | per block, the record with the highest `next_offset` header at most the last `o`; the month is its blocks together |
+//! | `e` + hour + sequence | one batch's additions to the hour's dedupe bucket: last offset, topic hash, hashes | per key, as for `k`; a bucket is its records in sequence order |
 //! | `b` + account-month | the last emitted bill state | the highest revision, marked to be sent again if unconfirmed ([`Restore::offer_bill`]) |
 //! | `o` | next offset and watermark of the input partition | the highest next offset |
 //!
-//! A record's size follows what one batch changed (one account-hour, one
+//! A record's size follows what one batch changed (one account-day, one
 //! batch's hashes in one bucket), never the month so far. When the store
 //! drops a dedupe bucket (its window passed, or it restarted empty), the
 //! bucket's `e` records are deleted with tombstones (a key with no value),
 //! so the compacted topic holds about what the stores hold: usage per
-//! account-hour, the live buckets, a bill state per account-month and a
+//! account-day, the live buckets, a bill state per account-month and a
 //! position.
 //!
-//! Format 1 (before this one) wrote `u` (a month's usage so far) and `d`
-//! (one batch's hashes, keyed by the batch) records instead of `h` and `e`.
-//! A restore still reads them, as the base that format 2 records replace:
-//! a month is its latest `u` record with the hours that have `h` records
-//! replaced by them, a bucket its `d` records in order then its `e`
-//! records. They are never rewritten or deleted, so they stay in the
-//! topic; [`Restore::format1`] counts them (README, "Upgrading").
-//!
+//! Older formats are still read, as the base that later records replace.
+//! Format 2 wrote `h` + account-month + hour start records (an hour alone,
+//! a whole `MonthUsage` encoding) instead of `k`: an hour's usage is the
+//! later (by `next_offset`) of its `h` record and its block's `k` record.
+//! Format 1 wrote `u` (a month's usage so far) and `d` (one batch's hashes,
+//! keyed by the batch) records: a month's hours without a later record come
+//! from its latest `u` record, a bucket is its `d` records in order then its
+//! `e` records. Old records are never rewritten or deleted, so they stay in
+//! the topic; [`Restore::format1`] and [`Restore::format2`] count them
+//! (README, "Upgrading the changelog format").
+
 use crate::billing::calendar::Month;
 use crate::billing::usage::{merge_encoded, MonthUsage};
 use crate::store::{account_month_key, decode_bill_state, decode_partition_state, encode_bill_state, encode_partition_state};
@@ -57,7 +60,18 @@ pub fn is_bill_state(key: Option<&[u8]>) -> bool {
 /// One change of a partition's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    /// An account-hour's usage, absolute.
+    /// An account-month's hours in one block of [`BLOCK_HOURS`], absolute.
+    UsageBlock {
+        /// Account.
+        account: String,
+        /// Month.
+        month: Month,
+        /// The block ([`block_of`]).
+        block: i32,
+        /// The block's hours with usage ([`encode_block`]).
+        usage: Vec<u8>,
+    },
+    /// Format 2: an account-hour's usage, absolute.
     UsageHour {
         /// Account.
         account: String,
@@ -124,6 +138,69 @@ pub enum Change {
     },
 }
 
+/// Hours in a usage block: a batch writes, for each account-month and block
+/// of this many hours it touched, the block's usage so far, absolute. A day
+/// keeps the records few (one or two per account-month and batch while
+/// events arrive in time order, whatever the month's age) and each bounded
+/// (at most 24 hours); see BENCHMARKS.md, "Changelog". Part of the format:
+/// a record's key names its block by this length.
+pub const BLOCK_HOURS: i64 = 24;
+
+/// The block of the hour starting at `hour_start` (UTC epoch second):
+/// blocks are [`BLOCK_HOURS`] long from the epoch, so a local hour belongs
+/// to one block whatever the zone.
+pub fn block_of(hour_start: i64) -> i32 {
+    hour_start.div_euclid(BLOCK_HOURS * 3600) as i32
+}
+
+/// The hours of `block`: hour starts in `from..to`.
+pub fn block_span(block: i32) -> (i64, i64) {
+    let from = i64::from(block) * BLOCK_HOURS * 3600;
+    (from, from + BLOCK_HOURS * 3600)
+}
+
+/// Region names a block record writes as a number (`i + 1` for
+/// `KNOWN_REGIONS[i]`): the API gateway's regions. A name not in it is
+/// written out. Append only: a record's numbers mean these names forever.
+pub const KNOWN_REGIONS: &[&str] = &[
+    "ap-guangzhou",
+    "ap-shanghai",
+    "ap-beijing",
+    "ap-chengdu",
+    "ap-chongqing",
+    "ap-nanjing",
+    "ap-hongkong",
+    "ap-singapore",
+    "ap-bangkok",
+    "ap-jakarta",
+    "ap-mumbai",
+    "ap-seoul",
+    "ap-tokyo",
+    "na-siliconvalley",
+    "na-ashburn",
+    "na-toronto",
+    "sa-saopaulo",
+    "eu-frankfurt",
+    "eu-moscow",
+    "ap-shanghai-fsi",
+    "ap-shenzhen-fsi",
+    "ap-beijing-fsi",
+    "ap-taipei",
+    "ap-shenzhen",
+    "ap-tianjin",
+];
+
+/// A block record's value: the block's hours ([`MonthUsage::encode_compact`]
+/// from the block's start, region names by [`KNOWN_REGIONS`]).
+pub fn encode_block(block: i32, usage: &MonthUsage) -> Vec<u8> {
+    usage.encode_compact(block_span(block).0, KNOWN_REGIONS)
+}
+
+/// Inverse of [`encode_block`].
+pub fn decode_block(block: i32, value: &[u8]) -> Result<MonthUsage, StoreError> {
+    Ok(MonthUsage::decode_compact(value, block_span(block).0, KNOWN_REGIONS)?)
+}
+
 /// The key of a dedupe record.
 pub fn dedupe_key(hour: i64, seq: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(13);
@@ -138,6 +215,11 @@ impl Change {
     /// produced as no value: [`TOMBSTONE`]).
     pub fn encode(&self) -> (Vec<u8>, Vec<u8>) {
         match self {
+            Change::UsageBlock { account, month, block, usage } => {
+                let mut k = kind(b'k', &account_month_key(account, *month));
+                k.extend_from_slice(&block.to_be_bytes());
+                (k, usage.clone())
+            }
             Change::UsageHour { account, month, hour_start, usage } => {
                 let mut k = kind(b'h', &account_month_key(account, *month));
                 k.extend_from_slice(&hour_start.to_be_bytes());
@@ -172,6 +254,12 @@ impl Change {
         let bad = |detail: &str| StoreError::Corrupt { cf: "changelog", detail: detail.into() };
         let Some(value) = value else { return Ok(Change::Gone { key: key.to_vec() }) };
         match key.first() {
+            Some(b'k') if key.len() > 5 => {
+                let (am, block) = key[1..].split_at(key.len() - 5);
+                let (account, month) = parse_account_month_key(am).ok_or_else(|| bad("bad account-month key"))?;
+                let block = i32::from_be_bytes(block.try_into().expect("4 bytes"));
+                Ok(Change::UsageBlock { account, month, block, usage: value.to_vec() })
+            }
             Some(b'h') if key.len() > 9 => {
                 let (am, hour) = key[1..].split_at(key.len() - 9);
                 let (account, month) = parse_account_month_key(am).ok_or_else(|| bad("bad account-month key"))?;
@@ -221,8 +309,10 @@ fn kind(k: u8, rest: &[u8]) -> Vec<u8> {
 /// module doc.
 #[derive(Debug, Default)]
 pub struct Restore {
-    /// Per account-month and hour, its absolute usage by the batch (next
+    /// Per account-month and block, its absolute usage by the batch (next
     /// offset) that wrote it.
+    blocks: BTreeMap<(String, Month), BlockVersions>,
+    /// Format 2: per account-month and hour, as `blocks`.
     usage: BTreeMap<(String, Month), HourVersions>,
     /// Per dedupe record key (hour, seq): (last offset, topic, hashes) by
     /// the batch that wrote it; `None`: deleted.
@@ -245,6 +335,8 @@ pub struct Restore {
     pub bytes: u64,
     /// Records of format 1 read.
     pub format1: u64,
+    /// Records of format 2 read (`h`).
+    pub format2: u64,
 }
 
 /// A key's values by the next offset of the batch that wrote each (a later
@@ -253,6 +345,9 @@ type Versions<T> = BTreeMap<i64, T>;
 
 /// An account-month's hours: hour start -> its usage by batch.
 type HourVersions = BTreeMap<i64, Versions<Vec<u8>>>;
+
+/// An account-month's blocks: block -> its usage by batch.
+type BlockVersions = BTreeMap<i32, Versions<Vec<u8>>>;
 
 /// A dedupe record's value: last offset, topic hash, hashes.
 type DedupeValue = (i64, u64, Vec<u8>);
@@ -274,9 +369,12 @@ pub struct RestoredBucket {
     pub records: u32,
 }
 
-/// One account-month's usage as restored: a format-1 record of the month
-/// so far (`base`, encoded `MonthUsage`), and the hours with format-2
-/// records (hour start, that hour alone, encoded), which replace the base's.
+/// One account-month's usage as restored (each part encoded `MonthUsage`):
+/// a format-1 record of the month so far (`base`), the blocks with records
+/// (block, its hours), and the hours with format-2 records written after
+/// their block's record (hour start, that hour alone). An hour's usage is
+/// its own record's if it has one, else its block's if that has a record,
+/// else the base's.
 #[derive(Debug, PartialEq, Eq)]
 pub struct RestoredMonth {
     /// Account.
@@ -285,22 +383,31 @@ pub struct RestoredMonth {
     pub month: Month,
     /// Format 1's month so far, if any.
     pub base: Option<Vec<u8>>,
-    /// Format 2's hours.
+    /// Blocks.
+    pub blocks: Vec<(i32, Vec<u8>)>,
+    /// Format 2's hours, none older than its block's record.
     pub hours: Vec<(i64, Vec<u8>)>,
 }
 
 impl RestoredMonth {
-    /// The month's usage: the base's hours that have no record of their
-    /// own, and the hours' records.
+    /// The month's usage, by the rule in the type's doc.
     pub fn usage(&self) -> Result<Vec<u8>, StoreError> {
-        let Some(base) = &self.base else {
+        if self.base.is_none() && self.blocks.is_empty() {
             return Ok(merge_encoded(self.hours.iter().map(|(_, h)| h.as_slice()))?);
-        };
-        let base = MonthUsage::decode(base)?;
+        }
+        let own: std::collections::BTreeSet<i64> = self.hours.iter().map(|(h, _)| *h).collect();
+        let blocks: std::collections::BTreeSet<i32> = self.blocks.iter().map(|(b, _)| *b).collect();
         let mut month = MonthUsage::default();
-        let replaced: std::collections::BTreeSet<i64> = self.hours.iter().map(|(h, _)| *h).collect();
-        for h in base.hours().filter(|h| !replaced.contains(&h.hour_start)) {
-            month.add_view(&h);
+        if let Some(base) = &self.base {
+            let base = MonthUsage::decode(base)?;
+            for h in base.hours().filter(|h| !own.contains(&h.hour_start) && !blocks.contains(&block_of(h.hour_start))) {
+                month.add_view(&h);
+            }
+        }
+        for (b, value) in &self.blocks {
+            for h in decode_block(*b, value)?.hours().filter(|h| !own.contains(&h.hour_start)) {
+                month.add_view(&h);
+            }
         }
         for (_, h) in &self.hours {
             month.merge(&MonthUsage::decode(h)?);
@@ -369,7 +476,11 @@ impl Restore {
             return;
         }
         match change {
+            Change::UsageBlock { account, month, block, usage } => {
+                self.blocks.entry((account, month)).or_default().entry(block).or_default().insert(next_offset, usage);
+            }
             Change::UsageHour { account, month, hour_start, usage } => {
+                self.format2 += 1;
                 self.usage.entry((account, month)).or_default().entry(hour_start).or_default().insert(next_offset, usage);
             }
             Change::Dedupe { hour, seq, last_offset, topic, hashes } => {
@@ -422,7 +533,7 @@ impl Restore {
             return Restored { bills, ..Restored::default() };
         };
         let upto = position.next_offset;
-        let usage = restored_months(self.months, self.usage, upto);
+        let usage = restored_months(self.months, self.blocks, self.usage, upto);
         let mut dedupe = format1_buckets(self.batches, upto);
         for ((hour, seq), by_batch) in self.dedupe {
             let Some(Some((last_offset, topic, hashes))) = as_of(by_batch, upto) else { continue };
@@ -434,27 +545,49 @@ impl Restore {
     }
 }
 
-/// Each account-month's usage as of `upto`: its format-1 month so far and
-/// its format-2 hours.
+/// Each account-month's usage as of `upto`: its format-1 month so far, its
+/// blocks, and its format-2 hours written after their block's record.
 fn restored_months(
     months: BTreeMap<(String, Month), Versions<Vec<u8>>>,
+    blocks: BTreeMap<(String, Month), BlockVersions>,
     hours: BTreeMap<(String, Month), HourVersions>,
     upto: i64,
 ) -> Vec<RestoredMonth> {
-    let mut out: BTreeMap<(String, Month), RestoredMonth> = BTreeMap::new();
+    type Parts = (Option<Vec<u8>>, Vec<(i32, Vec<u8>)>, Vec<(i64, Vec<u8>)>);
+    let mut out_of: BTreeMap<(String, Month), Parts> = BTreeMap::new();
     for ((account, month), by_batch) in months {
         if let Some(base) = as_of(by_batch, upto) {
-            out.insert((account.clone(), month), RestoredMonth { account, month, base: Some(base), hours: Vec::new() });
+            out_of.insert((account, month), (Some(base), Vec::new(), Vec::new()));
+        }
+    }
+    let mut block_batch: BTreeMap<(String, Month, i32), i64> = BTreeMap::new();
+    for ((account, month), by_block) in blocks {
+        let kept: Vec<(i32, Vec<u8>)> = by_block
+            .into_iter()
+            .filter_map(|(b, v)| {
+                let (at, u) = latest(v, upto)?;
+                block_batch.insert((account.clone(), month, b), at);
+                Some((b, u))
+            })
+            .collect();
+        if !kept.is_empty() {
+            out_of.entry((account, month)).or_insert_with(|| (None, Vec::new(), Vec::new())).1 = kept;
         }
     }
     for ((account, month), by_hour) in hours {
-        let hours: Vec<(i64, Vec<u8>)> = by_hour.into_iter().filter_map(|(h, v)| as_of(v, upto).map(|u| (h, u))).collect();
-        if !hours.is_empty() {
-            out.entry((account.clone(), month)).or_insert_with(|| RestoredMonth { account, month, base: None, hours: Vec::new() }).hours =
-                hours;
+        let kept: Vec<(i64, Vec<u8>)> = by_hour
+            .into_iter()
+            .filter_map(|(h, v)| {
+                let (at, u) = latest(v, upto)?;
+                let block_at = block_batch.get(&(account.clone(), month, block_of(h)));
+                block_at.is_none_or(|&b| b < at).then_some((h, u))
+            })
+            .collect();
+        if !kept.is_empty() {
+            out_of.entry((account, month)).or_insert_with(|| (None, Vec::new(), Vec::new())).2 = kept;
         }
     }
-    out.into_values().collect()
+    out_of.into_iter().map(|((account, month), (base, blocks, hours))| RestoredMonth { account, month, base, blocks, hours }).collect()
 }
 
 /// The bucket of `hour` among `buckets`, added empty if absent.
@@ -487,7 +620,12 @@ fn format1_buckets(batches: Vec<(i64, Change)>, upto: i64) -> Vec<RestoredBucket
 
 /// A key's value as of the last batch at or before `upto`.
 fn as_of<T>(by_batch: Versions<T>, upto: i64) -> Option<T> {
-    by_batch.into_iter().take_while(|(o, _)| *o <= upto).last().map(|(_, v)| v)
+    latest(by_batch, upto).map(|(_, v)| v)
+}
+
+/// A key's last batch at or before `upto` (its next offset) and its value then.
+fn latest<T>(by_batch: Versions<T>, upto: i64) -> Option<(i64, T)> {
+    by_batch.into_iter().take_while(|(o, _)| *o <= upto).last()
 }
 
 /// The (hour, seq) of a dedupe record's key.
@@ -577,7 +715,7 @@ mod tests {
 
     /// Account A's March restored from format-2 hours alone.
     fn month(hours: Vec<(i64, Vec<u8>)>) -> RestoredMonth {
-        RestoredMonth { account: "A".into(), month: MARCH, base: None, hours }
+        RestoredMonth { account: "A".into(), month: MARCH, base: None, blocks: Vec::new(), hours }
     }
 
     fn bill(revision: u64) -> BillState {
@@ -587,6 +725,8 @@ mod tests {
     #[test]
     fn every_kind_of_record_reads_back_as_written() {
         for c in [
+            Change::UsageBlock { account: "A".into(), month: MARCH, block: block_of(HOUR), usage: vec![1, 2, 3] },
+            Change::UsageBlock { account: "A".into(), month: MARCH, block: -3, usage: vec![1] },
             Change::UsageHour { account: "A".into(), month: MARCH, hour_start: HOUR, usage: vec![1, 2, 3] },
             Change::Dedupe { hour: -5, last_offset: 77, seq: 3, topic: 9, hashes: vec![7; 32] },
             Change::Bill { account: "B".into(), month: MARCH, state: bill(4) },
@@ -842,5 +982,77 @@ mod tests {
         assert_eq!(usage.hours().map(|h| (h.hour_start - HOUR, h.calls)).collect::<Vec<_>>(), vec![(0, 2), (3600, 4), (7200, 1)]);
         let hashes: Vec<u8> = [vec![1; 16], vec![2; 16]].concat();
         assert_eq!(done.dedupe, vec![RestoredBucket { hour: 7, last_offset: 19, topic: 1, hashes, records: 1 }]);
+    }
+
+    /// Format 3's blocks: a block's latest record holds all its hours; a
+    /// changelog written by format 2 then format 3 (an upgraded group)
+    /// gives each hour the later of its own record and its block's.
+    #[test]
+    fn blocks_replace_older_hours_and_the_later_record_of_an_hour_wins() {
+        use crate::billing::usage::MonthUsage;
+        let hours = |hs: &[(i64, u64)]| {
+            let mut m = MonthUsage::default();
+            for &(h, calls) in hs {
+                for _ in 0..calls {
+                    m.add(HOUR + h * 3600, "eu", &crate::billing::Metered { public_out_bytes: 10, ..Default::default() });
+                }
+            }
+            m.encode()
+        };
+        let b = block_of(HOUR);
+        assert_eq!((block_of(block_span(b).0 - 1), block_span(b).0 <= HOUR, HOUR < block_span(b).1), (b - 1, true, true));
+        // Hours 0..n of the test are in block b, hour n starts the next.
+        let n = (block_span(b).1 - HOUR) / 3600;
+        assert_eq!((block_of(HOUR + (n - 1) * 3600), block_of(HOUR + n * 3600)), (b, b + 1));
+        let block = |blk: i32, hs: &[(i64, u64)]| Change::UsageBlock {
+            account: "A".into(),
+            month: MARCH,
+            block: blk,
+            usage: encode_block(blk, &MonthUsage::decode(&hours(hs)).unwrap()),
+        };
+        let hour = |h: i64, calls: u64| Change::UsageHour {
+            account: "A".into(),
+            month: MARCH,
+            hour_start: HOUR + h * 3600,
+            usage: hours(&[(h, calls)]),
+        };
+        let mut r = Restore::default();
+        // Format 2: hours 0, 1 and n (block b + 1).
+        r.offer(10, hour(0, 1), 1);
+        r.offer(10, hour(1, 1), 1);
+        r.offer(10, hour(n, 7), 1);
+        // Format 3: block b with hours 0 and 1 grown, then hour 1 again in a
+        // later block record; block b + 1's hour n keeps its format-2 record.
+        r.offer(20, block(b, &[(0, 2), (1, 2)]), 1);
+        r.offer(30, block(b, &[(0, 2), (1, 3), (2, 1)]), 1);
+        // A format-2 record of hour 2 older than the block: replaced.
+        r.offer(25, hour(2, 9), 1);
+        r.offer(30, Change::Position(PartitionState { next_offset: 30, watermark_ms: 0 }), 1);
+        // Past the position: ignored.
+        r.offer(40, block(b, &[(0, 5)]), 1);
+        assert_eq!((r.format1, r.format2), (0, 4));
+        let done = r.finish();
+        assert_eq!(done.usage.len(), 1);
+        assert_eq!(done.usage[0].blocks.len(), 1);
+        assert_eq!(done.usage[0].hours.iter().map(|(h, _)| (h - HOUR) / 3600).collect::<Vec<_>>(), vec![n]);
+        let usage = MonthUsage::decode(&done.usage[0].usage().unwrap()).unwrap();
+        assert_eq!(
+            usage.hours().map(|h| ((h.hour_start - HOUR) / 3600, h.calls)).collect::<Vec<_>>(),
+            vec![(0, 2), (1, 3), (2, 1), (n, 7)]
+        );
+        // A format-2 hour written after its block's record wins over the block.
+        let mut r = Restore::default();
+        r.offer(10, block(b, &[(0, 2), (1, 2)]), 1);
+        r.offer(20, hour(1, 4), 1);
+        r.offer(20, Change::Position(PartitionState { next_offset: 20, watermark_ms: 0 }), 1);
+        let usage = MonthUsage::decode(&r.finish().usage[0].usage().unwrap()).unwrap();
+        assert_eq!(usage.hours().map(|h| ((h.hour_start - HOUR) / 3600, h.calls)).collect::<Vec<_>>(), vec![(0, 2), (1, 4)]);
+        // Format 1's month so far under blocks: a block replaces its hours of the base.
+        let mut r = Restore::default();
+        r.offer(10, Change::MonthUsage { account: "A".into(), month: MARCH, usage: hours(&[(0, 1), (n, 1)]) }, 1);
+        r.offer(20, block(b, &[(1, 1)]), 1);
+        r.offer(20, Change::Position(PartitionState { next_offset: 20, watermark_ms: 0 }), 1);
+        let usage = MonthUsage::decode(&r.finish().usage[0].usage().unwrap()).unwrap();
+        assert_eq!(usage.hours().map(|h| ((h.hour_start - HOUR) / 3600, h.calls)).collect::<Vec<_>>(), vec![(1, 1), (n, 1)]);
     }
 }

@@ -2,7 +2,7 @@
 //! per key that is not a tombstone) follows what the store holds, not how
 //! long the worker has run: a stream many times longer than the dedupe
 //! windows leaves only the live buckets' dedupe records, one usage record
-//! per account-hour, a bill state per account-month and a position; and a
+//! per account-month block of 12 hours, a bill state per account-month and a position; and a
 //! second worker with an empty state directory restores from it and
 //! finishes the stream with the core's bills.
 
@@ -62,13 +62,17 @@ async fn the_changelogs_live_content_follows_the_store_and_restores_a_worker_tha
     let s1 = worker::run(&w1.clone().checked().unwrap(), opts, std::future::pending()).await.unwrap();
     assert!(s1.messages > f.truth.messages / 2 && s1.messages < f.truth.messages, "W1 read {} of {}", s1.messages, f.truth.messages);
 
-    // What W1's store holds: live buckets' records, account-hours.
+    // What W1's store holds: live buckets' records, account-month blocks.
     let store = Store::open(&w1.worker.state_dir).unwrap();
     let bucket_records: u32 = (0..4).flat_map(|p| store.dedupe_index(p).unwrap()).map(|(_, _, _, records)| records).sum();
-    let mut account_hours = 0;
+    let mut account_blocks = 0;
     let mut scan = store.usage_scan();
     for a in gatebill::gen::accounts(40, 31).iter().map(|m| gatebill::billing::decode_account(&m.payload).unwrap().account_id) {
-        account_hours += scan.account_months(&a).unwrap().values().map(|u| u.hours().len()).sum::<usize>();
+        for usage in scan.account_months(&a).unwrap().values() {
+            let mut blocks: Vec<i32> = usage.hours().map(|h| gatebill::changelog::block_of(h.hour_start)).collect();
+            blocks.dedup();
+            account_blocks += blocks.len();
+        }
     }
     let bill_states = store.bill_states().unwrap().len();
     let positions = (0..4).filter(|p| store.partition(&w1.kafka.input_topic, *p).unwrap().is_some()).count();
@@ -77,7 +81,7 @@ async fn the_changelogs_live_content_follows_the_store_and_restores_a_worker_tha
 
     let (live, written) = kinds(&changelog(&w1));
     eprintln!(
-        "changelog by kind: written {written:?}, live {live:?}; store: {bucket_records} bucket records, {account_hours} account-hours"
+        "changelog by kind: written {written:?}, live {live:?}; store: {bucket_records} bucket records, {account_blocks} account-month blocks"
     );
     assert_eq!(live.get(&b'e').copied().unwrap_or(0), bucket_records as usize, "live dedupe records are the live buckets' ({written:?})");
     assert!(
@@ -85,10 +89,10 @@ async fn the_changelogs_live_content_follows_the_store_and_restores_a_worker_tha
         "the stream was to outlast the windows many times: {} dedupe records written, {bucket_records} live",
         written[&b'e']
     );
-    assert_eq!(live[&b'h'], account_hours, "one usage record per account-hour");
+    assert_eq!(live[&b'k'], account_blocks, "one usage record per account-month block");
     assert_eq!(live[&b'b'], bill_states, "one bill state per account-month");
     assert_eq!(live[&b'o'], positions, "one position per partition read");
-    assert!(!live.contains_key(&b'u') && !live.contains_key(&b'd'), "no format-1 record: {live:?}");
+    assert!(!["u", "d", "h"].iter().any(|k| live.contains_key(&k.as_bytes()[0])), "no record of an older format: {live:?}");
 
     // W2: same group, empty state directory: restores and finishes.
     let mut w2 = config(&f.cluster, f.dir.path(), "second");

@@ -211,6 +211,16 @@ impl MonthUsage {
         out
     }
 
+    /// The hours starting in `from..to` alone (empty when none has usage).
+    pub fn hours_between(&self, from: i64, to: i64) -> MonthUsage {
+        let mut out = MonthUsage::default();
+        let first = self.hours.partition_point(|s| s.start < from);
+        for i in (first..self.hours.len()).take_while(|&i| self.hours[i].start < to) {
+            out.add_view(&self.view(i));
+        }
+        out
+    }
+
     /// The hours in chronological order.
     pub fn hours(&self) -> impl ExactSizeIterator<Item = HourView<'_>> + '_ {
         (0..self.hours.len()).map(|i| self.view(i))
@@ -324,35 +334,80 @@ impl MonthUsage {
             put_varint(&mut out, r.len() as u64);
             out.extend_from_slice(r.as_bytes());
         }
-        put_varint(&mut out, self.hours.len() as u64);
-        let mut prev = 0i64;
+        self.encode_hours(&mut out, 0, 1);
+        out
+    }
+
+    /// Encodes compactly, for a value whose hours start at or after
+    /// `origin` and whose reader knows `origin` and the names `known` (the
+    /// changelog's block records): no version byte; each region a varint,
+    /// `i + 1` for `known[i]`, or 0 then its name; a unit code (0: hours,
+    /// 1: minutes, 2: seconds, the largest that divides every hour start's
+    /// distance from `origin`); then the hours as [`MonthUsage::encode`]
+    /// writes them, starts counted from `origin` in that unit. Read back
+    /// with [`MonthUsage::decode_compact`].
+    pub fn encode_compact(&self, origin: i64, known: &[&str]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.regions.len() + self.hours.len() * 12 + self.public.len() * 5);
+        put_varint(&mut out, self.regions.len() as u64);
+        for r in &self.regions {
+            match known.iter().position(|k| *k == &**r) {
+                Some(i) => put_varint(&mut out, i as u64 + 1),
+                None => {
+                    put_varint(&mut out, 0);
+                    put_varint(&mut out, r.len() as u64);
+                    out.extend_from_slice(r.as_bytes());
+                }
+            }
+        }
+        let code = UNITS.iter().position(|u| self.hours.iter().all(|s| s.start.wrapping_sub(origin) % u == 0)).expect("1 divides");
+        out.push(code as u8);
+        self.encode_hours(&mut out, origin, UNITS[code]);
+        out
+    }
+
+    /// The hour count, then each hour: its start's distance from the one
+    /// before (the first from `origin`, zigzag) in `unit`s, its counters
+    /// and its public entries.
+    fn encode_hours(&self, out: &mut Vec<u8>, origin: i64, unit: i64) {
+        put_varint(out, self.hours.len() as u64);
+        let mut prev = origin;
         let mut from = 0usize;
         for (i, s) in self.hours.iter().enumerate() {
             if i == 0 {
-                put_varint(&mut out, zigzag(s.start));
+                put_varint(out, zigzag(s.start.wrapping_sub(origin) / unit));
             } else {
-                put_varint(&mut out, (s.start - prev) as u64);
+                put_varint(out, ((s.start - prev) / unit) as u64);
             }
             prev = s.start;
             for v in s.counters {
-                put_varint(&mut out, v);
+                put_varint(out, v);
             }
             let public = &self.public[from..s.public_end as usize];
-            put_varint(&mut out, public.len() as u64);
+            put_varint(out, public.len() as u64);
             for &(r, b) in public {
-                put_varint(&mut out, u64::from(r));
-                put_varint(&mut out, b);
+                put_varint(out, u64::from(r));
+                put_varint(out, b);
             }
             from = s.public_end as usize;
         }
-        out
     }
 
     /// Decodes bytes written by [`MonthUsage::encode`] (or any encoder of the
     /// same format: a region table out of order, unused names, zero or
     /// repeated entries are put in canonical form, repeats summed).
     pub fn decode(bytes: &[u8]) -> Result<MonthUsage, UsageDecodeError> {
-        let Parsed { names, hours, public } = parse(bytes)?;
+        Ok(Self::from_parsed(parse(bytes)?))
+    }
+
+    /// Decodes bytes written by [`MonthUsage::encode_compact`] with the same
+    /// `origin` and `known` (any encoder of that format, as
+    /// [`MonthUsage::decode`]).
+    pub fn decode_compact(bytes: &[u8], origin: i64, known: &[&str]) -> Result<MonthUsage, UsageDecodeError> {
+        Ok(Self::from_parsed(parse_compact(bytes, origin, known)?))
+    }
+
+    /// The month of parsed bytes, put in canonical form where they are not.
+    fn from_parsed(Parsed { names, hours, public }: Parsed<'_>) -> MonthUsage {
         let mut canonical = names.windows(2).all(|w| w[0] < w[1]);
         let mut used = vec![false; names.len()];
         let mut from = 0;
@@ -365,7 +420,7 @@ impl MonthUsage {
             from = s.public_end as usize;
         }
         if canonical && used.iter().all(|u| *u) {
-            return Ok(MonthUsage { regions: names.into_iter().map(Box::from).collect(), hours, public });
+            return MonthUsage { regions: names.into_iter().map(Box::from).collect(), hours, public };
         }
         // Not as this encoder writes it: rebuild entry by entry.
         let mut m = MonthUsage { regions: Vec::new(), hours: Vec::with_capacity(hours.len()), public: Vec::new() };
@@ -380,9 +435,12 @@ impl MonthUsage {
             }
             from = s.public_end as usize;
         }
-        Ok(m)
+        m
     }
 }
+
+/// The units of [`MonthUsage::encode_compact`]'s hour starts, by code.
+const UNITS: [i64; 3] = [3600, 60, 1];
 
 /// One decoded hour whose public bytes are a range of a shared list.
 #[derive(Clone, Debug)]
@@ -410,10 +468,30 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, UsageDecodeError> {
     let n_regions = r.len()?;
     let mut names = Vec::with_capacity(n_regions);
     for _ in 0..n_regions {
-        let len = r.len()?;
-        let s = r.take(len)?;
-        names.push(std::str::from_utf8(s).map_err(|_| UsageDecodeError::Corrupt("region is not UTF-8"))?);
+        names.push(r.name()?);
     }
+    parse_hours(r, names, 0, 1)
+}
+
+/// Bytes of [`MonthUsage::encode_compact`], as [`parse`].
+fn parse_compact<'a>(bytes: &'a [u8], origin: i64, known: &[&'a str]) -> Result<Parsed<'a>, UsageDecodeError> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    let n_regions = r.len()?;
+    let mut names = Vec::with_capacity(n_regions.min(bytes.len()));
+    for _ in 0..n_regions {
+        names.push(match r.varint()? {
+            0 => r.name()?,
+            i => *known.get(i as usize - 1).ok_or(UsageDecodeError::Corrupt("unknown region code"))?,
+        });
+    }
+    let unit = *UNITS.get(usize::from(r.byte()?)).ok_or(UsageDecodeError::Corrupt("unknown unit"))?;
+    parse_hours(r, names, origin, unit)
+}
+
+/// The hours after the region table (see `MonthUsage::encode_hours`).
+fn parse_hours<'a>(mut r: Reader<'a>, names: Vec<&'a str>, origin: i64, unit: i64) -> Result<Parsed<'a>, UsageDecodeError> {
+    let bytes = r.b;
+    let n_regions = names.len();
     let n_hours = r.len()?;
     // An hour takes at least six bytes (its start, four counters, its entry
     // count) and an entry two: reserve no more than the bytes can hold.
@@ -423,16 +501,17 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, UsageDecodeError> {
     }
     let mut hours = Vec::with_capacity(n_hours);
     let mut public = Vec::with_capacity((left - 6 * n_hours) / 2);
-    let mut prev = 0i64;
+    let mut prev = origin;
+    let overflow = UsageDecodeError::Corrupt("hour overflow");
     for i in 0..n_hours {
         let start = if i == 0 {
-            unzigzag(r.varint()?)
+            unzigzag(r.varint()?).checked_mul(unit).and_then(|d| origin.checked_add(d)).ok_or(overflow.clone())?
         } else {
             let d = r.varint()?;
             if d == 0 || d > i64::MAX as u64 {
                 return Err(UsageDecodeError::Corrupt("hours out of order"));
             }
-            prev.checked_add(d as i64).ok_or(UsageDecodeError::Corrupt("hour overflow"))?
+            (d as i64).checked_mul(unit).and_then(|d| prev.checked_add(d)).ok_or(overflow.clone())?
         };
         prev = start;
         let counters = [r.varint()?, r.varint()?, r.varint()?, r.varint()?];
@@ -626,6 +705,11 @@ impl<'a> Reader<'a> {
         }
         Ok(v as usize)
     }
+    /// A region name: its length, then UTF-8 bytes.
+    fn name(&mut self) -> Result<&'a str, UsageDecodeError> {
+        let len = self.len()?;
+        std::str::from_utf8(self.take(len)?).map_err(|_| UsageDecodeError::Corrupt("region is not UTF-8"))
+    }
     fn take(&mut self, n: usize) -> Result<&'a [u8], UsageDecodeError> {
         let s = self.b.get(self.pos..self.pos + n).ok_or(UsageDecodeError::Corrupt("truncated"))?;
         self.pos += n;
@@ -678,10 +762,49 @@ mod tests {
         (arb_model(), prop::collection::vec(any::<u64>(), 20)).prop_map(|(model, order)| month_of(&model, &order))
     }
 
+    /// One hour at 02:00 of a block starting 00:00, 3 calls, 5 public
+    /// bytes in a known region and 7 in another: 18 bytes.
+    #[test]
+    fn the_compact_encoding_numbers_known_regions_and_counts_hours_from_the_origin() {
+        let mut m = MonthUsage::default();
+        let hour = HourUsage {
+            calls: 3,
+            public_out_bytes: [("eu".to_string(), 7), ("ap-x".to_string(), 5)].into_iter().collect(),
+            ..HourUsage::default()
+        };
+        m.add_hour(86_400 + 7_200, &hour);
+        let bytes = m.encode_compact(86_400, &["zz", "ap-x"]);
+        // 2 regions: known #2, then "eu" by name; unit hours; 1 hour at +2
+        // (zigzag 4); counters 3 0 0 0; 2 entries (region 0: 5, region 1: 7).
+        assert_eq!(bytes, vec![2, 2, 0, 2, b'e', b'u', 0, 1, 4, 3, 0, 0, 0, 2, 0, 5, 1, 7]);
+        assert_eq!(MonthUsage::decode_compact(&bytes, 86_400, &["zz", "ap-x"]).unwrap(), m);
+        assert!(MonthUsage::decode_compact(&bytes, 86_400, &["zz"]).is_err(), "a region code past the known names");
+        // Not on the hour grid: minutes.
+        let mut m = MonthUsage::default();
+        m.add_hour(86_400 + 1_800, &HourUsage { calls: 1, ..HourUsage::default() });
+        assert_eq!(m.encode_compact(86_400, &[]), vec![0, 1, 1, 60, 1, 0, 0, 0, 0]);
+    }
+
     proptest! {
         #[test]
         fn encoding_roundtrips(m in arb_month()) {
             prop_assert_eq!(MonthUsage::decode(&m.encode()).unwrap(), m);
+        }
+
+        /// The compact encoding reads back with its origin and known names,
+        /// whatever the hours' distances from the origin (whole hours,
+        /// minutes or seconds) and whichever names are known.
+        #[test]
+        fn the_compact_encoding_roundtrips(m in arb_month(), origin in -200_000i64..200_000, scale in 0usize..3, known in prop::collection::vec("[a-z-]{1,3}", 0..6)) {
+            // Hour starts moved onto the unit grid of `scale` from `origin`.
+            let mut grid = MonthUsage::default();
+            for h in m.hours() {
+                let start = origin + (h.hour_start - origin).rem_euclid(1 << 20) * UNITS[scale];
+                grid.add_view(&HourView { hour_start: start, ..h });
+            }
+            let known: Vec<&str> = known.iter().map(String::as_str).collect();
+            let bytes = grid.encode_compact(origin, &known);
+            prop_assert_eq!(MonthUsage::decode_compact(&bytes, origin, &known).unwrap(), grid);
         }
 
         /// Built in any order, the flat month holds the model's hours, and

@@ -9,7 +9,7 @@
 use super::batch::{content_hash, decode_all, encode_cells, DedupeCache, DedupeWindow, HourCell, Interner, Pending, Seen};
 use super::context::{Context, Settings};
 use super::message::{BatchStats, InputMessage};
-use super::mirrors::{HourMirror, HourValues, KnownMarks, MonthTotalsMirror, HOUR_MIRROR_MAX, MONTH_TOTALS_MAX};
+use super::mirrors::{BlockMirror, BlockValues, KnownMarks, MonthTotalsMirror, BLOCK_MIRROR_MAX, MONTH_TOTALS_MAX};
 use super::numbers::OutboxNumbers;
 use super::positions::Positions;
 use crate::billing::calendar::{Month, PlaceCache};
@@ -43,9 +43,9 @@ pub struct Ingest {
     known_dirty: KnownMarks,
     /// Each ingested account-month's usage totals ([`MonthTotalsMirror`]).
     totals: MonthTotalsMirror,
-    /// Each ingested account-month's latest hours ([`HourMirror`]): the
+    /// Each ingested account-month's latest blocks ([`BlockMirror`]): the
     /// changelog's usage records, absolute, without reading the month.
-    hours: HourMirror,
+    blocks: BlockMirror,
 }
 
 /// What a staged input batch brings memory up to once it is written
@@ -56,8 +56,8 @@ pub struct InputWritten {
     touched: BTreeMap<i32, PartitionState>,
     /// The dirty marks the batch writes (by interned account id).
     marked: Vec<(u32, Month, i32)>,
-    /// The hours of usage the batch writes, absolute ([`HourMirror::written`]).
-    hours: HourValues,
+    /// The blocks of usage the batch writes, absolute ([`BlockMirror::written`]).
+    blocks: BlockValues,
 }
 
 impl InputWritten {
@@ -92,7 +92,7 @@ impl Ingest {
             regions: Interner::default(),
             known_dirty: KnownMarks::default(),
             totals: MonthTotalsMirror::new(cx.store.usage_is_empty()?, totals_max),
-            hours: HourMirror::new(cx.store.usage_is_empty()?, HOUR_MIRROR_MAX / cx.shard.map_or(1, |s| s.count as usize)),
+            blocks: BlockMirror::new(cx.store.usage_is_empty()?, BLOCK_MIRROR_MAX / cx.shard.map_or(1, |s| s.count as usize)),
         })
     }
 
@@ -259,7 +259,7 @@ impl Ingest {
         self.dedupe = dedupe_cache(settings);
         self.known_dirty.forget();
         self.totals.forget();
-        self.hours.forget();
+        self.blocks.forget();
     }
 
     /// Stages everything pending into `batch`, and empties it: usage deltas,
@@ -293,10 +293,10 @@ impl Ingest {
         for (key, record) in &pending.dead_letters {
             batch.put_outbox(key, record);
         }
-        let (mut changes, hours) = match cx.settings.changelog_topic {
+        let (mut changes, blocks) = match cx.settings.changelog_topic {
             Some(_) => {
-                let (changes, hours) = usage_changes(&mut self.hours, &cx.store, &groups, &deltas)?;
-                (Some(changes), hours)
+                let (changes, blocks) = usage_changes(&mut self.blocks, &cx.store, &groups, &deltas)?;
+                (Some(changes), blocks)
             }
             None => (None, Vec::new()),
         };
@@ -314,7 +314,7 @@ impl Ingest {
             let next_offset = pending.touched.get(&p).map_or_else(|| positions.next_offset(p).unwrap_or(0), |s| s.next_offset);
             numbers.put_change(&cx.settings, batch, p, next_offset, &change);
         }
-        Ok(InputWritten { stats: pending.stats, touched: pending.touched, marked, hours })
+        Ok(InputWritten { stats: pending.stats, touched: pending.touched, marked, blocks })
     }
 
     /// Memory brought in line with a written input batch: its positions,
@@ -334,7 +334,7 @@ impl Ingest {
         cx.metrics.dedupe_read_bytes.inc_by(bytes);
         // The marks and the hours' usage are on disk now.
         self.known_dirty.written(w.marked);
-        self.hours.written(w.hours);
+        self.blocks.written(w.blocks);
         // Interned ids only need to live as long as a batch (and
         // the known marks, keyed by them): a long-running worker
         // keeps the table bounded.
@@ -342,7 +342,7 @@ impl Ingest {
             self.ids = Interner::default();
             self.known_dirty.forget();
             self.totals.forget();
-            self.hours.forget();
+            self.blocks.forget();
         }
         self.totals.written();
         w.stats
@@ -361,7 +361,7 @@ impl Ingest {
     /// read again ([`MonthTotalsMirror::reloaded`]).
     pub fn reloaded(&mut self, store: &Store) -> Result<(), StoreError> {
         self.totals.reloaded(|| store.usage_is_empty())?;
-        self.hours.reloaded(|| store.usage_is_empty())
+        self.blocks.reloaded(|| store.usage_is_empty())
     }
 
     /// An emission stages the clearing of a month's dirty mark (before it
@@ -383,7 +383,7 @@ impl Ingest {
     /// of a split).
     pub fn forget_totals(&mut self) {
         self.totals.forget();
-        self.hours.forget();
+        self.blocks.forget();
     }
 
     /// Messages ingested since the last flush (offsets already processed included).
@@ -411,29 +411,28 @@ fn month_groups<'i>(cells: &[((u32, i64, u32), HourCell)], ids: &'i Interner) ->
     groups
 }
 
-/// The changelog records of a batch's usage: each account-hour it
-/// touched, absolute (on disk plus the batch's delta, [`HourMirror`]),
-/// for the partition of its events; and those values, for the mirror
-/// once the batch is written.
+/// The changelog records of a batch's usage: each block of an
+/// account-month it touched, absolute (on disk plus the batch's delta,
+/// [`BlockMirror`]), for the partition of its events; and those values,
+/// for the mirror once the batch is written.
 fn usage_changes(
-    mirror: &mut HourMirror,
+    mirror: &mut BlockMirror,
     store: &Store,
     groups: &[MonthGroup<'_>],
     deltas: &[Vec<u8>],
-) -> Result<(Vec<(i32, Change)>, HourValues), StoreError> {
-    let mut changes = Vec::new();
-    let mut hours = Vec::with_capacity(groups.len());
+) -> Result<(Vec<(i32, Change)>, BlockValues), StoreError> {
+    let mut changes = Vec::with_capacity(groups.len());
+    let mut blocks = Vec::with_capacity(groups.len());
     for (g, delta) in groups.iter().zip(deltas) {
         let delta = MonthUsage::decode(delta)?;
         let absolute = mirror.absolute(g.id, g.month, &delta, || store.usage(g.account, g.month))?;
-        for (hour_start, usage) in &absolute {
-            let usage = usage.encode();
-            changes
-                .push((g.partition, Change::UsageHour { account: g.account.to_string(), month: g.month, hour_start: *hour_start, usage }));
+        for (block, usage) in &absolute {
+            let usage = crate::changelog::encode_block(*block, usage);
+            changes.push((g.partition, Change::UsageBlock { account: g.account.to_string(), month: g.month, block: *block, usage }));
         }
-        hours.push(((g.id, g.month), absolute));
+        blocks.push(((g.id, g.month), absolute));
     }
-    Ok((changes, hours))
+    Ok((changes, blocks))
 }
 
 /// An empty dedupe mirror for the settings' window and input topic.

@@ -7,6 +7,7 @@
 
 use crate::billing::calendar::Month;
 use crate::billing::usage::{MonthTotals, MonthUsage};
+use crate::changelog::{block_of, block_span};
 use rustc_hash::FxBuildHasher;
 use std::collections::hash_map::Entry;
 use std::collections::BTreeMap;
@@ -125,61 +126,63 @@ impl MonthTotalsMirror {
     }
 }
 
-/// The hours a batch wrote of each account-month it touched, absolute
-/// (hour start, that hour's usage alone), keyed by (interned account, month).
-pub type HourValues = Vec<((u32, Month), Vec<(i64, MonthUsage)>)>;
+/// The blocks a batch wrote of each account-month it touched, absolute
+/// (block, that block's usage alone), keyed by (interned account, month).
+pub type BlockValues = Vec<((u32, Month), Vec<(i32, MonthUsage)>)>;
 
-/// Account-months [`HourMirror`] keeps before it forgets them all: its
-/// entries hold up to [`RECENT_HOURS`] hours each, several hundred bytes,
-/// so about 100 MB at the bound. A worker billing more account-months at
-/// once than this reads a month again at its next batch after each forget.
-pub const HOUR_MIRROR_MAX: usize = 1 << 17;
+/// Account-months [`BlockMirror`] keeps before it forgets them all: its
+/// entries hold up to [`RECENT_BLOCKS`] blocks each (at most 24 hours,
+/// several hundred bytes), so about 100 MB at the bound. A worker billing
+/// more account-months at once than this reads a month again at its next
+/// batch after each forget.
+pub const BLOCK_MIRROR_MAX: usize = 1 << 17;
 
-/// How many of an account-month's latest hours [`HourMirror`] keeps.
-pub const RECENT_HOURS: usize = 3;
+/// How many of an account-month's latest blocks [`BlockMirror`] keeps.
+pub const RECENT_BLOCKS: usize = 2;
 
-/// The latest hours of each ingested account-month's usage as on disk, so
-/// that a batch's changelog records carry each account-hour it touched,
-/// absolute, without reading the month so far (whose size grows with the
-/// month).
+/// The latest blocks ([`crate::changelog::BLOCK_HOURS`]) of each ingested
+/// account-month's usage as on disk, so that a batch's changelog records
+/// carry each block it touched, absolute, without reading the month so far
+/// (whose size grows with the month).
 ///
-/// Invariant, per account-month with an entry: every hour at or after its
-/// `floor` that has usage on disk is among its `hours`, with its value on
-/// disk. An hour below the floor (a late event) is read from the stored
+/// Invariant, per account-month with an entry: every block at or after its
+/// `floor` that has usage on disk is among its `blocks`, with its value on
+/// disk. A block below the floor (a late event) is read from the stored
 /// month. An entry is made at the month's first batch: empty when the
 /// mirror is *complete* (as [`MonthTotalsMirror`]: a start on a store
 /// without usage, nothing changed behind it since), else from the stored
-/// month's latest hours. Values change only once their batch is written
-/// ([`HourMirror::written`]); anything that may change usage behind it
-/// forgets it ([`HourMirror::forget`], [`HourMirror::reloaded`]).
-pub struct HourMirror {
-    months: HashMap<(u32, Month), RecentHours, FxBuildHasher>,
+/// month's latest blocks. Values change only once their batch is written
+/// ([`BlockMirror::written`]); anything that may change usage behind it
+/// forgets it ([`BlockMirror::forget`], [`BlockMirror::reloaded`]).
+pub struct BlockMirror {
+    months: HashMap<(u32, Month), RecentBlocks, FxBuildHasher>,
     complete: bool,
     max_entries: usize,
 }
 
-/// One account-month's latest hours ([`HourMirror`]).
-#[derive(Debug, Default)]
-struct RecentHours {
-    floor: i64,
-    /// Hour start -> the hour's usage alone.
-    hours: BTreeMap<i64, MonthUsage>,
+/// One account-month's latest blocks ([`BlockMirror`]).
+#[derive(Debug)]
+struct RecentBlocks {
+    floor: i32,
+    /// Block -> its usage.
+    blocks: BTreeMap<i32, MonthUsage>,
 }
 
-impl RecentHours {
+impl RecentBlocks {
     /// From the month as stored (`None`: no usage).
-    fn from_stored(month: Option<&MonthUsage>) -> RecentHours {
-        let Some(m) = month.filter(|m| !m.is_empty()) else { return RecentHours { floor: i64::MIN, hours: BTreeMap::new() } };
-        let latest: Vec<i64> = m.hours().map(|h| h.hour_start).collect();
-        let keep = &latest[latest.len().saturating_sub(RECENT_HOURS)..];
-        RecentHours { floor: keep[0], hours: keep.iter().map(|&h| (h, m.only_hour(h))).collect() }
+    fn from_stored(month: Option<&MonthUsage>) -> RecentBlocks {
+        let Some(m) = month.filter(|m| !m.is_empty()) else { return RecentBlocks { floor: i32::MIN, blocks: BTreeMap::new() } };
+        let mut latest: Vec<i32> = m.hours().map(|h| block_of(h.hour_start)).collect();
+        latest.dedup();
+        let keep = &latest[latest.len().saturating_sub(RECENT_BLOCKS)..];
+        RecentBlocks { floor: keep[0], blocks: keep.iter().map(|&b| (b, stored_block(m, b))).collect() }
     }
 
-    /// Keeps the latest [`RECENT_HOURS`]; an hour at or after the floor
+    /// Keeps the latest [`RECENT_BLOCKS`]; a block at or after the floor
     /// that leaves raises the floor past it.
     fn trim(&mut self) {
-        while self.hours.len() > RECENT_HOURS {
-            let (first, _) = self.hours.pop_first().expect("not empty");
+        while self.blocks.len() > RECENT_BLOCKS {
+            let (first, _) = self.blocks.pop_first().expect("not empty");
             if first >= self.floor {
                 self.floor = first + 1;
             }
@@ -187,62 +190,71 @@ impl RecentHours {
     }
 }
 
-impl HourMirror {
+/// The hours of `block` in a stored month.
+fn stored_block(month: &MonthUsage, block: i32) -> MonthUsage {
+    let (from, to) = block_span(block);
+    month.hours_between(from, to)
+}
+
+impl BlockMirror {
     /// An empty mirror: complete when the store has no usage; keeping at
     /// most `max_entries` account-months.
     pub fn new(store_has_no_usage: bool, max_entries: usize) -> Self {
-        HourMirror { months: HashMap::default(), complete: store_has_no_usage, max_entries }
+        BlockMirror { months: HashMap::default(), complete: store_has_no_usage, max_entries }
     }
 
-    /// Each hour of `delta` (a batch's usage of one account-month) as it
-    /// will be on disk once the batch is written: the stored hour plus the
-    /// delta. `read` reads the stored month; it is called at most once, and
-    /// only at the month's first batch (unless the mirror is complete) or
-    /// for an hour below the floor.
+    /// Each block `delta` (a batch's usage of one account-month) touches,
+    /// as it will be on disk once the batch is written: the stored block
+    /// plus the delta's hours in it. `read` reads the stored month; it is
+    /// called at most once, and only at the month's first batch (unless
+    /// the mirror is complete) or for a block below the floor.
     pub fn absolute<E>(
         &mut self,
         account: u32,
         month: Month,
         delta: &MonthUsage,
         read: impl FnOnce() -> Result<Option<MonthUsage>, E>,
-    ) -> Result<Vec<(i64, MonthUsage)>, E> {
+    ) -> Result<Vec<(i32, MonthUsage)>, E> {
         let mut read = Some(read);
         let mut stored: Option<Option<MonthUsage>> = None;
         let entry = match self.months.entry((account, month)) {
             Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) if self.complete => v.insert(RecentHours { floor: i64::MIN, hours: BTreeMap::new() }),
+            Entry::Vacant(v) if self.complete => v.insert(RecentBlocks { floor: i32::MIN, blocks: BTreeMap::new() }),
             Entry::Vacant(v) => {
                 let m = (read.take().expect("unread"))()?;
-                let recent = RecentHours::from_stored(m.as_ref());
+                let recent = RecentBlocks::from_stored(m.as_ref());
                 stored = Some(m);
                 v.insert(recent)
             }
         };
-        let mut out = Vec::with_capacity(delta.hours().len());
+        let mut out: Vec<(i32, MonthUsage)> = Vec::with_capacity(2);
         for h in delta.hours() {
-            let mut hour = match entry.hours.get(&h.hour_start) {
-                Some(known) => known.clone(),
-                None if h.hour_start >= entry.floor => MonthUsage::default(),
-                None => {
-                    if stored.is_none() {
-                        stored = Some((read.take().expect("read once"))()?);
+            let b = block_of(h.hour_start);
+            if out.last().is_none_or(|(last, _)| *last != b) {
+                let base = match entry.blocks.get(&b) {
+                    Some(known) => known.clone(),
+                    None if b >= entry.floor => MonthUsage::default(),
+                    None => {
+                        if stored.is_none() {
+                            stored = Some((read.take().expect("read once"))()?);
+                        }
+                        stored.as_ref().and_then(Option::as_ref).map(|m| stored_block(m, b)).unwrap_or_default()
                     }
-                    stored.as_ref().and_then(Option::as_ref).map(|m| m.only_hour(h.hour_start)).unwrap_or_default()
-                }
-            };
-            hour.add_view(&h);
-            out.push((h.hour_start, hour));
+                };
+                out.push((b, base));
+            }
+            out.last_mut().expect("pushed").1.add_view(&h);
         }
         Ok(out)
     }
 
-    /// A batch was written with these hours' values (from
-    /// [`HourMirror::absolute`]); past the size bound, the mirror is
+    /// A batch was written with these blocks' values (from
+    /// [`BlockMirror::absolute`]); past the size bound, the mirror is
     /// forgotten.
-    pub fn written(&mut self, updates: HourValues) {
-        for (key, hours) in updates {
+    pub fn written(&mut self, updates: BlockValues) {
+        for (key, blocks) in updates {
             if let Some(entry) = self.months.get_mut(&key) {
-                entry.hours.extend(hours);
+                entry.blocks.extend(blocks);
                 entry.trim();
             }
         }
@@ -311,8 +323,10 @@ mod tests {
     }
 
     #[test]
-    fn the_hour_mirror_gives_each_hour_absolute_reading_the_month_only_when_it_must() {
+    fn the_block_mirror_gives_each_block_absolute_reading_the_month_only_when_it_must() {
         let march = Month::new(2021, 3).unwrap();
+        // Hour h of the test starts at h * 3600: block h / B (the epoch's blocks).
+        const B: i64 = crate::changelog::BLOCK_HOURS;
         let hour = |h: i64, calls: u64| {
             let mut m = MonthUsage::default();
             for _ in 0..calls {
@@ -320,37 +334,44 @@ mod tests {
             }
             m
         };
-        let calls = |out: &[(i64, MonthUsage)]| out.iter().map(|(h, u)| (*h / 3600, u.calls())).collect::<Vec<_>>();
+        let of = |hours: &[(i64, u64)]| {
+            let mut m = MonthUsage::default();
+            for &(h, c) in hours {
+                m.merge(&hour(h, c));
+            }
+            m
+        };
+        let calls = |out: &[(i32, MonthUsage)]| {
+            out.iter().map(|(b, u)| (*b, u.hours().map(|h| (h.hour_start / 3600, h.calls)).collect::<Vec<_>>())).collect::<Vec<_>>()
+        };
         let unread = || -> Result<Option<MonthUsage>, ()> { panic!("read the month") };
-        // On disk: hours 1..=5 with 1..=5 calls.
-        let mut disk = MonthUsage::default();
-        for h in 1..=5 {
-            disk.merge(&hour(h, h as u64));
-        }
-        let mut m = HourMirror::new(false, 10);
-        // The first batch reads the month: hour 5 is 5 + 2, hour 6 is new.
-        let mut delta = hour(5, 2);
-        delta.merge(&hour(6, 1));
-        let out = m.absolute(1, march, &delta, || Ok::<_, ()>(Some(disk.clone()))).unwrap();
-        assert_eq!(calls(&out), vec![(5, 7), (6, 1)]);
+        // On disk: hours 1, B + 1, 2B + 1, 3B + 1 (blocks 0..=3) with 1..=4 calls.
+        let disk = of(&[(1, 1), (B + 1, 2), (2 * B + 1, 3), (3 * B + 1, 4)]);
+        let mut m = BlockMirror::new(false, 10);
+        // The first batch reads the month: block 3 has hour 3B + 1 and
+        // gains 3B + 2; block 4 is new. Blocks 2 and 3 are kept.
+        let out = m.absolute(1, march, &of(&[(3 * B + 1, 2), (3 * B + 2, 1), (4 * B, 1)]), || Ok::<_, ()>(Some(disk.clone()))).unwrap();
+        assert_eq!(calls(&out), vec![(3, vec![(3 * B + 1, 6), (3 * B + 2, 1)]), (4, vec![(4 * B, 1)])]);
         m.written(vec![((1, march), out)]);
-        // The next batch reads nothing: hours 4 (kept), 6 (written) and 7 (new).
-        let mut delta = hour(4, 1);
-        delta.merge(&hour(6, 1));
-        delta.merge(&hour(7, 1));
-        let out = m.absolute(1, march, &delta, unread).unwrap();
-        assert_eq!(calls(&out), vec![(4, 5), (6, 2), (7, 1)]);
+        // Kept: blocks 3 and 4 (block 2 left, the floor past it). The next
+        // batch reads nothing for them.
+        let out = m.absolute(1, march, &of(&[(3 * B + 2, 1), (4 * B + 1, 1)]), unread).unwrap();
+        assert_eq!(calls(&out), vec![(3, vec![(3 * B + 1, 6), (3 * B + 2, 2)]), (4, vec![(4 * B, 1), (4 * B + 1, 1)])]);
         m.written(vec![((1, march), out)]);
-        // Hour 2 is below the floor (only the latest 3 hours are kept): read.
-        let out = m.absolute(1, march, &hour(2, 1), || Ok::<_, ()>(Some(disk.clone()))).unwrap();
-        assert_eq!(calls(&out), vec![(2, 3)]);
+        // Block 5 is new (above the floor): nothing read.
+        let out = m.absolute(1, march, &hour(5 * B + 1, 1), unread).unwrap();
+        assert_eq!(calls(&out), vec![(5, vec![(5 * B + 1, 1)])]);
+        m.written(vec![((1, march), out)]);
+        // Block 2 (a late event) is below the floor: the month is read.
+        let out = m.absolute(1, march, &hour(2 * B, 1), || Ok::<_, ()>(Some(disk.clone()))).unwrap();
+        assert_eq!(calls(&out), vec![(2, vec![(2 * B, 1), (2 * B + 1, 3)])]);
         // Not written (an abandoned batch): nothing changed.
-        let out = m.absolute(1, march, &hour(7, 1), unread).unwrap();
-        assert_eq!(calls(&out), vec![(7, 2)]);
+        let out = m.absolute(1, march, &hour(5 * B + 1, 1), unread).unwrap();
+        assert_eq!(calls(&out), vec![(5, vec![(5 * B + 1, 2)])]);
         // A complete mirror (a store without usage) reads nothing; forgotten, it reads.
-        let mut m = HourMirror::new(true, 10);
-        assert_eq!(calls(&m.absolute(1, march, &hour(3, 1), unread).unwrap()), vec![(3, 1)]);
+        let mut m = BlockMirror::new(true, 10);
+        assert_eq!(calls(&m.absolute(1, march, &hour(B + 1, 1), unread).unwrap()), vec![(1, vec![(B + 1, 1)])]);
         m.forget();
-        assert_eq!(calls(&m.absolute(1, march, &hour(3, 1), || Ok::<_, ()>(Some(disk.clone()))).unwrap()), vec![(3, 4)]);
+        assert_eq!(calls(&m.absolute(1, march, &hour(B + 1, 1), || Ok::<_, ()>(Some(disk.clone()))).unwrap()), vec![(1, vec![(B + 1, 3)])]);
     }
 }

@@ -156,7 +156,7 @@ impl Restorer {
             );
             return Ok(None);
         };
-        warn_format1(partition, restore.format1);
+        warn_older_formats(partition, restore.format1, restore.format2);
         let mut restored = restore.finish();
         restored.changelog_end = Some(end);
         restored.write(store, input_topic, partition, overwrite)?;
@@ -269,15 +269,17 @@ pub(super) fn note_changelog_seen(store: &Store, ends: &BTreeMap<i32, i64>) {
     }
 }
 
-/// A restore read records of changelog format 1: says what they are and
-/// what to do about them.
-fn warn_format1(partition: i32, records: u64) {
-    if records > 0 {
+/// A restore read records of changelog formats 1 or 2: says what they are
+/// and what to do about them.
+fn warn_older_formats(partition: i32, format1: u64, format2: u64) {
+    if format1 + format2 > 0 {
         tracing::warn!(
             partition,
-            records,
-            "the changelog holds records of format 1 (a gatebill before changelog format 2): read as the base of their months and \
-             dedupe buckets, but never rewritten or deleted, so the topic keeps them; to shed them, see README, Upgrading"
+            format1_records = format1,
+            format2_records = format2,
+            "the changelog holds records of an older format (format 1: a gatebill before changelog format 2; format 2: before \
+             format 3): read as the base that later records replace, but never rewritten or deleted, so the topic keeps them; \
+             to shed them, see README, Upgrading the changelog format"
         );
     }
 }

@@ -224,6 +224,10 @@ pub fn history(cfg: &Config, keys: &[&str]) -> String {
         let next = header(NEXT_OFFSET).unwrap_or_default();
         let unconfirmed = if header(UNCONFIRMED).is_some() { " unconfirmed" } else { "" };
         let what = match &change {
+            Change::UsageBlock { account, month, block, usage } if keys.contains(&format!("{account}/{month}").as_str()) => format!(
+                "{account}/{month} block {block} usage {} calls",
+                gatebill::changelog::decode_block(*block, usage).map(|u| u.calls()).unwrap_or_default()
+            ),
             Change::UsageHour { account, month, hour_start, usage } if keys.contains(&format!("{account}/{month}").as_str()) => format!(
                 "{account}/{month} hour {hour_start} usage {} calls",
                 gatebill::billing::usage::MonthUsage::decode(usage).map(|u| u.calls()).unwrap_or_default()
