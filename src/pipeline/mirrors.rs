@@ -10,7 +10,6 @@ use crate::billing::usage::{MonthTotals, MonthUsage};
 use crate::changelog::{block_of, block_span};
 use rustc_hash::FxBuildHasher;
 use std::collections::hash_map::Entry;
-use std::collections::BTreeMap;
 use std::collections::HashMap;
 
 /// Most entries [`KnownMarks`] keeps (about 24 MB): past it, it starts
@@ -164,28 +163,48 @@ pub struct BlockMirror {
 #[derive(Debug)]
 struct RecentBlocks {
     floor: i32,
-    /// Block -> its usage.
-    blocks: BTreeMap<i32, MonthUsage>,
+    /// (block, its usage), ascending by block: a vector of at most
+    /// [`RECENT_BLOCKS`] between batches (a B-tree's node would take about
+    /// 850 bytes for one entry, on each of up to [`BLOCK_MIRROR_MAX`]).
+    blocks: Vec<(i32, MonthUsage)>,
 }
 
 impl RecentBlocks {
     /// From the month as stored (`None`: no usage).
     fn from_stored(month: Option<&MonthUsage>) -> RecentBlocks {
-        let Some(m) = month.filter(|m| !m.is_empty()) else { return RecentBlocks { floor: i32::MIN, blocks: BTreeMap::new() } };
+        let Some(m) = month.filter(|m| !m.is_empty()) else { return RecentBlocks::empty() };
         let mut latest: Vec<i32> = m.hours().map(|h| block_of(h.hour_start)).collect();
         latest.dedup();
         let keep = &latest[latest.len().saturating_sub(RECENT_BLOCKS)..];
         RecentBlocks { floor: keep[0], blocks: keep.iter().map(|&b| (b, stored_block(m, b))).collect() }
     }
 
-    /// Keeps the latest [`RECENT_BLOCKS`]; a block at or after the floor
-    /// that leaves raises the floor past it.
-    fn trim(&mut self) {
-        while self.blocks.len() > RECENT_BLOCKS {
-            let (first, _) = self.blocks.pop_first().expect("not empty");
-            if first >= self.floor {
-                self.floor = first + 1;
+    /// No usage on disk.
+    fn empty() -> RecentBlocks {
+        RecentBlocks { floor: i32::MIN, blocks: Vec::new() }
+    }
+
+    /// The block's usage, if kept.
+    fn get(&self, block: i32) -> Option<&MonthUsage> {
+        self.blocks.iter().find(|(b, _)| *b == block).map(|(_, u)| u)
+    }
+
+    /// Takes the blocks' new values, then keeps the latest [`RECENT_BLOCKS`];
+    /// a block at or after the floor that leaves raises the floor past it.
+    fn update(&mut self, values: Vec<(i32, MonthUsage)>) {
+        for (block, usage) in values {
+            match self.blocks.binary_search_by_key(&block, |(b, _)| *b) {
+                Ok(i) => self.blocks[i].1 = usage,
+                Err(i) => self.blocks.insert(i, (block, usage)),
             }
+        }
+        let leaving = self.blocks.len().saturating_sub(RECENT_BLOCKS);
+        if leaving > 0 {
+            let last_gone = self.blocks[leaving - 1].0;
+            if last_gone >= self.floor {
+                self.floor = last_gone + 1;
+            }
+            self.blocks.drain(..leaving);
         }
     }
 }
@@ -219,7 +238,7 @@ impl BlockMirror {
         let mut stored: Option<Option<MonthUsage>> = None;
         let entry = match self.months.entry((account, month)) {
             Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) if self.complete => v.insert(RecentBlocks { floor: i32::MIN, blocks: BTreeMap::new() }),
+            Entry::Vacant(v) if self.complete => v.insert(RecentBlocks::empty()),
             Entry::Vacant(v) => {
                 let m = (read.take().expect("unread"))()?;
                 let recent = RecentBlocks::from_stored(m.as_ref());
@@ -231,7 +250,7 @@ impl BlockMirror {
         for h in delta.hours() {
             let b = block_of(h.hour_start);
             if out.last().is_none_or(|(last, _)| *last != b) {
-                let base = match entry.blocks.get(&b) {
+                let base = match entry.get(b) {
                     Some(known) => known.clone(),
                     None if b >= entry.floor => MonthUsage::default(),
                     None => {
@@ -254,8 +273,7 @@ impl BlockMirror {
     pub fn written(&mut self, updates: BlockValues) {
         for (key, blocks) in updates {
             if let Some(entry) = self.months.get_mut(&key) {
-                entry.blocks.extend(blocks);
-                entry.trim();
+                entry.update(blocks);
             }
         }
         if self.months.len() > self.max_entries {
