@@ -553,41 +553,44 @@ fn restored_months(
     hours: BTreeMap<(String, Month), HourVersions>,
     upto: i64,
 ) -> Vec<RestoredMonth> {
-    type Parts = (Option<Vec<u8>>, Vec<(i32, Vec<u8>)>, Vec<(i64, Vec<u8>)>);
+    // Blocks with the next offset of the batch that wrote the kept record.
+    type Parts = (Option<Vec<u8>>, Vec<(i32, i64, Vec<u8>)>, Vec<(i64, Vec<u8>)>);
     let mut out_of: BTreeMap<(String, Month), Parts> = BTreeMap::new();
-    for ((account, month), by_batch) in months {
+    for (key, by_batch) in months {
         if let Some(base) = as_of(by_batch, upto) {
-            out_of.insert((account, month), (Some(base), Vec::new(), Vec::new()));
+            out_of.insert(key, (Some(base), Vec::new(), Vec::new()));
         }
     }
-    let mut block_batch: BTreeMap<(String, Month, i32), i64> = BTreeMap::new();
-    for ((account, month), by_block) in blocks {
-        let kept: Vec<(i32, Vec<u8>)> = by_block
-            .into_iter()
-            .filter_map(|(b, v)| {
-                let (at, u) = latest(v, upto)?;
-                block_batch.insert((account.clone(), month, b), at);
-                Some((b, u))
-            })
-            .collect();
+    for (key, by_block) in blocks {
+        let kept: Vec<(i32, i64, Vec<u8>)> = by_block.into_iter().filter_map(|(b, v)| latest(v, upto).map(|(at, u)| (b, at, u))).collect();
         if !kept.is_empty() {
-            out_of.entry((account, month)).or_insert_with(|| (None, Vec::new(), Vec::new())).1 = kept;
+            out_of.entry(key).or_insert_with(|| (None, Vec::new(), Vec::new())).1 = kept;
         }
     }
-    for ((account, month), by_hour) in hours {
+    for (key, by_hour) in hours {
+        let month_blocks = out_of.get(&key).map_or(&[][..], |p| p.1.as_slice());
+        let block_at = |h: i64| month_blocks.binary_search_by_key(&block_of(h), |x| x.0).ok().map(|i| month_blocks[i].1);
         let kept: Vec<(i64, Vec<u8>)> = by_hour
             .into_iter()
             .filter_map(|(h, v)| {
                 let (at, u) = latest(v, upto)?;
-                let block_at = block_batch.get(&(account.clone(), month, block_of(h)));
-                block_at.is_none_or(|&b| b < at).then_some((h, u))
+                block_at(h).is_none_or(|b| b < at).then_some((h, u))
             })
             .collect();
         if !kept.is_empty() {
-            out_of.entry((account, month)).or_insert_with(|| (None, Vec::new(), Vec::new())).2 = kept;
+            out_of.entry(key).or_insert_with(|| (None, Vec::new(), Vec::new())).2 = kept;
         }
     }
-    out_of.into_iter().map(|((account, month), (base, blocks, hours))| RestoredMonth { account, month, base, blocks, hours }).collect()
+    out_of
+        .into_iter()
+        .map(|((account, month), (base, blocks, hours))| RestoredMonth {
+            account,
+            month,
+            base,
+            blocks: blocks.into_iter().map(|(b, _, u)| (b, u)).collect(),
+            hours,
+        })
+        .collect()
 }
 
 /// The bucket of `hour` among `buckets`, added empty if absent.
