@@ -64,6 +64,57 @@ impl KnownMarks {
     }
 }
 
+/// Values per (interned account, month) mirrored from the store, at most
+/// `max_entries` of them, and whether the map is *complete*: it holds
+/// every account-month with usage on disk that its pipeline can be fed, so
+/// a month it lacks has none and its value starts empty. What both usage
+/// mirrors ([`MonthTotalsMirror`], [`BlockMirror`]) share: completeness is
+/// lost for good by [`MonthMap::forget`], and kept by
+/// [`MonthMap::reloaded`] only while nothing was mirrored.
+struct MonthMap<V> {
+    values: HashMap<(u32, Month), V, FxBuildHasher>,
+    complete: bool,
+    max_entries: usize,
+}
+
+impl<V> MonthMap<V> {
+    fn new(store_has_no_usage: bool, max_entries: usize) -> Self {
+        MonthMap { values: HashMap::default(), complete: store_has_no_usage, max_entries }
+    }
+
+    /// The value of `key`: at its first use `empty()` when the map is
+    /// complete, else `read()` (from the store).
+    fn entry<E>(&mut self, key: (u32, Month), empty: impl FnOnce() -> V, read: impl FnOnce() -> Result<V, E>) -> Result<&mut V, E> {
+        Ok(match self.values.entry(key) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) if self.complete => v.insert(empty()),
+            Entry::Vacant(v) => v.insert(read()?),
+        })
+    }
+
+    /// Past the size bound, forgets.
+    fn bound(&mut self) {
+        if self.values.len() > self.max_entries {
+            self.forget();
+        }
+    }
+
+    /// Partitions' state was reloaded (a restore may have written usage):
+    /// complete only if it was, nothing was mirrored, and the store still
+    /// has no usage (`store_has_no_usage`, asked only then).
+    fn reloaded<E>(&mut self, store_has_no_usage: impl FnOnce() -> Result<bool, E>) -> Result<(), E> {
+        self.complete = self.complete && self.values.is_empty() && store_has_no_usage()?;
+        self.values.clear();
+        Ok(())
+    }
+
+    /// Forgets every entry, and that the map was complete.
+    fn forget(&mut self) {
+        self.values.clear();
+        self.complete = false;
+    }
+}
+
 /// Each ingested account-month's usage totals, stored plus pending, so an
 /// event that would take a total past
 /// [`crate::billing::usage::MAX_MONTH_TOTAL`] is rejected before it counts.
@@ -80,48 +131,37 @@ impl KnownMarks {
 /// a discarded step, a reset of the interned ids, the size bound, a join;
 /// [`MonthTotalsMirror::reloaded`] after a restore).
 pub struct MonthTotalsMirror {
-    totals: HashMap<(u32, Month), MonthTotals, FxBuildHasher>,
-    complete: bool,
-    max_entries: usize,
+    totals: MonthMap<MonthTotals>,
 }
 
 impl MonthTotalsMirror {
     /// An empty mirror: complete when the store has no usage; keeping at
     /// most `max_entries`.
     pub fn new(store_has_no_usage: bool, max_entries: usize) -> Self {
-        MonthTotalsMirror { totals: HashMap::default(), complete: store_has_no_usage, max_entries }
+        MonthTotalsMirror { totals: MonthMap::new(store_has_no_usage, max_entries) }
     }
 
     /// The totals of `(account, month)`, read with `read` (the stored
     /// month's totals) at its first use unless the mirror is complete.
     pub fn totals<E>(&mut self, account: u32, month: Month, read: impl FnOnce() -> Result<MonthTotals, E>) -> Result<&mut MonthTotals, E> {
-        Ok(match self.totals.entry((account, month)) {
-            Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) if self.complete => v.insert(MonthTotals::default()),
-            Entry::Vacant(v) => v.insert(read()?),
-        })
+        self.totals.entry((account, month), MonthTotals::default, read)
     }
 
     /// A batch was written: past the size bound, the mirror is forgotten.
     pub fn written(&mut self) {
-        if self.totals.len() > self.max_entries {
-            self.forget();
-        }
+        self.totals.bound();
     }
 
     /// Partitions' state was reloaded (a restore may have written usage):
     /// the mirror stays complete only if nothing was ingested and the
     /// store still has no usage (`store_has_no_usage`, asked only then).
     pub fn reloaded<E>(&mut self, store_has_no_usage: impl FnOnce() -> Result<bool, E>) -> Result<(), E> {
-        self.complete = self.complete && self.totals.is_empty() && store_has_no_usage()?;
-        self.totals.clear();
-        Ok(())
+        self.totals.reloaded(store_has_no_usage)
     }
 
     /// Forgets every entry, and that the mirror was complete.
     pub fn forget(&mut self) {
-        self.totals.clear();
-        self.complete = false;
+        self.totals.forget();
     }
 }
 
@@ -154,9 +194,7 @@ pub const RECENT_BLOCKS: usize = 2;
 /// ([`BlockMirror::written`]); anything that may change usage behind it
 /// forgets it ([`BlockMirror::forget`], [`BlockMirror::reloaded`]).
 pub struct BlockMirror {
-    months: HashMap<(u32, Month), RecentBlocks, FxBuildHasher>,
-    complete: bool,
-    max_entries: usize,
+    months: MonthMap<RecentBlocks>,
 }
 
 /// One account-month's latest blocks ([`BlockMirror`]).
@@ -219,7 +257,7 @@ impl BlockMirror {
     /// An empty mirror: complete when the store has no usage; keeping at
     /// most `max_entries` account-months.
     pub fn new(store_has_no_usage: bool, max_entries: usize) -> Self {
-        BlockMirror { months: HashMap::default(), complete: store_has_no_usage, max_entries }
+        BlockMirror { months: MonthMap::new(store_has_no_usage, max_entries) }
     }
 
     /// Each block `delta` (a batch's usage of one account-month) touches,
@@ -236,16 +274,12 @@ impl BlockMirror {
     ) -> Result<Vec<(i32, MonthUsage)>, E> {
         let mut read = Some(read);
         let mut stored: Option<Option<MonthUsage>> = None;
-        let entry = match self.months.entry((account, month)) {
-            Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) if self.complete => v.insert(RecentBlocks::empty()),
-            Entry::Vacant(v) => {
-                let m = (read.take().expect("unread"))()?;
-                let recent = RecentBlocks::from_stored(m.as_ref());
-                stored = Some(m);
-                v.insert(recent)
-            }
-        };
+        let entry = self.months.entry((account, month), RecentBlocks::empty, || {
+            let m = (read.take().expect("unread"))()?;
+            let recent = RecentBlocks::from_stored(m.as_ref());
+            stored = Some(m);
+            Ok(recent)
+        })?;
         let mut out: Vec<(i32, MonthUsage)> = Vec::with_capacity(2);
         for h in delta.hours() {
             let b = block_of(h.hour_start);
@@ -272,27 +306,22 @@ impl BlockMirror {
     /// forgotten.
     pub fn written(&mut self, updates: BlockValues) {
         for (key, blocks) in updates {
-            if let Some(entry) = self.months.get_mut(&key) {
+            if let Some(entry) = self.months.values.get_mut(&key) {
                 entry.update(blocks);
             }
         }
-        if self.months.len() > self.max_entries {
-            self.forget();
-        }
+        self.months.bound();
     }
 
     /// Partitions' state was reloaded (a restore may have written usage):
     /// as [`MonthTotalsMirror::reloaded`].
     pub fn reloaded<E>(&mut self, store_has_no_usage: impl FnOnce() -> Result<bool, E>) -> Result<(), E> {
-        self.complete = self.complete && self.months.is_empty() && store_has_no_usage()?;
-        self.months.clear();
-        Ok(())
+        self.months.reloaded(store_has_no_usage)
     }
 
     /// Forgets every entry, and that the mirror was complete.
     pub fn forget(&mut self) {
-        self.months.clear();
-        self.complete = false;
+        self.months.forget();
     }
 }
 
