@@ -92,6 +92,18 @@ cl_count() {
   sed -nE 's/^counted ([0-9]+) of [0-9]+ messages \(([0-9]+) bytes.*/\1 \2/p' <<<"$out"
 }
 
+# cl_worker BIN CONFIG DIR N: starts `run` worker N (state directory
+# DIR/stateN, output DIR/runN.out and .log) in the stream's group with its
+# metrics on a free port; sets pid and mport, and CL_PIDS to the stream's
+# tansu (tansu_pid, the caller's) and this worker.
+cl_worker() {
+  mport="$(cl_port)"
+  "$1" run --config "$2" --state-dir "$3/state$4" --group-id changelog-rows --metrics-address "127.0.0.1:$mport" \
+    >"$3/run$4.out" 2>"$3/run$4.log" &
+  pid=$!
+  CL_PIDS="$tansu_pid $pid"
+}
+
 # cl_stream BIN EVENTS PARTITIONS DAYS DIR: one stream, start to restore;
 # appends its row to CL_ROWS and its figures to CL_FIGURES.
 cl_stream() {
@@ -119,11 +131,7 @@ cl_stream() {
   [ "$input" = "$wrote" ] || echo "  note: gen wrote $wrote messages, $input read back from the input topic" >&2
 
   echo "  $days day(s): billing $input events with \`gatebill run\` ..." >&2
-  mport="$(cl_port)"
-  "$bin" run --config "$cfg" --state-dir "$dir/state1" --group-id changelog-rows --metrics-address "127.0.0.1:$mport" \
-    >"$dir/run1.out" 2>"$dir/run1.log" &
-  pid=$!
-  CL_PIDS="$tansu_pid $pid"
+  cl_worker "$bin" "$cfg" "$dir" 1
   local consumed=0 committed=0 produced=0 aborted=0 cpu cpu0 cpu1 sig last_sig="" last_change=$SECONDS
   local deadline=$((SECONDS + ${RUN_TIMEOUT:-$((600 + events / 5000))}))
   cpu0="$(cl_cpu "$pid")"; cpu1="$cpu0"
@@ -155,11 +163,7 @@ cl_stream() {
   read -r records bytes < <(cl_count "$bin" "$cfg" gatebill-changelog) || cl_fail "counting the changelog failed" || return 1
 
   echo "  $days day(s): restoring $records changelog records into an empty state directory ..." >&2
-  mport="$(cl_port)"
-  "$bin" run --config "$cfg" --state-dir "$dir/state2" --group-id changelog-rows --metrics-address "127.0.0.1:$mport" \
-    >"$dir/run2.out" 2>"$dir/run2.log" &
-  pid=$!
-  CL_PIDS="$tansu_pid $pid"
+  cl_worker "$bin" "$cfg" "$dir" 2
   deadline=$((SECONDS + ${RESTORE_TIMEOUT:-900}))
   until [ "$(sed 's/\x1b\[[0-9;]*m//g' "$dir/run2.log" | grep -c 'partition restored from the changelog')" -ge "$partitions" ]; do
     kill -0 "$pid" 2>/dev/null || cl_fail "the restoring worker exited" "$dir/run2.log" || return 1
