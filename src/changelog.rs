@@ -215,11 +215,7 @@ impl Change {
     /// produced as no value: [`TOMBSTONE`]).
     pub fn encode(&self) -> (Vec<u8>, Vec<u8>) {
         match self {
-            Change::UsageBlock { account, month, block, usage } => {
-                let mut k = kind(b'k', &account_month_key(account, *month));
-                k.extend_from_slice(&block.to_be_bytes());
-                (k, usage.clone())
-            }
+            Change::UsageBlock { account, month, block, usage } => (block_key(account, *month, *block), usage.clone()),
             Change::UsageHour { account, month, hour_start, usage } => {
                 let mut k = kind(b'h', &account_month_key(account, *month));
                 k.extend_from_slice(&hour_start.to_be_bytes());
@@ -246,6 +242,16 @@ impl Change {
                 v.extend_from_slice(hashes);
                 (k, v)
             }
+        }
+    }
+
+    /// [`Change::encode`], moving the bytes a change already carries
+    /// (usage, request-id hashes) instead of copying them.
+    pub fn into_encoded(self) -> (Vec<u8>, Vec<u8>) {
+        match self {
+            Change::UsageBlock { account, month, block, usage } => (block_key(&account, month, block), usage),
+            Change::Gone { key } => (key, Vec::new()),
+            other => other.encode(),
         }
     }
 
@@ -297,6 +303,13 @@ impl Change {
 /// Header of a changelog record produced as a tombstone (no value); the
 /// producer drops it ([`crate::kafka`]).
 pub const TOMBSTONE: &str = "gatebill.tombstone";
+
+/// The key of a usage block record: `k`, the account-month, the block.
+fn block_key(account: &str, month: Month, block: i32) -> Vec<u8> {
+    let mut k = kind(b'k', &account_month_key(account, month));
+    k.extend_from_slice(&block.to_be_bytes());
+    k
+}
 
 fn kind(k: u8, rest: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(rest.len() + 1);

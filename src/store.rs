@@ -330,6 +330,19 @@ impl UsageScan<'_> {
         Ok(out)
     }
 
+    /// The months of one account after `month` that have usage, in order.
+    /// Only those are read: a month's value is merged when the scan
+    /// reaches it, and an account's earlier months may hold a month of
+    /// hours each.
+    pub fn months_after(&mut self, account: &str, month: Month) -> Result<Vec<Month>, StoreError> {
+        let mut out = Vec::new();
+        self.each_from(account, Some(month.next()), |m, _| {
+            out.push(m);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
     /// Every month of one account.
     pub fn account_months(&mut self, account: &str) -> Result<BTreeMap<Month, MonthUsage>, StoreError> {
         let mut out = BTreeMap::new();
@@ -341,9 +354,22 @@ impl UsageScan<'_> {
     }
 
     /// Calls `f` with each (month, encoded usage) of one account, in month order.
-    fn each(&mut self, account: &str, mut f: impl FnMut(Month, &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    fn each(&mut self, account: &str, f: impl FnMut(Month, &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        self.each_from(account, None, f)
+    }
+
+    /// [`UsageScan::each`] from month `from` on (`None`: the first).
+    fn each_from(
+        &mut self,
+        account: &str,
+        from: Option<Month>,
+        mut f: impl FnMut(Month, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let prefix = account_prefix(account);
-        self.it.seek(&prefix);
+        match from {
+            Some(m) => self.it.seek(account_month_key(account, m)),
+            None => self.it.seek(&prefix),
+        }
         while let Some((k, v)) = self.it.item() {
             if !k.starts_with(&prefix) {
                 break;
@@ -1001,7 +1027,7 @@ pub fn decode_bill_state(v: &[u8]) -> Result<BillState, StoreError> {
 }
 
 impl Batch<'_> {
-    /// Adds already encoded usage (see [`crate::billing::usage::encode_rows`]) to an account-month.
+    /// Adds already encoded usage (see [`crate::billing::usage::encode_numbered`]) to an account-month.
     pub fn merge_usage_encoded(&mut self, account: &str, month: Month, encoded: &[u8]) {
         self.wb.merge_cf(self.store.cf(cf::USAGE), account_month_key(account, month), encoded);
     }
@@ -1048,6 +1074,15 @@ impl Batch<'_> {
     pub fn put_outbox(&mut self, key: &[u8], r: &OutboxRecord) {
         match &mut self.captured {
             Some(captured) => captured.push(r.clone()),
+            None => self.wb.put_cf(self.store.cf(cf::OUTBOX), key, r.encode()),
+        }
+    }
+
+    /// [`Batch::put_outbox`] of a record the caller is done with: a
+    /// capturing batch keeps it without a copy.
+    pub fn put_outbox_owned(&mut self, key: &[u8], r: OutboxRecord) {
+        match &mut self.captured {
+            Some(captured) => captured.push(r),
             None => self.wb.put_cf(self.store.cf(cf::OUTBOX), key, r.encode()),
         }
     }
@@ -1269,6 +1304,10 @@ mod tests {
         assert_eq!(a.keys().copied().collect::<Vec<_>>(), vec![oct, nov]);
         assert_eq!((a[&oct].calls(), a[&nov].calls()), (5, 1));
         assert_eq!(scan.month_list("nobody").unwrap(), Vec::<Month>::new());
+        assert_eq!(scan.months_after("ab", oct).unwrap(), vec![dec]);
+        assert_eq!(scan.months_after("ab", nov).unwrap(), vec![dec]);
+        assert_eq!(scan.months_after("ab", dec).unwrap(), Vec::<Month>::new());
+        assert_eq!(scan.months_after("b", oct).unwrap(), vec![nov]);
         assert_eq!(scan.account_months("ab").unwrap()[&dec].calls(), 5);
         // The one-off readers agree.
         assert_eq!(s.account_month_list("ab").unwrap(), vec![oct, dec]);

@@ -103,7 +103,7 @@ struct Slot {
 /// named by some entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MonthUsage {
-    regions: Vec<Box<str>>,
+    regions: Vec<std::sync::Arc<str>>,
     hours: Vec<Slot>,
     /// (index into `regions`, bytes), each hour's entries one run.
     public: Vec<(u32, u64)>,
@@ -123,7 +123,7 @@ pub struct HourView<'a> {
     /// Inbound bytes (recorded, free).
     pub inbound_bytes: u64,
     public: &'a [(u32, u64)],
-    regions: &'a [Box<str>],
+    regions: &'a [std::sync::Arc<str>],
 }
 
 impl<'a> HourView<'a> {
@@ -420,7 +420,7 @@ impl MonthUsage {
             from = s.public_end as usize;
         }
         if canonical && used.iter().all(|u| *u) {
-            return MonthUsage { regions: names.into_iter().map(Box::from).collect(), hours, public };
+            return MonthUsage { regions: names.into_iter().map(std::sync::Arc::from).collect(), hours, public };
         }
         // Not as this encoder writes it: rebuild entry by entry.
         let mut m = MonthUsage { regions: Vec::new(), hours: Vec::with_capacity(hours.len()), public: Vec::new() };
@@ -441,14 +441,6 @@ impl MonthUsage {
 
 /// The units of [`MonthUsage::encode_compact`]'s hour starts, by code.
 const UNITS: [i64; 3] = [3600, 60, 1];
-
-/// One decoded hour whose public bytes are a range of a shared list.
-#[derive(Clone, Debug)]
-struct RawRow {
-    hour_start: i64,
-    counters: [u64; 4],
-    public: std::ops::Range<usize>,
-}
 
 /// Encoded usage as read: the region table (borrowed from the bytes) and
 /// the hours and entries in the layout of [`MonthUsage`], not yet checked
@@ -531,33 +523,40 @@ fn parse_hours<'a>(mut r: Reader<'a>, names: Vec<&'a str>, origin: i64, unit: i6
     Ok(Parsed { names, hours, public })
 }
 
-/// Decodes encoded usage, appending its hours to `rows` and their public
-/// bytes by region (borrowed from `bytes`) to `public`.
-fn parse_rows<'a>(bytes: &'a [u8], rows: &mut Vec<RawRow>, public: &mut Vec<(&'a str, u64)>) -> Result<(), UsageDecodeError> {
-    let p = parse(bytes)?;
-    let mut from = 0;
-    for s in p.hours {
-        let start = public.len();
-        public.extend(p.public[from..s.public_end as usize].iter().map(|&(r, b)| (p.names[r as usize], b)));
-        from = s.public_end as usize;
-        rows.push(RawRow { hour_start: s.start, counters: s.counters, public: start..public.len() });
-    }
-    Ok(())
-}
-
 /// Sums encoded month usages into one encoding, without building a
 /// [`MonthUsage`]: the bytes equal decoding each, [`MonthUsage::merge`]-ing
-/// them and encoding the sum. This is the store's merge operator.
+/// them and encoding the sum. This is the store's merge operator. Regions
+/// are numbered once per part (a part's table against the names seen so
+/// far): entries compare numbers, not names.
 pub fn merge_encoded<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u8>, UsageDecodeError> {
-    let mut rows = Vec::new();
-    let mut public = Vec::new();
-    for p in parts {
-        parse_rows(p, &mut rows, &mut public)?;
+    let mut names: Vec<&str> = Vec::new();
+    let mut rows: Vec<NumberedRow> = Vec::new();
+    let mut entries: Vec<(u32, u64)> = Vec::new();
+    let mut local: Vec<u32> = Vec::new();
+    for part in parts {
+        let p = parse(part)?;
+        local.clear();
+        for n in &p.names {
+            local.push(match names.iter().position(|x| x == n) {
+                Some(i) => i as u32,
+                None => {
+                    names.push(n);
+                    (names.len() - 1) as u32
+                }
+            });
+        }
+        let mut from = 0;
+        for s in p.hours {
+            let start = entries.len();
+            entries.extend(p.public[from..s.public_end as usize].iter().map(|&(r, b)| (local[r as usize], b)));
+            from = s.public_end as usize;
+            rows.push(NumberedRow { hour_start: s.start, counters: s.counters, public: start..entries.len() });
+        }
     }
     rows.sort_by_key(|r| r.hour_start);
-    let mut merged: Vec<(i64, [u64; 4], std::ops::Range<usize>)> = Vec::with_capacity(rows.len());
-    let mut sums: Vec<(&str, u64)> = Vec::with_capacity(public.len());
-    let mut scratch: Vec<(&str, u64)> = Vec::new();
+    let mut merged: Vec<NumberedRow> = Vec::with_capacity(rows.len());
+    let mut sums: Vec<(u32, u64)> = Vec::with_capacity(entries.len());
+    let mut scratch: Vec<(u32, u64)> = Vec::new();
     let mut i = 0;
     while i < rows.len() {
         let hour = rows[i].hour_start;
@@ -567,86 +566,87 @@ pub fn merge_encoded<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Result<Ve
             for (c, v) in counters.iter_mut().zip(rows[i].counters) {
                 *c = c.saturating_add(v);
             }
-            scratch.extend_from_slice(&public[rows[i].public.clone()]);
+            scratch.extend_from_slice(&entries[rows[i].public.clone()]);
             i += 1;
         }
-        scratch.sort_by_key(|(r, _)| *r);
+        scratch.sort_unstable_by_key(|(r, _)| *r);
         let start = sums.len();
-        for (r, b) in &scratch {
+        for &(r, b) in &scratch {
             // As decoding does: a zero entry is no usage (this encoder
             // never writes one).
-            if *b == 0 {
+            if b == 0 {
                 continue;
             }
             match sums[start..].last_mut() {
-                Some((last, v)) if last == r => *v = v.saturating_add(*b),
-                _ => sums.push((r, *b)),
+                Some((last, v)) if *last == r => *v = v.saturating_add(b),
+                _ => sums.push((r, b)),
             }
         }
-        merged.push((hour, counters, start..sums.len()));
+        merged.push(NumberedRow { hour_start: hour, counters, public: start..sums.len() });
     }
-    let rows: Vec<HourRow<'_>> = merged
-        .iter()
-        .map(|(h, c, p)| HourRow {
-            hour_start: *h,
-            calls: c[0],
-            frontend_error_calls: c[1],
-            private_out_bytes: c[2],
-            inbound_bytes: c[3],
-            public: &sums[p.clone()],
-        })
-        .collect();
-    Ok(encode_rows(&rows))
+    Ok(encode_numbered(&names, &merged, &sums))
 }
 
-/// One hour of usage as borrowed parts, for encoding without building a
-/// [`MonthUsage`] first.
-#[derive(Clone, Copy, Debug)]
-pub struct HourRow<'a> {
+/// One hour of usage whose public bytes are a range of a shared list of
+/// (region number, bytes) entries, for [`encode_numbered`].
+#[derive(Clone, Debug)]
+pub struct NumberedRow {
     /// UTC epoch second at which the local hour starts.
     pub hour_start: i64,
-    /// All calls.
-    pub calls: u64,
-    /// Frontend-error calls.
-    pub frontend_error_calls: u64,
-    /// Private outbound bytes.
-    pub private_out_bytes: u64,
-    /// Inbound bytes.
-    pub inbound_bytes: u64,
-    /// Public outbound bytes by region: sorted by region, distinct, non-zero.
-    pub public: &'a [(&'a str, u64)],
+    /// Calls, frontend-error calls, private outbound bytes, inbound bytes.
+    pub counters: [u64; 4],
+    /// The hour's entries in the shared list.
+    pub public: std::ops::Range<usize>,
 }
 
-/// Encodes hours given in ascending, distinct order; the bytes are those of
-/// the [`MonthUsage`] with these hours ([`MonthUsage::encode`] uses it).
-pub fn encode_rows(rows: &[HourRow<'_>]) -> Vec<u8> {
-    let mut regions: Vec<&str> = rows.iter().flat_map(|h| h.public.iter().map(|(r, _)| *r)).collect();
-    regions.sort_unstable();
-    regions.dedup();
-    let mut out = Vec::with_capacity(8 + rows.len() * 16);
+/// Encodes hours given in ascending, distinct order, whose public bytes
+/// are entries (region number, bytes): numbers index `names` (distinct
+/// names, any order), distinct within an hour, in any order; a zero entry
+/// is no usage. The bytes are those of the [`MonthUsage`] with these hours
+/// (the format [`MonthUsage::encode`] writes): the table holds the names
+/// used, sorted, and each hour's entries follow the table's order. The
+/// names are sorted once; entries compare numbers.
+pub fn encode_numbered(names: &[&str], rows: &[NumberedRow], entries: &[(u32, u64)]) -> Vec<u8> {
+    // A name's place in the table, u32::MAX while unused.
+    let mut rank = vec![u32::MAX; names.len()];
+    for &(r, b) in entries {
+        if b > 0 {
+            rank[r as usize] = 0;
+        }
+    }
+    let mut table: Vec<u32> = (0..names.len() as u32).filter(|&r| rank[r as usize] == 0).collect();
+    table.sort_unstable_by_key(|&r| names[r as usize]);
+    for (i, &r) in table.iter().enumerate() {
+        rank[r as usize] = i as u32;
+    }
+    let mut out = Vec::with_capacity(8 + table.iter().map(|&r| names[r as usize].len() + 1).sum::<usize>() + rows.len() * 16);
     out.push(ENCODING_VERSION);
-    put_varint(&mut out, regions.len() as u64);
-    for r in &regions {
-        put_varint(&mut out, r.len() as u64);
-        out.extend_from_slice(r.as_bytes());
+    put_varint(&mut out, table.len() as u64);
+    for &r in &table {
+        let name = names[r as usize];
+        put_varint(&mut out, name.len() as u64);
+        out.extend_from_slice(name.as_bytes());
     }
     put_varint(&mut out, rows.len() as u64);
     let mut prev = 0i64;
-    for (i, u) in rows.iter().enumerate() {
+    let mut hour: Vec<(u32, u64)> = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
         if i == 0 {
-            put_varint(&mut out, zigzag(u.hour_start));
+            put_varint(&mut out, zigzag(row.hour_start));
         } else {
-            put_varint(&mut out, (u.hour_start - prev) as u64);
+            put_varint(&mut out, (row.hour_start - prev) as u64);
         }
-        prev = u.hour_start;
-        for v in [u.calls, u.frontend_error_calls, u.private_out_bytes, u.inbound_bytes] {
+        prev = row.hour_start;
+        for v in row.counters {
             put_varint(&mut out, v);
         }
-        put_varint(&mut out, u.public.len() as u64);
-        for (r, b) in u.public {
-            let idx = regions.binary_search(r).expect("region in table");
-            put_varint(&mut out, idx as u64);
-            put_varint(&mut out, *b);
+        hour.clear();
+        hour.extend(entries[row.public.clone()].iter().filter(|(_, b)| *b > 0).map(|&(r, b)| (rank[r as usize], b)));
+        hour.sort_unstable_by_key(|(r, _)| *r);
+        put_varint(&mut out, hour.len() as u64);
+        for &(r, b) in &hour {
+            put_varint(&mut out, u64::from(r));
+            put_varint(&mut out, b);
         }
     }
     out
@@ -815,20 +815,28 @@ mod tests {
             let m = month_of(&model, &order);
             prop_assert_eq!(&model_of(&m), &model);
             prop_assert_eq!(m.calls(), model.values().map(|h| h.calls).sum::<u64>());
-            let public: Vec<Vec<(&str, u64)>> = model.values().map(|h| h.public_out_bytes.iter().map(|(r, b)| (r.as_str(), *b)).collect()).collect();
-            let rows: Vec<HourRow<'_>> = model
+            // Names numbered in first-seen order, not sorted: the encoder sorts them.
+            let mut names: Vec<&str> = Vec::new();
+            let mut entries: Vec<(u32, u64)> = Vec::new();
+            let rows: Vec<NumberedRow> = model
                 .iter()
-                .zip(&public)
-                .map(|((start, h), p)| HourRow {
-                    hour_start: *start,
-                    calls: h.calls,
-                    frontend_error_calls: h.frontend_error_calls,
-                    private_out_bytes: h.private_out_bytes,
-                    inbound_bytes: h.inbound_bytes,
-                    public: p,
+                .map(|(start, h)| {
+                    let from = entries.len();
+                    for (r, b) in h.public_out_bytes.iter().rev() {
+                        let n = names.iter().position(|x| *x == r.as_str()).unwrap_or_else(|| {
+                            names.push(r);
+                            names.len() - 1
+                        });
+                        entries.push((n as u32, *b));
+                    }
+                    NumberedRow {
+                        hour_start: *start,
+                        counters: [h.calls, h.frontend_error_calls, h.private_out_bytes, h.inbound_bytes],
+                        public: from..entries.len(),
+                    }
                 })
                 .collect();
-            prop_assert_eq!(m.encode(), encode_rows(&rows));
+            prop_assert_eq!(m.encode(), encode_numbered(&names, &rows, &entries));
             for (start, h) in &model {
                 prop_assert_eq!(m.hour(*start).map(|v| v.to_owned()), Some(h.clone()));
             }

@@ -7,7 +7,7 @@ use super::message::{BatchStats, InputMessage};
 use crate::billing::calendar::Month;
 use crate::billing::event::{truncate, DecodeError, RejectReason};
 use crate::billing::scan::{decode_billable, Billable};
-use crate::billing::usage::{encode_rows, HourRow};
+use crate::billing::usage::{encode_numbered, NumberedRow};
 use crate::billing::Metered;
 use crate::changelog::{dedupe_key, Change};
 use crate::store::{Batch, BucketIndex, OutboxRecord, PartitionState, Store, StoreError};
@@ -128,31 +128,34 @@ pub struct Pending {
 }
 
 /// Encodes one account-month's cells (sorted by hour, then region) as a
-/// usage delta: the bytes of the `MonthUsage` they sum to.
+/// usage delta: the bytes of the `MonthUsage` they sum to. Its regions are
+/// numbered among themselves (a few), whatever the interner holds.
 pub fn encode_cells(cells: &[((u32, i64, u32), HourCell)], regions: &Interner) -> Vec<u8> {
-    let mut public: Vec<(&str, u64)> = Vec::new();
-    let mut rows: Vec<(HourRow<'_>, usize, usize)> = Vec::new();
+    let mut ids: Vec<u32> = cells.iter().filter(|(_, c)| c.public_out_bytes > 0).map(|((_, _, r), _)| *r).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let names: Vec<&str> = ids.iter().map(|&r| regions.name(r)).collect();
+    let mut rows: Vec<NumberedRow> = Vec::new();
+    let mut entries: Vec<(u32, u64)> = Vec::new();
     let mut h = 0;
     while h < cells.len() {
         let hour = cells[h].0 .1;
-        let mut row = HourRow { hour_start: hour, calls: 0, frontend_error_calls: 0, private_out_bytes: 0, inbound_bytes: 0, public: &[] };
-        let start = public.len();
+        let mut counters = [0u64; 4];
+        let start = entries.len();
         while h < cells.len() && cells[h].0 .1 == hour {
             let c = &cells[h].1;
-            row.calls = row.calls.saturating_add(c.calls);
-            row.frontend_error_calls = row.frontend_error_calls.saturating_add(c.frontend_error_calls);
-            row.private_out_bytes = row.private_out_bytes.saturating_add(c.private_out_bytes);
-            row.inbound_bytes = row.inbound_bytes.saturating_add(c.inbound_bytes);
+            for (sum, v) in counters.iter_mut().zip([c.calls, c.frontend_error_calls, c.private_out_bytes, c.inbound_bytes]) {
+                *sum = sum.saturating_add(v);
+            }
             if c.public_out_bytes > 0 {
-                public.push((regions.name(cells[h].0 .2), c.public_out_bytes));
+                let n = ids.binary_search(&cells[h].0 .2).expect("collected above");
+                entries.push((n as u32, c.public_out_bytes));
             }
             h += 1;
         }
-        public[start..].sort_unstable();
-        rows.push((row, start, public.len()));
+        rows.push(NumberedRow { hour_start: hour, counters, public: start..entries.len() });
     }
-    let rows: Vec<HourRow<'_>> = rows.into_iter().map(|(row, a, b)| HourRow { public: &public[a..b], ..row }).collect();
-    encode_rows(&rows)
+    encode_numbered(&names, &rows, &entries)
 }
 
 /// Decodes, classifies and checks the key of one input message.
@@ -375,7 +378,15 @@ pub struct DedupeCache {
     clock: u64,
     /// Bucket sets read from the store, and their bytes ([`DedupeCache::take_reads`]).
     reads: (u64, u64),
+    /// The capacity a new bucket's set starts with: the largest set
+    /// touched by the last write, at most [`SET_HINT_MAX`]. In a
+    /// time-ordered stream a partition's next hour fills about as its last
+    /// did, and a set grown from empty rehashes a dozen times on the way.
+    set_hint: usize,
 }
+
+/// The most entries a new bucket's set reserves ([`DedupeCache::set_hint`]).
+const SET_HINT_MAX: usize = 1 << 16;
 
 /// A partition's buckets as stored (their sets unread), at its first use.
 fn read_index(store: &impl BucketSource, partition: i32) -> Result<FxHashMap<i64, Bucket>, StoreError> {
@@ -398,7 +409,7 @@ impl DedupeCache {
     /// An empty mirror, for a pipeline reading `topic`, keeping about
     /// `budget` bytes of hashes in memory ([`DedupeCache::shrink_to_budget`]).
     pub fn new(window: DedupeWindow, topic: &str, budget: usize) -> Self {
-        DedupeCache { window, topic: topic_hash(topic), partitions: FxHashMap::default(), budget, clock: 0, reads: (0, 0) }
+        DedupeCache { window, topic: topic_hash(topic), partitions: FxHashMap::default(), budget, clock: 0, reads: (0, 0), set_hint: 0 }
     }
 
     /// Bytes of hash sets in memory, about ([`set_bytes`]).
@@ -462,9 +473,9 @@ impl DedupeCache {
             Some(b) => b,
             None => self.partitions.entry(partition).or_insert(read_index(store, partition)?),
         };
-        let clock = self.clock;
+        let (clock, hint) = (self.clock, self.set_hint);
         let empty = |reset, dropped| Bucket {
-            seen: Some(FxHashMap::default()),
+            seen: Some(FxHashMap::with_capacity_and_hasher(hint, FxBuildHasher)),
             new: Vec::new(),
             last_offset: offset,
             topic,
@@ -526,8 +537,10 @@ impl DedupeCache {
     /// next numbered record, after tombstones of the records of a bucket it
     /// replaced.
     pub fn write_changes(&mut self, batch: &mut Batch<'_>, mut changed: Option<&mut Vec<(i32, Change)>>) {
+        let mut largest = 0;
         for (p, buckets) in &mut self.partitions {
             for (hour, b) in buckets.iter_mut().filter(|(_, b)| b.touched) {
+                largest = largest.max(b.seen.as_ref().map_or(0, |s| s.len()));
                 if b.reset {
                     batch.delete_dedupe(*p, *hour);
                 }
@@ -548,6 +561,7 @@ impl DedupeCache {
                 b.touched = false;
             }
         }
+        self.set_hint = largest.min(SET_HINT_MAX);
         self.clock += 1;
     }
 

@@ -168,10 +168,8 @@ impl Reads<'_> {
         let mut later = Vec::new();
         let mut scan = store.usage_scan();
         for (a, (from, partition)) in earliest {
-            for m in scan.month_list(a)? {
-                if m > from {
-                    later.push(((a.to_string(), m), partition));
-                }
+            for m in scan.months_after(a, from)? {
+                later.push(((a.to_string(), m), partition));
             }
         }
         // Marked dirty on disk before any chunk clears the month that caused
@@ -326,7 +324,7 @@ pub(super) fn stage(
             if state.partition >= 0 {
                 let change = Change::Bill { account: account.clone(), month: *month, state: state.clone() };
                 let next_offset = positions.next_offset(state.partition).unwrap_or(0);
-                numbers.put_change(&cx.settings, batch, state.partition, next_offset, &change);
+                numbers.put_change(&cx.settings, batch, state.partition, next_offset, change);
             }
         }
     }

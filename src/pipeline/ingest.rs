@@ -46,6 +46,10 @@ pub struct Ingest {
     /// Each ingested account-month's latest blocks ([`BlockMirror`]): the
     /// changelog's usage records, absolute, without reading the month.
     blocks: BlockMirror,
+    /// The staged batch's cells, sorted: kept empty between batches, its
+    /// capacity (and the pending cell map's) reused, so that a batch of
+    /// many cells does not grow and fault in fresh tables each time.
+    cells: Vec<((u32, i64, u32), HourCell)>,
 }
 
 /// What a staged input batch brings memory up to once it is written
@@ -93,6 +97,7 @@ impl Ingest {
             known_dirty: KnownMarks::default(),
             totals: MonthTotalsMirror::new(cx.store.usage_is_empty()?, totals_max),
             blocks: BlockMirror::new(cx.store.usage_is_empty()?, BLOCK_MIRROR_MAX / cx.shard.map_or(1, |s| s.count as usize)),
+            cells: Vec::new(),
         })
     }
 
@@ -273,10 +278,12 @@ impl Ingest {
         numbers: &mut OutboxNumbers,
         batch: &mut Batch<'_>,
     ) -> Result<InputWritten, StoreError> {
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
         // Usage: one merge operand per account-month, its hours in order,
         // written in key order (RocksDB's memtable inserts sorted keys fastest).
-        let mut cells: Vec<((u32, i64, u32), HourCell)> = pending.hours.into_iter().collect();
+        let mut cells = std::mem::take(&mut self.cells);
+        cells.clear();
+        cells.extend(pending.hours.drain());
         cells.sort_unstable_by_key(|(k, _)| *k);
         let groups = month_groups(&cells, &self.ids);
         let deltas: Vec<Vec<u8>> = groups.iter().map(|g| encode_cells(&cells[g.cells.clone()], &self.regions)).collect();
@@ -312,8 +319,12 @@ impl Ingest {
         }
         for (p, change) in changes.into_iter().flatten() {
             let next_offset = pending.touched.get(&p).map_or_else(|| positions.next_offset(p).unwrap_or(0), |s| s.next_offset);
-            numbers.put_change(&cx.settings, batch, p, next_offset, &change);
+            numbers.put_change(&cx.settings, batch, p, next_offset, change);
         }
+        // Both emptied, their capacity kept for the next batch.
+        cells.clear();
+        self.cells = cells;
+        self.pending.hours = pending.hours;
         Ok(InputWritten { stats: pending.stats, touched: pending.touched, marked, blocks })
     }
 

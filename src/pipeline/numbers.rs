@@ -51,15 +51,16 @@ impl OutboxNumbers {
 
     /// Queues a changelog record for input partition `partition` in `batch`
     /// (nothing without a changelog topic).
-    pub fn put_change(&mut self, settings: &Settings, batch: &mut Batch<'_>, partition: i32, next_offset: i64, change: &Change) {
+    pub fn put_change(&mut self, settings: &Settings, batch: &mut Batch<'_>, partition: i32, next_offset: i64, change: Change) {
         let Some(topic) = &settings.changelog_topic else { return };
-        let (key, payload) = change.encode();
+        let gone = matches!(change, Change::Gone { .. });
+        let (key, payload) = change.into_encoded();
         let mut headers = vec![(crate::changelog::NEXT_OFFSET.into(), next_offset.to_string().into_bytes())];
-        if matches!(change, Change::Gone { .. }) {
+        if gone {
             headers.push((crate::changelog::TOMBSTONE.into(), Vec::new()));
         }
         let record = OutboxRecord { topic: topic.clone(), key: Some(key), payload, headers, partition: Some(partition) };
-        batch.put_outbox(&outbox_changelog_key(self.next_changelog), &record);
+        batch.put_outbox_owned(&outbox_changelog_key(self.next_changelog), record);
         self.next_changelog += 1;
     }
 }
