@@ -394,7 +394,8 @@ pub struct GenArgs {
     /// Messages to write (duplicates and malformed included).
     #[arg(long, default_value_t = 100_000)]
     events: u64,
-    /// Accounts (the first is the spec's seed account, activated 2019-11-10 17:13:14).
+    /// Accounts (the first is the spec's seed account, activated 2019-11-10 17:13:14; every fifth has a
+    /// calls pack; some have pricing terms: a 10% discount from 2020-11, or their own prices for 2020-12 to 2021-02).
     #[arg(long, default_value_t = 1_000)]
     accounts: u64,
     /// Zipf exponent of account popularity; 0 is uniform.

@@ -457,6 +457,19 @@ mod tests {
         let cfg: Config = toml::from_str(&text).unwrap();
         cfg.check().unwrap();
         assert_eq!(cfg, Config::default());
+        // Its commented price change, uncommented, is a valid second version.
+        let change: String = text
+            .lines()
+            .skip_while(|l| *l != "# [[billing.price_versions]]")
+            .map_while(|l| l.strip_prefix("# "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(change.contains("effective_from"), "{change}");
+        let cfg: Config = toml::from_str(&format!("{text}\n{change}")).unwrap();
+        let rules = cfg.billing.validate().unwrap();
+        let version = rules.version("2021-03".parse().unwrap());
+        assert_eq!((version.id.as_deref(), version.prices.call_tiers[1].price.to_string()), (Some("list-2020-12"), "0.03".into()));
+        assert_eq!(rules.version("2020-11".parse().unwrap()).id, None);
     }
 
     #[test]

@@ -133,7 +133,25 @@ pub fn render(x: &Explained) -> String {
             let _ = writeln!(out, "  tier {} begins in the hour {}: past {} {what}", t.tier, t.hour, n(t.beyond));
         }
     }
-    let _ = writeln!(out, "\nCharges (quantity / unit size x unit price, rounded to cents half away from zero):");
+    let version = match (&e.price_version, &e.price_version_from) {
+        (Some(id), Some(from)) => format!("price version `{}`, in force since {from}", printable(id)),
+        (Some(id), None) => format!("price version `{}` ([billing.prices], in force since always)", printable(id)),
+        (None, Some(from)) => format!("the price version in force since {from}"),
+        (None, None) => "[billing.prices] (no later price version covers this month)".to_string(),
+    };
+    let _ = writeln!(out, "\nPriced by {version}.");
+    for t in &e.pricing_terms {
+        let id = t.id.as_deref().map(|i| format!(" `{}`", printable(i))).unwrap_or_default();
+        let until = t.effective_until.as_deref().map_or_else(|| "on".to_string(), |u| format!("until {u} (exclusive)"));
+        let what = match t.discount {
+            Some(d) => format!("discount {d}: every line at unit price x (1 - {d})"),
+            None => "the account's own prices replace the version's tiers".to_string(),
+        };
+        let _ = writeln!(out, "Account term{id} ({}, from {} {until}): {what}.", t.kind, t.effective_from);
+    }
+    let discounted = e.charges.iter().any(|c| c.discount.is_some());
+    let formula = if discounted { "quantity / unit size x unit price x (1 - discount)" } else { "quantity / unit size x unit price" };
+    let _ = writeln!(out, "\nCharges ({formula}, rounded once to cents half away from zero):");
     let mut lines = Table::new();
     lines.set_header(["item", "tier", "quantity", "unit price", "exact", "amount"]);
     for c in &e.charges {
@@ -147,7 +165,10 @@ pub fn render(x: &Explained) -> String {
             c.tier.to_string(),
             n(c.quantity),
             format!("{} per {}", c.unit_price, c.unit),
-            format!("{} / {} x {} = {}", n(c.quantity), n(c.unit_size), c.unit_price, c.exact),
+            match c.discount {
+                Some(d) => format!("{} / {} x {} x (1 - {d}) = {}", n(c.quantity), n(c.unit_size), c.unit_price, c.exact),
+                None => format!("{} / {} x {} = {}", n(c.quantity), n(c.unit_size), c.unit_price, c.exact),
+            },
             c.amount.to_string(),
         ]);
     }

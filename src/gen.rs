@@ -77,7 +77,16 @@ pub fn accounts(n: u64, seed: u64) -> Vec<GenMessage> {
             } else {
                 "[]".to_string()
             };
-            let payload = format!(r#"{{"account_id":"{id}","activated_at":"{activated}","resource_packs":{packs}}}"#);
+            // Pricing terms (rule book 11.3) on some accounts: a 10% discount
+            // from November 2020, or own prices for December 2020 to February 2021.
+            let pricing = match (i % 7, i % 11) {
+                (4, _) => r#","pricing":[{"id":"discount-10","effective_from":"2020-11","discount":"0.10"}]"#,
+                (_, 6) => {
+                    r#","pricing":[{"id":"own-prices","effective_from":"2020-12","effective_until":"2021-03","prices":{"calls":[{"up_to":10000000,"price":"0.05"},{"price":"0.03"}],"traffic_default":[{"price":"0.60"}]}}]"#
+                }
+                _ => "",
+            };
+            let payload = format!(r#"{{"account_id":"{id}","activated_at":"{activated}","resource_packs":{packs}{pricing}}}"#);
             GenMessage { key: Some(id.into_bytes()), payload: payload.into_bytes() }
         })
         .collect()

@@ -100,6 +100,19 @@ pub enum StoreError {
         /// What to do about it.
         advice: &'static str,
     },
+    /// The billing time zone differs from the one the stored usage was
+    /// aggregated in (its months and hours are that zone's).
+    #[error(
+        "billing.time_zone is {now}, but the usage in this state directory was aggregated by the months and hours of \
+         {stored}: bills cannot be restated across time zones from it. Replay the input into an empty state directory \
+         with the new time zone, or keep billing.time_zone = \"{stored}\""
+    )]
+    TimeZoneChanged {
+        /// The zone of the stored usage.
+        stored: String,
+        /// The configured zone.
+        now: String,
+    },
     /// A stored value cannot be decoded.
     #[error("state store holds a corrupt value in `{cf}`: {detail}")]
     Corrupt {
@@ -1091,6 +1104,11 @@ impl Batch<'_> {
     /// batch that writes them), to deliver and then write separately.
     pub fn into_staged(self) -> (WriteBatch, Vec<OutboxRecord>) {
         (self.wb, self.captured.unwrap_or_default())
+    }
+
+    /// Sets a value of the meta column family.
+    pub fn put_meta(&mut self, key: &str, value: &[u8]) {
+        self.wb.put_cf(self.store.cf(cf::META), key.as_bytes(), value);
     }
 
     /// Removes a delivered record.

@@ -6,7 +6,7 @@
 mod common;
 
 use gatebill::billing::explain::{explain, Explanation};
-use gatebill::billing::{decode_account, BillingConfig, HourUsage, Month, MonthUsage, PackItem, PackSource, Rules};
+use gatebill::billing::{decode_account, BillingConfig, Month, PackItem, PackSource, Rules};
 use gatebill::config::Config;
 use gatebill::file_replay::{replay_file, Accounts, Sink};
 use rust_decimal::Decimal;
@@ -19,15 +19,7 @@ fn no_trial() -> Rules {
     cfg.validate().unwrap()
 }
 
-fn put(rules: &Rules, months: &mut BTreeMap<Month, MonthUsage>, at: &str, calls: u64, region_bytes: &[(&str, u64)]) {
-    let ms = chrono::DateTime::parse_from_rfc3339(at).unwrap().timestamp_millis();
-    let (month, hour) = rules.calendar.place(ms);
-    let mut h = HourUsage { calls, ..Default::default() };
-    for (r, b) in region_bytes {
-        *h.public_out_bytes.entry((*r).into()).or_insert(0) += b;
-    }
-    months.entry(month).or_default().add_hour(hour, &h);
-}
+use common::put_usage as put;
 
 /// Every figure of the explanation, summed, equals the bill's.
 fn assert_sums_to_the_bill(e: &Explanation) {

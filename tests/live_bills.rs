@@ -177,7 +177,6 @@ fn history(rng: &mut SmallRng, events: usize) -> History {
             let qty = if item == "calls" { rng.random_range(1..30) } else { rng.random_range(1..40_000) };
             let from = rng.random_range(0..6);
             let until = rng.random_range(from + 1..=8);
-            let bound = |m: usize| if m == 8 { "2021-09".to_string() } else { MONTHS[m].to_string() };
             packs.push(format!(
                 r#"{{"id":"pk-{k}","item":"{item}","quantity":{qty},"valid_from":"{}-{:02}T00:00:00+08:00","valid_until":"{}-01T00:00:00+08:00"}}"#,
                 bound(from),
@@ -223,27 +222,34 @@ fn feed(
     rng: &mut SmallRng,
 ) -> BTreeMap<String, BillRecord> {
     let mut p = open(dir, rules.clone());
+    feed_into(&mut p, &h.accounts, stream, 0, rng);
+    p.emit(now_ms(), true).unwrap();
+    bills_in_outbox(&p)
+}
+
+/// Feeds `stream` (input offsets from `first`) into `p` in batches of 1 to
+/// 12 messages, with `accounts` applied at random points and emissions
+/// between batches.
+fn feed_into(p: &mut Pipeline, accounts: &[(String, Vec<u8>)], stream: &[(String, Vec<u8>)], first: usize, rng: &mut SmallRng) {
     let now = now_ms();
-    let mut account_at: Vec<usize> = h.accounts.iter().map(|_| rng.random_range(0..=stream.len())).collect();
+    let mut account_at: Vec<usize> = accounts.iter().map(|_| rng.random_range(0..=stream.len())).collect();
     account_at.sort_unstable();
     let (mut offset, mut next_account) = (0usize, 0usize);
-    while offset < stream.len() || next_account < h.accounts.len() {
-        while next_account < h.accounts.len() && account_at[next_account] <= offset {
-            let (id, raw) = &h.accounts[next_account];
-            p.apply_accounts(&[account_message(next_account as i64, id, raw)]).unwrap();
+    while offset < stream.len() || next_account < accounts.len() {
+        while next_account < accounts.len() && account_at[next_account] <= offset {
+            let (id, raw) = &accounts[next_account];
+            p.apply_accounts(&[account_message((first + next_account) as i64, id, raw)]).unwrap();
             next_account += 1;
         }
         let n = rng.random_range(1..=12).min(stream.len() - offset);
         if n > 0 {
-            p.process(&batch(offset as i64, &stream[offset..offset + n])).unwrap();
+            p.process(&batch((first + offset) as i64, &stream[offset..offset + n])).unwrap();
             offset += n;
         }
         if rng.random_bool(0.6) {
             p.emit(now, false).unwrap();
         }
     }
-    p.emit(now, true).unwrap();
-    bills_in_outbox(&p)
 }
 
 fn assert_same_bills(got: &BTreeMap<String, BillRecord>, expected: &BTreeMap<String, gatebill::billing::Bill>) {
@@ -523,4 +529,199 @@ fn an_account_tombstone_is_dead_lettered_and_the_last_record_stays() {
     let april = &b["A/2021-04"];
     assert!(april.content.account_known);
     assert_eq!((april.status, april.revision, april.content.total_amount), (BillStatus::Restated, 2, dec("0.80")));
+}
+
+/// Default rules without trials, with a price version `h2` from July 2021
+/// whose calls cost `calls` per 10,000 (and `extra` TOML appended).
+fn versioned(calls: &str, extra: &str) -> Rules {
+    let text = format!(
+        "trial_periods = []\n[[price_versions]]\nid = \"h2\"\neffective_from = \"2021-07-01T00:00:00+08:00\"\n\
+         calls = [{{ price = \"{calls}\" }}]\ntraffic_default = [{{ price = \"0.80\" }}]\n{extra}"
+    );
+    BillingConfig::from_toml(&text).unwrap().validate().unwrap()
+}
+
+/// Rule book section 11.2: a worker restarted with an edited version
+/// restates exactly the months of that version whose bills change, and
+/// nothing else; one restarted with a version added in the future of every
+/// month restates nothing.
+#[test]
+fn a_restart_with_an_edited_price_version_restates_exactly_the_months_whose_bills_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_ms();
+    let mut p = open(dir.path(), versioned("0.05", ""));
+    // F is in its free tier from June 15: its calls in July and August cost nothing at any price.
+    p.apply_accounts(&[account_message(0, "F", br#"{"account_id":"F","activated_at":"2021-06-15T00:00:00+08:00"}"#)]).unwrap();
+    let events: Vec<(String, Vec<u8>)> =
+        [("P", "2021-06-10"), ("P", "2021-07-10"), ("P", "2021-08-10"), ("F", "2021-07-10"), ("F", "2021-08-10")]
+            .iter()
+            .enumerate()
+            .map(|(i, (a, day))| (a.to_string(), event(&format!("r{i}"), a, &format!("{day}T12:00:00+08:00"), 0)))
+            .collect();
+    p.process(&batch(0, &events)).unwrap();
+    assert_eq!(p.emit(now, true).unwrap(), 5);
+    let first = bills_in_outbox(&p);
+    assert_eq!(first["P/2021-07"].content.charges[0].unit_price, dec("0.05"));
+    assert_eq!(first["P/2021-07"].content.price_version.as_deref(), Some("h2"));
+    drop(p);
+
+    // Edited: h2's calls now cost 0.04.
+    let mut p = open(dir.path(), versioned("0.04", ""));
+    let change = p.rules_change();
+    assert_eq!((change.marked, change.billed), (4, 5), "h2's months are marked: P and F in July and August");
+    assert_eq!(p.emit(now, true).unwrap(), 2, "only P's July and August bills change");
+    let second = bills_in_outbox(&p);
+    for key in ["P/2021-07", "P/2021-08"] {
+        let b = &second[key];
+        assert_eq!((b.status, b.revision, b.content.charges[0].unit_price), (BillStatus::Restated, 2, dec("0.04")), "{key}");
+    }
+    for key in ["P/2021-06", "F/2021-07", "F/2021-08"] {
+        assert_eq!(second[key], first[key], "{key} is not emitted again");
+    }
+    drop(p);
+
+    // The same rules again: nothing to restate.
+    let mut p = open(dir.path(), versioned("0.04", ""));
+    assert_eq!((p.rules_change().marked, p.emit(now, true).unwrap()), (0, 0));
+    drop(p);
+    // A version added in the future of every month: nothing marked, nothing emitted.
+    let future = "[[price_versions]]\nid = \"2030\"\neffective_from = \"2030-01-01T00:00:00+08:00\"\n\
+                  calls = [{ price = \"9\" }]\ntraffic_default = [{ price = \"9\" }]\n";
+    let mut p = open(dir.path(), versioned("0.04", future));
+    assert_eq!((p.rules_change().marked, p.rules_change().billed, p.emit(now, true).unwrap()), (0, 5, 0));
+    assert_eq!(bills_in_outbox(&p), second);
+}
+
+/// The same history billed with and without a version in its future: the
+/// bill records' bytes are identical.
+#[test]
+fn a_history_billed_with_a_future_price_version_gives_byte_identical_bills() {
+    let mut rng = SmallRng::seed_from_u64(29);
+    let h = history(&mut rng, 60);
+    let future = "[[price_versions]]\nid = \"2030\"\neffective_from = \"2030-01-01T00:00:00+08:00\"\n\
+                  calls = [{ price = \"9\" }]\ntraffic_default = [{ price = \"9\" }]\n";
+    let mut payloads = Vec::new();
+    for rules in [versioned("0.05", ""), versioned("0.05", future)] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open(dir.path(), rules);
+        feed_into(&mut p, &h.accounts, &h.events, 0, &mut SmallRng::seed_from_u64(7));
+        p.emit(now_ms(), true).unwrap();
+        let bills: Vec<Vec<u8>> = p.outbox().unwrap().into_iter().filter(|(_, r)| r.topic == "bills").map(|(_, r)| r.payload).collect();
+        payloads.push(bills);
+    }
+    assert!(payloads[0].len() > 10, "{} bills", payloads[0].len());
+    assert_eq!(payloads[0], payloads[1]);
+}
+
+#[test]
+fn overlapping_pricing_terms_are_dead_lettered_and_the_rest_of_the_record_applies() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = br#"{"account_id":"T","activated_at":"2015-01-01T00:00:00+08:00",
+        "resource_packs":[{"id":"pk-1","item":"public_out_bytes","quantity":1073741824,
+          "valid_from":"2021-01-01T00:00:00+08:00","valid_until":"2022-01-01T00:00:00+08:00"}],
+        "pricing":[{"effective_from":"2021-01","discount":"0.10"},{"effective_from":"2021-02","effective_until":"2021-03","discount":"0.50"},
+                   {"effective_from":"2021-01","prices":{"calls":[{"price":"1000"}],"traffic_default":[{"price":"2.00"}]}}]}"#;
+    let mut p = open_with_account(dir.path(), "T", record);
+    p.process(&batch(0, &[("T".to_string(), event("r1", "T", "2021-02-10T12:00:00+08:00", 2 * GIB))])).unwrap();
+    p.emit(now_ms(), true).unwrap();
+    let feb = &bills_in_outbox(&p)["T/2021-02"];
+    // The pack takes 1 GiB; 1 GiB at the account's 2.00 and 1 call at 1000 per 10,000 (0.10), undiscounted.
+    assert_eq!(feb.content.deductions[0].pack_id, "pk-1");
+    assert_eq!(feb.content.total_amount, dec("2.10"));
+    assert!(feb.content.charges.iter().all(|c| c.discount.is_none()));
+    assert_eq!(feb.content.pricing_terms.iter().map(|t| t.kind.as_str()).collect::<Vec<_>>(), ["prices"]);
+    let dead = dead_letters(&p);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(header(&dead[0], headers::REASON), "invalid_pricing");
+    let detail = header(&dead[0], headers::DETAIL);
+    assert!(
+        detail.contains("#0: a discount term overlapping term #1") && detail.contains("#1: a discount term overlapping term #0"),
+        "{detail}"
+    );
+    assert_eq!(dead[0].payload, record.to_vec());
+}
+
+/// Random price versions: `[billing.prices]` (named or not) and up to two
+/// later versions at month starts of the history, with call tiers whose
+/// bounds the history reaches.
+fn random_versions(rng: &mut SmallRng) -> Rules {
+    let call_prices = ["100", "250.5", "1000"];
+    let mut text = String::from("trial_periods = []\n[free_tier]\ncalls_per_month = 12\npublic_out_bytes_per_month = 30000\n");
+    if rng.random_bool(0.5) {
+        text.push_str("[prices]\nid = \"base\"\n");
+    }
+    let mut months: Vec<usize> = (1..MONTHS.len()).collect();
+    months.shuffle(rng);
+    for (i, m) in months.iter().take(rng.random_range(0..=2)).enumerate() {
+        let tier1 = call_prices[rng.random_range(0..3)];
+        let tier2 = call_prices[rng.random_range(0..3)];
+        let bytes = ["0.80", "0.50", "3"][rng.random_range(0..3)];
+        text.push_str(&format!(
+            "[[price_versions]]\nid = \"v{i}\"\neffective_from = \"{}-01T00:00:00+08:00\"\n\
+             calls = [{{ up_to = 5, price = \"{tier1}\" }}, {{ price = \"{tier2}\" }}]\ntraffic_default = [{{ price = \"{bytes}\" }}]\n",
+            MONTHS[*m]
+        ));
+    }
+    BillingConfig::from_toml(&text).unwrap().validate().unwrap()
+}
+
+/// Adds random pricing terms (discounts, own prices, some overlapping) to
+/// the history's account records.
+fn with_random_terms(rng: &mut SmallRng, h: &mut History) {
+    for (_, raw) in h.accounts.iter_mut() {
+        let mut terms = Vec::new();
+        for _ in 0..rng.random_range(0..3) {
+            let from = rng.random_range(0..MONTHS.len());
+            let until = if rng.random_bool(0.5) {
+                format!(r#","effective_until":"{}""#, bound(rng.random_range(from + 1..=8)))
+            } else {
+                String::new()
+            };
+            let what = if rng.random_bool(0.5) {
+                format!(r#""discount":"{}""#, ["0.15", "0.5", "0.333"][rng.random_range(0..3)])
+            } else {
+                r#""prices":{"calls":[{"price":"500"}],"traffic_default":[{"price":"1.25"}]}"#.to_string()
+            };
+            terms.push(format!(r#"{{"effective_from":"{}"{until},{what}}}"#, MONTHS[from]));
+        }
+        let text = String::from_utf8(raw.clone()).unwrap();
+        *raw = format!(r#"{},"pricing":[{}]}}"#, &text[..text.len() - 1], terms.join(",")).into_bytes();
+    }
+}
+
+/// A month bound of the history: its months, then September.
+fn bound(m: usize) -> String {
+    if m == 8 {
+        "2021-09".to_string()
+    } else {
+        MONTHS[m].to_string()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// With random price versions and account terms, and the rules changed
+    /// between two runs over one state directory, the latest bills are the
+    /// reference core's on the whole history with the final rules.
+    #[test]
+    fn latest_bills_equal_the_reference_across_a_change_of_price_versions_and_terms(seed in any::<u64>(), events in 5usize..60) {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut h = history(&mut rng, events);
+        with_random_terms(&mut rng, &mut h);
+        let (first, second) = (random_versions(&mut rng), random_versions(&mut rng));
+        let expected = reference(&h, &second);
+        let mut stream = h.events.clone();
+        stream.shuffle(&mut rng);
+        let cut = rng.random_range(0..=stream.len());
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = open(dir.path(), first);
+        feed_into(&mut p, &h.accounts, &stream[..cut], 0, &mut rng);
+        p.emit(now_ms(), true).unwrap();
+        drop(p);
+        let mut p = open(dir.path(), second);
+        feed_into(&mut p, &[], &stream[cut..], cut, &mut rng);
+        p.emit(now_ms(), true).unwrap();
+        assert_same_bills(&bills_in_outbox(&p), &expected);
+    }
 }

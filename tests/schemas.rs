@@ -55,8 +55,18 @@ fn schema_rejects_what_the_decoder_rejects() {
 
 #[test]
 fn generated_bills_validate() {
-    let rules = Rules::default();
-    let account = decode_account(SPEC_ACCOUNT.as_bytes()).unwrap();
+    // Price versions and account terms (rule book 11) put every optional
+    // field on some bills: price_version, pricing_terms, a line's discount.
+    let versions = "[prices]\nid = \"list-1\"\n[[price_versions]]\nid = \"list-2\"\neffective_from = \"2020-07-01T00:00:00+08:00\"\n\
+                    calls = [{ price = \"0.05\" }]\ntraffic_default = [{ price = \"0.50\" }]\n";
+    let rules = gatebill::billing::BillingConfig::from_toml(versions).unwrap().validate().unwrap();
+    let with_terms = SPEC_ACCOUNT.trim_end().trim_end_matches('}').to_string()
+        + r#", "pricing": [{"id": "deal", "effective_from": "2020-03", "effective_until": "2020-06", "discount": "0.15"},
+                          {"effective_from": "2020-09", "prices": {"calls": [{"up_to": 5, "price": "0.01"}, {"price": "0.02"}],
+                           "traffic_default": [{"price": "0.30"}], "traffic_regions": {"ap-beijing": [{"price": "0.20"}]}}}]}"#;
+    assert_valid(&validator("account-record.schema.json"), &serde_json::from_str(&with_terms).unwrap());
+    let account = decode_account(with_terms.as_bytes()).unwrap();
+    assert_eq!(account.pricing.len(), 2);
     let msgs: Vec<Vec<u8>> = (0..300)
         .map(|i| {
             SPEC_EVENT
@@ -73,6 +83,9 @@ fn generated_bills_validate() {
     let accounts = BTreeMap::from([("1250000001".to_string(), account)]);
     let all = bills(&r.ledger, &accounts, &rules);
     assert_eq!(all.len(), 12);
+    assert_eq!(all.iter().filter(|b| b.content.charges.iter().any(|c| c.discount.is_some())).count(), 3, "March to May");
+    assert_eq!(all.iter().filter(|b| b.content.price_version.as_deref() == Some("list-2")).count(), 6);
+    assert_eq!(all.iter().filter(|b| !b.content.pricing_terms.is_empty()).count(), 7);
     let v = validator("bill-record.schema.json");
     for (i, b) in all.into_iter().enumerate() {
         let record = BillRecord { content: b.content, revision: 1 + i as u64, status: BillStatus::Final, content_hash: b.content_hash };

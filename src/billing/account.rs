@@ -1,8 +1,12 @@
 //! The account-record wire format (spec section 10): activation time and
 //! purchased resource packs.
 
+use super::calendar::Month;
+use super::config::{PriceList, TierConfig};
 use super::event::{check_object, parse, truncate, DecodeError, EventTime, RejectReason};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// What a resource pack pays for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -48,6 +52,75 @@ pub struct AccountRecord {
     pub activated_at: i64,
     /// Purchased or campaign packs (the valid ones; see [`DecodedAccount`]).
     pub resource_packs: Vec<ResourcePack>,
+    /// The account's own pricing terms (section 11.3; the valid ones).
+    pub pricing: Vec<PricingTerm>,
+}
+
+/// Most decimal places of a discount.
+pub const MAX_DISCOUNT_SCALE: u32 = 6;
+
+/// What a pricing term changes (section 11.3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TermKind {
+    /// Every charge line at `unit_price x (1 - discount)`; in [0, 1).
+    Discount(Decimal),
+    /// A price list that replaces the price version's (its currency is
+    /// the version's).
+    Prices(PriceList),
+}
+
+impl TermKind {
+    /// The wire name of the kind.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TermKind::Discount(_) => "discount",
+            TermKind::Prices(_) => "prices",
+        }
+    }
+}
+
+/// One of an account's pricing terms: a kind and the months it covers,
+/// `[from, until)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PricingTerm {
+    /// The term's id, if the record gives one (shown on bills).
+    pub id: Option<String>,
+    /// The first month covered.
+    pub from: Month,
+    /// The first month no longer covered; `None`: open-ended.
+    pub until: Option<Month>,
+    /// What it changes.
+    pub kind: TermKind,
+}
+
+impl PricingTerm {
+    /// Whether the term covers `month`.
+    pub fn covers(&self, month: Month) -> bool {
+        self.from <= month && self.until.is_none_or(|u| month < u)
+    }
+
+    /// Whether two terms cover a month in common.
+    fn overlaps(&self, other: &PricingTerm) -> bool {
+        self.until.is_none_or(|u| other.from < u) && other.until.is_none_or(|u| self.from < u)
+    }
+}
+
+impl AccountRecord {
+    /// The record's terms covering `month`: (discount, prices), at most one
+    /// of each (overlapping terms of a kind were left out when decoding).
+    pub fn terms(&self, month: Month) -> (Option<&PricingTerm>, Option<&PricingTerm>) {
+        let of = |discount: bool| self.pricing.iter().find(|t| t.covers(month) && matches!(t.kind, TermKind::Discount(_)) == discount);
+        (of(true), of(false))
+    }
+}
+
+/// A pricing term left out of an account record, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RejectedTerm {
+    /// Position in `pricing`, from 0.
+    pub index: usize,
+    /// What is wrong with it.
+    pub why: String,
 }
 
 /// A resource pack left out of an account record, and why.
@@ -69,9 +142,23 @@ pub struct DecodedAccount {
     pub record: AccountRecord,
     /// Packs left out (spec section 10: reported, the rest still applies).
     pub rejected: Vec<RejectedPack>,
+    /// Pricing terms left out (section 11.3: reported, the rest applies).
+    pub rejected_terms: Vec<RejectedTerm>,
 }
 
 impl DecodedAccount {
+    /// The dead-letter errors reporting what was left out: the packs
+    /// ([`DecodedAccount::rejection`]) and the pricing terms
+    /// (`invalid_pricing`), each when there are any.
+    pub fn rejections(&self) -> Vec<DecodeError> {
+        let mut out: Vec<DecodeError> = self.rejection().into_iter().collect();
+        if !self.rejected_terms.is_empty() {
+            let each: Vec<String> = self.rejected_terms.iter().map(|r| format!("#{}: {}", r.index, r.why)).collect();
+            out.push(self.left_out(RejectReason::InvalidPricing, "pricing term(s)", &each));
+        }
+        out
+    }
+
     /// The dead-letter error reporting the packs left out, if any: reason
     /// `invalid_resource_pack`, the detail names each pack and what is wrong.
     pub fn rejection(&self) -> Option<DecodeError> {
@@ -86,18 +173,14 @@ impl DecodedAccount {
                 None => format!("#{}: {}", r.index, r.why),
             })
             .collect();
-        Some(DecodeError::new(
-            RejectReason::InvalidResourcePack,
-            truncate(
-                &format!(
-                    "account `{}` applied without {} invalid resource pack(s): {}",
-                    truncate(&self.record.account_id, 64),
-                    self.rejected.len(),
-                    each.join("; ")
-                ),
-                1000,
-            ),
-        ))
+        Some(self.left_out(RejectReason::InvalidResourcePack, "resource pack(s)", &each))
+    }
+
+    /// The error saying the record applied without `each` of its `what`.
+    fn left_out(&self, reason: RejectReason, what: &str, each: &[String]) -> DecodeError {
+        let account = truncate(&self.record.account_id, 64);
+        let detail = format!("account `{account}` applied without {} invalid {what}: {}", each.len(), each.join("; "));
+        DecodeError::new(reason, truncate(&detail, 1000))
     }
 }
 
@@ -107,6 +190,92 @@ struct RawAccount {
     activated_at: EventTime,
     #[serde(default)]
     resource_packs: Option<serde_json::Value>,
+    #[serde(default)]
+    pricing: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawTerm {
+    #[serde(default)]
+    id: Option<String>,
+    effective_from: String,
+    #[serde(default)]
+    effective_until: Option<String>,
+    #[serde(default)]
+    discount: Option<serde_json::Value>,
+    #[serde(default)]
+    prices: Option<RawPrices>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrices {
+    calls: Vec<TierConfig>,
+    traffic_default: Vec<TierConfig>,
+    #[serde(default)]
+    traffic_regions: BTreeMap<String, Vec<TierConfig>>,
+}
+
+/// Checks one pricing term (not yet against the others).
+fn decode_term(value: serde_json::Value) -> Result<PricingTerm, String> {
+    let t: RawTerm = serde_json::from_value(value).map_err(|e| truncate(&e.to_string(), 200))?;
+    let month = |field: &str, v: &str| {
+        v.parse::<Month>().map_err(|e| format!("{field}: {e} (a term covers whole months of the billing time zone)"))
+    };
+    let from = month("effective_from", &t.effective_from)?;
+    let until = t.effective_until.as_deref().map(|u| month("effective_until", u)).transpose()?;
+    if until.is_some_and(|u| u <= from) {
+        return Err("effective_until is not after effective_from (an empty or inverted window)".into());
+    }
+    if t.id.as_ref().is_some_and(|id| id.is_empty() || id.len() > 256) {
+        return Err("`id` must be 1..=256 bytes".into());
+    }
+    let kind = match (t.discount, t.prices) {
+        (Some(d), None) => {
+            let text = d.as_str().ok_or("`discount` must be a decimal string such as \"0.15\", not a JSON number")?;
+            let d: Decimal = text.trim().parse().map_err(|_| format!("discount `{}` is not a decimal number", truncate(text, 64)))?;
+            if d.is_sign_negative() || d >= Decimal::ONE || d.scale() > MAX_DISCOUNT_SCALE {
+                return Err(format!("discount {d} must be at least 0 and below 1, with at most {MAX_DISCOUNT_SCALE} decimal places"));
+            }
+            TermKind::Discount(d.normalize())
+        }
+        (None, Some(p)) => TermKind::Prices(
+            PriceList::check("prices", String::new(), &p.calls, &p.traffic_default, &p.traffic_regions).map_err(|e| e.to_string())?,
+        ),
+        (Some(_), Some(_)) => return Err("a term has `discount` or `prices`, not both (give two terms)".into()),
+        (None, None) => return Err("a term needs `discount` or `prices`".into()),
+    };
+    Ok(PricingTerm { id: t.id, from, until, kind })
+}
+
+/// Decodes an account's `pricing`: the valid terms, and those left out
+/// (invalid, or overlapping another term of the same kind: both go).
+fn decode_pricing(value: Option<serde_json::Value>) -> (Vec<PricingTerm>, Vec<RejectedTerm>) {
+    let values = match value {
+        None | Some(serde_json::Value::Null) => return (Vec::new(), Vec::new()),
+        Some(serde_json::Value::Array(values)) => values,
+        Some(_) => return (Vec::new(), vec![RejectedTerm { index: 0, why: "`pricing` is not an array; no term applies".into() }]),
+    };
+    let mut valid = Vec::new();
+    let mut rejected = Vec::new();
+    for (index, v) in values.into_iter().enumerate() {
+        match decode_term(v) {
+            Ok(t) => valid.push((index, t)),
+            Err(why) => rejected.push(RejectedTerm { index, why }),
+        }
+    }
+    let clashes = |i: usize| {
+        let (_, t) = &valid[i];
+        valid.iter().enumerate().find(|(j, (_, o))| *j != i && o.kind.as_str() == t.kind.as_str() && o.overlaps(t)).map(|(_, (k, _))| *k)
+    };
+    let overlapping: Vec<(usize, usize)> = (0..valid.len()).filter_map(|i| clashes(i).map(|k| (i, k))).collect();
+    for &(i, other) in overlapping.iter().rev() {
+        let (index, t) = valid.remove(i);
+        let why = format!("a {} term overlapping term #{other} in the months it covers; neither applies", t.kind.as_str());
+        rejected.push(RejectedTerm { index, why });
+    }
+    rejected.sort_by_key(|r| r.index);
+    (valid.into_iter().map(|(_, t)| t).collect(), rejected)
 }
 
 #[derive(Deserialize)]
@@ -178,8 +347,10 @@ pub fn decode_account_checked(bytes: &[u8]) -> Result<DecodedAccount, DecodeErro
             Err((id, why)) => rejected.push(RejectedPack { index, id, why }),
         }
     }
-    let record = AccountRecord { account_id: raw.account_id, activated_at: raw.activated_at.0.div_euclid(1000), resource_packs: packs };
-    Ok(DecodedAccount { record, rejected })
+    let (pricing, rejected_terms) = decode_pricing(raw.pricing);
+    let record =
+        AccountRecord { account_id: raw.account_id, activated_at: raw.activated_at.0.div_euclid(1000), resource_packs: packs, pricing };
+    Ok(DecodedAccount { record, rejected, rejected_terms })
 }
 
 /// The account record that applies (invalid packs left out), or why none does.

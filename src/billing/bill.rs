@@ -3,11 +3,11 @@
 //! configuration), with a `content_hash` that is equal exactly when two bills
 //! are equal.
 
-use super::account::{AccountRecord, PackItem};
+use super::account::{AccountRecord, PackItem, PricingTerm, TermKind};
 use super::calendar::Month;
-use super::config::{Rules, Tier};
+use super::config::{PriceList, PriceVersion, Rules, Tier};
 use super::entitlements::{deduct, Deduction};
-use super::money::{line_amount, CALLS_UNIT_SIZE, GB};
+use super::money::{discounted_line_amount, CALLS_UNIT_SIZE, GB};
 use super::usage::MonthUsage;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -62,12 +62,79 @@ pub struct ChargeLine {
     pub unit: String,
     /// Base units (calls or bytes) in one `unit`: 10,000 or 1,073,741,824.
     pub unit_size: u64,
-    /// Price per unit.
+    /// Price per unit (the list price, before any discount).
     #[serde(with = "rust_decimal::serde::str")]
     pub unit_price: Decimal,
-    /// `quantity / unit_size x unit_price`, rounded to 2 places half away from zero.
+    /// The account's discount on this line (section 11.3), absent without one.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rust_decimal::serde::str_option")]
+    pub discount: Option<Decimal>,
+    /// `quantity / unit_size x unit_price x (1 - discount)`, rounded once
+    /// to 2 places half away from zero.
     #[serde(with = "rust_decimal::serde::str")]
     pub amount: Decimal,
+}
+
+/// An account pricing term that applied to a bill (section 11.3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedTerm {
+    /// The term's id, when the account record gives one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `discount` or `prices`.
+    pub kind: String,
+    /// The first month the term covers, `YYYY-MM`.
+    pub effective_from: String,
+    /// The first month it no longer covers; absent: open-ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_until: Option<String>,
+    /// The discount, for a discount term.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rust_decimal::serde::str_option")]
+    pub discount: Option<Decimal>,
+}
+
+impl AppliedTerm {
+    fn of(t: &PricingTerm) -> AppliedTerm {
+        AppliedTerm {
+            id: t.id.clone(),
+            kind: t.kind.as_str().to_string(),
+            effective_from: t.from.to_string(),
+            effective_until: t.until.map(|u| u.to_string()),
+            discount: match t.kind {
+                TermKind::Discount(d) => Some(d),
+                TermKind::Prices(_) => None,
+            },
+        }
+    }
+}
+
+/// What prices one account-month (sections 11.1 and 11.3): the version in
+/// force at the month's first instant, the price list (the account's own
+/// `prices` term, else the version's), the discount, and the terms that
+/// applied.
+pub struct MonthPricing<'a> {
+    /// The price version in force.
+    pub version: &'a PriceVersion,
+    /// The tiers the month is priced with.
+    pub list: &'a PriceList,
+    /// The account's discount, if a term gives one.
+    pub discount: Option<Decimal>,
+    /// The terms that applied: prices, then discount.
+    pub terms: Vec<&'a PricingTerm>,
+}
+
+/// How `month` of an account is priced.
+pub fn month_pricing<'a>(account: Option<&'a AccountRecord>, month: Month, rules: &'a Rules) -> MonthPricing<'a> {
+    let version = rules.version(month);
+    let (discount, prices) = account.map_or((None, None), |a| a.terms(month));
+    let list = match prices.map(|t| &t.kind) {
+        Some(TermKind::Prices(p)) => p,
+        _ => &version.prices,
+    };
+    let discount_value = match discount.map(|t| &t.kind) {
+        Some(TermKind::Discount(d)) => Some(*d),
+        _ => None,
+    };
+    MonthPricing { version, list, discount: discount_value, terms: prices.into_iter().chain(discount).collect() }
 }
 
 /// Everything a bill says, apart from its revision, status and timestamps.
@@ -94,6 +161,13 @@ pub struct BillContent {
     pub total_amount: Decimal,
     /// Currency code.
     pub currency: String,
+    /// The price version that priced the month (section 11.1); absent when
+    /// that is an unnamed `[billing.prices]` (bills as before versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_version: Option<String>,
+    /// The account's pricing terms that applied (section 11.3).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pricing_terms: Vec<AppliedTerm>,
 }
 
 /// A computed bill with its content hash.
@@ -242,7 +316,19 @@ impl std::io::Write for HashingWriter {
     }
 }
 
-fn price_tiers(item: PackItem, region: Option<&str>, quantity: u64, tiers: &[Tier], unit: &str, unit_size: u64, out: &mut Vec<ChargeLine>) {
+/// The charge lines of one item (and region), the tiers' prices less
+/// `discount`.
+#[allow(clippy::too_many_arguments)]
+fn price_tiers(
+    item: PackItem,
+    region: Option<&str>,
+    quantity: u64,
+    tiers: &[Tier],
+    unit: &str,
+    unit_size: u64,
+    discount: Option<Decimal>,
+    out: &mut Vec<ChargeLine>,
+) {
     let mut lower = 0u64;
     for (i, t) in tiers.iter().enumerate() {
         if quantity <= lower {
@@ -258,7 +344,8 @@ fn price_tiers(item: PackItem, region: Option<&str>, quantity: u64, tiers: &[Tie
             unit: unit.to_string(),
             unit_size,
             unit_price: t.price,
-            amount: line_amount(q, t.price, unit_size),
+            discount,
+            amount: discounted_line_amount(q, t.price, unit_size, discount.unwrap_or_default()),
         });
         lower = upper;
     }
@@ -293,10 +380,21 @@ pub fn compute_bills(account_id: &str, account: Option<&AccountRecord>, usages: 
                 public_out_bytes: d.chargeable_bytes.values().sum(),
                 public_out_bytes_by_region: d.chargeable_bytes.clone(),
             };
+            let pricing = month_pricing(account, *month, rules);
+            let (list, discount) = (pricing.list, pricing.discount);
             let mut charges = Vec::new();
-            price_tiers(PackItem::Calls, None, d.chargeable_calls, &rules.call_tiers, "10000 calls", CALLS_UNIT_SIZE, &mut charges);
+            price_tiers(
+                PackItem::Calls,
+                None,
+                d.chargeable_calls,
+                &list.call_tiers,
+                "10000 calls",
+                CALLS_UNIT_SIZE,
+                discount,
+                &mut charges,
+            );
             for (region, bytes) in &d.chargeable_bytes {
-                price_tiers(PackItem::PublicOutBytes, Some(region), *bytes, rules.traffic_tiers(region), "GB", GB, &mut charges);
+                price_tiers(PackItem::PublicOutBytes, Some(region), *bytes, list.traffic_tiers(region), "GB", GB, discount, &mut charges);
             }
             // Starting from 0.00 keeps two places on a bill with no lines.
             let total_amount = charges.iter().fold(Decimal::new(0, 2), |sum, c| sum + c.amount);
@@ -310,7 +408,9 @@ pub fn compute_bills(account_id: &str, account: Option<&AccountRecord>, usages: 
                 chargeable,
                 charges,
                 total_amount,
-                currency: rules.currency.clone(),
+                currency: pricing.version.prices.currency.clone(),
+                price_version: pricing.version.id.clone(),
+                pricing_terms: pricing.terms.iter().map(|t| AppliedTerm::of(t)).collect(),
             };
             let mut w = HashingWriter::new(512 + 160 * content.charges.len());
             serde_json::to_writer(&mut w, &content).expect("bill content serializes");

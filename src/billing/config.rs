@@ -2,7 +2,7 @@
 //! named, unknown keys rejected, and [`BillingConfig::validate`] turning it
 //! into checked [`Rules`] or a clear [`ConfigError`].
 
-use super::calendar::BillingCalendar;
+use super::calendar::{BillingCalendar, Month};
 use super::event::rfc3339_millis;
 use super::money::{GB, MAX_PRICE_SCALE, MAX_UNIT_PRICE};
 use chrono_tz::Tz;
@@ -36,8 +36,36 @@ pub struct BillingConfig {
     /// Trial periods: usage inside is reported but never charged (section 5).
     /// Default: one period ending 2020-02-13 23:59:59 Beijing time.
     pub trial_periods: Vec<TrialPeriodConfig>,
-    /// Pay-as-you-go prices (section 7).
+    /// Pay-as-you-go prices (section 7): the price version in force since
+    /// always (section 11.1).
     pub prices: PricesConfig,
+    /// Later price versions (section 11.1), each a complete price list in
+    /// force from the start of a month until the next version's. Default:
+    /// none (`[billing.prices]` prices every month).
+    pub price_versions: Vec<PriceVersionConfig>,
+}
+
+/// `[[billing.price_versions]]`: a complete price list in force from
+/// `effective_from` (section 11.1).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceVersionConfig {
+    /// Named on every bill it prices (`price_version`); unique.
+    pub id: String,
+    /// RFC 3339: the first instant of a month in the billing time zone,
+    /// e.g. `2021-01-01T00:00:00+08:00` for Asia/Shanghai.
+    pub effective_from: String,
+    /// Currency of this list. Default: `billing.currency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    /// Graduated call tiers, price per 10,000 calls.
+    pub calls: Vec<TierConfig>,
+    /// Traffic tiers for regions without their own entry, price per GB,
+    /// bounds in GB.
+    pub traffic_default: Vec<TierConfig>,
+    /// Traffic tiers per gateway region. Default: none.
+    #[serde(default)]
+    pub traffic_regions: BTreeMap<String, Vec<TierConfig>>,
 }
 
 /// `[billing.free_tier]`
@@ -69,6 +97,12 @@ pub struct TrialPeriodConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PricesConfig {
+    /// The id bills priced by this list carry as `price_version`. Default:
+    /// none, and bills priced by it carry no `price_version` (as before
+    /// price versions existed, so adding a later version changes none of
+    /// them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
     /// Graduated call tiers, price per 10,000 calls. Default 0.06 up to
     /// 10,000,000; 0.04 up to 100,000,000; 0.03 above.
     pub calls: Vec<TierConfig>,
@@ -106,6 +140,7 @@ impl Default for BillingConfig {
             free_tier: FreeTierConfig::default(),
             trial_periods: vec![TrialPeriodConfig { from: None, until: DEFAULT_TRIAL_UNTIL.into() }],
             prices: PricesConfig::default(),
+            price_versions: Vec::new(),
         }
     }
 }
@@ -125,6 +160,7 @@ impl Default for PricesConfig {
     fn default() -> Self {
         let t = |up_to: Option<u64>, price: Decimal| TierConfig { up_to, price };
         PricesConfig {
+            id: None,
             calls: vec![t(Some(10_000_000), Decimal::new(6, 2)), t(Some(100_000_000), Decimal::new(4, 2)), t(None, Decimal::new(3, 2))],
             traffic_default: vec![t(None, Decimal::new(80, 2))],
             traffic_regions: BTreeMap::new(),
@@ -152,7 +188,7 @@ pub enum ConfigError {
     #[error("billing.trial_periods[{0}]: `from` is not before `until`")]
     EmptyTrial(usize),
     /// Tiers are not a valid graduated list.
-    #[error("billing.prices.{list}: {problem}")]
+    #[error("billing.{list}: {problem}")]
     BadTiers {
         /// Which tier list.
         list: String,
@@ -167,6 +203,16 @@ pub enum ConfigError {
         /// What is wrong.
         problem: String,
     },
+    /// A price version that cannot be used.
+    #[error("billing.price_versions[{index}] (id `{id}`): {problem}")]
+    BadVersion {
+        /// Position in `price_versions`, from 0.
+        index: usize,
+        /// Its id as given.
+        id: String,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 /// A graduated tier in base units (calls or bytes).
@@ -178,6 +224,60 @@ pub struct Tier {
     pub price: Decimal,
 }
 
+/// A checked price list: what one price version (or an account's own
+/// prices) charges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriceList {
+    /// Currency code.
+    pub currency: String,
+    /// Call tiers (bounds in calls).
+    pub call_tiers: Vec<Tier>,
+    /// Default traffic tiers (bounds in bytes).
+    pub traffic_default: Vec<Tier>,
+    /// Per-region traffic tiers (bounds in bytes).
+    pub traffic_regions: BTreeMap<String, Vec<Tier>>,
+}
+
+impl PriceList {
+    /// The traffic tiers for a gateway region.
+    pub fn traffic_tiers(&self, region: &str) -> &[Tier] {
+        self.traffic_regions.get(region).unwrap_or(&self.traffic_default)
+    }
+
+    /// Checks tier lists given in the configuration's shape; `at` names
+    /// where they are (`prices`, `price_versions[1]`) in errors.
+    pub fn check(
+        at: &str,
+        currency: String,
+        calls: &[TierConfig],
+        traffic_default: &[TierConfig],
+        traffic_regions: &BTreeMap<String, Vec<TierConfig>>,
+    ) -> Result<PriceList, ConfigError> {
+        let mut regions = BTreeMap::new();
+        for (region, tiers) in traffic_regions {
+            regions.insert(region.clone(), check_tiers(format!("{at}.traffic_regions.{region}"), tiers, GB)?);
+        }
+        Ok(PriceList {
+            currency,
+            call_tiers: check_tiers(format!("{at}.calls"), calls, 1)?,
+            traffic_default: check_tiers(format!("{at}.traffic_default"), traffic_default, GB)?,
+            traffic_regions: regions,
+        })
+    }
+}
+
+/// A price list and the months it prices (section 11.1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PriceVersion {
+    /// Written on the bills it prices; `None` for an unnamed
+    /// `[billing.prices]` (its bills carry no `price_version`).
+    pub id: Option<String>,
+    /// The first month it prices; `None`: since always (only the first).
+    pub from: Option<Month>,
+    /// The prices.
+    pub prices: PriceList,
+}
+
 /// The checked configuration the billing functions use.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rules {
@@ -185,8 +285,6 @@ pub struct Rules {
     pub calendar: BillingCalendar,
     /// Time zone name as configured (written on bills).
     pub time_zone: String,
-    /// Currency code.
-    pub currency: String,
     /// Free tier, or `None` when disabled.
     pub free_tier: Option<FreeTierConfig>,
     /// Trial windows `[from, until)` in UTC epoch seconds. Each configured
@@ -195,12 +293,11 @@ pub struct Rules {
     /// period from 00:00:00.500 does not cover the hour starting 00:00:00,
     /// one until 00:00:00.500 does.
     pub trials: Vec<(i64, i64)>,
-    /// Call tiers (bounds in calls).
-    pub call_tiers: Vec<Tier>,
-    /// Default traffic tiers (bounds in bytes).
-    pub traffic_default: Vec<Tier>,
-    /// Per-region traffic tiers (bounds in bytes).
-    pub traffic_regions: BTreeMap<String, Vec<Tier>>,
+    /// The price versions, by first month: the first since always.
+    pub versions: Vec<PriceVersion>,
+    /// The configuration these rules were checked from (a store remembers
+    /// it, to restate the months a change of rules changes: section 11.2).
+    pub source: BillingConfig,
 }
 
 impl Default for Rules {
@@ -210,9 +307,25 @@ impl Default for Rules {
 }
 
 impl Rules {
-    /// The traffic tiers for a gateway region.
-    pub fn traffic_tiers(&self, region: &str) -> &[Tier] {
-        self.traffic_regions.get(region).unwrap_or(&self.traffic_default)
+    /// The price version in force at the first instant of `month`: the
+    /// one that prices the whole month.
+    pub fn version(&self, month: Month) -> &PriceVersion {
+        let later = self.versions.partition_point(|v| v.from.is_none_or(|f| f <= month));
+        &self.versions[later.max(1) - 1]
+    }
+
+    /// The price list of the version in force in `month`.
+    pub fn prices(&self, month: Month) -> &PriceList {
+        &self.version(month).prices
+    }
+
+    /// Whether a bill of `month` computed with `other` may differ from one
+    /// computed with these rules from the same usage and account record:
+    /// the free tier, trials or currency differ, or the month's price
+    /// version (its id or prices). The time zone is not compared: usage is
+    /// stored by the months and hours of the zone it was aggregated in.
+    pub fn may_bill_differently(&self, other: &Rules, month: Month) -> bool {
+        self.free_tier != other.free_tier || self.trials != other.trials || self.version(month) != other.version(month)
     }
 
     /// Whether an hour starting at `hour_start` (UTC seconds) is in a trial.
@@ -221,7 +334,7 @@ impl Rules {
     }
 }
 
-fn check_tiers(list: String, tiers: &[TierConfig], unit: u64) -> Result<Vec<Tier>, ConfigError> {
+pub(crate) fn check_tiers(list: String, tiers: &[TierConfig], unit: u64) -> Result<Vec<Tier>, ConfigError> {
     let bad = |problem: String| ConfigError::BadTiers { list: list.clone(), problem };
     if tiers.is_empty() {
         return Err(bad("at least one tier is required".into()));
@@ -289,20 +402,64 @@ impl BillingConfig {
             let ceil_secs = |ms: i64| ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) != 0);
             trials.push((from.map_or(i64::MIN, ceil_secs), ceil_secs(until)));
         }
-        let mut traffic_regions = BTreeMap::new();
-        for (region, tiers) in &self.prices.traffic_regions {
-            traffic_regions.insert(region.clone(), check_tiers(format!("traffic_regions.{region}"), tiers, GB)?);
+        let calendar = BillingCalendar::new(tz);
+        let p = &self.prices;
+        let base = PriceList::check("prices", self.currency.clone(), &p.calls, &p.traffic_default, &p.traffic_regions)?;
+        if p.id.as_ref().is_some_and(|id| id.trim().is_empty()) {
+            return Err(ConfigError::Invalid { field: "prices.id", problem: "must not be empty (or leave it out)".into() });
+        }
+        let mut later = Vec::with_capacity(self.price_versions.len());
+        for (index, v) in self.price_versions.iter().enumerate() {
+            later.push((index, self.check_version(index, v, &calendar)?));
+        }
+        later.sort_by_key(|(i, v)| (v.from, *i));
+        if let Some(pair) = later.windows(2).find(|w| w[0].1.from == w[1].1.from) {
+            let ((_, first), (index, second)) = (&pair[0], &pair[1]);
+            let problem = format!("takes effect in the same month as `{}`", first.id.as_deref().unwrap_or_default());
+            return Err(ConfigError::BadVersion { index: *index, id: second.id.clone().unwrap_or_default(), problem });
+        }
+        let mut versions = vec![PriceVersion { id: p.id.clone(), from: None, prices: base }];
+        versions.extend(later.into_iter().map(|(_, v)| v));
+        let mut ids: Vec<&str> = versions.iter().filter_map(|v| v.id.as_deref()).collect();
+        ids.sort_unstable();
+        if let Some(twice) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ConfigError::Invalid { field: "price_versions", problem: format!("the id `{}` is used twice", twice[0]) });
         }
         Ok(Rules {
-            calendar: BillingCalendar::new(tz),
+            calendar,
             time_zone: self.time_zone.clone(),
-            currency: self.currency.clone(),
             free_tier: self.free_tier.enabled.then(|| self.free_tier.clone()),
             trials,
-            call_tiers: check_tiers("calls".into(), &self.prices.calls, 1)?,
-            traffic_default: check_tiers("traffic_default".into(), &self.prices.traffic_default, GB)?,
-            traffic_regions,
+            versions,
+            source: self.clone(),
         })
+    }
+
+    /// Checks one `[[billing.price_versions]]` entry.
+    fn check_version(&self, index: usize, v: &PriceVersionConfig, calendar: &BillingCalendar) -> Result<PriceVersion, ConfigError> {
+        let bad = |problem: String| ConfigError::BadVersion { index, id: v.id.clone(), problem };
+        if v.id.trim().is_empty() {
+            return Err(bad("`id` must not be empty".into()));
+        }
+        let ms = rfc3339_millis(&v.effective_from)
+            .map_err(|_| bad(format!("effective_from `{}` is not an RFC 3339 time with offset", v.effective_from)))?;
+        let month = calendar.month_of(ms);
+        if ms != calendar.month_start(month) * 1000 {
+            let start = chrono::TimeZone::timestamp_opt(&calendar.tz, calendar.month_start(month.next()), 0)
+                .single()
+                .map_or_else(String::new, |t| format!(" (the next is {})", t.to_rfc3339()));
+            return Err(bad(format!(
+                "effective_from `{}` is not the first instant of a month in the billing time zone {}{start}: a month is priced \
+                 by one version, so versions change at month starts",
+                v.effective_from, self.time_zone
+            )));
+        }
+        let currency = v.currency.clone().unwrap_or_else(|| self.currency.clone());
+        if currency.trim().is_empty() {
+            return Err(bad("`currency` must not be empty".into()));
+        }
+        let prices = PriceList::check(&format!("price_versions[{index}]"), currency, &v.calls, &v.traffic_default, &v.traffic_regions)?;
+        Ok(PriceVersion { id: Some(v.id.clone()), from: Some(month), prices })
     }
 }
 
@@ -314,7 +471,7 @@ mod tests {
     fn defaults_validate_and_match_the_spec() {
         let r = Rules::default();
         assert_eq!(r.time_zone, "Asia/Shanghai");
-        assert_eq!(r.call_tiers.len(), 3);
+        assert_eq!(r.versions[0].prices.call_tiers.len(), 3);
         assert_eq!(r.free_tier.as_ref().unwrap().public_out_bytes_per_month, 1_073_741_824);
         assert_eq!(r.trials, vec![(i64::MIN, 1_581_609_600)]);
     }
@@ -387,7 +544,7 @@ mod tests {
         let r = cfg.validate().unwrap();
         assert_eq!(r.free_tier.as_ref().unwrap().months, 6);
         assert!(r.trials.is_empty());
-        assert_eq!(r.traffic_tiers("ap-hongkong")[0].up_to, Some(10 * GB));
-        assert_eq!(r.traffic_tiers("ap-guangzhou")[0].price, Decimal::new(8, 1));
+        assert_eq!(r.versions[0].prices.traffic_tiers("ap-hongkong")[0].up_to, Some(10 * GB));
+        assert_eq!(r.versions[0].prices.traffic_tiers("ap-guangzhou")[0].price, Decimal::new(8, 1));
     }
 }

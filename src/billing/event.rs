@@ -48,11 +48,16 @@ pub enum RejectReason {
     /// billing history, so it is not applied and the account's last record
     /// stays in force (rule book section 8).
     AccountTombstone,
+    /// An account record was applied without one or more of its pricing
+    /// terms (rule book section 11.3), which are invalid or overlap another
+    /// term of the same kind; the detail names each one. The rest of the
+    /// record applies.
+    InvalidPricing,
 }
 
 impl RejectReason {
     /// Every reason, for metrics and documentation.
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::MalformedJson,
         RejectReason::MissingField,
         RejectReason::InvalidValue,
@@ -62,6 +67,7 @@ impl RejectReason {
         RejectReason::InvalidResourcePack,
         RejectReason::ConflictingDuplicate,
         RejectReason::AccountTombstone,
+        RejectReason::InvalidPricing,
     ];
 
     /// The stable reason code written to dead-letter headers.
@@ -76,6 +82,7 @@ impl RejectReason {
             RejectReason::InvalidResourcePack => "invalid_resource_pack",
             RejectReason::ConflictingDuplicate => "conflicting_duplicate",
             RejectReason::AccountTombstone => "account_tombstone",
+            RejectReason::InvalidPricing => "invalid_pricing",
         }
     }
 }

@@ -8,11 +8,11 @@
 //! [`deduct`]: super::entitlements::deduct
 
 use super::account::{AccountRecord, PackItem};
-use super::bill::{compute_bills, BillContent};
+use super::bill::{compute_bills, month_pricing, AppliedTerm, BillContent};
 use super::calendar::Month;
 use super::config::{Rules, Tier};
 use super::entitlements::{deduct_traced, HourTrace, RegionTrace, Take};
-use super::money::exact_amount;
+use super::money::exact_discounted_amount;
 use super::usage::MonthUsage;
 use chrono::TimeZone;
 use rust_decimal::Decimal;
@@ -40,6 +40,13 @@ pub struct Explanation {
     pub total_amount: Decimal,
     /// Currency of the amounts.
     pub currency: String,
+    /// The price version that priced the month (`None`: an unnamed
+    /// `[billing.prices]`), and the month it took effect (`None`: since always).
+    pub price_version: Option<String>,
+    /// The first month of that version, `YYYY-MM`.
+    pub price_version_from: Option<String>,
+    /// The account's pricing terms that applied.
+    pub pricing_terms: Vec<AppliedTerm>,
     /// The bill this explains (as the worker computes and emits it).
     pub bill: BillContent,
     /// The bill's content hash.
@@ -107,9 +114,11 @@ pub struct ExplainedCharge {
     pub unit: String,
     /// Calls or bytes per priced unit.
     pub unit_size: u64,
-    /// Price per unit.
+    /// Price per unit (the list price).
     pub unit_price: Decimal,
-    /// `quantity / unit_size x unit_price`, every digit.
+    /// The account's discount on the line, if any.
+    pub discount: Option<Decimal>,
+    /// `quantity / unit_size x unit_price x (1 - discount)`, every digit.
     pub exact: String,
     /// Rounded to cents, half away from zero.
     pub amount: Decimal,
@@ -133,6 +142,7 @@ pub fn explain(
     };
     deduct_traced(account, usages, rules, Some(&mut keep));
     let local = |hour: i64| rules.calendar.tz.timestamp_opt(hour, 0).single().map_or_else(|| hour.to_string(), |t| t.to_rfc3339());
+    let pricing = month_pricing(account, month, rules);
 
     let mut hours = Vec::with_capacity(walk.len());
     let mut tier_starts = Vec::new();
@@ -142,7 +152,7 @@ pub fn explain(
         let start = local(t.hour);
         let before = calls_so_far;
         calls_so_far += t.chargeable_calls;
-        tier_starts.extend(starts(PackItem::Calls, None, &rules.call_tiers, before, calls_so_far, &start));
+        tier_starts.extend(starts(PackItem::Calls, None, &pricing.list.call_tiers, before, calls_so_far, &start));
         let regions = t
             .regions
             .into_iter()
@@ -150,7 +160,7 @@ pub fn explain(
                 let so_far = bytes_so_far.entry(r.region.clone()).or_insert(0);
                 let before = *so_far;
                 *so_far += r.chargeable;
-                let tiers = rules.traffic_tiers(&r.region);
+                let tiers = pricing.list.traffic_tiers(&r.region);
                 tier_starts.extend(starts(PackItem::PublicOutBytes, Some(&r.region), tiers, before, *so_far, &start));
                 ExplainedRegion { chargeable_so_far: *so_far, walk: r }
             })
@@ -178,7 +188,8 @@ pub fn explain(
             unit: c.unit.clone(),
             unit_size: c.unit_size,
             unit_price: c.unit_price,
-            exact: exact_amount(c.quantity, c.unit_price, c.unit_size),
+            discount: c.discount,
+            exact: exact_discounted_amount(c.quantity, c.unit_price, c.unit_size, c.discount.unwrap_or_default()),
             amount: c.amount,
         })
         .collect();
@@ -192,6 +203,9 @@ pub fn explain(
         charges,
         total_amount: bill.content.total_amount,
         currency: bill.content.currency.clone(),
+        price_version: bill.content.price_version.clone(),
+        price_version_from: pricing.version.from.map(|m| m.to_string()),
+        pricing_terms: bill.content.pricing_terms.clone(),
         content_hash: bill.content_hash,
         bill: bill.content,
     })
@@ -242,7 +256,7 @@ mod tests {
     #[test]
     fn a_tier_begins_in_the_hour_that_passes_its_bound() {
         let r = rules();
-        let bound = r.call_tiers[0].up_to.expect("a bounded first tier");
+        let bound = r.versions[0].prices.call_tiers[0].up_to.expect("a bounded first tier");
         let mut months = BTreeMap::new();
         usage_at(&r, &mut months, "2021-03-01T10:00:00+08:00", bound - 5);
         usage_at(&r, &mut months, "2021-03-02T10:00:00+08:00", 10);

@@ -19,13 +19,13 @@ pub mod reference;
 pub mod scan;
 pub mod usage;
 
-pub use account::{decode_account, decode_account_checked, DecodedAccount, RejectedPack};
-pub use account::{AccountRecord, PackItem, ResourcePack};
-pub use bill::{compute_bills, Bill, BillContent, BillRecord, BillStatus};
+pub use account::{decode_account, decode_account_checked, DecodedAccount, RejectedPack, RejectedTerm};
+pub use account::{AccountRecord, PackItem, PricingTerm, ResourcePack, TermKind};
+pub use bill::{compute_bills, month_pricing, AppliedTerm, Bill, BillContent, BillRecord, BillStatus, ChargeLine};
 pub use calendar::{BillingCalendar, Month};
 pub use classify::{classify, Metered};
 pub use config::Rules;
-pub use config::{BillingConfig, ConfigError};
+pub use config::{BillingConfig, ConfigError, PriceList, PriceVersion, PriceVersionConfig};
 pub use entitlements::{Deduction, PackSource};
 pub use event::{decode_event, AccessEvent, DecodeError, RejectReason};
 pub use usage::{HourUsage, HourView, MonthUsage};

@@ -20,26 +20,54 @@ pub const MAX_PRICE_SCALE: u32 = 10;
 /// `unit_size > 0`. Under it, every intermediate fits an `i128`:
 /// `2 x quantity x mantissa x 100 < 2^64 x 2^54 x 2^8 = 2^126`.
 pub fn line_amount(quantity: u64, unit_price: Decimal, unit_size: u64) -> Decimal {
+    discounted_line_amount(quantity, unit_price, unit_size, Decimal::ZERO)
+}
+
+/// `quantity / unit_size x unit_price x (1 - discount)`, rounded once to
+/// cents half away from zero (rule book section 11.3: the discount applies
+/// to the exact product, and the line is rounded once).
+///
+/// Preconditions as [`line_amount`], and `0 <= discount < 1` with at most
+/// [`crate::billing::account::MAX_DISCOUNT_SCALE`] places (checked when
+/// the account record is decoded). With `a = quantity x mantissa x 100`,
+/// `b = 10^ds - discount mantissa` and `d` the divisor, the cents are
+/// `floor((2ab + d) / 2d)`; `ab` may pass 2^127, so it is split as
+/// `a = qd + r`: the cents are `qb + floor((2rb + d) / 2d)`, every term
+/// below 2^110.
+pub fn discounted_line_amount(quantity: u64, unit_price: Decimal, unit_size: u64, discount: Decimal) -> Decimal {
+    let (a, b, d) = discounted_parts(quantity, unit_price, unit_size, discount, 100);
+    let (q, r) = (a / d, a % d);
+    let cents = q * b + (2 * r * b + d) / (2 * d);
+    Decimal::from_i128_with_scale(cents, 2)
+}
+
+/// `(quantity x mantissa x times, 10^ds - discount mantissa, 10^scale x
+/// 10^ds x unit_size)`: the line is `a x b / d / times`.
+fn discounted_parts(quantity: u64, unit_price: Decimal, unit_size: u64, discount: Decimal, times: i128) -> (i128, i128, i128) {
     assert!(unit_size > 0, "unit_size is positive");
     let mantissa = unit_price.mantissa();
     let scale = unit_price.scale();
     assert!(mantissa >= 0 && scale <= MAX_PRICE_SCALE, "unit price validated by configuration");
-    let num = i128::from(quantity) * mantissa * 100;
-    let den = 10i128.pow(scale) * i128::from(unit_size);
-    // Half away from zero for a non-negative value: floor((2 num + den) / (2 den)).
-    let cents = (2 * num + den) / (2 * den);
-    Decimal::from_i128_with_scale(cents, 2)
+    let (dm, ds) = (discount.mantissa(), discount.scale());
+    let keep = 10i128.pow(ds);
+    assert!((0..keep).contains(&dm) && ds <= 6, "discount validated when decoded");
+    (i128::from(quantity) * mantissa * times, keep - dm, 10i128.pow(scale) * keep * i128::from(unit_size))
 }
 
 /// `quantity / unit_size x unit_price` exactly, as a decimal string with
 /// every digit (the expansion ends: the divisor is `10^scale x unit_size`,
 /// and unit sizes are 10,000 and 2^30), before [`line_amount`] rounds it.
 pub fn exact_amount(quantity: u64, unit_price: Decimal, unit_size: u64) -> String {
-    assert!(unit_size > 0, "unit_size is positive");
-    let num = i128::from(quantity) * unit_price.mantissa().abs();
-    let den = 10i128.pow(unit_price.scale()) * i128::from(unit_size);
-    let mut out = (num / den).to_string();
-    let mut rem = num % den;
+    exact_discounted_amount(quantity, unit_price, unit_size, Decimal::ZERO)
+}
+
+/// `quantity / unit_size x unit_price x (1 - discount)` exactly, every
+/// digit, before [`discounted_line_amount`] rounds it.
+pub fn exact_discounted_amount(quantity: u64, unit_price: Decimal, unit_size: u64, discount: Decimal) -> String {
+    let (a, b, den) = discounted_parts(quantity, unit_price, unit_size, discount, 1);
+    let (q, r) = (a / den, a % den);
+    let mut out = (q * b + r * b / den).to_string();
+    let mut rem = r * b % den;
     if rem != 0 {
         out.push('.');
         // At most 64 digits: enough for any divisor of the form 2^a 5^b
@@ -78,6 +106,10 @@ mod tests {
         assert_eq!(exact_amount(12_500, dec!(0.01), 10_000), "0.0125");
         assert_eq!(exact_amount(600_000, dec!(0.06), 10_000), "3.6");
         assert_eq!(exact_amount(0, dec!(0.80), GB), "0");
+        // 15% off 3.6: 3.06 exactly; off 0.0125: 0.010625, rounded once to 0.01.
+        assert_eq!(exact_discounted_amount(600_000, dec!(0.06), 10_000, dec!(0.15)), "3.06");
+        assert_eq!(exact_discounted_amount(12_500, dec!(0.01), 10_000, dec!(0.15)), "0.010625");
+        assert_eq!(discounted_line_amount(12_500, dec!(0.01), 10_000, dec!(0.15)), dec!(0.01));
         // 1 byte at 0.80 per GB: 0.8 / 2^30, 32 decimal places.
         assert_eq!(exact_amount(1, dec!(0.80), GB), "0.0000000007450580596923828125");
         assert_eq!(exact_amount(2_684_354_560, dec!(0.80), GB), "2");

@@ -119,8 +119,9 @@ impl AccountTable {
         for m in msgs {
             match checked(m) {
                 Ok((a, payload)) => {
-                    // Invalid packs are left out and reported; the rest applies.
-                    if let Some(err) = a.rejection() {
+                    // Invalid packs and pricing terms are left out and
+                    // reported (one dead letter per reason); the rest applies.
+                    for err in a.rejections() {
                         put_dead_letter(cx, numbers, &mut batch, m, &err);
                         dead += 1;
                     }
@@ -222,7 +223,7 @@ mod tests {
     use super::*;
 
     fn record(id: &str, activated_at: i64) -> AccountRecord {
-        AccountRecord { account_id: id.to_string(), activated_at, resource_packs: vec![] }
+        AccountRecord { account_id: id.to_string(), activated_at, resource_packs: vec![], pricing: vec![] }
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod numbers;
 mod outbox;
 pub mod policy;
 mod positions;
+pub mod rules_change;
 
 pub use context::{shard_of, Settings, Shard};
 pub use message::{headers, BatchStats, InputMessage};
@@ -61,6 +62,9 @@ pub struct Pipeline {
     accounts: AccountTable,
     /// The next numbers of dead letters and changelog records.
     numbers: OutboxNumbers,
+    /// What opening with these rules marked for recomputation
+    /// ([`rules_change::mark_changed_months`]).
+    rules_change: rules_change::RulesChange,
 }
 
 /// Wall-clock now in epoch ms.
@@ -73,8 +77,18 @@ pub fn now_ms() -> i64 {
 impl Pipeline {
     /// A pipeline over an opened store; loads account records and offsets.
     pub fn new(store: Arc<Store>, rules: Rules, settings: Settings, metrics: Arc<Metrics>) -> Result<Pipeline, StoreError> {
+        // Rules other than the stored bills' restate the months they change.
+        let change = rules_change::mark_changed_months(&store, &rules)?;
         let accounts = AccountTable::load(&store)?;
-        Pipeline::with_accounts(Context { store, rules, settings, metrics, shard: None }, accounts)
+        let mut p = Pipeline::with_accounts(Context { store, rules, settings, metrics, shard: None }, accounts)?;
+        p.rules_change = change;
+        Ok(p)
+    }
+
+    /// What opening this pipeline found of a change of billing rules: the
+    /// account-months marked for recomputation (section 11.2).
+    pub fn rules_change(&self) -> rules_change::RulesChange {
+        self.rules_change
     }
 
     /// Splits this pipeline into `count` pipelines over the same store and
@@ -126,6 +140,7 @@ impl Pipeline {
             emitter: Emitter::default(),
             accounts,
             cx,
+            rules_change: rules_change::RulesChange::default(),
         })
     }
 

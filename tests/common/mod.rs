@@ -519,3 +519,21 @@ pub fn tansu_binary() -> Option<std::path::PathBuf> {
     let cached = || exists(std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cache/tansu/bin/tansu"));
     on_path.or_else(from_pip).or_else(cached)
 }
+
+/// Adds `calls` calls and public bytes per region to the hour of `at`
+/// (RFC 3339) in `months`, placed by `rules`' calendar.
+pub fn put_usage(
+    rules: &Rules,
+    months: &mut BTreeMap<gatebill::billing::Month, gatebill::billing::MonthUsage>,
+    at: &str,
+    calls: u64,
+    region_bytes: &[(&str, u64)],
+) {
+    let ms = chrono::DateTime::parse_from_rfc3339(at).unwrap().timestamp_millis();
+    let (month, hour) = rules.calendar.place(ms);
+    let mut h = gatebill::billing::HourUsage { calls, ..Default::default() };
+    for (r, b) in region_bytes {
+        *h.public_out_bytes.entry((*r).into()).or_insert(0) += b;
+    }
+    months.entry(month).or_default().add_hour(hour, &h);
+}
