@@ -29,6 +29,7 @@ fn settings(dedupe: bool) -> Settings {
         accounts_topic: "accounts".into(),
         output_topic: "bills".into(),
         dead_letter_topic: "dead".into(),
+        alerts_topic: "alerts".into(),
         dedupe,
         dedupe_window_secs: 72 * 3600,
         dedupe_window_messages: 1_000_000,

@@ -107,6 +107,14 @@ pub enum Change {
     },
     /// Where the input partition stands.
     Position(PartitionState),
+    /// A usage alert emitted: its identity ([`crate::store::alert_key`])
+    /// and record. The next owner of the partition does not emit it again.
+    Alert {
+        /// The identity.
+        key: Vec<u8>,
+        /// The alert record as emitted.
+        record: Vec<u8>,
+    },
     /// Format 1: an account-month's usage so far (read as the base of its
     /// hours).
     MonthUsage {
@@ -230,6 +238,7 @@ impl Change {
             }
             Change::Bill { account, month, state } => (kind(b'b', &account_month_key(account, *month)), encode_bill_state(state)),
             Change::Position(s) => (vec![b'o'], encode_partition_state(s)),
+            Change::Alert { key, record } => (kind(b'a', key), record.clone()),
             Change::Gone { key } => (key.clone(), Vec::new()),
             Change::MonthUsage { account, month, usage } => (kind(b'u', &account_month_key(account, *month)), usage.clone()),
             Change::DedupeBatch { hour, last_offset, reset, topic, hashes } => {
@@ -284,6 +293,7 @@ impl Change {
                 Ok(Change::Bill { account, month, state: decode_bill_state(value)? })
             }
             Some(b'o') => Ok(Change::Position(decode_partition_state(value)?)),
+            Some(b'a') if key.len() > 1 => Ok(Change::Alert { key: key[1..].to_vec(), record: value.to_vec() }),
             Some(b'u') => {
                 let (account, month) = parse_account_month_key(&key[1..]).ok_or_else(|| bad("bad account-month key"))?;
                 Ok(Change::MonthUsage { account, month, usage: value.to_vec() })
@@ -336,6 +346,8 @@ pub struct Restore {
     batches: Vec<(i64, Change)>,
     /// Per account-month, the bill state kept and whether it was confirmed.
     bills: BTreeMap<(String, Month), (BillState, bool)>,
+    /// Emitted alerts: identity -> record.
+    alerts: BTreeMap<Vec<u8>, Vec<u8>>,
     position: Option<PartitionState>,
     /// Records of batches past this input offset are ignored (see
     /// [`Restore::up_to`]).
@@ -440,6 +452,8 @@ pub struct Restored {
     pub dedupe: Vec<RestoredBucket>,
     /// The last bill per account-month.
     pub bills: Vec<(String, Month, BillState)>,
+    /// Emitted alerts: identity and record.
+    pub alerts: Vec<(Vec<u8>, Vec<u8>)>,
     /// The changelog partition's end offset the read reached: the next
     /// restore of a store that keeps its own state reads bill states from
     /// there ([`Store::changelog_seen`]).
@@ -484,7 +498,7 @@ impl Restore {
         // Bill states are exempt: they only raise revisions, and a bill
         // record a broker delivered from an uncommitted transaction was
         // seen by readers too, so the next revision must be above it.
-        let bill = matches!(change, Change::Bill { .. });
+        let bill = matches!(change, Change::Bill { .. } | Change::Alert { .. });
         if !bill && (self.bills_only || self.cut.is_some_and(|c| next_offset > c)) {
             return;
         }
@@ -513,6 +527,9 @@ impl Restore {
                 }
             }
             Change::Bill { account, month, state } => self.keep_bill(account, month, state, confirmed),
+            Change::Alert { key, record } => {
+                self.alerts.entry(key).or_insert(record);
+            }
             Change::Position(s) => {
                 if self.position.is_none_or(|p| s.next_offset >= p.next_offset) {
                     self.position = Some(s);
@@ -542,8 +559,9 @@ impl Restore {
     /// raise revisions). Nothing at all when no position was read.
     pub fn finish(self) -> Restored {
         let bills = self.bills.into_iter().map(|((a, m), (s, confirmed))| (a, m, if confirmed { s } else { unconfirmed(s) })).collect();
+        let alerts = self.alerts.into_iter().collect();
         let Some(position) = self.position else {
-            return Restored { bills, ..Restored::default() };
+            return Restored { bills, alerts, ..Restored::default() };
         };
         let upto = position.next_offset;
         let usage = restored_months(self.months, self.blocks, self.usage, upto);
@@ -554,7 +572,7 @@ impl Restore {
             b.hashes.extend_from_slice(&hashes);
             (b.last_offset, b.topic, b.records) = (last_offset, topic, seq + 1);
         }
-        Restored { position: Some(position), usage, dedupe, bills, changelog_end: None }
+        Restored { position: Some(position), usage, dedupe, bills, alerts, changelog_end: None }
     }
 }
 
@@ -708,6 +726,11 @@ impl Restored {
                 b.mark_dirty(a, *m, partition);
             }
         }
+        // An alert any reader may have seen stays emitted (like a bill
+        // state, whatever its batch).
+        for (key, record) in &r.alerts {
+            b.put_alert(key, record);
+        }
         if let Some(end) = r.changelog_end {
             b.put_changelog_seen(partition, end);
         }
@@ -747,6 +770,7 @@ mod tests {
             Change::Dedupe { hour: -5, last_offset: 77, seq: 3, topic: 9, hashes: vec![7; 32] },
             Change::Bill { account: "B".into(), month: MARCH, state: bill(4) },
             Change::Position(PartitionState { next_offset: 10, watermark_ms: 1_000 }),
+            Change::Alert { key: crate::store::alert_key("A", MARCH, 2, "100"), record: b"{}".to_vec() },
         ] {
             let (k, v) = c.encode();
             assert_eq!(Change::decode(&k, Some(&v)).unwrap(), c);

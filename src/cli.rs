@@ -348,9 +348,13 @@ pub struct InspectArgs {
     /// One JSON bill record per line instead of a table.
     #[arg(long)]
     json: bool,
-    /// Keep watching and print new revisions as they arrive.
+    /// Keep watching and print new revisions (or alerts) as they arrive.
     #[arg(long)]
     follow: bool,
+    /// Show the usage alerts on kafka.alerts_topic instead of the bills
+    /// (with --account and --month as filters).
+    #[arg(long)]
+    alerts: bool,
 }
 
 fn parse_status(s: &str) -> std::result::Result<BillStatus, String> {
@@ -594,6 +598,9 @@ fn replay_summary(s: &worker::RunSummary, secs: f64) -> String {
 /// `gatebill inspect`: latest bills as a table or JSON.
 async fn inspect(a: InspectArgs, k: KafkaConfig) -> Result<()> {
     init_logging(false);
+    if a.alerts {
+        return inspect_alerts(a, k).await;
+    }
     let filter = Filter { account: a.account.clone(), month: a.month.map(|m| m.to_string()), status: a.status };
     let (consumer, ends) = inspect::open(&k, &k.output_topic)?;
     let mut table = BillTable::default();
@@ -611,26 +618,85 @@ async fn inspect(a: InspectArgs, k: KafkaConfig) -> Result<()> {
         eprintln!("warning: {} record(s) on {} are not bill records", table.unreadable, k.output_topic);
     }
     if a.follow {
-        let stop = shutdown_signal();
-        tokio::pin!(stop);
-        loop {
-            tokio::select! {
-                _ = &mut stop => break,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        follow(&consumer, |m| {
+            let Some(r) = rdkafka::Message::payload(m).and_then(|p| table.offer(p)).filter(|r| filter.accepts(r)) else { return Ok(()) };
+            if a.json {
+                println!("{}", serde_json::to_string(r)?);
+            } else {
+                println!("{}", inspect::render_table([r]));
             }
-            while let Some(Ok(m)) = rdkafka::consumer::BaseConsumer::poll(&consumer, Duration::ZERO) {
-                let Some(p) = rdkafka::Message::payload(&m) else { continue };
-                if let Some(r) = table.offer(p) {
-                    if filter.accepts(r) {
-                        if a.json {
-                            println!("{}", serde_json::to_string(r)?);
-                        } else {
-                            println!("{}", inspect::render_table([r]));
-                        }
-                    }
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Hands every new message of `consumer` to `each` until SIGINT/SIGTERM
+/// (`inspect --follow`).
+async fn follow(
+    consumer: &rdkafka::consumer::BaseConsumer,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> Result<()>,
+) -> Result<()> {
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        while let Some(Ok(m)) = rdkafka::consumer::BaseConsumer::poll(consumer, Duration::ZERO) {
+            each(&m)?;
+        }
+    }
+}
+
+/// `gatebill inspect --alerts`: every alert on the alerts topic (each
+/// identity is written once), filtered, as a table or JSON lines; with
+/// `--follow`, new ones as they arrive.
+async fn inspect_alerts(a: InspectArgs, k: KafkaConfig) -> Result<()> {
+    let month = a.month.map(|m| m.to_string());
+    let accepts = |v: &serde_json::Value| {
+        a.account.as_deref().is_none_or(|x| v["account_id"] == x) && month.as_deref().is_none_or(|m| v["month"] == m)
+    };
+    let (consumer, ends) = inspect::open(&k, &k.alerts_topic)?;
+    let mut alerts = Vec::new();
+    let mut unreadable = 0u64;
+    let parse = |payload: Option<&[u8]>| {
+        payload.and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok()).filter(|v| v.get("kind").is_some())
+    };
+    let Ok(_) = crate::kafka::read_to_end(&consumer, ends, Duration::from_secs(60), |m| {
+        match parse(rdkafka::Message::payload(m)) {
+            Some(v) => alerts.push(v),
+            None => unreadable += 1,
+        }
+        Ok::<_, std::convert::Infallible>(())
+    });
+    let total = alerts.len();
+    alerts.retain(|v| accepts(v));
+    if a.json {
+        for v in &alerts {
+            println!("{v}");
+        }
+    } else {
+        println!("{}", inspect::render_alerts(&alerts));
+        println!("{} alert(s) shown of {total} on {}", alerts.len(), k.alerts_topic);
+    }
+    if unreadable > 0 {
+        eprintln!("warning: {unreadable} record(s) on {} are not alert records", k.alerts_topic);
+    }
+    if a.follow {
+        follow(&consumer, |m| {
+            if let Some(v) = parse(rdkafka::Message::payload(m)).filter(|v| accepts(v)) {
+                if a.json {
+                    println!("{v}");
+                } else {
+                    println!("{}", inspect::render_alerts(std::slice::from_ref(&v)));
                 }
             }
-        }
+            Ok(())
+        })
+        .await?;
     }
     Ok(())
 }
@@ -641,12 +707,13 @@ async fn dev_broker(k: KafkaConfig) -> Result<()> {
     let cluster = crate::traffic::dev_cluster(&k)?;
     println!("bootstrap={}", cluster.bootstrap_servers());
     eprintln!(
-        "gatebill dev-broker: librdkafka's mock cluster, topics {}, {}, {}, {}, {} with {} partitions.\n\
+        "gatebill dev-broker: librdkafka's mock cluster, topics {} with {} partitions.\n\
          It cannot create other topics: give workers the same topic names (the same --config or topic flags).\n\
          LIMIT: it keeps at most about 5 MB (100,000 message sets) per partition and silently deletes\n\
          older data; everything is lost when it stops. Fine for trying gatebill; for more data use a\n\
          real broker (docker compose up) or tansu (see README). Press Ctrl-C to stop.",
-        k.input_topic, k.accounts_topic, k.output_topic, k.dead_letter_topic, k.changelog_topic, k.partitions
+        k.topics().join(", "),
+        k.partitions
     );
     shutdown_signal().await;
     drop(cluster);

@@ -38,6 +38,9 @@ pub struct KafkaConfig {
     pub output_topic: String,
     /// Rejected messages with their reasons. Default `gateway-dead-letters`.
     pub dead_letter_topic: String,
+    /// Usage alerts out (rule book section 12; key = account_id), written
+    /// with the bills whose computation found them. Default `gateway-alerts`.
+    pub alerts_topic: String,
     /// The workers' state changelog (compacted, as many partitions as the
     /// input): a partition that moves to another worker continues from the
     /// state it had. One per consumer group. Default `gatebill-changelog`.
@@ -65,6 +68,14 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
 }
 
+impl KafkaConfig {
+    /// Every topic gatebill reads or writes: input, accounts, bills, dead
+    /// letters, alerts, changelog.
+    pub fn topics(&self) -> [&str; 6] {
+        [&self.input_topic, &self.accounts_topic, &self.output_topic, &self.dead_letter_topic, &self.alerts_topic, &self.changelog_topic]
+    }
+}
+
 impl Default for KafkaConfig {
     fn default() -> Self {
         KafkaConfig {
@@ -73,6 +84,7 @@ impl Default for KafkaConfig {
             accounts_topic: "gateway-accounts".into(),
             output_topic: "gateway-bills".into(),
             dead_letter_topic: "gateway-dead-letters".into(),
+            alerts_topic: "gateway-alerts".into(),
             changelog_topic: "gatebill-changelog".into(),
             group_id: "gatebill".into(),
             transactions: true,
@@ -258,6 +270,7 @@ impl Config {
             ("accounts_topic", &k.accounts_topic),
             ("output_topic", &k.output_topic),
             ("dead_letter_topic", &k.dead_letter_topic),
+            ("alerts_topic", &k.alerts_topic),
             ("changelog_topic", &k.changelog_topic),
         ];
         for (i, (name, t)) in topics.iter().enumerate() {

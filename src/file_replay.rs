@@ -411,7 +411,7 @@ fn line_progress() -> indicatif::ProgressBar {
 /// outbox (the topics made sure of first).
 async fn open_delivery(cfg: &Checked, sink: Sink, pipeline: &Pipeline) -> Result<Delivery, WorkerError> {
     Ok(match sink {
-        Sink::File(out) => Delivery::File(FileDelivery::new(out, cfg.kafka.output_topic.clone())),
+        Sink::File(out) => Delivery::File(FileDelivery::new(out, cfg.kafka.output_topic.clone(), cfg.kafka.alerts_topic.clone())),
         Sink::Kafka => {
             crate::kafka::ensure_topics(&cfg.kafka).await?;
             Delivery::Outbox(OutboxDelivery::new(crate::kafka::producer(&cfg.kafka)?, pipeline.metrics().clone()))

@@ -88,6 +88,23 @@ pub fn read_to_end(consumer: &BaseConsumer, ends: BTreeMap<i32, i64>, table: &mu
     read
 }
 
+/// Renders alert records as a table: account, month, kind, what about,
+/// the hour it happened in, the bill revision that found it.
+pub fn render_alerts(alerts: &[serde_json::Value]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::UTF8_FULL_CONDENSED);
+    t.set_header(["account", "month", "kind", "about", "hour", "bill revision"]);
+    let text = |v: &serde_json::Value| printable(v.as_str().unwrap_or("?")).into_owned();
+    for a in alerts {
+        let about = match a["kind"].as_str() {
+            Some("spend_threshold") => format!("{} {}", text(&a["threshold"]), text(&a["currency"])),
+            _ => text(&a["subject"]),
+        };
+        t.add_row([text(&a["account_id"]), text(&a["month"]), text(&a["kind"]), about, text(&a["hour"]), a["revision"].to_string()]);
+    }
+    t
+}
+
 /// Renders bills as a table.
 pub fn render_table<'a>(records: impl IntoIterator<Item = &'a BillRecord>) -> comfy_table::Table {
     let mut t = comfy_table::Table::new();

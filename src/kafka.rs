@@ -360,11 +360,11 @@ where
     Ok((read, done.then_some(high)))
 }
 
-/// Makes sure the five topics exist: creates the missing ones (accounts,
+/// Makes sure the six topics exist: creates the missing ones (accounts,
 /// bills and the changelog compacted) or reports them, as configured; and
 /// that the changelog has as many partitions as the input.
 pub async fn ensure_topics(k: &KafkaConfig) -> Result<(), KafkaSetupError> {
-    ensure_these_topics(k, &[&k.input_topic, &k.accounts_topic, &k.output_topic, &k.dead_letter_topic, &k.changelog_topic]).await?;
+    ensure_these_topics(k, &k.topics()).await?;
     let consumer = plain_consumer(k, "gatebill-metadata")?;
     let counts = partition_counts(&consumer, &[&k.input_topic, &k.changelog_topic])?;
     match (counts.get(&k.input_topic), counts.get(&k.changelog_topic)) {

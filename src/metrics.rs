@@ -84,6 +84,8 @@ pub struct Metrics {
     pub late_events: IntCounter,
     /// Bill records emitted, by status.
     pub bills_emitted: IntCounterVec,
+    /// Usage alerts emitted, by kind.
+    pub alerts_emitted: IntCounterVec,
     /// Seconds per synced RocksDB batch write.
     pub batch_write_seconds: Histogram,
     /// Seconds from producing a set of records to their acknowledgement.
@@ -163,6 +165,7 @@ impl Metrics {
                 "Events for a month that had already closed (month end plus grace behind the partition watermark) when they arrived",
             ),
             bills_emitted: counter_vec("bills_emitted_total", "Bill records emitted", "status"),
+            alerts_emitted: counter_vec("alerts_emitted_total", "Usage alerts emitted (each identity once)", "kind"),
             batch_write_seconds: histogram("batch_write_seconds", "Seconds per synced RocksDB batch write"),
             produce_seconds: histogram("produce_seconds", "Seconds from producing records to their acknowledgement"),
             outbox_pending: {

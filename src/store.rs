@@ -37,8 +37,11 @@ pub mod cf {
     pub const ACCOUNTS: &str = "accounts";
     /// Format version and counters.
     pub const META: &str = "meta";
+    /// Usage alert identity (account-month, kind, subject) -> the alert
+    /// record emitted for it: each identity is emitted once.
+    pub const ALERTS: &str = "alerts";
     /// Every column family.
-    pub const ALL: [&str; 9] = [USAGE, DEDUPE, DEDUPE_INDEX, OFFSETS, OUTBOX, BILLS, DIRTY, ACCOUNTS, META];
+    pub const ALL: [&str; 10] = [USAGE, DEDUPE, DEDUPE_INDEX, OFFSETS, OUTBOX, BILLS, DIRTY, ACCOUNTS, META, ALERTS];
 }
 
 /// On-disk format version. A store written with another version is refused.
@@ -449,6 +452,22 @@ pub fn outbox_bill_key(bill_key: &str) -> Vec<u8> {
     k
 }
 
+/// Outbox key of a usage alert: `a` + its identity ([`alert_key`]).
+pub fn outbox_alert_key(identity: &[u8]) -> Vec<u8> {
+    let mut k = b"a".to_vec();
+    k.extend_from_slice(identity);
+    k
+}
+
+/// The stored identity of a usage alert: the account-month key, the kind's
+/// code, then the subject (item, pack id or threshold).
+pub fn alert_key(account: &str, month: Month, kind: u8, subject: &str) -> Vec<u8> {
+    let mut k = account_month_key(account, month);
+    k.push(kind);
+    k.extend_from_slice(subject.as_bytes());
+    k
+}
+
 /// Outbox key of a dead letter: its sequence number.
 pub fn outbox_dead_letter_key(seq: u64) -> Vec<u8> {
     let mut k = b"d".to_vec();
@@ -755,6 +774,22 @@ impl Store {
     /// Many bill states in one multi-get, in the order asked.
     pub fn bill_state_many(&self, keys: &[(&str, Month)]) -> Result<Vec<Option<BillState>>, StoreError> {
         self.account_months_raw(cf::BILLS, keys)?.into_iter().map(|v| v.map(|v| decode_bill_state(&v)).transpose()).collect()
+    }
+
+    /// Which of these alert identities ([`alert_key`]) were emitted, one
+    /// multi-get.
+    pub fn alerts_emitted(&self, keys: &[Vec<u8>]) -> Result<Vec<bool>, StoreError> {
+        let cf = self.cf(cf::ALERTS);
+        self.db.multi_get_cf(keys.iter().map(|k| (cf, k.as_slice()))).into_iter().map(|r| Ok(r?.is_some())).collect()
+    }
+
+    /// Every emitted alert record, in identity order (account, month, kind, subject).
+    pub fn alert_records(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(cf::ALERTS), IteratorMode::Start) {
+            out.push(item?.1.to_vec());
+        }
+        Ok(out)
     }
 
     /// The dirty marks of account-months (their partitions), one multi-get.
@@ -1104,6 +1139,11 @@ impl Batch<'_> {
     /// batch that writes them), to deliver and then write separately.
     pub fn into_staged(self) -> (WriteBatch, Vec<OutboxRecord>) {
         (self.wb, self.captured.unwrap_or_default())
+    }
+
+    /// Records an emitted alert's identity with its record.
+    pub fn put_alert(&mut self, identity: &[u8], record: &[u8]) {
+        self.wb.put_cf(self.store.cf(cf::ALERTS), identity, record);
     }
 
     /// Sets a value of the meta column family.

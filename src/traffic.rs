@@ -20,7 +20,7 @@ pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + S
 /// create topics on request (it has no controller), so they are made here.
 pub fn dev_cluster(k: &KafkaConfig) -> Result<MockCluster<'static, DefaultProducerContext>> {
     let cluster = MockCluster::new(1)?;
-    for t in [&k.input_topic, &k.accounts_topic, &k.output_topic, &k.dead_letter_topic, &k.changelog_topic] {
+    for t in k.topics() {
         cluster.create_topic(t, k.partitions, 1)?;
     }
     Ok(cluster)

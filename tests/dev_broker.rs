@@ -76,7 +76,7 @@ async fn worker_bills_on_the_dev_brokers_custom_topics() {
         "acme-rejects",
     ]);
     tune(&mut cfg, dir.path(), "acme");
-    assert_eq!(topics(&cfg), ["acme-accounts", "acme-bills", "acme-events", "acme-rejects", "gatebill-changelog"]);
+    assert_eq!(topics(&cfg), ["acme-accounts", "acme-bills", "acme-events", "acme-rejects", "gatebill-changelog", "gateway-alerts"]);
 
     let (truth, expected) = traffic(&cfg, 7, 3_000, 3, 30, 1.0).await;
     let s = common::replay(&cfg).await;
@@ -88,7 +88,7 @@ async fn worker_bills_on_the_dev_brokers_custom_topics() {
     common::assert_no_repeated_bills(&table);
     common::assert_dead_letters_once(&read_dead_letters(&cfg), truth.malformed);
     // Nothing went anywhere else: no topic was created on the way.
-    assert_eq!(topics(&cfg), ["acme-accounts", "acme-bills", "acme-events", "acme-rejects", "gatebill-changelog"]);
+    assert_eq!(topics(&cfg), ["acme-accounts", "acme-bills", "acme-events", "acme-rejects", "gatebill-changelog", "gateway-alerts"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,13 @@ use std::time::Duration;
 async fn a_second_worker_with_an_empty_state_directory_finishes_the_stream_from_the_changelog() {
     let mut f = fixture(21, 3_000, 4).await;
     f.cfg.kafka.partitions = 4;
+    // A small free tier and spend lines, so that the generated accounts
+    // cross both (rule book 12); the expected bills follow the rules.
+    f.cfg.billing.free_tier.calls_per_month = 40;
+    f.cfg.billing.free_tier.public_out_bytes_per_month = 2_000_000;
+    f.cfg.billing.prices.traffic_default = vec![gatebill::billing::config::TierConfig { up_to: None, price: 1000.into() }];
+    f.cfg.billing.alerts.spend_thresholds = vec!["0.01".into(), "5".into()];
+    f.expected = common::expected_bills(&f.spec, &f.cfg.billing.validate().unwrap()).0;
     let w1 = f.cfg.clone();
     let total = f.truth.messages;
 
@@ -60,9 +67,24 @@ async fn a_second_worker_with_an_empty_state_directory_finishes_the_stream_from_
     let mut w2 = config(&f.cluster, f.dir.path(), "second");
     w2.kafka.group_id = w1.kafka.group_id.clone();
     w2.kafka.partitions = 4;
+    w2.billing = w1.billing.clone();
     let s2 = run_live_until_done(&w2, &f.expected).await;
     assert_eq!(s2.reread, 0, "W2 read input below W1's position");
     assert_eq!(s1.messages + s2.messages, total + 1, "every message read once, the repeat included");
+
+    // Alerts: each identity of the reference once, counting every record
+    // (both workers stopped cleanly: no transaction was aborted, so every
+    // record on the topic is a committed one), none extra; W1's went with
+    // the partitions in the changelog, so W2 sent none of them again.
+    let sent = common::read_alert_ids(&w2);
+    let want = common::reference_alerts(&f.spec, &w1.billing.validate().unwrap());
+    let mut seen = std::collections::BTreeSet::new();
+    for id in &sent {
+        assert!(seen.insert(id.clone()), "alert {id:?} sent twice");
+    }
+    assert_eq!(seen, want);
+    assert!(want.iter().any(|(_, _, kind, _)| kind == "free_tier_exhausted"), "{want:?}");
+    assert!(want.iter().any(|(_, _, kind, _)| kind == "spend_threshold"), "{want:?}");
     assert_eq!(s1.duplicates + s2.duplicates, f.truth.duplicates + 1, "the repeat after the move is dropped");
 
     let table = read_bills(&w2, &w2.kafka.output_topic);

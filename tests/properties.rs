@@ -34,7 +34,7 @@ fn arb_account() -> impl Strategy<Value = Option<AccountRecord>> {
         (T0..T1, prop::collection::vec(pack, 0..4)).prop_map(|(activated_at, mut packs)| {
             packs.sort_by(|a, b| a.id.cmp(&b.id));
             packs.dedup_by(|a, b| a.id == b.id);
-            AccountRecord { account_id: "acct".into(), activated_at, resource_packs: packs, pricing: vec![] }
+            AccountRecord { account_id: "acct".into(), activated_at, resource_packs: packs, pricing: vec![], spend_alerts: vec![] }
         }),
     )
 }

@@ -175,3 +175,63 @@ fn backend_fields_that_do_not_apply_are_not_typed() {
         assert!(gatebill::billing::reference::decode_and_classify(typed.as_bytes()).is_err(), "{typed}");
     }
 }
+
+/// Alert records of every kind, as the pipeline emits them, validate
+/// against `schemas/alert-record.schema.json`.
+#[test]
+fn emitted_alerts_validate() {
+    use gatebill::pipeline::{now_ms, InputMessage, Pipeline, Settings};
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(gatebill::store::Store::open(dir.path()).unwrap());
+    let mut cfg = gatebill::config::Config::default();
+    cfg.kafka.input_topic = "events".into();
+    cfg.billing.trial_periods.clear();
+    cfg.billing.alerts.spend_thresholds = vec!["0.01".into()];
+    let rules = cfg.billing.validate().unwrap();
+    let mut p = Pipeline::new(store, rules, Settings::from_config(&cfg), gatebill::metrics::Metrics::new()).unwrap();
+    // The seed account (in its free tier) with a pack and a spend line of its own.
+    let account = r#"{"account_id": "1250000001", "activated_at": "2019-11-10T17:13:14+08:00", "spend_alerts": ["0.05"],
+        "resource_packs": [{"id": "pk-9", "item": "calls", "quantity": 10, "valid_from": "2020-01-01T00:00:00+08:00", "valid_until": "2021-01-01T00:00:00+08:00"}]}"#;
+    let msg = InputMessage {
+        topic: "gateway-accounts",
+        partition: 0,
+        offset: 0,
+        key: Some(b"1250000001"),
+        payload: Some(account.as_bytes()),
+        headers: vec![],
+    };
+    p.apply_accounts(&[msg]).unwrap();
+    // 3 GiB in one hour: the free GiB runs out there, and 2 GiB cost 1.60 (both lines passed).
+    let event = |i: usize, calls_hour: &str, bytes: u64| {
+        SPEC_EVENT
+            .replace("c0a8011e-5f7d-4b7e-9d1a-3f0e6c1a2b3c", &format!("r{i}"))
+            .replace("2020-11-05T10:15:30.123+08:00", calls_hour)
+            .replace("\"response_bytes\": 10000", &format!("\"response_bytes\": {bytes}"))
+            .replace("\"address\": \"private\"", "\"address\": \"public\"")
+            .into_bytes()
+    };
+    let payloads: Vec<Vec<u8>> = (0..3).map(|i| event(i, "2020-06-05T10:00:00+08:00", 1 << 30)).collect();
+    let msgs: Vec<InputMessage> = payloads
+        .iter()
+        .enumerate()
+        .map(|(i, pl)| InputMessage {
+            topic: "events",
+            partition: 0,
+            offset: i as i64,
+            key: Some(b"1250000001"),
+            payload: Some(pl),
+            headers: vec![],
+        })
+        .collect();
+    p.process(&msgs).unwrap();
+    p.emit(now_ms(), true).unwrap();
+    let v = validator("alert-record.schema.json");
+    let mut kinds = Vec::new();
+    for (_, r) in p.outbox().unwrap().into_iter().filter(|(_, r)| r.topic == cfg.kafka.alerts_topic) {
+        let a: Value = serde_json::from_slice(&r.payload).unwrap();
+        assert_valid(&v, &a);
+        kinds.push(format!("{} {}", a["kind"].as_str().unwrap(), a["subject"].as_str().unwrap()));
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["free_tier_exhausted public_out_bytes", "spend_threshold 0.01", "spend_threshold 0.05"]);
+}

@@ -54,6 +54,9 @@ pub struct AccountRecord {
     pub resource_packs: Vec<ResourcePack>,
     /// The account's own pricing terms (section 11.3; the valid ones).
     pub pricing: Vec<PricingTerm>,
+    /// The account's own spend lines (section 12; the valid ones), in the
+    /// bill's currency.
+    pub spend_alerts: Vec<Decimal>,
 }
 
 /// Most decimal places of a discount.
@@ -144,6 +147,8 @@ pub struct DecodedAccount {
     pub rejected: Vec<RejectedPack>,
     /// Pricing terms left out (section 11.3: reported, the rest applies).
     pub rejected_terms: Vec<RejectedTerm>,
+    /// Spend lines left out, each as `#index: why`.
+    pub rejected_alerts: Vec<String>,
 }
 
 impl DecodedAccount {
@@ -155,6 +160,9 @@ impl DecodedAccount {
         if !self.rejected_terms.is_empty() {
             let each: Vec<String> = self.rejected_terms.iter().map(|r| format!("#{}: {}", r.index, r.why)).collect();
             out.push(self.left_out(RejectReason::InvalidPricing, "pricing term(s)", &each));
+        }
+        if !self.rejected_alerts.is_empty() {
+            out.push(self.left_out(RejectReason::InvalidValue, "spend alert(s)", &self.rejected_alerts));
         }
         out
     }
@@ -192,6 +200,27 @@ struct RawAccount {
     resource_packs: Option<serde_json::Value>,
     #[serde(default)]
     pricing: Option<serde_json::Value>,
+    #[serde(default)]
+    spend_alerts: Option<serde_json::Value>,
+}
+
+/// Decodes an account's `spend_alerts`: the valid lines, and the others
+/// described (`#index: why`).
+fn decode_spend_alerts(value: Option<serde_json::Value>) -> (Vec<Decimal>, Vec<String>) {
+    let values = match value {
+        None | Some(serde_json::Value::Null) => return (Vec::new(), Vec::new()),
+        Some(serde_json::Value::Array(values)) => values,
+        Some(_) => return (Vec::new(), vec!["#0: `spend_alerts` is not an array; no line applies".into()]),
+    };
+    let mut lines = Vec::new();
+    let mut rejected = Vec::new();
+    for (i, v) in values.iter().enumerate() {
+        match v.as_str().ok_or_else(|| "a line is a decimal string such as \"100.00\"".to_string()).and_then(super::config::spend_line) {
+            Ok(d) => lines.push(d),
+            Err(why) => rejected.push(format!("#{i}: {why}")),
+        }
+    }
+    (lines, rejected)
 }
 
 #[derive(Deserialize)]
@@ -348,9 +377,15 @@ pub fn decode_account_checked(bytes: &[u8]) -> Result<DecodedAccount, DecodeErro
         }
     }
     let (pricing, rejected_terms) = decode_pricing(raw.pricing);
-    let record =
-        AccountRecord { account_id: raw.account_id, activated_at: raw.activated_at.0.div_euclid(1000), resource_packs: packs, pricing };
-    Ok(DecodedAccount { record, rejected, rejected_terms })
+    let (spend_alerts, rejected_alerts) = decode_spend_alerts(raw.spend_alerts);
+    let record = AccountRecord {
+        account_id: raw.account_id,
+        activated_at: raw.activated_at.0.div_euclid(1000),
+        resource_packs: packs,
+        pricing,
+        spend_alerts,
+    };
+    Ok(DecodedAccount { record, rejected, rejected_terms, rejected_alerts })
 }
 
 /// The account record that applies (invalid packs left out), or why none does.

@@ -351,6 +351,24 @@ fn price_tiers(
     }
 }
 
+/// The charge lines of a month's chargeable calls and bytes (by region),
+/// priced as `pricing` says: calls first, then each region in order.
+pub fn charge_lines(pricing: &MonthPricing<'_>, calls: u64, bytes: &BTreeMap<String, u64>) -> Vec<ChargeLine> {
+    let (list, discount) = (pricing.list, pricing.discount);
+    let mut charges = Vec::new();
+    price_tiers(PackItem::Calls, None, calls, &list.call_tiers, "10000 calls", CALLS_UNIT_SIZE, discount, &mut charges);
+    for (region, b) in bytes {
+        price_tiers(PackItem::PublicOutBytes, Some(region), *b, list.traffic_tiers(region), "GB", GB, discount, &mut charges);
+    }
+    charges
+}
+
+/// A bill's total: the sum of its rounded lines, from 0.00 (two places on
+/// a bill with no lines).
+pub fn total_of(lines: &[ChargeLine]) -> Decimal {
+    lines.iter().fold(Decimal::new(0, 2), |sum, c| sum + c.amount)
+}
+
 /// Every month's bill for one account. `account` is `None` when no account
 /// record is known: no free tier, no packs, `account_known: false`.
 pub fn compute_bills(account_id: &str, account: Option<&AccountRecord>, usages: &BTreeMap<Month, MonthUsage>, rules: &Rules) -> Vec<Bill> {
@@ -381,23 +399,8 @@ pub fn compute_bills(account_id: &str, account: Option<&AccountRecord>, usages: 
                 public_out_bytes_by_region: d.chargeable_bytes.clone(),
             };
             let pricing = month_pricing(account, *month, rules);
-            let (list, discount) = (pricing.list, pricing.discount);
-            let mut charges = Vec::new();
-            price_tiers(
-                PackItem::Calls,
-                None,
-                d.chargeable_calls,
-                &list.call_tiers,
-                "10000 calls",
-                CALLS_UNIT_SIZE,
-                discount,
-                &mut charges,
-            );
-            for (region, bytes) in &d.chargeable_bytes {
-                price_tiers(PackItem::PublicOutBytes, Some(region), *bytes, list.traffic_tiers(region), "GB", GB, discount, &mut charges);
-            }
-            // Starting from 0.00 keeps two places on a bill with no lines.
-            let total_amount = charges.iter().fold(Decimal::new(0, 2), |sum, c| sum + c.amount);
+            let charges = charge_lines(&pricing, d.chargeable_calls, &d.chargeable_bytes);
+            let total_amount = total_of(&charges);
             let content = BillContent {
                 account_id: account_id.to_string(),
                 month: month.to_string(),

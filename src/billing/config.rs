@@ -43,6 +43,19 @@ pub struct BillingConfig {
     /// force from the start of a month until the next version's. Default:
     /// none (`[billing.prices]` prices every month).
     pub price_versions: Vec<PriceVersionConfig>,
+    /// Usage alerts (section 12).
+    pub alerts: AlertsConfig,
+}
+
+/// `[billing.alerts]`
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Spend lines for every account, decimal strings in the bill's
+    /// currency, e.g. `["100.00", "1000.00"]`: an alert when a month's total
+    /// reaches each. Default: none (an account record's `spend_alerts` add
+    /// its own).
+    pub spend_thresholds: Vec<String>,
 }
 
 /// `[[billing.price_versions]]`: a complete price list in force from
@@ -141,6 +154,7 @@ impl Default for BillingConfig {
             trial_periods: vec![TrialPeriodConfig { from: None, until: DEFAULT_TRIAL_UNTIL.into() }],
             prices: PricesConfig::default(),
             price_versions: Vec::new(),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -295,6 +309,8 @@ pub struct Rules {
     pub trials: Vec<(i64, i64)>,
     /// The price versions, by first month: the first since always.
     pub versions: Vec<PriceVersion>,
+    /// Spend lines for every account (`[billing.alerts]`), above 0.
+    pub spend_thresholds: Vec<Decimal>,
     /// The configuration these rules were checked from (a store remembers
     /// it, to restate the months a change of rules changes: section 11.2).
     pub source: BillingConfig,
@@ -332,6 +348,15 @@ impl Rules {
     pub fn in_trial(&self, hour_start: i64) -> bool {
         self.trials.iter().any(|(f, u)| *f <= hour_start && hour_start < *u)
     }
+}
+
+/// A spend line as given (a decimal string): above 0, at most 2 places.
+pub fn spend_line(text: &str) -> Result<Decimal, String> {
+    let d: Decimal = text.trim().parse().map_err(|_| format!("`{text}` is not a decimal number such as \"100.00\""))?;
+    if d <= Decimal::ZERO || d.scale() > 2 || d > Decimal::from(MAX_UNIT_PRICE) * Decimal::from(1_000_000) {
+        return Err(format!("`{text}` must be above 0, at most 10^12, with at most 2 decimal places"));
+    }
+    Ok(d.normalize())
 }
 
 pub(crate) fn check_tiers(list: String, tiers: &[TierConfig], unit: u64) -> Result<Vec<Tier>, ConfigError> {
@@ -425,8 +450,13 @@ impl BillingConfig {
         if let Some(twice) = ids.windows(2).find(|w| w[0] == w[1]) {
             return Err(ConfigError::Invalid { field: "price_versions", problem: format!("the id `{}` is used twice", twice[0]) });
         }
+        let mut spend_thresholds = Vec::with_capacity(self.alerts.spend_thresholds.len());
+        for t in &self.alerts.spend_thresholds {
+            spend_thresholds.push(spend_line(t).map_err(|problem| ConfigError::Invalid { field: "alerts.spend_thresholds", problem })?);
+        }
         Ok(Rules {
             calendar,
+            spend_thresholds,
             time_zone: self.time_zone.clone(),
             free_tier: self.free_tier.enabled.then(|| self.free_tier.clone()),
             trials,

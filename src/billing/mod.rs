@@ -6,6 +6,7 @@
 //! reproducible from (usage, account record, configuration).
 
 pub mod account;
+pub mod alerts;
 pub mod bill;
 pub mod calendar;
 pub mod classify;

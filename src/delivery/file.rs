@@ -10,17 +10,20 @@ use crate::store::OutboxRecord;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Bills to one file, dead letters to `<file>.dead-letters`.
+/// Bills to one file, usage alerts to `<file>.alerts`, dead letters to
+/// `<file>.dead-letters`.
 pub struct FileDelivery {
     out: PathBuf,
     bills_topic: String,
+    alerts_topic: String,
 }
 
 impl FileDelivery {
-    /// Bills (records of `bills_topic`) to `out`, every other record to
+    /// Bills (records of `bills_topic`) to `out`, alerts (of
+    /// `alerts_topic`) to `<out>.alerts`, every other record to
     /// `<out>.dead-letters`.
-    pub fn new(out: PathBuf, bills_topic: String) -> Self {
-        FileDelivery { out, bills_topic }
+    pub fn new(out: PathBuf, bills_topic: String, alerts_topic: String) -> Self {
+        FileDelivery { out, bills_topic, alerts_topic }
     }
 
     /// Writes a staged step's records, then the step.
@@ -43,7 +46,8 @@ impl FileDelivery {
     }
 
     fn write<'a>(&self, records: impl Iterator<Item = &'a OutboxRecord>) -> Result<(), WorkerError> {
-        write_files(&self.out, records, &self.bills_topic).map_err(|source| WorkerError::Input { path: self.out.clone(), source })
+        write_files(&self.out, records, &self.bills_topic, &self.alerts_topic)
+            .map_err(|source| WorkerError::Input { path: self.out.clone(), source })
     }
 }
 
@@ -53,26 +57,39 @@ pub fn base64(bytes: &[u8]) -> String {
     base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
 }
 
-/// Writes records to NDJSON files and syncs them: bills as they are, dead
-/// letters as `{"headers": {..}, "payload": "<text>"}`, or with
+/// Writes records to NDJSON files and syncs them: bills and alerts as
+/// they are, dead letters as `{"headers": {..}, "payload": "<text>"}`, or with
 /// `"payload_base64"` instead of `"payload"` when the bytes are not UTF-8.
-fn write_files<'a>(out: &Path, records: impl Iterator<Item = &'a OutboxRecord>, bills_topic: &str) -> std::io::Result<()> {
+fn write_files<'a>(
+    out: &Path,
+    records: impl Iterator<Item = &'a OutboxRecord>,
+    bills_topic: &str,
+    alerts_topic: &str,
+) -> std::io::Result<()> {
     let dead_path = PathBuf::from(format!("{}.dead-letters", out.display()));
     let open = |p: &Path| std::fs::OpenOptions::new().create(true).append(true).open(p);
     let mut bills = std::io::BufWriter::new(open(out)?);
     let mut dead = std::io::BufWriter::new(open(&dead_path)?);
+    let mut alerts = std::io::BufWriter::new(open(&alerts_path(out))?);
     for r in records {
-        if r.topic == bills_topic {
-            bills.write_all(&r.payload)?;
-            bills.write_all(b"\n")?;
+        if r.topic == bills_topic || r.topic == alerts_topic {
+            let to = if r.topic == bills_topic { &mut bills } else { &mut alerts };
+            to.write_all(&r.payload)?;
+            to.write_all(b"\n")?;
         } else {
             serde_json::to_writer(&mut dead, &dead_letter_line(r))?;
             dead.write_all(b"\n")?;
         }
     }
     bills.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    alerts.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     dead.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(())
+}
+
+/// Where a file replay writing bills to `out` writes its usage alerts.
+pub fn alerts_path(out: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.alerts", out.display()))
 }
 
 /// A dead letter's line: its headers, and its exact bytes, as text when

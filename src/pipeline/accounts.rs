@@ -223,7 +223,7 @@ mod tests {
     use super::*;
 
     fn record(id: &str, activated_at: i64) -> AccountRecord {
-        AccountRecord { account_id: id.to_string(), activated_at, resource_packs: vec![], pricing: vec![] }
+        AccountRecord { account_id: id.to_string(), activated_at, resource_packs: vec![], pricing: vec![], spend_alerts: vec![] }
     }
 
     #[test]

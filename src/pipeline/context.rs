@@ -37,6 +37,8 @@ pub struct Settings {
     pub output_topic: String,
     /// Rejected messages go here.
     pub dead_letter_topic: String,
+    /// Usage alerts go here.
+    pub alerts_topic: String,
     /// Whether to drop repeated request_ids.
     pub dedupe: bool,
     /// Dedupe window behind the partition watermark, seconds.
@@ -76,6 +78,7 @@ impl Settings {
             accounts_topic: cfg.kafka.accounts_topic.clone(),
             output_topic: cfg.kafka.output_topic.clone(),
             dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
+            alerts_topic: cfg.kafka.alerts_topic.clone(),
             dedupe: cfg.worker.dedupe,
             dedupe_window_secs: cfg.worker.dedupe_window_hours as i64 * 3600,
             dedupe_window_messages: i64::try_from(cfg.worker.dedupe_window_messages).unwrap_or(i64::MAX),

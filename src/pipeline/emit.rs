@@ -12,14 +12,18 @@ use super::ingest::Ingest;
 use super::numbers::OutboxNumbers;
 use super::policy::{self, next_record, Emitted};
 use super::positions::Positions;
+use crate::billing::alerts::{crossings, AlertKind};
 use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
 use crate::billing::calendar::Month;
 use crate::billing::entitlements::months_are_independent;
+use crate::billing::entitlements::PackSource;
 use crate::billing::usage::MonthUsage;
 use crate::billing::Bill;
+use crate::billing::{AccountRecord, PackItem};
 use crate::changelog::Change;
 use crate::metrics::Metrics;
-use crate::store::{outbox_bill_key, Batch, BillState, OutboxRecord, StoreError};
+use crate::store::{alert_key, outbox_alert_key, outbox_bill_key, Batch, BillState, OutboxRecord, StoreError};
+use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashMap};
 
 /// Bills computed and written per atomic batch by [`super::Pipeline::emit`].
@@ -51,6 +55,8 @@ pub(super) struct EmissionWritten {
     /// Each bill written, by [`bill_key_hash`]: when it went out
     /// provisional, `None` when not provisional.
     sent: Vec<(u64, Option<i64>)>,
+    /// The kind of each alert written.
+    alerts: Vec<AlertKind>,
 }
 
 impl Emitter {
@@ -66,6 +72,9 @@ impl Emitter {
     pub(super) fn written(&mut self, metrics: &Metrics, w: EmissionWritten) {
         for status in w.statuses {
             metrics.bills_emitted.with_label_values(&[status.as_str()]).inc();
+        }
+        for kind in w.alerts {
+            metrics.alerts_emitted.with_label_values(&[kind.as_str()]).inc();
         }
         for (key, at) in w.sent {
             match at {
@@ -207,13 +216,15 @@ impl Reads<'_> {
             // A slice's read failed: its one error is in the results.
             return Err(computed.into_iter().find_map(Result::err).expect("a failed read leaves its error"));
         }
-        let mut out = Emission { records: Vec::new(), states: Vec::with_capacity(chunk.len()), now };
+        let mut out = Emission { records: Vec::new(), states: Vec::with_capacity(chunk.len()), alerts: Vec::new(), now };
         for (((account, month), _), change) in chunk.iter().zip(computed) {
-            let state = change?.map(|(record, state)| {
+            let Recomputed { bill, mut alerts } = change?;
+            let state = bill.map(|(record, state)| {
                 out.records.push(record);
                 state
             });
             out.states.push((account.clone(), *month, state));
+            out.alerts.append(&mut alerts);
         }
         Ok(Some(out))
     }
@@ -223,7 +234,7 @@ impl Reads<'_> {
     /// account whose packs span months is computed with all its months (the
     /// plan is in account order: the slice keeps the last such account's
     /// bills; one split between two slices is computed twice).
-    fn changes(&self, slice: &[((String, Month), i32)], now: i64, force_idle: bool) -> Vec<Result<BillChange, StoreError>> {
+    fn changes(&self, slice: &[((String, Month), i32)], now: i64, force_idle: bool) -> Vec<Result<Recomputed, StoreError>> {
         let store = &self.cx.store;
         let keys: Vec<(&str, Month)> = slice.iter().map(|((a, m), _)| (a.as_str(), *m)).collect();
         // Usage by multi-get only for accounts whose months are billed
@@ -238,31 +249,148 @@ impl Reads<'_> {
         let mut raws = raws.into_iter();
         let raws: Vec<Option<Vec<u8>>> = independent.iter().map(|i| if *i { raws.next().flatten() } else { None }).collect();
         let mut scan = store.usage_scan();
-        let mut together: Option<(&str, Vec<Bill>)> = None;
+        let mut together: Option<(&str, Vec<Bill>, BTreeMap<Month, MonthUsage>)> = None;
         slice
             .iter()
             .zip(prevs.into_iter().zip(raws))
             .map(|(((account, month), dirty_partition), (prev, raw))| {
                 let partition = if *dirty_partition >= 0 { *dirty_partition } else { prev.as_ref().map_or(-1, |s| s.partition) };
                 let record = self.accounts.get(account);
-                let bill = if months_are_independent(record) {
-                    match raw {
-                        Some(raw) => {
-                            let months = BTreeMap::from([(*month, MonthUsage::decode(&raw)?)]);
-                            compute_bills(account, record, &months, &self.cx.rules).pop()
-                        }
-                        None => None,
-                    }
+                let alone;
+                let (bill, months, all) = if months_are_independent(record) {
+                    alone = match raw {
+                        Some(raw) => BTreeMap::from([(*month, MonthUsage::decode(&raw)?)]),
+                        None => BTreeMap::new(),
+                    };
+                    let bill = compute_bills(account, record, &alone, &self.cx.rules).pop();
+                    (bill, &alone, None)
                 } else {
-                    if together.as_ref().is_none_or(|(a, _)| a != account) {
+                    if together.as_ref().is_none_or(|(a, _, _)| a != account) {
                         let months = scan.account_months(account)?;
-                        together = Some((account.as_str(), compute_bills(account, record, &months, &self.cx.rules)));
+                        together = Some((account.as_str(), compute_bills(account, record, &months, &self.cx.rules), months));
                     }
-                    together.as_ref().and_then(|(_, bills)| bills.iter().find(|b| b.month == *month).cloned())
+                    let (_, bills, months) = together.as_ref().expect("set above");
+                    (bills.iter().find(|b| b.month == *month).cloned(), months, Some(bills.as_slice()))
                 };
-                Ok(self.bill_change(account, *month, partition, prev.as_ref(), bill, now, force_idle))
+                let candidates = bill.as_ref().map(|b| self.alert_candidates(record, b, all)).unwrap_or_default();
+                let change = self.bill_change(account, *month, partition, prev.as_ref(), bill, now, force_idle);
+                let revision = change.as_ref().map(|(_, s)| s.revision).or(prev.as_ref().map(|s| s.revision));
+                let alerts = match revision {
+                    Some(revision) if !candidates.is_empty() => {
+                        self.new_alerts(account, *month, record, months, candidates, revision, partition)?
+                    }
+                    _ => Vec::new(),
+                };
+                Ok(Recomputed { bill: change, alerts })
             })
             .collect()
+    }
+
+    /// The alerts a bill shows crossed (rule book section 12), without
+    /// their hours: the month's free tier of an item used up, a pack whose
+    /// deductions through this month reach its quantity (with `all`, the
+    /// account's bills, when it has packs), and the spend lines the total
+    /// reaches. Cheap: read off the bill, no walk.
+    fn alert_candidates(&self, record: Option<&AccountRecord>, bill: &Bill, all: Option<&[Bill]>) -> Vec<(AlertKind, String)> {
+        let rules = &self.cx.rules;
+        let mut out = Vec::new();
+        if let Some(ft) = &rules.free_tier {
+            for d in bill.content.deductions.iter().filter(|d| d.source == PackSource::FreeTier) {
+                let allowance = match d.item {
+                    PackItem::Calls => ft.calls_per_month,
+                    PackItem::PublicOutBytes => ft.public_out_bytes_per_month,
+                };
+                if allowance > 0 && d.quantity >= allowance {
+                    out.push((AlertKind::FreeTierExhausted, d.item.as_str().to_string()));
+                }
+            }
+        }
+        if let (Some(r), Some(all)) = (record, all) {
+            for p in r.resource_packs.iter().filter(|p| p.quantity > 0) {
+                let of = |b: &Bill| {
+                    b.content
+                        .deductions
+                        .iter()
+                        .filter(|d| d.pack_id == p.id && d.source == PackSource::Purchase)
+                        .map(|d| d.quantity)
+                        .sum::<u64>()
+                };
+                let this = of(bill);
+                let through: u64 = all.iter().filter(|b| b.month <= bill.month).map(of).sum();
+                if this > 0 && through >= p.quantity && through - this < p.quantity {
+                    out.push((AlertKind::PackExhausted, p.id.clone()));
+                }
+            }
+        }
+        for line in account_lines(rules.spend_thresholds.as_slice(), record) {
+            if bill.content.total_amount >= line {
+                out.push((AlertKind::SpendThreshold, line.to_string()));
+            }
+        }
+        out
+    }
+
+    /// The alerts of `candidates` not emitted before (one multi-get of
+    /// their identities), each placed in its hour by the walk
+    /// ([`crossings`], run only when one is new) and made a record: found
+    /// by the bill of `revision`, to go out keyed by the account.
+    #[allow(clippy::too_many_arguments)]
+    fn new_alerts(
+        &self,
+        account: &str,
+        month: Month,
+        record: Option<&AccountRecord>,
+        months: &BTreeMap<Month, MonthUsage>,
+        candidates: Vec<(AlertKind, String)>,
+        revision: u64,
+        partition: i32,
+    ) -> Result<Vec<AlertOut>, StoreError> {
+        let keys: Vec<Vec<u8>> = candidates.iter().map(|(kind, subject)| alert_key(account, month, alert_code(*kind), subject)).collect();
+        let emitted = self.cx.store.alerts_emitted(&keys)?;
+        if emitted.iter().all(|e| *e) {
+            return Ok(Vec::new());
+        }
+        let rules = &self.cx.rules;
+        let lines = account_lines(&rules.spend_thresholds, record);
+        let walk = crossings(record, months, rules, &lines);
+        let mut out = Vec::new();
+        for (((kind, subject), key), _) in candidates.into_iter().zip(keys).zip(emitted).filter(|(_, e)| !e) {
+            let Some(c) = walk.iter().find(|c| c.month == month && c.kind == kind && c.subject == subject) else { continue };
+            let hour = chrono::TimeZone::timestamp_opt(&rules.calendar.tz, c.hour, 0)
+                .single()
+                .map_or_else(|| c.hour.to_string(), |t| t.to_rfc3339());
+            let mut fields = serde_json::json!({
+                "account_id": account,
+                "month": month.to_string(),
+                "time_zone": rules.time_zone,
+                "kind": kind.as_str(),
+                "subject": subject,
+                "hour": hour,
+                "revision": revision,
+            });
+            match kind {
+                AlertKind::FreeTierExhausted => fields["item"] = subject.clone().into(),
+                AlertKind::PackExhausted => {
+                    let item = record.and_then(|r| r.resource_packs.iter().find(|p| p.id == subject)).map(|p| p.item.as_str());
+                    fields["pack_id"] = subject.clone().into();
+                    fields["item"] = item.into();
+                }
+                AlertKind::SpendThreshold => {
+                    fields["threshold"] = subject.clone().into();
+                    fields["currency"] = rules.version(month).prices.currency.clone().into();
+                }
+            }
+            let payload = serde_json::to_vec(&fields).expect("an alert serializes");
+            let record = OutboxRecord {
+                topic: self.cx.settings.alerts_topic.clone(),
+                key: Some(account.as_bytes().to_vec()),
+                payload,
+                headers: vec![],
+                partition: None,
+            };
+            out.push(AlertOut { key, record, kind, partition });
+        }
+        Ok(out)
     }
 
     /// A recomputed bill's next record (keyed as in the outbox) and state,
@@ -309,7 +437,18 @@ pub(super) fn stage(
     for (key, record) in &chunk.records {
         batch.put_outbox(key, record);
     }
-    let mut written = EmissionWritten { statuses: Vec::new(), sent: Vec::new() };
+    let mut written = EmissionWritten { statuses: Vec::new(), sent: Vec::new(), alerts: Vec::new() };
+    // Each alert once: its record, its identity, and (for the next owner of
+    // its account's partition) a changelog record, in the bills' batch.
+    for a in chunk.alerts {
+        batch.put_outbox(&outbox_alert_key(&a.key), &a.record);
+        batch.put_alert(&a.key, &a.record.payload);
+        if a.partition >= 0 {
+            let next_offset = positions.next_offset(a.partition).unwrap_or(0);
+            numbers.put_change(&cx.settings, batch, a.partition, next_offset, Change::Alert { key: a.key, record: a.record.payload });
+        }
+        written.alerts.push(a.kind);
+    }
     for (account, month, state) in &chunk.states {
         batch.clear_dirty(account, *month);
         // Out of the known marks now, before the write: a batch after
@@ -359,6 +498,8 @@ pub struct Emission {
     /// The changed bills' records, keyed as in the outbox.
     pub records: Vec<(Vec<u8>, OutboxRecord)>,
     states: Vec<(String, Month, Option<BillState>)>,
+    /// The alerts the bills' computations found, never emitted before.
+    alerts: Vec<AlertOut>,
     /// The emission's time (when provisional records count as sent).
     now: i64,
 }
@@ -371,3 +512,36 @@ fn bill_key_hash(account: &str, month: Month) -> u64 {
 /// A recomputed bill's next record (keyed as in the outbox) and state;
 /// `None`: unchanged since its last record.
 type BillChange = Option<((Vec<u8>, OutboxRecord), BillState)>;
+
+/// A recomputed bill's change and the alerts its computation found.
+struct Recomputed {
+    bill: BillChange,
+    alerts: Vec<AlertOut>,
+}
+
+/// An alert to emit: its identity ([`alert_key`]), its record, its kind,
+/// and the input partition of its account (whose changelog carries it).
+#[derive(Debug)]
+pub struct AlertOut {
+    key: Vec<u8>,
+    record: OutboxRecord,
+    kind: AlertKind,
+    partition: i32,
+}
+
+/// The code of an alert kind in its identity ([`alert_key`]).
+fn alert_code(kind: AlertKind) -> u8 {
+    match kind {
+        AlertKind::FreeTierExhausted => 1,
+        AlertKind::PackExhausted => 2,
+        AlertKind::SpendThreshold => 3,
+    }
+}
+
+/// An account's spend lines: the configuration's and its record's.
+fn account_lines(configured: &[Decimal], record: Option<&AccountRecord>) -> Vec<Decimal> {
+    let mut lines: Vec<Decimal> = configured.iter().chain(record.map_or(&[][..], |r| r.spend_alerts.as_slice())).copied().collect();
+    lines.sort_unstable();
+    lines.dedup();
+    lines
+}

@@ -555,6 +555,7 @@ mod tests {
             accounts_topic: "accounts".into(),
             output_topic: "bills".into(),
             dead_letter_topic: "dead".into(),
+            alerts_topic: "alerts".into(),
             dedupe: true,
             dedupe_window_secs: 72 * 3600,
             dedupe_window_messages: 1_000_000,

@@ -23,6 +23,8 @@ pub struct Fixture {
     pub truth: GenTruth,
     pub expected: BTreeMap<String, Bill>,
     pub dir: tempfile::TempDir,
+    /// What generated the traffic.
+    pub spec: GenSpec,
 }
 
 /// Test settings: small batches, fast emission, a short idle time and
@@ -65,7 +67,7 @@ pub async fn fixture_with(seed: u64, events: u64, partitions: i32, accounts: u64
     let cfg = config(&cluster, dir.path(), "live");
     create_topics(&cluster, &cfg, partitions, &["replayed-bills"]);
     let (truth, expected) = traffic(&cfg, seed, events, partitions, accounts, skew).await;
-    Fixture { cluster, cfg, truth, expected, dir }
+    Fixture { cluster, cfg, truth, expected, dir, spec: spec(seed, events, accounts, skew) }
 }
 
 /// Writes generated traffic (see [`fixture`]) to the topics of `cfg`, which
@@ -78,7 +80,47 @@ pub async fn traffic(
     accounts: u64,
     skew: f64,
 ) -> (GenTruth, BTreeMap<String, Bill>) {
-    let spec = GenSpec {
+    let spec = spec(seed, events, accounts, skew);
+    let truth = gatebill::traffic::generate(&cfg.kafka, &spec, true, 0).await.unwrap();
+    // The mock cluster silently deletes old data past ~5 MB per partition.
+    let probe = gatebill::kafka::plain_consumer(&cfg.kafka, "probe").unwrap();
+    for p in 0..partitions {
+        let (low, _) = probe.fetch_watermarks(&cfg.kafka.input_topic, p, Duration::from_secs(10)).unwrap();
+        assert_eq!(low, 0, "the mock cluster deleted the start of partition {p}; use more partitions");
+    }
+    let (expected, rejected) = expected_bills(&spec, &Rules::default());
+    assert_eq!(rejected, truth.malformed);
+    (truth, expected)
+}
+
+/// The reference core over generated traffic, and its account records.
+fn reference_of(
+    spec: &GenSpec,
+    rules: &Rules,
+) -> (gatebill::billing::reference::Reference, BTreeMap<String, gatebill::billing::AccountRecord>) {
+    let mut msgs = Vec::new();
+    gen::events(spec, |m| msgs.push(m.payload));
+    let r = aggregate_messages(msgs.iter().map(Vec::as_slice), rules);
+    let accounts = gen::accounts(spec.accounts, spec.seed)
+        .iter()
+        .map(|m| decode_account(&m.payload).unwrap())
+        .map(|a| (a.account_id.clone(), a))
+        .collect();
+    (r, accounts)
+}
+
+/// The core's bills for generated traffic under `rules`, by key, and how
+/// many messages it rejects.
+pub fn expected_bills(spec: &GenSpec, rules: &Rules) -> (BTreeMap<String, Bill>, u64) {
+    let (r, accounts) = reference_of(spec, rules);
+    let expected = bills(&r.ledger, &accounts, rules).into_iter().map(|b| (format!("{}/{}", b.content.account_id, b.month), b)).collect();
+    (expected, r.rejected.len() as u64)
+}
+
+/// The generated traffic of [`traffic`]: 2% duplicates and 1% malformed
+/// over 45 days from 2020-10-20.
+pub fn spec(seed: u64, events: u64, accounts: u64, skew: f64) -> GenSpec {
+    GenSpec {
         events,
         accounts,
         skew,
@@ -87,23 +129,42 @@ pub async fn traffic(
         duplicates: 0.02,
         malformed: 0.01,
         seed,
-    };
-    let truth = gatebill::traffic::generate(&cfg.kafka, &spec, true, 0).await.unwrap();
-    // The mock cluster silently deletes old data past ~5 MB per partition.
-    let probe = gatebill::kafka::plain_consumer(&cfg.kafka, "probe").unwrap();
-    for p in 0..partitions {
-        let (low, _) = probe.fetch_watermarks(&cfg.kafka.input_topic, p, Duration::from_secs(10)).unwrap();
-        assert_eq!(low, 0, "the mock cluster deleted the start of partition {p}; use more partitions");
     }
-    let rules = Rules::default();
-    let mut msgs = Vec::new();
-    gen::events(&spec, |m| msgs.push(m.payload));
-    let r = aggregate_messages(msgs.iter().map(Vec::as_slice), &rules);
-    assert_eq!(r.rejected.len() as u64, truth.malformed);
-    let accounts: BTreeMap<_, _> =
-        gen::accounts(spec.accounts, seed).iter().map(|m| decode_account(&m.payload).unwrap()).map(|a| (a.account_id.clone(), a)).collect();
-    let expected = bills(&r.ledger, &accounts, &rules).into_iter().map(|b| (format!("{}/{}", b.content.account_id, b.month), b)).collect();
-    (truth, expected)
+}
+
+/// An alert's identity: (account, month, kind, subject).
+pub type AlertId = (String, String, String, String);
+
+/// The alert identities of the reference core on the whole generated
+/// history, with `rules` (its spend lines among them).
+pub fn reference_alerts(spec: &GenSpec, rules: &Rules) -> std::collections::BTreeSet<AlertId> {
+    let (r, accounts) = reference_of(spec, rules);
+    let mut out = std::collections::BTreeSet::new();
+    for (account, months) in &r.ledger {
+        let record = accounts.get(account);
+        let lines: Vec<_> = rules.spend_thresholds.iter().chain(record.map_or(&[][..], |a| a.spend_alerts.as_slice())).copied().collect();
+        for c in gatebill::billing::alerts::crossings(record, months, rules, &lines) {
+            out.insert((account.clone(), c.month.to_string(), c.kind.as_str().to_string(), c.subject));
+        }
+    }
+    out
+}
+
+/// Every record on the alerts topic as its identity, in read order
+/// (read_committed; each record counted, not a set).
+pub fn read_alert_ids(cfg: &Config) -> Vec<AlertId> {
+    let k = &cfg.kafka;
+    let (consumer, ends) = inspect::open(k, &k.alerts_topic).unwrap();
+    let mut out = Vec::new();
+    gatebill::kafka::read_to_end(&consumer, ends, Duration::from_secs(10), |m| {
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap();
+        let id = ["account_id", "month", "kind", "subject"].map(|f| v[f].as_str().unwrap().to_string());
+        assert_eq!(m.key(), Some(id[0].as_bytes()), "alerts are keyed by account");
+        out.push((id[0].clone(), id[1].clone(), id[2].clone(), id[3].clone()));
+        Ok::<_, std::convert::Infallible>(())
+    })
+    .unwrap();
+    out
 }
 
 /// The latest bill per key on a topic.
@@ -425,11 +486,7 @@ pub fn assert_revisions_increase(cfg: &Config) -> usize {
 /// Creates the five topics of `cfg`, and `extra`, with `partitions` each.
 pub fn create_topics(cluster: &MockCluster<'static, DefaultProducerContext>, cfg: &Config, partitions: i32, extra: &[&str]) {
     let k = &cfg.kafka;
-    for t in [&k.input_topic, &k.accounts_topic, &k.output_topic, &k.dead_letter_topic, &k.changelog_topic]
-        .into_iter()
-        .map(String::as_str)
-        .chain(extra.iter().copied())
-    {
+    for t in k.topics().into_iter().chain(extra.iter().copied()) {
         cluster.create_topic(t, partitions, 1).unwrap();
     }
 }
