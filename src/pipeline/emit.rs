@@ -6,24 +6,22 @@
 //! other rooms comes borrowed (`Reads`).
 
 use super::accounts::AccountTable;
+use super::alerts::{self, AlertOut};
 use super::batch::par_slices;
 use super::context::Context;
 use super::ingest::Ingest;
 use super::numbers::OutboxNumbers;
 use super::policy::{self, next_record, Emitted};
 use super::positions::Positions;
-use crate::billing::alerts::{crossings, AlertKind};
+use crate::billing::alerts::AlertKind;
 use crate::billing::bill::{compute_bills, BillRecord, BillStatus};
 use crate::billing::calendar::Month;
 use crate::billing::entitlements::months_are_independent;
-use crate::billing::entitlements::PackSource;
 use crate::billing::usage::MonthUsage;
 use crate::billing::Bill;
-use crate::billing::{AccountRecord, PackItem};
 use crate::changelog::Change;
 use crate::metrics::Metrics;
-use crate::store::{alert_key, outbox_alert_key, outbox_bill_key, Batch, BillState, OutboxRecord, StoreError};
-use rust_decimal::Decimal;
+use crate::store::{outbox_alert_key, outbox_bill_key, Batch, BillState, OutboxRecord, StoreError};
 use std::collections::{BTreeMap, HashMap};
 
 /// Bills computed and written per atomic batch by [`super::Pipeline::emit`].
@@ -272,125 +270,18 @@ impl Reads<'_> {
                     let (_, bills, months) = together.as_ref().expect("set above");
                     (bills.iter().find(|b| b.month == *month).cloned(), months, Some(bills.as_slice()))
                 };
-                let candidates = bill.as_ref().map(|b| self.alert_candidates(record, b, all)).unwrap_or_default();
+                let candidates = bill.as_ref().map(|b| alerts::candidates(self.cx, record, b, all)).unwrap_or_default();
                 let change = self.bill_change(account, *month, partition, prev.as_ref(), bill, now, force_idle);
                 let revision = change.as_ref().map(|(_, s)| s.revision).or(prev.as_ref().map(|s| s.revision));
                 let alerts = match revision {
                     Some(revision) if !candidates.is_empty() => {
-                        self.new_alerts(account, *month, record, months, candidates, revision, partition)?
+                        alerts::new_alerts(self.cx, account, *month, record, months, candidates, revision, partition)?
                     }
                     _ => Vec::new(),
                 };
                 Ok(Recomputed { bill: change, alerts })
             })
             .collect()
-    }
-
-    /// The alerts a bill shows crossed (rule book section 12), without
-    /// their hours: the month's free tier of an item used up, a pack whose
-    /// deductions through this month reach its quantity (with `all`, the
-    /// account's bills, when it has packs), and the spend lines the total
-    /// reaches. Cheap: read off the bill, no walk.
-    fn alert_candidates(&self, record: Option<&AccountRecord>, bill: &Bill, all: Option<&[Bill]>) -> Vec<(AlertKind, String)> {
-        let rules = &self.cx.rules;
-        let mut out = Vec::new();
-        if let Some(ft) = &rules.free_tier {
-            for d in bill.content.deductions.iter().filter(|d| d.source == PackSource::FreeTier) {
-                let allowance = match d.item {
-                    PackItem::Calls => ft.calls_per_month,
-                    PackItem::PublicOutBytes => ft.public_out_bytes_per_month,
-                };
-                if allowance > 0 && d.quantity >= allowance {
-                    out.push((AlertKind::FreeTierExhausted, d.item.as_str().to_string()));
-                }
-            }
-        }
-        if let (Some(r), Some(all)) = (record, all) {
-            for p in r.resource_packs.iter().filter(|p| p.quantity > 0) {
-                let of = |b: &Bill| {
-                    b.content
-                        .deductions
-                        .iter()
-                        .filter(|d| d.pack_id == p.id && d.source == PackSource::Purchase)
-                        .map(|d| d.quantity)
-                        .sum::<u64>()
-                };
-                let this = of(bill);
-                let through: u64 = all.iter().filter(|b| b.month <= bill.month).map(of).sum();
-                if this > 0 && through >= p.quantity && through - this < p.quantity {
-                    out.push((AlertKind::PackExhausted, p.id.clone()));
-                }
-            }
-        }
-        for line in account_lines(rules.spend_thresholds.as_slice(), record) {
-            if bill.content.total_amount >= line {
-                out.push((AlertKind::SpendThreshold, line.to_string()));
-            }
-        }
-        out
-    }
-
-    /// The alerts of `candidates` not emitted before (one multi-get of
-    /// their identities), each placed in its hour by the walk
-    /// ([`crossings`], run only when one is new) and made a record: found
-    /// by the bill of `revision`, to go out keyed by the account.
-    #[allow(clippy::too_many_arguments)]
-    fn new_alerts(
-        &self,
-        account: &str,
-        month: Month,
-        record: Option<&AccountRecord>,
-        months: &BTreeMap<Month, MonthUsage>,
-        candidates: Vec<(AlertKind, String)>,
-        revision: u64,
-        partition: i32,
-    ) -> Result<Vec<AlertOut>, StoreError> {
-        let keys: Vec<Vec<u8>> = candidates.iter().map(|(kind, subject)| alert_key(account, month, alert_code(*kind), subject)).collect();
-        let emitted = self.cx.store.alerts_emitted(&keys)?;
-        if emitted.iter().all(|e| *e) {
-            return Ok(Vec::new());
-        }
-        let rules = &self.cx.rules;
-        let lines = account_lines(&rules.spend_thresholds, record);
-        let walk = crossings(record, months, rules, &lines);
-        let mut out = Vec::new();
-        for (((kind, subject), key), _) in candidates.into_iter().zip(keys).zip(emitted).filter(|(_, e)| !e) {
-            let Some(c) = walk.iter().find(|c| c.month == month && c.kind == kind && c.subject == subject) else { continue };
-            let hour = chrono::TimeZone::timestamp_opt(&rules.calendar.tz, c.hour, 0)
-                .single()
-                .map_or_else(|| c.hour.to_string(), |t| t.to_rfc3339());
-            let mut fields = serde_json::json!({
-                "account_id": account,
-                "month": month.to_string(),
-                "time_zone": rules.time_zone,
-                "kind": kind.as_str(),
-                "subject": subject,
-                "hour": hour,
-                "revision": revision,
-            });
-            match kind {
-                AlertKind::FreeTierExhausted => fields["item"] = subject.clone().into(),
-                AlertKind::PackExhausted => {
-                    let item = record.and_then(|r| r.resource_packs.iter().find(|p| p.id == subject)).map(|p| p.item.as_str());
-                    fields["pack_id"] = subject.clone().into();
-                    fields["item"] = item.into();
-                }
-                AlertKind::SpendThreshold => {
-                    fields["threshold"] = subject.clone().into();
-                    fields["currency"] = rules.version(month).prices.currency.clone().into();
-                }
-            }
-            let payload = serde_json::to_vec(&fields).expect("an alert serializes");
-            let record = OutboxRecord {
-                topic: self.cx.settings.alerts_topic.clone(),
-                key: Some(account.as_bytes().to_vec()),
-                payload,
-                headers: vec![],
-                partition: None,
-            };
-            out.push(AlertOut { key, record, kind, partition });
-        }
-        Ok(out)
     }
 
     /// A recomputed bill's next record (keyed as in the outbox) and state,
@@ -517,31 +408,4 @@ type BillChange = Option<((Vec<u8>, OutboxRecord), BillState)>;
 struct Recomputed {
     bill: BillChange,
     alerts: Vec<AlertOut>,
-}
-
-/// An alert to emit: its identity ([`alert_key`]), its record, its kind,
-/// and the input partition of its account (whose changelog carries it).
-#[derive(Debug)]
-pub struct AlertOut {
-    key: Vec<u8>,
-    record: OutboxRecord,
-    kind: AlertKind,
-    partition: i32,
-}
-
-/// The code of an alert kind in its identity ([`alert_key`]).
-fn alert_code(kind: AlertKind) -> u8 {
-    match kind {
-        AlertKind::FreeTierExhausted => 1,
-        AlertKind::PackExhausted => 2,
-        AlertKind::SpendThreshold => 3,
-    }
-}
-
-/// An account's spend lines: the configuration's and its record's.
-fn account_lines(configured: &[Decimal], record: Option<&AccountRecord>) -> Vec<Decimal> {
-    let mut lines: Vec<Decimal> = configured.iter().chain(record.map_or(&[][..], |r| r.spend_alerts.as_slice())).copied().collect();
-    lines.sort_unstable();
-    lines.dedup();
-    lines
 }

@@ -15,6 +15,7 @@
 //! room and applied to several ([`Staged`]), and the split into shards.
 
 mod accounts;
+mod alerts;
 pub mod batch;
 mod context;
 pub mod dead_letter;
