@@ -57,6 +57,13 @@ pub fn is_bill_state(key: Option<&[u8]>) -> bool {
     key.and_then(<[u8]>::first) == Some(&b'b')
 }
 
+/// Whether a changelog record (by its key) is produced unconfirmed first and
+/// confirmed once what it stands for is acknowledged: a bill state, or an
+/// emitted alert's identity.
+pub fn needs_confirmation(key: Option<&[u8]>) -> bool {
+    matches!(key.and_then(<[u8]>::first), Some(b'b' | b'a'))
+}
+
 /// One change of a partition's state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -346,8 +353,9 @@ pub struct Restore {
     batches: Vec<(i64, Change)>,
     /// Per account-month, the bill state kept and whether it was confirmed.
     bills: BTreeMap<(String, Month), (BillState, bool)>,
-    /// Emitted alerts: identity -> record.
-    alerts: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Emitted alerts: identity -> record, and whether a confirmed copy
+    /// was read.
+    alerts: BTreeMap<Vec<u8>, (Vec<u8>, bool)>,
     position: Option<PartitionState>,
     /// Records of batches past this input offset are ignored (see
     /// [`Restore::up_to`]).
@@ -528,7 +536,8 @@ impl Restore {
             }
             Change::Bill { account, month, state } => self.keep_bill(account, month, state, confirmed),
             Change::Alert { key, record } => {
-                self.alerts.entry(key).or_insert(record);
+                let held = self.alerts.entry(key).or_insert((record, confirmed));
+                held.1 |= confirmed;
             }
             Change::Position(s) => {
                 if self.position.is_none_or(|p| s.next_offset >= p.next_offset) {
@@ -559,7 +568,10 @@ impl Restore {
     /// raise revisions). Nothing at all when no position was read.
     pub fn finish(self) -> Restored {
         let bills = self.bills.into_iter().map(|((a, m), (s, confirmed))| (a, m, if confirmed { s } else { unconfirmed(s) })).collect();
-        let alerts = self.alerts.into_iter().collect();
+        // An alert whose identity was never confirmed may not have reached
+        // the alerts topic (a broker that shows an open or aborted
+        // transaction's records): it is sent again.
+        let alerts = self.alerts.into_iter().filter(|(_, (_, confirmed))| *confirmed).map(|(k, (r, _))| (k, r)).collect();
         let Some(position) = self.position else {
             return Restored { bills, alerts, ..Restored::default() };
         };
@@ -759,6 +771,24 @@ mod tests {
 
     fn bill(revision: u64) -> BillState {
         BillState { revision, status: BillStatus::Final, content_hash: format!("h{revision}"), partition: 2 }
+    }
+
+    /// An alert's identity is restored only when a confirmed copy was read:
+    /// an unconfirmed one alone may stand for a record that never reached
+    /// the alerts topic, so the next owner sends it.
+    #[test]
+    fn an_alert_identity_is_restored_once_confirmed() {
+        let alert =
+            |subject: &str| Change::Alert { key: crate::store::alert_key("A", MARCH, 3, subject), record: subject.as_bytes().to_vec() };
+        let mut r = Restore::bills_only();
+        r.offer_bill(10, alert("100"), 1, false);
+        r.offer_bill(10, alert("200"), 1, false);
+        r.offer_bill(10, alert("200"), 1, true);
+        r.offer_bill(11, alert("300"), 1, true);
+        let restored = r.finish();
+        let subjects: Vec<&[u8]> = restored.alerts.iter().map(|(_, record)| record.as_slice()).collect();
+        assert_eq!(subjects, [&b"200"[..], b"300"]);
+        assert!(needs_confirmation(Some(&alert("1").encode().0)) && needs_confirmation(Some(b"bX")) && !needs_confirmation(Some(b"kX")));
     }
 
     #[test]

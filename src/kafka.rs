@@ -628,7 +628,8 @@ impl Transactional {
             return Err(if fatal { TxnError::Fenced(e.to_string()) } else { TxnError::Aborted(format!("begin: {e}")) });
         }
         let (first, then): (Vec<&OutboxRecord>, Vec<&OutboxRecord>) = records.iter().partition(|r| r.topic == self.changelog_topic);
-        let confirm: Vec<&OutboxRecord> = first.iter().copied().filter(|r| crate::changelog::is_bill_state(r.key.as_deref())).collect();
+        let confirm: Vec<&OutboxRecord> =
+            first.iter().copied().filter(|r| crate::changelog::needs_confirmation(r.key.as_deref())).collect();
         let mut delivered = self.produce_marked(&first, true).await;
         if delivered == first.len() {
             delivered += self.produce(&then).await;
@@ -712,7 +713,7 @@ impl Transactional {
         if records.is_empty() {
             return 0;
         }
-        let mark = |r: &OutboxRecord| unconfirmed && crate::changelog::is_bill_state(r.key.as_deref());
+        let mark = |r: &OutboxRecord| unconfirmed && crate::changelog::needs_confirmation(r.key.as_deref());
         produce_acked_marking(&self.producer, records, mark).await.into_iter().filter(|a| *a).count()
     }
 

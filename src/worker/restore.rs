@@ -203,7 +203,9 @@ impl Restorer {
     /// states written to the changelog since this store last saw it
     /// ([`Store::changelog_seen`]; never seen: from the start) and raises
     /// the revisions held to them, marking their months to be recomputed
-    /// (a next revision follows where this store's bill differs).
+    /// (a next revision follows where this store's bill differs); and the
+    /// alerts another owner emitted meanwhile, which this one then does
+    /// not send again.
     fn raise_bill_states(
         &self,
         store: &Store,
@@ -215,7 +217,7 @@ impl Restorer {
         let mut restore = crate::changelog::Restore::bills_only();
         let read = kafka::read_partition(&self.changelog, &self.topic, partition, from, RESTORE_PATIENCE, |m| {
             still_wanted(&restore, wanted)?;
-            if crate::changelog::is_bill_state(m.key()) {
+            if crate::changelog::needs_confirmation(m.key()) {
                 offer_changelog_record(&mut restore, partition, m)
             } else {
                 restore.records += 1;
