@@ -100,8 +100,12 @@ async fn healthz_is_503_through_a_transaction_abort_loop() {
     let address = free_address();
     f.cfg.metrics.address = address.clone();
     // Every produce refused for a while: each batch's transaction aborts
-    // and the batch is read again.
-    f.cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 300]);
+    // and the batch is read again. A transaction uses up one to a few of
+    // these errors (one per produce request) every half second or so:
+    // 60 errors give well over UNHEALTHY_ABORTS aborts in a row, and run
+    // out in time for the bills to close within the wait below also on a
+    // loaded machine (300 took up to 150 s there).
+    f.cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE; 60]);
     let (tx, handle) = spawn_live(&f.cfg);
     let (_, body) = healthz_until(&address, Duration::from_secs(60), |s, _| s == NOT_OK).await;
     let n: u32 = body
