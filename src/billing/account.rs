@@ -204,13 +204,23 @@ struct RawAccount {
     spend_alerts: Option<serde_json::Value>,
 }
 
+/// The items of an optional array field of an account record (absent or
+/// null: none), or why there are none (`field` is not an array: no
+/// `item` of it applies).
+fn items(value: Option<serde_json::Value>, field: &str, item: &str) -> Result<Vec<serde_json::Value>, String> {
+    match value {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(serde_json::Value::Array(values)) => Ok(values),
+        Some(_) => Err(format!("`{field}` is not an array; no {item} applies")),
+    }
+}
+
 /// Decodes an account's `spend_alerts`: the valid lines, and the others
 /// described (`#index: why`).
 fn decode_spend_alerts(value: Option<serde_json::Value>) -> (Vec<Decimal>, Vec<String>) {
-    let values = match value {
-        None | Some(serde_json::Value::Null) => return (Vec::new(), Vec::new()),
-        Some(serde_json::Value::Array(values)) => values,
-        Some(_) => return (Vec::new(), vec!["#0: `spend_alerts` is not an array; no line applies".into()]),
+    let values = match items(value, "spend_alerts", "line") {
+        Ok(values) => values,
+        Err(why) => return (Vec::new(), vec![format!("#0: {why}")]),
     };
     let mut lines = Vec::new();
     let mut rejected = Vec::new();
@@ -280,10 +290,9 @@ fn decode_term(value: serde_json::Value) -> Result<PricingTerm, String> {
 /// Decodes an account's `pricing`: the valid terms, and those left out
 /// (invalid, or overlapping another term of the same kind: both go).
 fn decode_pricing(value: Option<serde_json::Value>) -> (Vec<PricingTerm>, Vec<RejectedTerm>) {
-    let values = match value {
-        None | Some(serde_json::Value::Null) => return (Vec::new(), Vec::new()),
-        Some(serde_json::Value::Array(values)) => values,
-        Some(_) => return (Vec::new(), vec![RejectedTerm { index: 0, why: "`pricing` is not an array; no term applies".into() }]),
+    let values = match items(value, "pricing", "term") {
+        Ok(values) => values,
+        Err(why) => return (Vec::new(), vec![RejectedTerm { index: 0, why }]),
     };
     let mut valid = Vec::new();
     let mut rejected = Vec::new();
@@ -361,14 +370,10 @@ pub fn decode_account_checked(bytes: &[u8]) -> Result<DecodedAccount, DecodeErro
     }
     let mut packs = Vec::new();
     let mut rejected = Vec::new();
-    let values = match raw.resource_packs {
-        None | Some(serde_json::Value::Null) => Vec::new(),
-        Some(serde_json::Value::Array(values)) => values,
-        Some(_) => {
-            rejected.push(RejectedPack { index: 0, id: None, why: "`resource_packs` is not an array; no pack applies".into() });
-            Vec::new()
-        }
-    };
+    let values = items(raw.resource_packs, "resource_packs", "pack").unwrap_or_else(|why| {
+        rejected.push(RejectedPack { index: 0, id: None, why });
+        Vec::new()
+    });
     let mut ids = Vec::new();
     for (index, value) in values.into_iter().enumerate() {
         match decode_pack(value, &mut ids) {
