@@ -19,7 +19,9 @@
 //! injected errors on the mock cluster (tests/transactions.rs) instead.
 //!
 //! Needs tansu (scripts/setup.sh installs it), hence `#[ignore]`:
-//! scripts/test.sh runs it with `--ignored`. The long version is
+//! scripts/test.sh runs it with `--ignored` (alone: `cargo test --locked
+//! --test zombie -- --ignored`); its short version in the default run is
+//! `transactions::a_fenced_producer_stops_cleanly_with_nothing_written`. The long version is
 //! `scripts/chaos.sh` (GATEBILL_ZOMBIE_EVENTS, GATEBILL_ZOMBIE_PARTITIONS,
 //! GATEBILL_ZOMBIE_BATCH).
 
