@@ -52,11 +52,6 @@ pub const NEXT_OFFSET: &str = "gatebill.next_offset";
 /// confirms it.
 pub const UNCONFIRMED: &str = "gatebill.unconfirmed";
 
-/// Whether a changelog record (by its key) is a bill state.
-pub fn is_bill_state(key: Option<&[u8]>) -> bool {
-    key.and_then(<[u8]>::first) == Some(&b'b')
-}
-
 /// Whether a changelog record (by its key) is produced unconfirmed first and
 /// confirmed once what it stands for is acknowledged: a bill state, or an
 /// emitted alert's identity.
@@ -267,6 +262,7 @@ impl Change {
         match self {
             Change::UsageBlock { account, month, block, usage } => (block_key(&account, month, block), usage),
             Change::Gone { key } => (key, Vec::new()),
+            Change::Alert { key, record } => (kind(b'a', &key), record),
             other => other.encode(),
         }
     }

@@ -338,12 +338,7 @@ pub struct UsageScan<'s> {
 impl UsageScan<'_> {
     /// The months of one account that have usage, in order.
     pub fn month_list(&mut self, account: &str) -> Result<Vec<Month>, StoreError> {
-        let mut out = Vec::new();
-        self.each(account, |month, _| {
-            out.push(month);
-            Ok(())
-        })?;
-        Ok(out)
+        self.months_from(account, None)
     }
 
     /// The months of one account after `month` that have usage, in order.
@@ -351,9 +346,15 @@ impl UsageScan<'_> {
     /// reaches it, and an account's earlier months may hold a month of
     /// hours each.
     pub fn months_after(&mut self, account: &str, month: Month) -> Result<Vec<Month>, StoreError> {
+        self.months_from(account, Some(month.next()))
+    }
+
+    /// The months of one account from `from` on (`None`: the first) that
+    /// have usage, in order.
+    fn months_from(&mut self, account: &str, from: Option<Month>) -> Result<Vec<Month>, StoreError> {
         let mut out = Vec::new();
-        self.each_from(account, Some(month.next()), |m, _| {
-            out.push(m);
+        self.each_from(account, from, |month, _| {
+            out.push(month);
             Ok(())
         })?;
         Ok(out)
@@ -362,19 +363,15 @@ impl UsageScan<'_> {
     /// Every month of one account.
     pub fn account_months(&mut self, account: &str) -> Result<BTreeMap<Month, MonthUsage>, StoreError> {
         let mut out = BTreeMap::new();
-        self.each(account, |month, v| {
+        self.each_from(account, None, |month, v| {
             out.insert(month, MonthUsage::decode(v)?);
             Ok(())
         })?;
         Ok(out)
     }
 
-    /// Calls `f` with each (month, encoded usage) of one account, in month order.
-    fn each(&mut self, account: &str, f: impl FnMut(Month, &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        self.each_from(account, None, f)
-    }
-
-    /// [`UsageScan::each`] from month `from` on (`None`: the first).
+    /// Calls `f` with each (month, encoded usage) of one account from month
+    /// `from` on (`None`: the first), in month order.
     fn each_from(
         &mut self,
         account: &str,
@@ -1118,17 +1115,9 @@ impl Batch<'_> {
         self.wb.put_cf(self.store.cf(cf::USAGE), account_month_key(account, month), encoded);
     }
 
-    /// Queues a record for production.
-    pub fn put_outbox(&mut self, key: &[u8], r: &OutboxRecord) {
-        match &mut self.captured {
-            Some(captured) => captured.push(r.clone()),
-            None => self.wb.put_cf(self.store.cf(cf::OUTBOX), key, r.encode()),
-        }
-    }
-
-    /// [`Batch::put_outbox`] of a record the caller is done with: a
-    /// capturing batch keeps it without a copy.
-    pub fn put_outbox_owned(&mut self, key: &[u8], r: OutboxRecord) {
+    /// Queues a record for production (a capturing batch keeps it as it
+    /// is, without a copy).
+    pub fn put_outbox(&mut self, key: &[u8], r: OutboxRecord) {
         match &mut self.captured {
             Some(captured) => captured.push(r),
             None => self.wb.put_cf(self.store.cf(cf::OUTBOX), key, r.encode()),
@@ -1396,7 +1385,7 @@ mod tests {
             headers: vec![("h".into(), b"v".to_vec())],
             partition: None,
         };
-        b.put_outbox(&outbox_dead_letter_key(5), &rec);
+        b.put_outbox(&outbox_dead_letter_key(5), rec.clone());
         s.write(b).unwrap();
         u.merge(&delta);
         assert_eq!(s.usage("acct", m).unwrap(), Some(u));

@@ -53,6 +53,16 @@ pub struct Crossing {
     pub hour: i64,
 }
 
+/// An account's spend lines: the configuration's (`[billing.alerts]`) and
+/// its record's own (`spend_alerts`), ascending, each once.
+pub fn spend_lines(rules: &Rules, account: Option<&AccountRecord>) -> Vec<Decimal> {
+    let own = account.map_or(&[][..], |a| a.spend_alerts.as_slice());
+    let mut lines: Vec<Decimal> = rules.spend_thresholds.iter().chain(own).map(|t| t.normalize()).collect();
+    lines.sort_unstable();
+    lines.dedup();
+    lines
+}
+
 /// Every crossing in an account's months, in walk order (months, hours;
 /// within an hour: free tier, packs, thresholds ascending). `thresholds`
 /// are the spend lines (configuration and account record together), each

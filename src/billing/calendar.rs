@@ -136,6 +136,13 @@ impl BillingCalendar {
         self.month_start(month.next())
     }
 
+    /// An instant given in epoch seconds as RFC 3339 in the billing time
+    /// zone, e.g. `2020-06-12T15:00:00+08:00` (the seconds themselves
+    /// where chrono cannot place it).
+    pub fn local_rfc3339(&self, ts_secs: i64) -> String {
+        self.tz.timestamp_opt(ts_secs, 0).single().map_or_else(|| ts_secs.to_string(), |t| t.to_rfc3339())
+    }
+
     /// The local calendar date of an instant given in epoch seconds.
     pub fn local_date(&self, ts_secs: i64) -> NaiveDate {
         self.tz.timestamp_opt(ts_secs, 0).single().expect("utc instant maps uniquely").date_naive()

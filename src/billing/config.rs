@@ -330,11 +330,6 @@ impl Rules {
         &self.versions[later.max(1) - 1]
     }
 
-    /// The price list of the version in force in `month`.
-    pub fn prices(&self, month: Month) -> &PriceList {
-        &self.version(month).prices
-    }
-
     /// Whether a bill of `month` computed with `other` may differ from one
     /// computed with these rules from the same usage and account record:
     /// the free tier, trials or currency differ, or the month's price
@@ -475,12 +470,10 @@ impl BillingConfig {
             .map_err(|_| bad(format!("effective_from `{}` is not an RFC 3339 time with offset", v.effective_from)))?;
         let month = calendar.month_of(ms);
         if ms != calendar.month_start(month) * 1000 {
-            let start = chrono::TimeZone::timestamp_opt(&calendar.tz, calendar.month_start(month.next()), 0)
-                .single()
-                .map_or_else(String::new, |t| format!(" (the next is {})", t.to_rfc3339()));
+            let next = calendar.local_rfc3339(calendar.month_start(month.next()));
             return Err(bad(format!(
-                "effective_from `{}` is not the first instant of a month in the billing time zone {}{start}: a month is priced \
-                 by one version, so versions change at month starts",
+                "effective_from `{}` is not the first instant of a month in the billing time zone {} (the next is {next}): a month \
+                 is priced by one version, so versions change at month starts",
                 v.effective_from, self.time_zone
             )));
         }

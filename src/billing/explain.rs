@@ -14,7 +14,6 @@ use super::config::{Rules, Tier};
 use super::entitlements::{deduct_traced, HourTrace, RegionTrace, Take};
 use super::money::exact_discounted_amount;
 use super::usage::MonthUsage;
-use chrono::TimeZone;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -141,7 +140,7 @@ pub fn explain(
         }
     };
     deduct_traced(account, usages, rules, Some(&mut keep));
-    let local = |hour: i64| rules.calendar.tz.timestamp_opt(hour, 0).single().map_or_else(|| hour.to_string(), |t| t.to_rfc3339());
+    let local = |hour: i64| rules.calendar.local_rfc3339(hour);
     let pricing = month_pricing(account, month, rules);
 
     let mut hours = Vec::with_capacity(walk.len());

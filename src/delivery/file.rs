@@ -88,7 +88,7 @@ fn write_files<'a>(
 }
 
 /// Where a file replay writing bills to `out` writes its usage alerts.
-pub fn alerts_path(out: &Path) -> PathBuf {
+fn alerts_path(out: &Path) -> PathBuf {
     PathBuf::from(format!("{}.alerts", out.display()))
 }
 

@@ -192,7 +192,7 @@ fn checked<'m>(m: &InputMessage<'m>) -> Result<(DecodedAccount, &'m [u8]), Decod
 /// Puts the dead letter of an account record in the outbox.
 fn put_dead_letter(cx: &Context, numbers: &mut OutboxNumbers, batch: &mut Batch<'_>, m: &InputMessage, err: &DecodeError) {
     let (key, record) = numbers.dead_letter(cx, m, err);
-    batch.put_outbox(&key, &record);
+    batch.put_outbox(&key, record);
 }
 
 /// The input partition an account's events come from, as its months'

@@ -4,13 +4,12 @@
 //! record, its identity and a changelog record in the bills' batch.
 
 use super::context::Context;
-use crate::billing::alerts::{crossings, AlertKind};
+use crate::billing::alerts::{crossings, spend_lines, AlertKind};
 use crate::billing::calendar::Month;
 use crate::billing::entitlements::PackSource;
 use crate::billing::usage::MonthUsage;
 use crate::billing::{AccountRecord, Bill, PackItem};
 use crate::store::{alert_key, OutboxRecord, StoreError};
-use rust_decimal::Decimal;
 use std::collections::BTreeMap;
 
 /// An alert to emit: its identity ([`alert_key`]), its record, its kind,
@@ -30,14 +29,6 @@ fn alert_code(kind: AlertKind) -> u8 {
         AlertKind::PackExhausted => 2,
         AlertKind::SpendThreshold => 3,
     }
-}
-
-/// An account's spend lines: the configuration's and its record's.
-fn account_lines(configured: &[Decimal], record: Option<&AccountRecord>) -> Vec<Decimal> {
-    let mut lines: Vec<Decimal> = configured.iter().chain(record.map_or(&[][..], |r| r.spend_alerts.as_slice())).copied().collect();
-    lines.sort_unstable();
-    lines.dedup();
-    lines
 }
 
 /// The alerts a bill shows crossed (rule book section 12), without
@@ -76,7 +67,7 @@ pub(super) fn candidates(cx: &Context, record: Option<&AccountRecord>, bill: &Bi
             }
         }
     }
-    for line in account_lines(rules.spend_thresholds.as_slice(), record) {
+    for line in spend_lines(rules, record) {
         if bill.content.total_amount >= line {
             out.push((AlertKind::SpendThreshold, line.to_string()));
         }
@@ -105,13 +96,11 @@ pub(super) fn new_alerts(
         return Ok(Vec::new());
     }
     let rules = &cx.rules;
-    let lines = account_lines(&rules.spend_thresholds, record);
-    let walk = crossings(record, months, rules, &lines);
+    let walk = crossings(record, months, rules, &spend_lines(rules, record));
     let mut out = Vec::new();
     for (((kind, subject), key), _) in candidates.into_iter().zip(keys).zip(emitted).filter(|(_, e)| !e) {
         let Some(c) = walk.iter().find(|c| c.month == month && c.kind == kind && c.subject == subject) else { continue };
-        let hour =
-            chrono::TimeZone::timestamp_opt(&rules.calendar.tz, c.hour, 0).single().map_or_else(|| c.hour.to_string(), |t| t.to_rfc3339());
+        let hour = rules.calendar.local_rfc3339(c.hour);
         let mut fields = serde_json::json!({
             "account_id": account,
             "month": month.to_string(),

@@ -325,18 +325,19 @@ pub(super) fn stage(
     ingest: &mut Ingest,
     numbers: &mut OutboxNumbers,
 ) -> EmissionWritten {
-    for (key, record) in &chunk.records {
-        batch.put_outbox(key, record);
+    for (key, record) in chunk.records {
+        batch.put_outbox(&key, record);
     }
     let mut written = EmissionWritten { statuses: Vec::new(), sent: Vec::new(), alerts: Vec::new() };
     // Each alert once: its record, its identity, and (for the next owner of
     // its account's partition) a changelog record, in the bills' batch.
     for a in chunk.alerts {
-        batch.put_outbox(&outbox_alert_key(&a.key), &a.record);
-        batch.put_alert(&a.key, &a.record.payload);
+        let payload = a.record.payload.clone();
+        batch.put_alert(&a.key, &payload);
+        batch.put_outbox(&outbox_alert_key(&a.key), a.record);
         if a.partition >= 0 {
             let next_offset = positions.next_offset(a.partition).unwrap_or(0);
-            numbers.put_change(&cx.settings, batch, a.partition, next_offset, Change::Alert { key: a.key, record: a.record.payload });
+            numbers.put_change(&cx.settings, batch, a.partition, next_offset, Change::Alert { key: a.key, record: payload });
         }
         written.alerts.push(a.kind);
     }

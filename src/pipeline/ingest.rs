@@ -297,8 +297,8 @@ impl Ingest {
             batch.mark_dirty(g.account, g.month, g.partition);
             marked.push((g.id, g.month, g.partition));
         }
-        for (key, record) in &pending.dead_letters {
-            batch.put_outbox(key, record);
+        for (key, record) in std::mem::take(&mut pending.dead_letters) {
+            batch.put_outbox(&key, record);
         }
         let (mut changes, blocks) = match cx.settings.changelog_topic {
             Some(_) => {

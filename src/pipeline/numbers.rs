@@ -60,7 +60,7 @@ impl OutboxNumbers {
             headers.push((crate::changelog::TOMBSTONE.into(), Vec::new()));
         }
         let record = OutboxRecord { topic: topic.clone(), key: Some(key), payload, headers, partition: Some(partition) };
-        batch.put_outbox_owned(&outbox_changelog_key(self.next_changelog), record);
+        batch.put_outbox(&outbox_changelog_key(self.next_changelog), record);
         self.next_changelog += 1;
     }
 }

@@ -142,7 +142,7 @@ pub fn reference_alerts(spec: &GenSpec, rules: &Rules) -> std::collections::BTre
     let mut out = std::collections::BTreeSet::new();
     for (account, months) in &r.ledger {
         let record = accounts.get(account);
-        let lines: Vec<_> = rules.spend_thresholds.iter().chain(record.map_or(&[][..], |a| a.spend_alerts.as_slice())).copied().collect();
+        let lines = gatebill::billing::alerts::spend_lines(rules, record);
         for c in gatebill::billing::alerts::crossings(record, months, rules, &lines) {
             out.insert((account.clone(), c.month.to_string(), c.kind.as_str().to_string(), c.subject));
         }
